@@ -1,0 +1,28 @@
+"""Process settings that must be in place before Prefect, Dask or TensorFlow are imported."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+PROJECT_LOGGERS = "storage,tasks,models,flows,medflow"
+
+
+def configure(workdir: str | Path | None = None) -> None:
+    """Offline-friendly defaults; values already in the environment win.
+
+    Args:
+        workdir: folder for Prefect's home (its SQLite database) and scratch space.
+    """
+    env = os.environ
+    env.setdefault("DO_NOT_TRACK", "1")
+    env.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    env.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    env.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", PROJECT_LOGGERS)
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    env.setdefault("KERAS_BACKEND", "tensorflow")
+    if workdir is not None:
+        workdir = Path(workdir).resolve()
+        env.setdefault("PREFECT_HOME", str(workdir / ".prefect"))
+        env.setdefault("DASK_TEMPORARY_DIRECTORY", str(workdir / ".dask"))
+        Path(env["DASK_TEMPORARY_DIRECTORY"]).mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,384 @@
+"""The pipeline spec: one YAML file, validated by pydantic before any work starts.
+
+The models nest like the stages of the lifecycle (``PipelineSpec`` → ``DataSpec``,
+``IngestSpec``, preprocessing steps, ``ModelSpec``, ``TrainSpec``, ``EvaluateSpec``,
+``RunSpec``, ``ScheduleSpec``). Every model forbids unknown keys, so a typo fails with the
+field's path. Relative paths in a spec file are resolved against the file's folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    PositiveFloat,
+    PositiveInt,
+    Tag,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from medflow.errors import SpecError
+
+LABEL_KEYS = ("StudyInstanceUID", "PatientID", "AccessionNumber")
+METRICS = ("auc", "accuracy", "precision", "recall", "specificity", "f1")
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# --------------------------------------------------------------------------- data
+class LabelsSpec(_Model):
+    """A CSV of labels, one row per study, patient or accession."""
+
+    path: str = Field(description="CSV file with a key column and a label column.")
+    key: Literal["StudyInstanceUID", "PatientID", "AccessionNumber"] = Field(
+        "StudyInstanceUID", description="The DICOM attribute the CSV's key column holds."
+    )
+    key_column: str | None = Field(None, description="Name of the key column (default: the value of `key`).")
+    label_column: str = Field("label", description="Name of the label column (0/1).")
+
+    @property
+    def key_column_name(self) -> str:
+        return self.key_column or self.key
+
+
+class SplitSpec(_Model):
+    """Patient-level train/validation/test split."""
+
+    val: float = Field(0.15, gt=0, lt=1, description="Fraction of patients for validation.")
+    test: float = Field(0.15, gt=0, lt=1, description="Fraction of patients for testing.")
+    by: Literal["patient"] = Field("patient", description="Grouping unit: no patient is in two splits.")
+    stratify: bool = Field(True, description="Keep the label balance in every split.")
+    seed: int = Field(0, description="Seed of the split.")
+
+    @model_validator(mode="after")
+    def _fractions(self) -> SplitSpec:
+        if self.val + self.test >= 0.9:
+            raise ValueError(
+                f"split.val + split.test must leave at least 10% for training; received val={self.val}, test={self.test}"
+            )
+        return self
+
+
+class DataSpec(_Model):
+    source: str = Field(description="Folder of DICOM files (any layout, any file names).")
+    labels: LabelsSpec | None = Field(None, description="Labels for classification.")
+    store: str = Field(description="Zarr store folder (created if missing).")
+    runs: str | None = Field(None, description="Folder of run outputs (default: `runs` beside the store).")
+    split: SplitSpec = SplitSpec()
+
+
+# ------------------------------------------------------------------------- ingest
+class IngestSpec(_Model):
+    deidentify: bool = Field(
+        True,
+        description="Keep only pseudonymous keys and non-identifying attributes. "
+        "Turning this off stores patient/study/series identifiers in the store.",
+    )
+    modalities: list[str] | None = Field(None, description="Modalities to ingest (e.g. [CT]); others are quarantined.")
+    min_slices: PositiveInt = Field(1, description="Series with fewer slices are quarantined.")
+    spacing_tolerance: float = Field(
+        0.1, ge=0, description="Largest relative deviation of slice spacing from its median before a series is quarantined."
+    )
+
+
+# --------------------------------------------------------------------- preprocess
+Vec3 = tuple[PositiveFloat, PositiveFloat, PositiveFloat]
+Shape3 = tuple[PositiveInt, PositiveInt, PositiveInt]
+
+
+class ResampleArgs(_Model):
+    spacing: Vec3 = Field(description="Target spacing (z, y, x) in mm.")
+    order: int = Field(1, ge=0, le=3, description="Spline order (1 = linear).")
+
+
+class WindowArgs(_Model):
+    center: float = Field(description="Window centre (HU).")
+    width: PositiveFloat = Field(description="Window width (HU); output scaled to [0, 1].")
+
+
+class ZScoreArgs(_Model):
+    eps: PositiveFloat = 1e-6
+
+
+class ClipArgs(_Model):
+    min: float
+    max: float
+
+    @model_validator(mode="after")
+    def _order(self) -> ClipArgs:
+        if self.min >= self.max:
+            raise ValueError(f"clip.min must be below clip.max; received min={self.min}, max={self.max}")
+        return self
+
+
+class ResizeArgs(_Model):
+    shape: Shape3 = Field(description="Output shape (z, y, x).")
+    order: int = Field(1, ge=0, le=3)
+
+
+class CropPadArgs(_Model):
+    shape: Shape3 = Field(description="Output shape (z, y, x), centred crop or pad.")
+    value: float | None = Field(None, description="Pad value (default: the image minimum).")
+
+
+class ResampleStep(_Model):
+    resample: ResampleArgs
+
+
+class WindowStep(_Model):
+    window: WindowArgs
+
+
+class ZScoreStep(_Model):
+    zscore: ZScoreArgs = ZScoreArgs()
+
+
+class ClipStep(_Model):
+    clip: ClipArgs
+
+
+class ResizeStep(_Model):
+    resize: ResizeArgs
+
+
+class CropPadStep(_Model):
+    crop_pad: CropPadArgs
+
+
+STEP_NAMES = ("resample", "window", "zscore", "clip", "resize", "crop_pad")
+
+
+def _step_name(value: Any) -> str | None:
+    if isinstance(value, dict) and len(value) == 1:
+        name = next(iter(value))
+        return name if name in STEP_NAMES else None
+    if isinstance(value, BaseModel):
+        return next(iter(type(value).model_fields))
+    return None
+
+
+Step = Annotated[
+    Union[
+        Annotated[ResampleStep, Tag("resample")],
+        Annotated[WindowStep, Tag("window")],
+        Annotated[ZScoreStep, Tag("zscore")],
+        Annotated[ClipStep, Tag("clip")],
+        Annotated[ResizeStep, Tag("resize")],
+        Annotated[CropPadStep, Tag("crop_pad")],
+    ],
+    Discriminator(
+        _step_name,
+        custom_error_type="invalid_step",
+        custom_error_message="each preprocess step is a mapping with exactly one key, one of: " + ", ".join(STEP_NAMES),
+    ),
+]
+
+
+def step_items(steps: list[Any]) -> list[tuple[str, dict]]:
+    """``[("resample", {...}), ...]`` for a validated list of steps."""
+    out = []
+    for step in steps:
+        name = _step_name(step)
+        out.append((name, getattr(step, name).model_dump()))
+    return out
+
+
+# -------------------------------------------------------------------------- model
+class AugmentSpec(_Model):
+    flip: list[Literal["z", "y", "x"]] = Field(default_factory=list, description="Axes flipped at random.")
+    shift: int = Field(0, ge=0, description="Largest random shift in voxels along y and x.")
+    rotate_deg: float = Field(0.0, ge=0, le=180, description="Largest random in-plane rotation (degrees).")
+    intensity_jitter: float = Field(0.0, ge=0, description="Scale and offset jitter of intensities (fraction).")
+
+
+class ModelSpec(_Model):
+    task: Literal["classification"] = "classification"
+    arch: str = Field("cnn3d", description="A model of the registry in models/.")
+    params: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments of the model builder.")
+
+    @field_validator("arch")
+    @classmethod
+    def _known_arch(cls, value: str) -> str:
+        from models import available
+
+        if value not in available():
+            raise ValueError(f"unknown model arch {value!r}; expected one of: {', '.join(available())}")
+        return value
+
+
+class TrainSpec(_Model):
+    epochs: PositiveInt = 30
+    batch_size: PositiveInt = 8
+    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
+    learning_rate: PositiveFloat = 1e-3
+    early_stopping: PositiveInt | None = Field(8, description="Patience in epochs on validation loss; null turns it off.")
+    reduce_lr: PositiveInt | None = Field(4, description="Halve the learning rate after this many epochs without improvement.")
+    class_weight: Literal["balanced", "none"] = "balanced"
+    seed: int = 0
+    mixed_precision: bool = Field(False, description="float16 compute on GPUs that support it.")
+
+
+class EvaluateSpec(_Model):
+    metrics: list[Literal["auc", "accuracy", "precision", "recall", "specificity", "f1"]] = Field(
+        default_factory=lambda: list(METRICS)
+    )
+    bootstrap: int = Field(1000, ge=0, description="Bootstrap resamples for confidence intervals (0: none).")
+    threshold: Literal["youden", "f1"] | float = Field(
+        "youden", description="How the decision threshold is chosen on the validation split, or a fixed value."
+    )
+
+
+# ---------------------------------------------------------------------------- run
+class DaskSpec(_Model):
+    address: str | None = Field(None, description="Existing scheduler (tcp://host:8786); null starts a local cluster.")
+    n_workers: PositiveInt = 2
+    threads_per_worker: PositiveInt = 1
+
+
+class RunSpec(_Model):
+    retries: int = Field(2, ge=0, description="Retries of I/O tasks.")
+    dask: DaskSpec = DaskSpec()
+
+
+class ScheduleSpec(_Model):
+    cron: str = Field(description='Cron expression, e.g. "0 2 * * *".')
+    timezone: str = "UTC"
+
+    @field_validator("cron")
+    @classmethod
+    def _cron(cls, value: str) -> str:
+        from datetime import datetime
+
+        from cronsim import CronSim, CronSimError
+
+        try:
+            CronSim(value, datetime(2026, 1, 1))
+        except CronSimError as exc:
+            raise ValueError(f"invalid cron expression {value!r}: {exc}") from exc
+        return value
+
+
+class PipelineSpec(_Model):
+    """A whole pipeline: data, ingest, preprocessing, model, training, evaluation, run settings."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="Pipeline name (letters, digits, `-_.`).")
+    data: DataSpec
+    ingest: IngestSpec = IngestSpec()
+    preprocess: list[Step] = Field(default_factory=list)
+    augment: AugmentSpec = AugmentSpec()
+    model: ModelSpec = ModelSpec()
+    train: TrainSpec = TrainSpec()
+    evaluate: EvaluateSpec = EvaluateSpec()
+    run: RunSpec = RunSpec()
+    schedule: ScheduleSpec | None = None
+
+    @property
+    def runs_dir(self) -> str:
+        return self.data.runs or str(Path(self.data.store).parent / "runs")
+
+    def digest(self) -> str:
+        """sha256 of the canonical JSON of the spec."""
+        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()
+
+    def steps(self) -> list[tuple[str, dict]]:
+        return step_items(self.preprocess)
+
+
+# ------------------------------------------------------------------------ loading
+def _loc(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part in STEP_NAMES and out.endswith("]"):
+            out += f".{part}"
+        else:
+            # pydantic adds the union tag to the location; keep paths readable
+            out += ("." if out else "") + str(part)
+    return out
+
+
+def format_errors(exc: ValidationError) -> list[str]:
+    """One line per problem: ``field.path: what is wrong (received: value)``."""
+    lines = []
+    for err in exc.errors():
+        loc = _loc(tuple(p for p in err["loc"] if not (isinstance(p, str) and p.endswith("Step"))))
+        value = err.get("input")
+        shown = json.dumps(value, default=str) if not isinstance(value, dict) or len(str(value)) < 120 else "{...}"
+        msg = err["msg"].removeprefix("Value error, ")
+        lines.append(f"{loc or '<spec>'}: {msg} (received: {shown})")
+    return lines
+
+
+def _resolve(path: str | None, base: Path) -> str | None:
+    if path is None or "://" in path:
+        return path
+    p = Path(path).expanduser()
+    return str(p if p.is_absolute() else (base / p).resolve())
+
+
+def parse_spec(data: Any, *, base_dir: str | Path = ".", check_paths: bool = True) -> PipelineSpec:
+    """Validate a spec mapping; resolve relative paths against ``base_dir``.
+
+    Raises:
+        SpecError: listing every problem with its field path, the value and what is allowed.
+    """
+    if not isinstance(data, dict):
+        raise SpecError(f"a spec is a YAML mapping; received {type(data).__name__}")
+    try:
+        spec = PipelineSpec.model_validate(data)
+    except ValidationError as exc:
+        problems = format_errors(exc)
+        raise SpecError("invalid spec:\n  " + "\n  ".join(problems), problems) from exc
+    base = Path(base_dir)
+    labels = spec.data.labels
+    data_spec = spec.data.model_copy(
+        update={
+            "source": _resolve(spec.data.source, base),
+            "store": _resolve(spec.data.store, base),
+            "runs": _resolve(spec.data.runs, base),
+            "labels": labels.model_copy(update={"path": _resolve(labels.path, base)}) if labels else None,
+        }
+    )
+    spec = spec.model_copy(update={"data": data_spec})
+    if check_paths:
+        problems = []
+        if not Path(spec.data.source).is_dir():
+            problems.append(f"data.source: folder not found (received: {spec.data.source!r})")
+        if spec.data.labels and not Path(spec.data.labels.path).is_file():
+            problems.append(f"data.labels.path: file not found (received: {spec.data.labels.path!r})")
+        if problems:
+            raise SpecError("invalid spec:\n  " + "\n  ".join(problems), problems)
+    return spec
+
+
+def load_spec(path: str | Path, *, check_paths: bool = True) -> PipelineSpec:
+    """Read and validate a YAML spec file."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise SpecError(f"cannot read spec {str(path)!r}: {exc.strerror}") from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise SpecError(f"spec {str(path)!r} is not valid YAML: {exc}") from exc
+    return parse_spec(data, base_dir=path.resolve().parent, check_paths=check_paths)
+
+
+def json_schema() -> dict:
+    """The JSON Schema of the spec."""
+    return PipelineSpec.model_json_schema()

@@ -1,0 +1,47 @@
+"""A small 3D CNN for study-level classification of volumes.
+
+Why 3D: labels are per study and a nodule occupies a few slices anywhere in the lungs. A 3D
+network with global max pooling answers "is there a nodule anywhere?" directly from the
+study label; a 2D network would need slice labels we do not have, or multiple-instance
+aggregation over slices. Written with Keras 3 layers only, so it runs on any backend.
+"""
+
+from __future__ import annotations
+
+import keras
+from keras import layers
+
+
+def build_cnn3d(
+    input_shape: tuple[int, int, int, int],
+    *,
+    filters: tuple[int, ...] | list[int] = (8, 16, 32, 64),
+    dropout: float = 0.3,
+    dense: int = 32,
+    n_outputs: int = 1,
+) -> keras.Model:
+    """Conv3D → BatchNorm → ReLU → MaxPool blocks, then global max+average pooling and a sigmoid.
+
+    Args:
+        input_shape: (Z, Y, X, channels).
+        filters: channels of each block (one block per entry).
+        dropout: dropout before the classifier.
+        dense: units of the hidden dense layer (0 for none).
+        n_outputs: sigmoid outputs (1 for binary classification).
+    """
+    if not filters:
+        raise ValueError("Received filters=[], expected at least one block.")
+    inputs = keras.Input(shape=tuple(input_shape), name="volume")
+    x = inputs
+    for i, f in enumerate(filters):
+        x = layers.Conv3D(int(f), 3, padding="same", use_bias=False, name=f"conv{i}")(x)
+        x = layers.BatchNormalization(name=f"bn{i}")(x)
+        x = layers.Activation("relu", name=f"relu{i}")(x)
+        if i < len(filters) - 1:
+            x = layers.MaxPooling3D(2, padding="same", name=f"pool{i}")(x)
+    x = layers.Concatenate(name="pool")([layers.GlobalMaxPooling3D()(x), layers.GlobalAveragePooling3D()(x)])
+    x = layers.Dropout(dropout)(x)
+    if dense:
+        x = layers.Dense(int(dense), activation="relu")(x)
+    outputs = layers.Dense(n_outputs, activation="sigmoid", dtype="float32", name="score")(x)
+    return keras.Model(inputs, outputs, name="cnn3d")

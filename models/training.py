@@ -1,0 +1,232 @@
+"""Training and inference helpers: a streaming input pipeline from the store, augmentation,
+class weights, checkpoints, early stopping and resume. No Prefect here.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+
+def _keras():
+    import keras
+
+    return keras
+
+
+# -------------------------------------------------------------------- augmentation
+def augment_volume(volume: np.ndarray, rng: np.random.Generator, *, flip=(), shift: int = 0,
+                   rotate_deg: float = 0.0, intensity_jitter: float = 0.0) -> np.ndarray:
+    """Random flips, in-plane shift and rotation, and intensity jitter of a (Z, Y, X) volume.
+
+    >>> v = np.arange(8, dtype=np.float32).reshape(2, 2, 2)
+    >>> augment_volume(v, np.random.default_rng(0)).tolist() == v.tolist()
+    True
+    """
+    from scipy import ndimage
+
+    out = volume
+    axes = {"z": 0, "y": 1, "x": 2}
+    for ax in flip:
+        if rng.random() < 0.5:
+            out = np.flip(out, axis=axes[ax])
+    if rotate_deg:
+        angle = float(rng.uniform(-rotate_deg, rotate_deg))
+        out = ndimage.rotate(out, angle, axes=(1, 2), reshape=False, order=1, mode="nearest")
+    if shift:
+        dy, dx = (int(v) for v in rng.integers(-shift, shift + 1, size=2))
+        out = ndimage.shift(out, (0, dy, dx), order=0, mode="nearest")
+    if intensity_jitter:
+        scale = 1.0 + float(rng.uniform(-intensity_jitter, intensity_jitter))
+        offset = float(rng.uniform(-intensity_jitter, intensity_jitter))
+        out = out * scale + offset
+    return np.ascontiguousarray(out, dtype=np.float32)
+
+
+# --------------------------------------------------------------------- input data
+def make_dataset(loader: Callable[[str], np.ndarray], keys: list[str], labels: np.ndarray | None, *,
+                 batch_size: int, augment: dict | None = None, shuffle: bool = False, seed: int = 0):
+    """A ``keras.utils.PyDataset`` over store arrays, read on first use and kept in memory.
+
+    Model-ready arrays are small, so they are read once from the store and cached (reading
+    and preprocessing every epoch competes with the model for the CPU).
+    """
+    keras = _keras()
+
+    class VolumeDataset(keras.utils.PyDataset):
+        def __init__(self):
+            super().__init__(workers=1, use_multiprocessing=False)
+            self.cache: dict[str, np.ndarray] = {}
+            self.order = np.arange(len(keys))
+            self.rng = np.random.default_rng(seed)
+            self.epoch = 0
+            if shuffle:
+                self.rng.shuffle(self.order)
+
+        def __len__(self):
+            return math.ceil(len(keys) / batch_size)
+
+        def _get(self, key):
+            if key not in self.cache:
+                self.cache[key] = loader(key)
+            return self.cache[key]
+
+        def __getitem__(self, idx):
+            sel = self.order[idx * batch_size:(idx + 1) * batch_size]
+            vols = [self._get(keys[i]) for i in sel]
+            if augment:
+                vols = [augment_volume(v, self.rng, **augment) for v in vols]
+            x = np.stack(vols)[..., None].astype(np.float32)
+            if labels is None:
+                return (x,)
+            return x, np.asarray(labels, dtype=np.float32)[sel][:, None]
+
+        def on_epoch_end(self):
+            self.epoch += 1
+            if shuffle:
+                self.rng.shuffle(self.order)
+
+    return VolumeDataset()
+
+
+def class_weights(labels: np.ndarray, mode: str) -> dict[int, float] | None:
+    """``balanced`` weights (scikit-learn) or None.
+
+    >>> class_weights(np.array([0, 0, 0, 1]), "balanced")
+    {0: 0.6666666666666666, 1: 2.0}
+    """
+    if mode == "none":
+        return None
+    from sklearn.utils.class_weight import compute_class_weight
+
+    classes = np.unique(labels)
+    weights = compute_class_weight("balanced", classes=classes, y=labels)
+    return {int(c): float(w) for c, w in zip(classes, weights)}
+
+
+def accelerator() -> str:
+    """A short description of the device Keras will train on."""
+    keras = _keras()
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        gpus = tf.config.list_physical_devices("GPU")
+        return f"tensorflow, {len(gpus)} GPU(s)" if gpus else "tensorflow, CPU"
+    if backend == "torch":
+        import torch
+
+        return "torch, GPU" if torch.cuda.is_available() else "torch, CPU"
+    if backend == "jax":
+        import jax
+
+        return f"jax, {jax.default_backend()}"
+    return backend
+
+
+# -------------------------------------------------------------------------- train
+def train_classifier(
+    *,
+    loader: Callable[[str], np.ndarray],
+    train_keys: list[str],
+    train_labels: np.ndarray,
+    val_keys: list[str],
+    val_labels: np.ndarray,
+    input_shape: tuple[int, ...],
+    arch: str,
+    params: dict,
+    train: dict,
+    augment: dict,
+    run_dir: str | Path,
+    on_epoch: Callable[[int, int, dict], None] | None = None,
+) -> dict:
+    """Build, train and save a binary classifier. Resumes from ``run_dir/backup`` if present.
+
+    Writes ``checkpoints/last.keras`` every epoch, ``checkpoints/best.keras`` on improvement
+    of validation loss, ``history.csv``, and the final ``model.keras`` (best weights).
+
+    Returns:
+        ``{"model": path, "history": {metric: [per epoch]}, "epochs_run", "best_epoch", "device", "seconds"}``.
+    """
+    keras = _keras()
+    from models import get
+
+    run_dir = Path(run_dir)
+    (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+    keras.utils.set_random_seed(int(train["seed"]))
+    device = accelerator()
+    if train.get("mixed_precision") and "GPU" in device:
+        keras.mixed_precision.set_global_policy("mixed_float16")
+    logger.info("training %s on %s: %d train / %d val volumes of shape %s",
+                arch, device, len(train_keys), len(val_keys), tuple(input_shape))
+
+    model = get(arch)(tuple(input_shape), **params)
+    optimizers = {"adam": keras.optimizers.Adam, "adamw": keras.optimizers.AdamW, "sgd": keras.optimizers.SGD}
+    model.compile(
+        optimizer=optimizers[train["optimizer"]](learning_rate=float(train["learning_rate"])),
+        loss=keras.losses.BinaryCrossentropy(),
+        metrics=[keras.metrics.AUC(name="auc"), keras.metrics.BinaryAccuracy(name="accuracy")],
+    )
+    train_ds = make_dataset(loader, train_keys, train_labels, batch_size=int(train["batch_size"]),
+                            augment=augment or None, shuffle=True, seed=int(train["seed"]))
+    val_ds = make_dataset(loader, val_keys, val_labels, batch_size=int(train["batch_size"]))
+
+    epochs = int(train["epochs"])
+    started = {"t": time.perf_counter()}
+
+    class Progress(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            logs = {k: float(v) for k, v in (logs or {}).items()}
+            logger.info("epoch %d/%d  loss %.4f  val_loss %.4f  val_auc %.3f  (%.1f s)", epoch + 1, epochs,
+                        logs.get("loss", float("nan")), logs.get("val_loss", float("nan")),
+                        logs.get("val_auc", float("nan")), time.perf_counter() - started["t"])
+            if on_epoch:
+                on_epoch(epoch + 1, epochs, logs)
+
+    callbacks = [
+        keras.callbacks.BackupAndRestore(str(run_dir / "backup")),
+        keras.callbacks.ModelCheckpoint(str(run_dir / "checkpoints" / "last.keras")),
+        keras.callbacks.ModelCheckpoint(str(run_dir / "checkpoints" / "best.keras"), monitor="val_loss",
+                                        save_best_only=True),
+        keras.callbacks.CSVLogger(str(run_dir / "history.csv"), append=True),
+        Progress(),
+    ]
+    if train.get("early_stopping"):
+        callbacks.append(keras.callbacks.EarlyStopping(monitor="val_loss", patience=int(train["early_stopping"]),
+                                                       restore_best_weights=True))
+    if train.get("reduce_lr"):
+        callbacks.append(keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.5,
+                                                           patience=int(train["reduce_lr"]), min_lr=1e-5))
+    hist = model.fit(train_ds, validation_data=val_ds, epochs=epochs, verbose=0, callbacks=callbacks,
+                     class_weight=class_weights(np.asarray(train_labels), train["class_weight"]))
+    history = {k: [float(v) for v in vals] for k, vals in hist.history.items()}
+    model_path = run_dir / "model.keras"
+    model.save(model_path)
+    val_loss = history.get("val_loss", [])
+    result = {
+        "model": str(model_path),
+        "history": history,
+        "epochs_run": len(val_loss),
+        "best_epoch": int(np.argmin(val_loss)) + 1 if val_loss else None,
+        "device": device,
+        "seconds": time.perf_counter() - started["t"],
+        "params": int(model.count_params()),
+    }
+    (run_dir / "training.json").write_text(json.dumps(result, indent=1))
+    return result
+
+
+def predict(model_path: str | Path, loader: Callable[[str], np.ndarray], keys: list[str], *, batch_size: int = 8) -> np.ndarray:
+    """Scores in [0, 1] for ``keys`` with the saved model."""
+    keras = _keras()
+    model = keras.models.load_model(model_path, compile=False)
+    ds = make_dataset(loader, keys, None, batch_size=batch_size)
+    return np.asarray(model.predict(ds, verbose=0), dtype=float).reshape(-1)

@@ -1,0 +1,222 @@
+"""DICOM reading: header scan, slice geometry, pixels in physical units.
+
+Volumes are ``(Z, Y, X)`` arrays; axis 0 runs along the slice normal, axis 1 down the rows
+(the column direction cosine of ImageOrientationPatient), axis 2 along a row (the row
+direction cosine).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from pydicom.errors import InvalidDicomError
+from pydicom.pixels import apply_rescale
+
+from storage.deid import Pseudonymizer
+from storage.errors import InvalidSeriesError, UnreadableFileError
+
+logger = logging.getLogger(__name__)
+
+# Header attributes read by the scan (pixels are skipped).
+SCAN_TAGS = [
+    "SOPClassUID",
+    "SOPInstanceUID",
+    "SeriesInstanceUID",
+    "StudyInstanceUID",
+    "PatientID",
+    "AccessionNumber",
+    "Modality",
+    "Rows",
+    "Columns",
+    "NumberOfFrames",
+]
+
+
+def list_source(root: str | Path) -> list[tuple[str, int, int]]:
+    """Every regular file under ``root`` as ``(relative path, size, mtime_ns)``, sorted; hidden entries skipped."""
+    root = Path(root)
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in filenames:
+            if name.startswith("."):
+                continue
+            full = Path(dirpath) / name
+            st = full.stat()
+            out.append((full.relative_to(root).as_posix(), st.st_size, st.st_mtime_ns))
+    out.sort()
+    return out
+
+
+def scan_file(root: str | Path, relpath: str, pseudo: Pseudonymizer) -> dict:
+    """Read one file's header and return a pseudonymous record.
+
+    The record has ``series_key``, ``patient_key``, ``study_key``, ``accession_key``,
+    ``sop_key`` and ``modality``, or ``reason`` when the file cannot be used. No UID or
+    identifier leaves this function.
+    """
+    path = Path(root) / relpath
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=False, defer_size=256)
+    except InvalidDicomError as exc:
+        return {"reason": f"not a DICOM file ({exc})".replace(str(path), relpath)}
+    except Exception as exc:  # pydicom raises many types on damaged files
+        return {"reason": f"unreadable DICOM header: {type(exc).__name__}: {exc}".replace(str(path), relpath)}
+    series_uid = str(ds.get("SeriesInstanceUID", "") or "")
+    sop_class = ds.get("SOPClassUID", None)
+    sop_name = getattr(sop_class, "name", str(sop_class)) if sop_class else "unknown SOP class"
+    if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
+        return {"reason": f"no pixel data ({sop_name})"}
+    if not series_uid:
+        return {"reason": "no SeriesInstanceUID"}
+    return {
+        "series_key": pseudo.series_key(series_uid),
+        "patient_key": pseudo.patient_key(str(ds.get("PatientID", "") or "")),
+        "study_key": pseudo.study_key(str(ds.get("StudyInstanceUID", "") or "")),
+        "accession_key": pseudo.accession_key(str(ds.get("AccessionNumber", "") or "")),
+        "sop_key": pseudo.key(str(ds.get("SOPInstanceUID", "") or relpath), kind="sop"),
+        "modality": str(ds.get("Modality", "") or "OT"),
+    }
+
+
+# ------------------------------------------------------------------------ geometry
+@dataclass(frozen=True)
+class Geometry:
+    """Where a volume lies in patient space (LPS, mm).
+
+    Attributes:
+        order: indices that sort the input slices along the slice normal.
+        spacing: (z, y, x) voxel spacing; z measured between slice positions.
+        origin: position of voxel (0, 0, 0).
+        direction: 3x3, row i is the patient-space direction of array axis i.
+        spacing_deviation: largest relative deviation of a slice gap from the median gap.
+    """
+
+    order: tuple[int, ...]
+    spacing: tuple[float, float, float]
+    origin: tuple[float, float, float]
+    direction: tuple[tuple[float, ...], ...]
+    spacing_deviation: float
+
+
+def slice_normal(orientation) -> np.ndarray:
+    """Unit normal of the slice plane from ImageOrientationPatient (row cosines × column cosines).
+
+    >>> slice_normal([1, 0, 0, 0, 1, 0]).tolist()
+    [0.0, 0.0, 1.0]
+    """
+    iop = np.asarray(orientation, dtype=float)
+    if iop.shape != (6,):
+        raise InvalidSeriesError(f"ImageOrientationPatient must have 6 values; received {len(iop)}")
+    n = np.cross(iop[:3], iop[3:])
+    norm = np.linalg.norm(n)
+    if norm < 1e-6:
+        raise InvalidSeriesError("ImageOrientationPatient row and column directions are parallel")
+    return n / norm
+
+
+def series_geometry(
+    positions, orientations, pixel_spacing, *, slice_thickness: float | None = None, tolerance: float = 0.1
+) -> Geometry:
+    """Sort slices along the slice normal and measure the spacing between them.
+
+    Args:
+        positions: (N, 3) ImagePositionPatient of each slice, in input order.
+        orientations: (N, 6) ImageOrientationPatient of each slice.
+        pixel_spacing: PixelSpacing (row spacing, column spacing) in mm.
+        slice_thickness: used as z spacing for a single slice.
+        tolerance: largest relative deviation of a gap from the median gap.
+
+    Raises:
+        InvalidSeriesError: mixed orientations, duplicate positions or non-uniform spacing.
+    """
+    pos = np.asarray(positions, dtype=float).reshape(-1, 3)
+    iops = np.asarray(orientations, dtype=float).reshape(-1, 6)
+    if np.abs(iops - iops[0]).max() > 1e-4:
+        raise InvalidSeriesError("mixed ImageOrientationPatient within the series")
+    normal = slice_normal(iops[0])
+    along = pos @ normal
+    order = np.argsort(along, kind="stable")
+    along = along[order]
+    row_dir, col_dir = iops[0][:3], iops[0][3:]
+    if len(along) > 1:
+        gaps = np.diff(along)
+        if gaps.min() < 1e-3:
+            raise InvalidSeriesError(f"{int((gaps < 1e-3).sum())} duplicate slice position(s)")
+        dz = float(np.median(gaps))
+        deviation = float(np.abs(gaps - dz).max() / dz)
+        if deviation > tolerance:
+            raise InvalidSeriesError(
+                f"non-uniform slice spacing: gaps from {gaps.min():.3g} to {gaps.max():.3g} mm "
+                f"(median {dz:.3g}, deviation {deviation:.0%} > tolerance {tolerance:.0%}; missing slices?)"
+            )
+        # in-plane offsets between slices that are not along the normal mean a tilted stack
+        lateral = (pos[order][-1] - pos[order][0]) - (along[-1] - along[0]) * normal
+        if np.linalg.norm(lateral) > 0.05 * (along[-1] - along[0]) + 1e-3:
+            raise InvalidSeriesError(
+                "slice positions are not along the slice normal (gantry tilt or sheared stack is not supported yet)"
+            )
+    else:
+        dz = float(slice_thickness or 1.0)
+        deviation = 0.0
+    ps = [float(v) for v in pixel_spacing]
+    return Geometry(
+        order=tuple(int(i) for i in order),
+        spacing=(dz, ps[0], ps[1]),
+        origin=tuple(float(v) for v in pos[order][0]),
+        direction=(tuple(normal.tolist()), tuple(col_dir.tolist()), tuple(row_dir.tolist())),
+        spacing_deviation=deviation,
+    )
+
+
+# -------------------------------------------------------------------------- pixels
+def read_slice(path: str | Path) -> pydicom.Dataset:
+    """Read one file with its pixels; raise UnreadableFileError with the decoder's reason."""
+    try:
+        ds = pydicom.dcmread(path)
+        ds.pixel_array  # decode now, so that a damaged file fails here
+    except Exception as exc:
+        raise UnreadableFileError(f"cannot decode pixel data: {type(exc).__name__}: {exc}") from exc
+    return ds
+
+
+def to_physical(ds: pydicom.Dataset) -> np.ndarray:
+    """The frame's pixels with RescaleSlope/RescaleIntercept (modality LUT) applied, as float64."""
+    arr = ds.pixel_array
+    return np.asarray(apply_rescale(arr, ds), dtype=np.float64)
+
+
+def check_image(ds: pydicom.Dataset) -> None:
+    """Raise InvalidSeriesError for images this version cannot place in a volume."""
+    if int(ds.get("NumberOfFrames", 1) or 1) > 1:
+        raise InvalidSeriesError(f"multi-frame image ({ds.NumberOfFrames} frames) is not supported yet")
+    if int(ds.get("SamplesPerPixel", 1) or 1) != 1:
+        raise InvalidSeriesError(f"colour image ({ds.get('PhotometricInterpretation', '?')}) is not supported yet")
+    missing = [k for k in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing") if k not in ds]
+    if missing:
+        raise InvalidSeriesError(f"no {', '.join(missing)}: cannot place the image in patient space")
+
+
+def volume_dtype(modality: str, volume: np.ndarray) -> np.dtype:
+    """int16 for CT (HU) and for integer-valued data that fits; float32 otherwise."""
+    if modality == "CT":
+        return np.dtype(np.int16)
+    if np.all(np.isfinite(volume)) and np.array_equal(volume, np.round(volume)):
+        lo, hi = volume.min(initial=0), volume.max(initial=0)
+        if lo >= np.iinfo(np.int16).min and hi <= np.iinfo(np.int16).max:
+            return np.dtype(np.int16)
+        if lo >= np.iinfo(np.int32).min and hi <= np.iinfo(np.int32).max:
+            return np.dtype(np.int32)
+    return np.dtype(np.float32)
+
+
+def cast_volume(volume: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    if np.issubdtype(dtype, np.integer):
+        info = np.iinfo(dtype)
+        return np.clip(np.round(volume), info.min, info.max).astype(dtype)
+    return volume.astype(dtype)

@@ -1,0 +1,1 @@
+"""Tasks: pure modules (preprocessing ops, metrics, splitting, reporting) and thin Prefect adapters."""

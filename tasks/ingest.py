@@ -1,0 +1,64 @@
+"""Prefect tasks of the ingest stage: thin adapters over ``storage.ingest``."""
+
+from __future__ import annotations
+
+from prefect import task
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
+from prefect.logging import get_run_logger
+
+from storage.ingest import IngestOptions, ScanResult, SeriesPlan, ingest_series, plan_series, scan_source
+from storage.store import Store
+from tasks.dask_runtime import dask_client, run_all
+from tasks.retry import retry_transient
+
+
+def ingest_options(spec) -> IngestOptions:
+    ing = spec.ingest
+    return IngestOptions(deidentify=ing.deidentify, modalities=tuple(ing.modalities) if ing.modalities else None,
+                         min_slices=ing.min_slices, spacing_tolerance=ing.spacing_tolerance)
+
+
+@task(name="scan_source", retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=retry_transient)
+def scan_source_task(source: str, store_root: str, options: IngestOptions) -> ScanResult:
+    """Read headers of new or changed files, group them into series and decide what to ingest."""
+    log = get_run_logger()
+    store = Store(store_root)
+    index = scan_source(source, store)
+    result = plan_series(index, pseudo=store.pseudonymizer(), catalog=store.catalog(),
+                         previous_quarantine=store.quarantine(), options=options)
+    log.info("scan: %d files; %d series to ingest, %d unchanged; %d file(s) quarantined at scan",
+             result.n_files, len(result.todo), len(result.unchanged),
+             sum(1 for r in result.quarantine if r.get("stage") == "scan"))
+    return result
+
+
+@task(name="ingest_series", retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=retry_transient)
+def ingest_series_task(source: str, store_root: str, plans: list[SeriesPlan], options: IngestOptions,
+                       dask: dict) -> list[dict]:
+    """Ingest every planned series on Dask; each worker writes its series and returns a summary."""
+    log = get_run_logger()
+    if not plans:
+        log.info("ingest: nothing to do, every series is already in the store")
+        return []
+    progress = create_progress_artifact(0.0, key="ingest-progress", description=f"series ingested of {len(plans)}")
+
+    def on_result(done, total, res):
+        update_progress_artifact(progress, 100.0 * done / total)
+        log.info("ingest %d/%d: %s %s %s", done, total, res["series_key"], res["status"],
+                 res.get("shape") or res.get("reason"))
+
+    with dask_client(**dask) as client:
+        results = run_all(client, ingest_series, [(store_root, source, p, options) for p in plans], on_result=on_result)
+    n_ok = sum(r["status"] == "ingested" for r in results)
+    log.info("ingest: %d series ingested, %d quarantined", n_ok, len(results) - n_ok)
+    return results
+
+
+@task(name="record_quarantine")
+def record_quarantine_task(store_root: str, scan: ScanResult, results: list[dict]) -> int:
+    """Write the quarantine table: scan rows, rows of unchanged series, and rows of this run."""
+    rows = list(scan.quarantine)
+    for res in results:
+        rows.extend(res["quarantine"])
+    Store(store_root).write_quarantine(rows)
+    return len(rows)

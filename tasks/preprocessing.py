@@ -1,0 +1,136 @@
+"""Preprocessing ops on volumes: pure functions of ``(image, spacing)``.
+
+Each op takes ``image: ndarray of shape (Z, Y, X)`` and its ``spacing`` in mm and returns a
+new ``(image, spacing)``; options are keyword-only. ``apply_steps`` runs a spec's list.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Callable
+
+import numpy as np
+from scipy import ndimage
+from skimage.transform import resize as sk_resize
+
+logger = logging.getLogger(__name__)
+
+Spacing = tuple[float, float, float]
+
+
+def resample(image: np.ndarray, spacing: Spacing, *, target: Spacing, order: int = 1) -> tuple[np.ndarray, Spacing]:
+    """Resample to ``target`` spacing (mm) with a spline of ``order`` (scipy.ndimage.zoom).
+
+    >>> img, sp = resample(np.zeros((10, 20, 20)), (2.0, 1.0, 1.0), target=(4.0, 2.0, 2.0))
+    >>> img.shape, sp
+    ((5, 10, 10), (4.0, 2.0, 2.0))
+    """
+    factors = np.asarray(spacing, dtype=float) / np.asarray(target, dtype=float)
+    new_shape = np.maximum(1, np.round(np.asarray(image.shape) * factors)).astype(int)
+    zoom = new_shape / np.asarray(image.shape)
+    out = ndimage.zoom(image.astype(np.float32, copy=False), zoom, order=order, mode="nearest", grid_mode=True)
+    actual = tuple(float(s * image.shape[i] / out.shape[i]) for i, s in enumerate(spacing))
+    return out, actual
+
+
+def window(image: np.ndarray, spacing: Spacing, *, center: float, width: float) -> tuple[np.ndarray, Spacing]:
+    """Clip to the window ``center ± width/2`` and scale to [0, 1] (float32).
+
+    >>> window(np.array([[[-2000.0, -600.0, 1000.0]]]), (1, 1, 1), center=-600, width=1500)[0].ravel().tolist()
+    [0.0, 0.5, 1.0]
+    """
+    lo = center - width / 2.0
+    out = (np.clip(image.astype(np.float32), lo, lo + width) - lo) / np.float32(width)
+    return out, spacing
+
+
+def zscore(image: np.ndarray, spacing: Spacing, *, eps: float = 1e-6) -> tuple[np.ndarray, Spacing]:
+    """Zero mean, unit variance over the whole volume (float32)."""
+    img = image.astype(np.float32)
+    return (img - img.mean()) / max(float(img.std()), eps), spacing
+
+
+def clip(image: np.ndarray, spacing: Spacing, *, min: float, max: float) -> tuple[np.ndarray, Spacing]:  # noqa: A002
+    """Clip intensities to [min, max]."""
+    return np.clip(image, min, max), spacing
+
+
+def resize(image: np.ndarray, spacing: Spacing, *, shape: tuple[int, int, int], order: int = 1) -> tuple[np.ndarray, Spacing]:
+    """Resize to ``shape`` (scikit-image, anti-aliased when shrinking); spacing follows.
+
+    >>> resize(np.ones((4, 8, 8)), (1.0, 1.0, 1.0), shape=(2, 4, 4))[1]
+    (2.0, 2.0, 2.0)
+    """
+    shrink = any(s < i for s, i in zip(shape, image.shape))
+    out = sk_resize(
+        image.astype(np.float32, copy=False), tuple(shape), order=order, mode="edge",
+        anti_aliasing=shrink and order > 0, preserve_range=True,
+    ).astype(np.float32)
+    new_spacing = tuple(float(s * i / o) for s, i, o in zip(spacing, image.shape, shape))
+    return out, new_spacing
+
+
+def crop_pad(
+    image: np.ndarray, spacing: Spacing, *, shape: tuple[int, int, int], value: float | None = None
+) -> tuple[np.ndarray, Spacing]:
+    """Centre-crop or pad to ``shape``; pads with ``value`` (default: the image minimum).
+
+    >>> crop_pad(np.ones((2, 5, 3)), (1, 1, 1), shape=(4, 3, 3), value=0)[0].sum()
+    np.float64(18.0)
+    """
+    fill = float(image.min()) if value is None else value
+    out = np.full(shape, fill, dtype=image.dtype)
+    src, dst = [], []
+    for n_in, n_out in zip(image.shape, shape):
+        if n_in >= n_out:
+            a = (n_in - n_out) // 2
+            src.append(slice(a, a + n_out))
+            dst.append(slice(0, n_out))
+        else:
+            a = (n_out - n_in) // 2
+            src.append(slice(0, n_in))
+            dst.append(slice(a, a + n_in))
+    out[tuple(dst)] = image[tuple(src)]
+    return out, spacing
+
+
+OPS: dict[str, Callable] = {
+    "resample": lambda img, sp, spacing, order=1: resample(img, sp, target=tuple(spacing), order=order),
+    "window": window,
+    "zscore": zscore,
+    "clip": clip,
+    "resize": resize,
+    "crop_pad": crop_pad,
+}
+
+
+def apply_steps(image: np.ndarray, spacing: Spacing, steps: list[tuple[str, dict]]) -> tuple[np.ndarray, Spacing]:
+    """Run ``[(name, kwargs), ...]`` in order; returns float32."""
+    img, sp = image, tuple(float(s) for s in spacing)
+    for name, kwargs in steps:
+        try:
+            op = OPS[name]
+        except KeyError:
+            raise ValueError(f"Received an unknown preprocessing step {name!r}; expected one of {sorted(OPS)}.") from None
+        img, sp = op(img, sp, **kwargs)
+    return np.ascontiguousarray(img, dtype=np.float32), sp
+
+
+def steps_key(steps: list[tuple[str, dict]]) -> str:
+    """A short stable key of a list of steps (the folder under ``prep/``)."""
+    blob = json.dumps(steps, sort_keys=True, default=list)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def preprocess_series(store_root: str, series_key: str, steps: list[tuple[str, dict]], prep_key: str) -> dict:
+    """Read a series from the store, apply the steps and write the result (Dask worker entry point)."""
+    from storage.store import Store
+
+    store = Store(store_root)
+    entry = store.catalog_entry(series_key)
+    image = store.read_image(series_key)
+    out, spacing = apply_steps(image, entry["spacing"], steps)
+    store.write_prep(prep_key, series_key, out, {"source_digest": entry["digest"], "steps": steps, "spacing": list(spacing)})
+    return {"series_key": series_key, "shape": list(out.shape)}

@@ -1,0 +1,95 @@
+"""Prefect task of the report stage: the HTML report, provenance, and Prefect artifacts."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from importlib import metadata
+from pathlib import Path
+
+import pandas as pd
+from prefect import task
+from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
+from prefect.logging import get_run_logger
+
+from storage.store import Store
+from tasks.reporting import build_context, markdown_summary, quarantine_summary, render_html
+
+PACKAGES = ("medflow", "prefect", "keras", "tensorflow-cpu", "tensorflow", "dask", "distributed", "zarr",
+            "pydicom", "scikit-image", "scikit-learn", "numpy")
+
+
+def package_versions() -> dict[str, str]:
+    out = {}
+    for name in PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+def data_digest(catalog: dict[str, dict], keys) -> str:
+    h = hashlib.sha256()
+    for key in sorted(keys):
+        h.update(f"{key}:{catalog[key]['digest']}\n".encode())
+    return h.hexdigest()
+
+
+def split_counts(df: pd.DataFrame) -> list[dict]:
+    rows = []
+    for name in ("train", "val", "test"):
+        part = df[df["split"] == name]
+        rows.append({"split": name, "series": len(part), "patients": int(part["patient_key"].nunique()),
+                     "positive": int(part["label"].sum())})
+    return rows
+
+
+def _artifact_key(text: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in text.lower()).strip("-")[:60]
+
+
+@task(name="render_report")
+def render_report_task(spec, run_dir: str, prep_key: str, stage_seconds: dict[str, float],
+                       flow_run_id: str | None) -> str:
+    """Write ``report.html`` and ``provenance.json``; publish the summary as Prefect artifacts."""
+    log = get_run_logger()
+    run_dir = Path(run_dir)
+    store = Store(spec.data.store)
+    catalog = store.catalog()
+    preds = pd.read_csv(run_dir / "predictions.csv")
+    evaluation = json.loads((run_dir / "metrics.json").read_text())
+    training = json.loads((run_dir / "training.json").read_text())
+    quarantine = store.quarantine()
+    provenance = {
+        "run_id": run_dir.name,
+        "spec_digest": spec.digest(),
+        "data_digest": data_digest(catalog, preds["series_key"]),
+        "prep_key": prep_key,
+        "flow_run_id": flow_run_id,
+        "stage_seconds": stage_seconds,
+        "packages": package_versions(),
+        "training": {k: training[k] for k in ("epochs_run", "best_epoch", "device", "seconds", "params")},
+        "finished_at": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    }
+    (run_dir / "provenance.json").write_text(json.dumps(provenance, indent=1))
+    counts = split_counts(preds)
+    context = build_context(
+        name=spec.name, run_id=run_dir.name,
+        cohort={"series": len(catalog), "labelled": len(preds), "patients": int(preds["patient_key"].nunique())},
+        split_counts=counts, quarantine=quarantine, history=training["history"], evaluation=evaluation,
+        predictions=preds, provenance=provenance, metric_names=evaluation["metrics"],
+    )
+    report = run_dir / "report.html"
+    report.write_text(render_html(context))
+    key = _artifact_key(spec.name)
+    create_markdown_artifact(markdown_summary(context), key=f"{key}-report", description="run summary")
+    create_table_artifact(context["metrics"], key=f"{key}-metrics", description="test metrics with 95% CI")
+    create_table_artifact(counts, key=f"{key}-cohort", description="series, patients and positives per split")
+    create_table_artifact(quarantine_summary(quarantine) or [{"reason": "none", "files": 0}],
+                          key=f"{key}-quarantine", description="quarantined files by reason")
+    create_link_artifact(report.resolve().as_uri(), link_text="report.html", key=f"{key}-report-file",
+                         description="the full HTML report")
+    log.info("report: %s", report)
+    return str(report)

@@ -1,0 +1,144 @@
+"""The run report: one self-contained HTML file with embedded plots, and its markdown summary."""
+
+from __future__ import annotations
+
+import base64
+import io
+import logging
+from collections import Counter
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from jinja2 import Environment, FileSystemLoader, select_autoescape  # noqa: E402
+from sklearn.metrics import ConfusionMatrixDisplay, RocCurveDisplay  # noqa: E402
+
+logger = logging.getLogger(__name__)
+TEMPLATES = Path(__file__).parent / "templates"
+METRIC_LABELS = {
+    "auc": "ROC AUC", "accuracy": "Accuracy", "precision": "Precision (PPV)", "recall": "Recall (sensitivity)",
+    "specificity": "Specificity", "f1": "F1",
+}
+
+
+def _png(fig) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def plot_history(history: dict[str, list[float]]) -> str:
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
+    for ax, metric in zip(axes, ("loss", "auc")):
+        for prefix, style in (("", "-"), ("val_", "--")):
+            vals = history.get(prefix + metric)
+            if vals:
+                ax.plot(range(1, len(vals) + 1), vals, style, label=(prefix or "train_") + metric)
+        ax.set_xlabel("epoch")
+        ax.set_title(metric)
+        ax.legend()
+        ax.grid(alpha=0.3)
+    return _png(fig)
+
+
+def plot_roc(y_true, score, auc: float) -> str:
+    fig, ax = plt.subplots(figsize=(4, 4))
+    RocCurveDisplay.from_predictions(y_true, score, ax=ax, name=f"test (AUC {auc:.3f})")
+    ax.plot([0, 1], [0, 1], ":", color="grey")
+    ax.set_title("ROC curve, test split")
+    return _png(fig)
+
+
+def plot_confusion(y_true, score, threshold: float) -> str:
+    fig, ax = plt.subplots(figsize=(3.8, 3.4))
+    pred = (np.asarray(score) >= threshold).astype(int)
+    ConfusionMatrixDisplay.from_predictions(y_true, pred, labels=[0, 1], display_labels=["negative", "positive"],
+                                            ax=ax, colorbar=False, cmap="Blues")
+    ax.set_title(f"Confusion matrix (threshold {threshold:.3f})")
+    return _png(fig)
+
+
+def plot_scores(y_true, score, threshold: float) -> str:
+    fig, ax = plt.subplots(figsize=(4.5, 3.2))
+    y, s = np.asarray(y_true), np.asarray(score)
+    bins = np.linspace(0, 1, 21)
+    ax.hist(s[y == 0], bins=bins, alpha=0.6, label="negative")
+    ax.hist(s[y == 1], bins=bins, alpha=0.6, label="positive")
+    ax.axvline(threshold, color="k", ls="--", label="threshold")
+    ax.set_xlabel("score")
+    ax.set_title("Score distribution, test split")
+    ax.legend()
+    return _png(fig)
+
+
+def quarantine_summary(rows: list[dict]) -> list[dict]:
+    """Counts of quarantined files by reason (reasons shortened to their first clause)."""
+    counts = Counter(r["reason"].split(" (")[0].split(":")[0] for r in rows)
+    return [{"reason": reason, "files": n} for reason, n in counts.most_common()]
+
+
+def metrics_rows(metrics: dict, ci: dict, names: list[str]) -> list[dict]:
+    rows = []
+    for name in names:
+        lo_hi = ci.get(name)
+        rows.append({
+            "metric": METRIC_LABELS.get(name, name),
+            "value": f"{metrics[name]:.3f}",
+            "ci95": f"{lo_hi[0]:.3f} – {lo_hi[1]:.3f}" if lo_hi else "",
+        })
+    return rows
+
+
+def render_html(context: dict) -> str:
+    """The report HTML for a context assembled by ``build_context``."""
+    env = Environment(loader=FileSystemLoader(TEMPLATES), autoescape=select_autoescape(["html", "j2"]))
+    return env.get_template("report.html.j2").render(**context)
+
+
+def build_context(*, name: str, run_id: str, cohort: dict, split_counts: list[dict], quarantine: list[dict],
+                  history: dict, evaluation: dict, predictions, provenance: dict, metric_names: list[str]) -> dict:
+    """Everything the template needs; plots are rendered here."""
+    test = predictions[predictions["split"] == "test"]
+    y, s = test["label"].to_numpy(), test["score"].to_numpy()
+    m, thr = evaluation["test"], evaluation["threshold"]
+    return {
+        "name": name,
+        "run_id": run_id,
+        "cohort": cohort,
+        "split_counts": split_counts,
+        "quarantine": quarantine_summary(quarantine),
+        "n_quarantined": len(quarantine),
+        "metrics": metrics_rows(m, evaluation.get("ci", {}), metric_names),
+        "confusion": m["confusion"],
+        "threshold": thr,
+        "val": evaluation.get("val", {}),
+        "plots": {
+            "history": plot_history(history) if history else None,
+            "roc": plot_roc(y, s, m["auc"]) if len(np.unique(y)) == 2 else None,
+            "confusion": plot_confusion(y, s, thr),
+            "scores": plot_scores(y, s, thr),
+        },
+        "provenance": provenance,
+    }
+
+
+def markdown_summary(context: dict) -> str:
+    """A short markdown version of the report (for a Prefect artifact)."""
+    lines = [f"# {context['name']} — run `{context['run_id']}`", "", "## Test metrics", "",
+             "| metric | value | 95% CI |", "|---|---|---|"]
+    lines += [f"| {r['metric']} | {r['value']} | {r['ci95']} |" for r in context["metrics"]]
+    c = context["confusion"]
+    lines += ["", f"Threshold {context['threshold']:.3f} (chosen on validation). "
+              f"Confusion: TP {c['tp']}, FP {c['fp']}, FN {c['fn']}, TN {c['tn']}.", "", "## Cohort", "",
+              "| split | series | patients | positive |", "|---|---|---|---|"]
+    lines += [f"| {r['split']} | {r['series']} | {r['patients']} | {r['positive']} |" for r in context["split_counts"]]
+    lines += ["", f"Quarantined files: {context['n_quarantined']}"]
+    lines += [f"- {r['reason']}: {r['files']}" for r in context["quarantine"]]
+    stages = context["provenance"].get("stage_seconds", {})
+    if stages:
+        lines += ["", "## Time per stage", ""] + [f"- {k}: {v:.1f} s" for k, v in stages.items()]
+    return "\n".join(lines)

@@ -1,0 +1,76 @@
+"""Labels joined to the catalog by pseudonym, and a patient-level stratified split."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pandas as pd
+from sklearn.model_selection import train_test_split
+
+from storage.deid import Pseudonymizer
+
+logger = logging.getLogger(__name__)
+
+_KEY_FIELD = {"StudyInstanceUID": "study_key", "PatientID": "patient_key", "AccessionNumber": "accession_key"}
+
+
+def join_labels(catalog: dict[str, dict], labels: pd.DataFrame, *, key: str, key_column: str, label_column: str,
+                pseudo: Pseudonymizer) -> pd.DataFrame:
+    """One row per labelled series: ``series_key, patient_key, study_key, label``.
+
+    The CSV's identifiers are turned into pseudonyms with the store's secret and matched
+    against the catalog, so no identifier is kept. Series without a label are left out.
+
+    Raises:
+        ValueError: a missing column or a label other than 0/1.
+    """
+    for col in (key_column, label_column):
+        if col not in labels.columns:
+            raise ValueError(f"labels CSV has no column {col!r}; its columns are {list(labels.columns)}")
+    values = pd.to_numeric(labels[label_column], errors="coerce")
+    bad = labels[~values.isin([0, 1])]
+    if len(bad):
+        raise ValueError(f"labels column {label_column!r} must hold 0 or 1; {len(bad)} row(s) do not "
+                         f"(first: {bad[label_column].iloc[0]!r})")
+    kind = {"StudyInstanceUID": "study", "PatientID": "patient", "AccessionNumber": "accession"}[key]
+    hashed = {pseudo.key(str(v), kind=kind): int(lab) for v, lab in zip(labels[key_column], values)}
+    field = _KEY_FIELD[key]
+    rows = []
+    for series_key, entry in sorted(catalog.items()):
+        lab = hashed.get(entry.get(field, ""))
+        if lab is not None:
+            rows.append({"series_key": series_key, "patient_key": entry["patient_key"],
+                         "study_key": entry["study_key"], "label": lab})
+    df = pd.DataFrame(rows, columns=["series_key", "patient_key", "study_key", "label"])
+    logger.info("labels: %d of %d series labelled (%d positive)", len(df), len(catalog), int(df["label"].sum()))
+    return df
+
+
+def patient_split(df: pd.DataFrame, *, val: float, test: float, stratify: bool = True, seed: int = 0) -> pd.Series:
+    """``train``/``val``/``test`` for each row, with every patient in exactly one split.
+
+    Patients are stratified by their label (a patient is positive if any series is).
+
+    >>> df = pd.DataFrame({"patient_key": list("aabbccddeeffgghhiijj"), "label": [0, 0, 1, 1] * 5})
+    >>> s = patient_split(df, val=0.2, test=0.2, seed=1)
+    >>> sorted(s.value_counts().to_dict().items())
+    [('test', 4), ('train', 12), ('val', 4)]
+    """
+    patients = df.groupby("patient_key")["label"].max()
+    keys, labs = patients.index.to_numpy(), patients.to_numpy()
+    if len(keys) < 3:
+        raise ValueError(f"Received {len(keys)} labelled patient(s), expected at least 3 for a train/val/test split.")
+
+    def can_stratify(y, n_take):
+        counts = np.bincount(y, minlength=2)
+        return stratify and counts.min() >= 2 and n_take >= 2 and len(y) - n_take >= 2
+
+    n_test = max(1, int(round(test * len(keys))))
+    strat = labs if can_stratify(labs, n_test) else None
+    rest_k, test_k, rest_y, _ = train_test_split(keys, labs, test_size=n_test, random_state=seed, stratify=strat)
+    n_val = max(1, int(round(val * len(keys))))
+    strat = rest_y if can_stratify(rest_y, n_val) else None
+    train_k, val_k = train_test_split(rest_k, test_size=n_val, random_state=seed + 1, stratify=strat)
+    which = {**{k: "train" for k in train_k}, **{k: "val" for k in val_k}, **{k: "test" for k in test_k}}
+    return df["patient_key"].map(which).rename("split")
