@@ -28,11 +28,12 @@ data:
 ingest: {{deidentify: true, modalities: [CT], min_slices: 8}}
 preprocess:
   - resample: {{spacing: [4.0, 4.0, 4.0]}}
+  - lung_mask: {{threshold: -400}}
   - window: {{center: -600, width: 1500}}
   - crop_pad: {{shape: [48, 80, 80], value: 0}}
 augment: {{flip: [x], shift: 3, intensity_jitter: 0.05}}
 model: {{task: classification, arch: cnn3d, params: {{filters: [8, 16, 32, 64]}}}}
-train: {{epochs: {epochs}, batch_size: 8, optimizer: adam, learning_rate: 0.002, early_stopping: 10, reduce_lr: 4,
+train: {{epochs: {epochs}, batch_size: 8, optimizer: adam, learning_rate: 0.002, early_stopping: 8, reduce_lr: 4,
         class_weight: balanced, seed: {seed}}}
 evaluate: {{metrics: [auc, accuracy, precision, recall, specificity, f1], bootstrap: 1000, threshold: youden}}
 run: {{retries: 2, dask: {{n_workers: 2, threads_per_worker: 1}}}}
@@ -129,7 +130,7 @@ def demo(
     workdir: Annotated[Path, typer.Option(help="Work folder (cohort, store, runs, Prefect home).")] = Path("work/demo"),
     patients: Annotated[int, typer.Option(min=10, help="Patients in the demo cohort.")] = 100,
     seed: Annotated[int, typer.Option(help="Seed of the cohort, split and training.")] = 0,
-    epochs: Annotated[int, typer.Option(min=1, help="Training epochs (early stopping may end sooner).")] = 40,
+    epochs: Annotated[int, typer.Option(min=1, help="Training epochs (early stopping may end sooner).")] = 30,
 ) -> None:
     """Synthesise a cohort, write a spec, and run the whole pipeline on it."""
     t0 = time.perf_counter()

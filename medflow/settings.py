@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -26,3 +27,9 @@ def configure(workdir: str | Path | None = None) -> None:
         env.setdefault("PREFECT_HOME", str(workdir / ".prefect"))
         env.setdefault("DASK_TEMPORARY_DIRECTORY", str(workdir / ".dask"))
         Path(env["DASK_TEMPORARY_DIRECTORY"]).mkdir(parents=True, exist_ok=True)
+
+
+def enable_project_logs(level: int = logging.INFO) -> None:
+    """Let the project's own loggers through at ``level`` (Prefect forwards them to the API)."""
+    for name in PROJECT_LOGGERS.split(","):
+        logging.getLogger(name).setLevel(level)

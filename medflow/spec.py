@@ -133,6 +133,12 @@ class CropPadArgs(_Model):
     value: float | None = Field(None, description="Pad value (default: the image minimum).")
 
 
+class LungMaskArgs(_Model):
+    threshold: float = Field(-400.0, description="HU below which a voxel counts as air or lung.")
+    fill: float = Field(-1000.0, description="Value outside the lung fields (HU).")
+    dilate_mm: float = Field(0.0, ge=0, description="Dilation of the lung mask in mm.")
+
+
 class ResampleStep(_Model):
     resample: ResampleArgs
 
@@ -157,7 +163,11 @@ class CropPadStep(_Model):
     crop_pad: CropPadArgs
 
 
-STEP_NAMES = ("resample", "window", "zscore", "clip", "resize", "crop_pad")
+class LungMaskStep(_Model):
+    lung_mask: LungMaskArgs = LungMaskArgs()
+
+
+STEP_NAMES = ("resample", "lung_mask", "window", "zscore", "clip", "resize", "crop_pad")
 
 
 def _step_name(value: Any) -> str | None:
@@ -177,6 +187,7 @@ Step = Annotated[
         Annotated[ClipStep, Tag("clip")],
         Annotated[ResizeStep, Tag("resize")],
         Annotated[CropPadStep, Tag("crop_pad")],
+        Annotated[LungMaskStep, Tag("lung_mask")],
     ],
     Discriminator(
         _step_name,
@@ -299,15 +310,11 @@ class PipelineSpec(_Model):
 
 # ------------------------------------------------------------------------ loading
 def _loc(loc: tuple) -> str:
+    # pydantic puts the union tag of a step before the step's own field: drop the tag
+    parts = [p for i, p in enumerate(loc) if not (i + 1 < len(loc) and p in STEP_NAMES and loc[i + 1] == p)]
     out = ""
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        elif part in STEP_NAMES and out.endswith("]"):
-            out += f".{part}"
-        else:
-            # pydantic adds the union tag to the location; keep paths readable
-            out += ("." if out else "") + str(part)
+    for part in parts:
+        out += f"[{part}]" if isinstance(part, int) else ("." if out else "") + str(part)
     return out
 
 
@@ -315,7 +322,7 @@ def format_errors(exc: ValidationError) -> list[str]:
     """One line per problem: ``field.path: what is wrong (received: value)``."""
     lines = []
     for err in exc.errors():
-        loc = _loc(tuple(p for p in err["loc"] if not (isinstance(p, str) and p.endswith("Step"))))
+        loc = _loc(tuple(err["loc"]))
         value = err.get("input")
         shown = json.dumps(value, default=str) if not isinstance(value, dict) or len(str(value)) < 120 else "{...}"
         msg = err["msg"].removeprefix("Value error, ")

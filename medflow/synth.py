@@ -86,7 +86,7 @@ def phantom(
 
 
 def _patient_geometry(rng: np.random.Generator, matrix: int) -> dict:
-    ps = float(np.round(rng.uniform(2.45, 2.85), 4))
+    ps = float(np.round(rng.uniform(320.0, 370.0) / matrix, 4))  # field of view 320-370 mm
     dz = float(rng.choice([2.5, 3.0, 4.0, 5.0]))
     length = float(rng.uniform(190.0, 230.0))
     nz = int(round(length / dz)) + 1

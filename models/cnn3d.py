@@ -16,31 +16,42 @@ def build_cnn3d(
     input_shape: tuple[int, int, int, int],
     *,
     filters: tuple[int, ...] | list[int] = (8, 16, 32, 64),
-    dropout: float = 0.3,
-    dense: int = 32,
+    pooling: str = "max",
+    dropout: float = 0.0,
+    dense: int = 0,
+    bn_momentum: float = 0.9,
     n_outputs: int = 1,
 ) -> keras.Model:
-    """Conv3D → BatchNorm → ReLU → MaxPool blocks, then global max+average pooling and a sigmoid.
+    """Conv3D → BatchNorm → ReLU → MaxPool blocks, then global pooling and a sigmoid.
 
     Args:
         input_shape: (Z, Y, X, channels).
         filters: channels of each block (one block per entry).
+        pooling: ``max`` (is the finding anywhere?) or ``maxavg`` (also the average).
         dropout: dropout before the classifier.
-        dense: units of the hidden dense layer (0 for none).
+        dense: units of a hidden dense layer (0 for none).
+        bn_momentum: BatchNorm moving-average momentum. Small cohorts give few steps per
+            epoch; 0.9 lets inference statistics settle within a few epochs (0.99 did not).
         n_outputs: sigmoid outputs (1 for binary classification).
     """
     if not filters:
         raise ValueError("Received filters=[], expected at least one block.")
+    if pooling not in ("max", "maxavg"):
+        raise ValueError(f"Received pooling={pooling!r}, expected 'max' or 'maxavg'.")
     inputs = keras.Input(shape=tuple(input_shape), name="volume")
     x = inputs
     for i, f in enumerate(filters):
         x = layers.Conv3D(int(f), 3, padding="same", use_bias=False, name=f"conv{i}")(x)
-        x = layers.BatchNormalization(name=f"bn{i}")(x)
+        x = layers.BatchNormalization(momentum=bn_momentum, name=f"bn{i}")(x)
         x = layers.Activation("relu", name=f"relu{i}")(x)
         if i < len(filters) - 1:
             x = layers.MaxPooling3D(2, padding="same", name=f"pool{i}")(x)
-    x = layers.Concatenate(name="pool")([layers.GlobalMaxPooling3D()(x), layers.GlobalAveragePooling3D()(x)])
-    x = layers.Dropout(dropout)(x)
+    if pooling == "max":
+        x = layers.GlobalMaxPooling3D(name="pool")(x)
+    else:
+        x = layers.Concatenate(name="pool")([layers.GlobalMaxPooling3D()(x), layers.GlobalAveragePooling3D()(x)])
+    if dropout:
+        x = layers.Dropout(dropout)(x)
     if dense:
         x = layers.Dense(int(dense), activation="relu")(x)
     outputs = layers.Dense(n_outputs, activation="sigmoid", dtype="float32", name="score")(x)

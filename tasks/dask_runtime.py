@@ -16,6 +16,8 @@ logger = logging.getLogger(__name__)
 @contextmanager
 def dask_client(address: str | None = None, *, n_workers: int = 2, threads_per_worker: int = 1) -> Iterator[Client]:
     """Connect to ``address`` or start a ``LocalCluster`` of worker processes (no dashboard)."""
+    for name in ("distributed", "distributed.scheduler", "distributed.nanny", "distributed.core"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     if address:
         with Client(address, timeout="30s") as client:
             logger.info("using Dask scheduler at %s (%d workers)", address, len(client.scheduler_info()["workers"]))

@@ -1,0 +1,79 @@
+"""The whole pipeline flow on a tiny cohort, under Prefect's test harness."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import keras
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from flows.ingest import ingest_flow
+from flows.pipeline import pipeline
+from medflow.cli import DEMO_SPEC
+from medflow.spec import load_spec
+from medflow.synth import synthesize
+from tasks.metrics import binary_metrics
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipeline")
+    synthesize(root / "cohort", patients=16, seed=2, matrix=48)
+    spec = yaml.safe_load(DEMO_SPEC.format(seed=2, epochs=2))
+    spec["preprocess"][-1] = {"crop_pad": {"shape": [16, 48, 48], "value": 0}}
+    spec["preprocess"][0] = {"resample": {"spacing": [8.0, 4.0, 4.0]}}
+    spec["evaluate"]["bootstrap"] = 50
+    spec["train"]["batch_size"] = 4
+    path = root / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def test_pipeline_end_to_end_then_rerun_reuses_everything(tiny, prefect_harness):
+    first = pipeline(str(tiny))
+    run = first["run_dir"]
+    for name in ("report.html", "model.keras", "predictions.csv", "metrics.json", "provenance.json", "split.csv",
+                 "checkpoints/last.keras", "history.csv", "spec.yaml"):
+        assert (tiny.parent / "runs" / run.split("/")[-1] / name).exists(), name
+
+    preds = pd.read_csv(f"{run}/predictions.csv")
+    metrics = json.loads(open(f"{run}/metrics.json").read())
+    test = preds[preds["split"] == "test"]
+    again = binary_metrics(test["label"], test["score"], metrics["threshold"])
+    for name in ("accuracy", "precision", "recall", "specificity", "f1"):
+        assert again[name] == pytest.approx(metrics["test"][name], nan_ok=True)
+    assert np.array_equal(test["prediction"], (test["score"] >= metrics["threshold"]).astype(int))
+    assert set(preds["patient_key"][preds["split"] == "test"]).isdisjoint(preds["patient_key"][preds["split"] == "train"])
+
+    # the model in the run folder reproduces the scores
+    model = keras.models.load_model(f"{run}/model.keras", compile=False)
+    assert model.output_shape == (None, 1)
+
+    html = open(f"{run}/report.html").read()
+    assert f"<td>{metrics['test']['accuracy']:.3f}</td>" in html
+    assert "data:image/png;base64," in html and "Quarantine" in html or "quarantine" in html
+    assert re.search(r"not a DICOM file</td><td>2</td>", html)
+    assert "ZQXCANARY" not in html
+
+    assert first["ingest"]["ingested"] == 16 and first["preprocess"]["computed"] == 16
+
+    second = pipeline(str(tiny))
+    assert second["ingest"]["ingested"] == 0 and second["ingest"]["unchanged"] == first["ingest"]["ingested"] + 2
+    assert second["preprocess"]["computed"] == 0 and second["preprocess"]["reused"] == 16
+    assert second["run_dir"] != first["run_dir"]
+
+
+def test_ingest_flow_skips_unchanged_series(tiny, prefect_harness, caplog):
+    spec = load_spec(tiny)
+    ingest_flow(spec)  # may or may not have work, depending on test order
+    caplog.clear()
+    caplog.set_level("INFO")
+    result = ingest_flow(spec)
+    assert result["ingested"] == 0
+    assert "nothing to do" in caplog.text

@@ -1,0 +1,60 @@
+"""Helpers for tests: a serial ingest and hand-made DICOM series."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+from storage.ingest import IngestOptions, ingest_series, plan_series, scan_source
+from storage.store import Store
+
+
+def ingest_serial(source, store_root, options: IngestOptions | None = None) -> dict:
+    """Scan, plan and ingest without Prefect or Dask; returns a summary."""
+    options = options or IngestOptions()
+    store = Store(store_root)
+    index = scan_source(str(source), store)
+    plan = plan_series(index, pseudo=store.pseudonymizer(), catalog=store.catalog(),
+                       previous_quarantine=store.quarantine(), options=options)
+    results = [ingest_series(str(store.root), str(source), p, options) for p in plan.todo]
+    rows = list(plan.quarantine) + [r for res in results for r in res["quarantine"]]
+    store.write_quarantine(rows)
+    return {"plan": plan, "results": results, "store": store}
+
+
+def write_ct_series(folder: Path, volume_stored: np.ndarray, *, positions, orientation=(1, 0, 0, 0, 1, 0),
+                    pixel_spacing=(0.8, 0.7), slope=1.0, intercept=-1024.0, instance_numbers=None,
+                    names=None, slice_thickness=None, series_uid=None) -> list[Path]:
+    """Write one CT slice per entry of ``positions``; ``volume_stored[k]`` goes with ``positions[k]``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    series_uid = series_uid or generate_uid()
+    study_uid = generate_uid()
+    paths = []
+    for k, pos in enumerate(positions):
+        ds = Dataset()
+        sop = generate_uid()
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
+        ds.file_meta.MediaStorageSOPInstanceUID = sop
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, sop
+        ds.PatientID, ds.PatientName = "TESTPID", "TEST^PATIENT"
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid, series_uid
+        ds.Modality = "CT"
+        ds.Rows, ds.Columns = volume_stored.shape[1:]
+        ds.PixelSpacing = list(pixel_spacing)
+        ds.SliceThickness = slice_thickness or 1.0
+        ds.ImageOrientationPatient = list(orientation)
+        ds.ImagePositionPatient = [float(v) for v in pos]
+        ds.InstanceNumber = (instance_numbers or list(range(1, len(positions) + 1)))[k]
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+        ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
+        ds.PixelData = volume_stored[k].astype(np.uint16).tobytes()
+        path = folder / ((names[k]) if names else f"{k:04d}.dcm")
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths

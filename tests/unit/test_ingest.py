@@ -1,0 +1,149 @@
+"""Ingest on real files: the synthetic cohort, pydicom's test files and its DICOMDIR tree."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+
+from storage.dicom import list_source
+from storage.ingest import IngestOptions
+from storage.store import Store
+from tests.helpers import ingest_serial
+
+
+def _all_bytes(root: Path):
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            path = Path(dirpath) / name
+            yield path, path.read_bytes()
+
+
+def test_synthetic_cohort_ingests_and_quarantines(small_cohort, tmp_path):
+    out = ingest_serial(small_cohort.dicom_dir, tmp_path / "store.zarr", IngestOptions(min_slices=8))
+    store = out["store"]
+    catalog = store.catalog()
+    assert len(catalog) == small_cohort.n_patients
+    reasons = {row["path"]: row["reason"] for row in store.quarantine()}
+    assert "not a DICOM file" in reasons["misc/README.txt"]
+    assert "no pixel data (Basic Text SR Storage)" == reasons["misc/sr_0001.dcm"]
+    assert "cannot decode pixel data" in reasons["misc/7f3e91aa02c4"]
+    assert any("< ingest.min_slices=8" in r for r in reasons.values())  # the localizer
+    # every file is either in a series or in quarantine
+    listed = len(list_source(small_cohort.dicom_dir))
+    assert sum(e["n_files"] for e in catalog.values()) + len(reasons) == listed
+    for key, entry in catalog.items():
+        vol = store.read_image(key)
+        assert vol.shape == tuple(entry["shape"]) and vol.dtype == np.int16
+        assert -1100 < np.median(vol[:, 0, :]) < -900  # air above the body, in HU
+
+
+def test_no_phi_reaches_the_store(small_cohort, tmp_path, caplog):
+    caplog.set_level("DEBUG")
+    root = tmp_path / "store.zarr"
+    ingest_serial(small_cohort.dicom_dir, root, IngestOptions(min_slices=8))
+    needles = [c.encode() for c in small_cohort.canaries] + [u.encode() for u in small_cohort.uids]
+    # the birth dates and every UID of the source, read back from the files themselves
+    for path in list(small_cohort.dicom_dir.rglob("*.dcm"))[:50]:
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        needles += [str(ds.PatientBirthDate).encode(), str(ds.SOPInstanceUID).encode()]
+    checked = 0
+    for path, data in _all_bytes(root):
+        if path.name == "secret":
+            continue
+        checked += 1
+        for needle in needles:
+            assert needle not in data, f"{needle!r} found in {path}"
+    assert checked > 10
+    for needle in needles:
+        assert needle.decode() not in caplog.text
+
+
+def test_deidentify_off_keeps_identifiers(small_cohort, tmp_path):
+    out = ingest_serial(small_cohort.dicom_dir, tmp_path / "s.zarr", IngestOptions(min_slices=8, deidentify=False))
+    entry = next(iter(out["store"].catalog().values()))
+    assert entry["identifiers"]["PatientID"].startswith("ZQXCANARYPID")
+
+
+def test_second_ingest_is_incremental(small_cohort, tmp_path):
+    src = tmp_path / "src"
+    shutil.copytree(small_cohort.dicom_dir, src)
+    root = tmp_path / "store.zarr"
+    first = ingest_serial(src, root, IngestOptions(min_slices=8))
+    assert len(first["results"]) > 0
+    second = ingest_serial(src, root, IngestOptions(min_slices=8))
+    assert second["results"] == [] and len(second["plan"].unchanged) == len(first["results"])
+    assert {r["path"] for r in second["store"].quarantine()} == {r["path"] for r in first["store"].quarantine()}
+    # drop one slice file of one series: only that series is redone (and now fails the spacing check)
+    key = next(iter(first["store"].catalog()))
+    index = first["store"].scan_index()
+    victim = sorted(p for p, r in index.items() if r.get("series_key") == key)[3]
+    (src / victim).unlink()
+    third = ingest_serial(src, root, IngestOptions(min_slices=8))
+    assert [r["series_key"] for r in third["results"]] == [key]
+
+
+def test_failed_write_leaves_no_partial_series(small_cohort, tmp_path, monkeypatch):
+    store = Store(tmp_path / "store.zarr")
+    import zarr
+
+    def boom(self, *a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(zarr.Array, "__setitem__", boom)
+    with pytest.raises(OSError):
+        store.write_series("sabc", np.zeros((2, 4, 4), np.int16),
+                           {"spacing": [1, 1, 1], "origin": [0, 0, 0], "direction": np.eye(3).tolist(), "digest": "x"})
+    assert store.catalog() == {}
+    assert not (store.root / "series" / "sabc").exists()
+    assert list((store.root / ".tmp").iterdir()) == []
+
+
+def test_every_pydicom_test_file_is_ingested_or_quarantined(pydicom_test_files, tmp_path):
+    out = ingest_serial(pydicom_test_files, tmp_path / "store.zarr")
+    store = out["store"]
+    listed = {p for p, _, _ in list_source(pydicom_test_files)}
+    index = store.scan_index()
+    in_series = {p for p, rec in index.items() if rec.get("series_key") in store.catalog()}
+    quarantined = {row["path"] for row in store.quarantine()}
+    assert all(row["reason"] for row in store.quarantine())
+    assert listed == in_series | quarantined
+    # real CT slices among them are ingested, not just quarantined
+    assert "CT_small.dcm" in in_series
+    assert len(store.catalog()) >= 5
+    # MR_small.dcm in eight transfer syntaxes: one SeriesInstanceUID, one position -> duplicates
+    reasons = {row["path"]: row["reason"] for row in store.quarantine()}
+    assert "duplicate slice position" in reasons["MR_small.dcm"]
+
+
+def test_dicomdir_tree_groups_series_by_uid(pydicom_test_files, tmp_path):
+    src = pydicom_test_files / "dicomdirtests"
+    expected, no_pixels = defaultdict(int), set()
+    for path in src.rglob("*"):
+        if not path.is_file():
+            continue
+        try:
+            ds = pydicom.dcmread(path)
+        except pydicom.errors.InvalidDicomError:
+            continue
+        if "PixelData" not in ds:
+            no_pixels.add(path.relative_to(src).as_posix())
+        elif "SeriesInstanceUID" in ds:
+            expected[str(ds.SeriesInstanceUID)] += 1
+    out = ingest_serial(src, tmp_path / "store.zarr")
+    pseudo = out["store"].pseudonymizer()
+    got = defaultdict(int)
+    for rec in out["store"].scan_index().values():
+        if "series_key" in rec:
+            got[rec["series_key"]] += 1
+    assert len(expected) > 3
+    assert got == {pseudo.series_key(uid): n for uid, n in expected.items()}
+    reasons = {row["path"]: row["reason"] for row in out["store"].quarantine()}
+    assert all(reasons[p].startswith("no pixel data") for p in no_pixels)
+    for key, entry in out["store"].catalog().items():
+        assert entry["n_files"] == got[key]

@@ -1,0 +1,59 @@
+"""Patient-level split and label join by pseudonym."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+from storage.deid import Pseudonymizer
+from tasks.splitting import join_labels, patient_split
+
+
+def _cohort(n_patients=40, series_per_patient=2):
+    rows = []
+    for p in range(n_patients):
+        for s in range(series_per_patient):
+            rows.append({"series_key": f"s{p}-{s}", "patient_key": f"p{p}", "label": int(p % 3 == 0)})
+    return pd.DataFrame(rows)
+
+
+def test_no_patient_in_two_splits_and_stratified():
+    df = _cohort()
+    split = patient_split(df, val=0.2, test=0.2, seed=5)
+    per_patient = df.assign(split=split).groupby("patient_key")["split"].nunique()
+    assert per_patient.max() == 1
+    d = df.assign(split=split).groupby("patient_key").first()
+    for name in ("train", "val", "test"):
+        part = d[d["split"] == name]
+        assert 0.2 < part["label"].mean() < 0.5  # about a third positive everywhere
+    assert (split == "test").sum() == 16  # 8 patients x 2 series
+
+
+def test_split_is_seeded():
+    df = _cohort()
+    assert patient_split(df, val=0.2, test=0.2, seed=1).equals(patient_split(df, val=0.2, test=0.2, seed=1))
+    assert not patient_split(df, val=0.2, test=0.2, seed=1).equals(patient_split(df, val=0.2, test=0.2, seed=2))
+
+
+def test_join_labels_matches_by_pseudonym_only():
+    pseudo = Pseudonymizer(b"k" * 32)
+    catalog = {
+        "sA": {"patient_key": "pa", "study_key": pseudo.study_key("1.2.3"), "accession_key": ""},
+        "sB": {"patient_key": "pb", "study_key": pseudo.study_key("1.2.4"), "accession_key": ""},
+        "sC": {"patient_key": "pc", "study_key": pseudo.study_key("9.9"), "accession_key": ""},
+    }
+    labels = pd.DataFrame({"StudyInstanceUID": ["1.2.3", "1.2.4", "5.5"], "y": [1, 0, 1]})
+    df = join_labels(catalog, labels, key="StudyInstanceUID", key_column="StudyInstanceUID", label_column="y",
+                     pseudo=pseudo)
+    assert df.set_index("series_key")["label"].to_dict() == {"sA": 1, "sB": 0}
+    assert "1.2.3" not in df.to_csv()
+
+
+def test_join_labels_rejects_non_binary_labels():
+    pseudo = Pseudonymizer(b"k" * 32)
+    with pytest.raises(ValueError, match="must hold 0 or 1"):
+        join_labels({}, pd.DataFrame({"k": ["a"], "y": ["maybe"]}), key="StudyInstanceUID", key_column="k",
+                    label_column="y", pseudo=pseudo)
+    with pytest.raises(ValueError, match="no column 'label'"):
+        join_labels({}, pd.DataFrame({"k": ["a"]}), key="StudyInstanceUID", key_column="k", label_column="label",
+                    pseudo=pseudo)
