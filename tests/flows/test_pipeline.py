@@ -57,14 +57,16 @@ def test_pipeline_end_to_end_then_rerun_reuses_everything(tiny, prefect_harness)
 
     html = open(f"{run}/report.html").read()
     assert f"<td>{metrics['test']['accuracy']:.3f}</td>" in html
-    assert "data:image/png;base64," in html and "Quarantine" in html or "quarantine" in html
+    assert html.count("data:image/png;base64,") >= 4
     assert re.search(r"not a DICOM file</td><td>2</td>", html)
     assert "ZQXCANARY" not in html
 
     assert first["ingest"]["ingested"] == 16 and first["preprocess"]["computed"] == 16
 
     second = pipeline(str(tiny))
-    assert second["ingest"]["ingested"] == 0 and second["ingest"]["unchanged"] == first["ingest"]["ingested"] + 2
+    assert second["ingest"]["ingested"] == 0 and second["ingest"]["unchanged"] == (
+        first["ingest"]["ingested"] + first["ingest"]["quarantined_series"])
+    assert second["ingest"]["quarantined_files"] == first["ingest"]["quarantined_files"]
     assert second["preprocess"]["computed"] == 0 and second["preprocess"]["reused"] == 16
     assert second["run_dir"] != first["run_dir"]
 
