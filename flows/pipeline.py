@@ -1,4 +1,8 @@
-"""The whole lifecycle as one flow of subflows: ingest → preprocess → train → evaluate → report."""
+"""The whole lifecycle as one flow of subflows: ingest → preprocess → train → evaluate → report.
+
+The flows are ``async``: Prefect joins a synchronous flow's heartbeat thread at exit, which
+costs up to a second per subflow; async flows do not wait. Tasks stay synchronous.
+"""
 
 from __future__ import annotations
 
@@ -28,7 +32,7 @@ def new_run_dir(runs_dir: str, spec_digest: str) -> Path:
 
 
 @flow(name="pipeline")
-def pipeline(spec_path: str) -> dict:
+async def pipeline(spec_path: str) -> dict:
     """Run the whole lifecycle for the spec at ``spec_path``; returns the run folder and report path."""
     log = get_run_logger()
     spec = load_spec(spec_path)
@@ -37,19 +41,19 @@ def pipeline(spec_path: str) -> dict:
     log.info("run %s of %s", run_dir.name, spec.name)
     seconds: dict[str, float] = {}
 
-    def timed(stage, fn, *args):
+    async def timed(stage, fn, *args):
         t0 = time.perf_counter()
-        out = fn(*args)
+        out = await fn(*args)
         seconds[stage] = round(time.perf_counter() - t0, 2)
         log.info("stage %s: %.1f s", stage, seconds[stage])
         return out
 
-    ingested = timed("ingest", ingest_flow, spec)
-    prep = timed("preprocess", preprocess_flow, spec)
-    trained = timed("train", train_flow, spec, str(run_dir), prep["prep_key"])
-    evaluation = timed("evaluate", evaluate_flow, spec, str(run_dir), prep["prep_key"], trained["split_csv"],
+    ingested = await timed("ingest", ingest_flow, spec)
+    prep = await timed("preprocess", preprocess_flow, spec)
+    trained = await timed("train", train_flow, spec, str(run_dir), prep["prep_key"])
+    evaluation = await timed("evaluate", evaluate_flow, spec, str(run_dir), prep["prep_key"], trained["split_csv"],
                        trained["model"])
-    report = timed("report", report_flow, spec, str(run_dir), prep["prep_key"], dict(seconds), flow_run.get_id())
+    report = await timed("report", report_flow, spec, str(run_dir), prep["prep_key"], dict(seconds), flow_run.get_id())
     (run_dir / "stages.json").write_text(json.dumps({"seconds": seconds, "ingest": ingested, "preprocess": prep}, indent=1))
     return {"run_dir": str(run_dir), "report": report, "stage_seconds": seconds, "ingest": ingested,
             "preprocess": prep, "test": evaluation["test"]}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 
@@ -36,7 +37,7 @@ def tiny(tmp_path_factory):
 
 
 def test_pipeline_end_to_end_then_rerun_reuses_everything(tiny, prefect_harness):
-    first = pipeline(str(tiny))
+    first = asyncio.run(pipeline(str(tiny)))
     run = first["run_dir"]
     for name in ("report.html", "model.keras", "predictions.csv", "metrics.json", "provenance.json", "split.csv",
                  "checkpoints/last.keras", "history.csv", "spec.yaml"):
@@ -63,7 +64,7 @@ def test_pipeline_end_to_end_then_rerun_reuses_everything(tiny, prefect_harness)
 
     assert first["ingest"]["ingested"] == 16 and first["preprocess"]["computed"] == 16
 
-    second = pipeline(str(tiny))
+    second = asyncio.run(pipeline(str(tiny)))
     assert second["ingest"]["ingested"] == 0 and second["ingest"]["unchanged"] == (
         first["ingest"]["ingested"] + first["ingest"]["quarantined_series"])
     assert second["ingest"]["quarantined_files"] == first["ingest"]["quarantined_files"]
@@ -73,9 +74,9 @@ def test_pipeline_end_to_end_then_rerun_reuses_everything(tiny, prefect_harness)
 
 def test_ingest_flow_skips_unchanged_series(tiny, prefect_harness, caplog):
     spec = load_spec(tiny)
-    ingest_flow(spec)  # may or may not have work, depending on test order
+    asyncio.run(ingest_flow(spec))  # may or may not have work, depending on test order
     caplog.clear()
     caplog.set_level("INFO")
-    result = ingest_flow(spec)
+    result = asyncio.run(ingest_flow(spec))
     assert result["ingested"] == 0
     assert "nothing to do" in caplog.text
