@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
 import re
 
@@ -70,6 +71,36 @@ def test_pipeline_end_to_end_then_rerun_reuses_everything(tiny, prefect_harness)
     assert second["ingest"]["quarantined_files"] == first["ingest"]["quarantined_files"]
     assert second["preprocess"]["computed"] == 0 and second["preprocess"]["reused"] == 16
     assert second["run_dir"] != first["run_dir"]
+
+
+def test_no_phi_in_store_runs_logs_or_artifacts(tiny, prefect_harness, caplog):
+    caplog.set_level("DEBUG")
+    result = asyncio.run(pipeline(str(tiny)))
+    canary = b"ZQXCANARY"
+    checked = 0
+    for folder in (tiny.parent / "store.zarr", tiny.parent / "runs"):
+        for path in folder.rglob("*"):
+            if path.is_file() and path.name != "secret":
+                data = path.read_bytes()
+                data = gzip.decompress(data) if path.name.endswith(".gz") else data
+                assert canary not in data, path
+                checked += 1
+    assert checked > 20
+    assert "ZQXCANARY" not in caplog.text
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    async def artifacts():
+        async with get_client() as client:
+            return await client.read_artifacts(
+                artifact_filter=ArtifactFilter(key=ArtifactFilterKey(like_="demo-nodules")))
+
+    found = asyncio.run(artifacts())
+    assert {a.key for a in found} >= {"demo-nodules-report", "demo-nodules-metrics", "demo-nodules-quarantine"}
+    for art in found:
+        assert "ZQXCANARY" not in str(art.data)
+    assert result["report"].endswith("report.html")
 
 
 def test_ingest_flow_skips_unchanged_series(tiny, prefect_harness, caplog):
