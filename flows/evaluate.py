@@ -9,5 +9,5 @@ from tasks.evaluate import evaluate_model_task
 
 
 @flow(name="evaluate")
-async def evaluate_flow(spec: PipelineSpec, run_dir: str, prep_key: str, split_csv: str, model_path: str) -> dict:
+def evaluate_flow(spec: PipelineSpec, run_dir: str, prep_key: str, split_csv: str, model_path: str) -> dict:
     return evaluate_model_task(spec, run_dir, prep_key, split_csv, model_path)

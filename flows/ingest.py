@@ -9,7 +9,7 @@ from tasks.ingest import ingest_options, ingest_series_task, record_quarantine_t
 
 
 @flow(name="ingest", log_prints=False)
-async def ingest_flow(spec: PipelineSpec) -> dict:
+def ingest_flow(spec: PipelineSpec) -> dict:
     """Scan ``data.source``, ingest new or changed series, record what was quarantined."""
     options = ingest_options(spec)
     scan = scan_source_task(spec.data.source, spec.data.store, options)

@@ -9,5 +9,5 @@ from tasks.preprocess import preprocess_task
 
 
 @flow(name="preprocess")
-async def preprocess_flow(spec: PipelineSpec) -> dict:
+def preprocess_flow(spec: PipelineSpec) -> dict:
     return preprocess_task(spec.data.store, spec.steps(), spec.run.dask.model_dump())

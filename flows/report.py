@@ -9,6 +9,6 @@ from tasks.report import render_report_task
 
 
 @flow(name="report")
-async def report_flow(spec: PipelineSpec, run_dir: str, prep_key: str, stage_seconds: dict[str, float],
+def report_flow(spec: PipelineSpec, run_dir: str, prep_key: str, stage_seconds: dict[str, float],
                 flow_run_id: str | None = None) -> str:
     return render_report_task(spec, run_dir, prep_key, stage_seconds, flow_run_id)

@@ -56,11 +56,9 @@ def _run_pipeline(spec_path: Path) -> dict:
     except SpecError as exc:
         _fail_spec(exc)
     settings.configure(Path(spec.data.store).parent)
-    import asyncio
-
     from flows.pipeline import pipeline
 
-    return asyncio.run(pipeline(str(spec_path)))
+    return pipeline(str(spec_path))
 
 
 def _print_result(result: dict, t0: float) -> None:

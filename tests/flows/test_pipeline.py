@@ -38,7 +38,7 @@ def tiny(tmp_path_factory):
 
 
 def test_pipeline_end_to_end_then_rerun_reuses_everything(tiny, prefect_harness):
-    first = asyncio.run(pipeline(str(tiny)))
+    first = pipeline(str(tiny))
     run = first["run_dir"]
     for name in ("report.html", "model.keras", "predictions.csv", "metrics.json", "provenance.json", "split.csv",
                  "checkpoints/last.keras", "history.csv", "spec.yaml"):
@@ -65,7 +65,7 @@ def test_pipeline_end_to_end_then_rerun_reuses_everything(tiny, prefect_harness)
 
     assert first["ingest"]["ingested"] == 16 and first["preprocess"]["computed"] == 16
 
-    second = asyncio.run(pipeline(str(tiny)))
+    second = pipeline(str(tiny))
     assert second["ingest"]["ingested"] == 0 and second["ingest"]["unchanged"] == (
         first["ingest"]["ingested"] + first["ingest"]["quarantined_series"])
     assert second["ingest"]["quarantined_files"] == first["ingest"]["quarantined_files"]
@@ -75,7 +75,7 @@ def test_pipeline_end_to_end_then_rerun_reuses_everything(tiny, prefect_harness)
 
 def test_no_phi_in_store_runs_logs_or_artifacts(tiny, prefect_harness, caplog):
     caplog.set_level("DEBUG")
-    result = asyncio.run(pipeline(str(tiny)))
+    result = pipeline(str(tiny))
     canary = b"ZQXCANARY"
     checked = 0
     for folder in (tiny.parent / "store.zarr", tiny.parent / "runs"):
@@ -105,9 +105,9 @@ def test_no_phi_in_store_runs_logs_or_artifacts(tiny, prefect_harness, caplog):
 
 def test_ingest_flow_skips_unchanged_series(tiny, prefect_harness, caplog):
     spec = load_spec(tiny)
-    asyncio.run(ingest_flow(spec))  # may or may not have work, depending on test order
+    ingest_flow(spec)  # may or may not have work, depending on test order
     caplog.clear()
     caplog.set_level("INFO")
-    result = asyncio.run(ingest_flow(spec))
+    result = ingest_flow(spec)
     assert result["ingested"] == 0
     assert "nothing to do" in caplog.text
