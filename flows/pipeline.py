@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import time
-import uuid
 from pathlib import Path
 
 import yaml
@@ -24,24 +23,33 @@ from flows.ingest import ingest_flow
 from flows.preprocess import preprocess_flow
 from flows.report import report_flow
 from flows.train import train_flow
+from medflow.runs import open_run, write_status
 from medflow.spec import load_spec
 
 
-def new_run_dir(runs_dir: str, spec_digest: str) -> Path:
-    run_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{spec_digest[:6]}-{uuid.uuid4().hex[:4]}"
-    path = Path(runs_dir) / run_id
-    path.mkdir(parents=True)
-    return path
-
-
 @flow(name="pipeline")
-def pipeline(spec_path: str) -> dict:
-    """Run the whole lifecycle for the spec at ``spec_path``; returns the run folder and report path."""
+def pipeline(spec: str) -> dict:
+    """Run the whole lifecycle for the spec file at ``spec``.
+
+    Re-running the spec of a failed run resumes it: the store already holds what was
+    ingested and prepared, and training continues from its last finished epoch.
+    Returns the run folder, the report path, the time per stage and the test metrics.
+    """
     log = get_run_logger()
-    spec = load_spec(spec_path)
-    run_dir = new_run_dir(spec.runs_dir, spec.digest())
-    (run_dir / "spec.yaml").write_text(yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False))
-    log.info("run %s of %s", run_dir.name, spec.name)
+    pipeline_spec = load_spec(spec)
+    with open_run(pipeline_spec.runs_dir, pipeline_spec.digest()) as run_dir:
+        (run_dir / "spec.yaml").write_text(yaml.safe_dump(pipeline_spec.model_dump(mode="json"), sort_keys=False))
+        log.info("run %s of %s", run_dir.name, pipeline_spec.name)
+        try:
+            result = _stages(pipeline_spec, run_dir, log)
+        except BaseException as exc:
+            write_status(run_dir, state="failed", error=f"{type(exc).__name__}: {exc}"[:500])
+            raise
+        write_status(run_dir, state="completed", finished_at=time.strftime("%Y-%m-%d %H:%M:%S"))
+        return result
+
+
+def _stages(spec, run_dir: Path, log) -> dict:
     seconds: dict[str, float] = {}
 
     def timed(stage, fn, *args):
@@ -57,6 +65,9 @@ def pipeline(spec_path: str) -> dict:
     evaluation = timed("evaluate", evaluate_flow, spec, str(run_dir), prep["prep_key"], trained["split_csv"],
                        trained["model"])
     report = timed("report", report_flow, spec, str(run_dir), prep["prep_key"], dict(seconds), flow_run.get_id())
-    (run_dir / "stages.json").write_text(json.dumps({"seconds": seconds, "ingest": ingested, "preprocess": prep}, indent=1))
+    (run_dir / "stages.json").write_text(json.dumps({"seconds": seconds, "ingest": ingested, "preprocess": prep,
+                                                     "train": {k: trained[k] for k in ("epochs_trained",
+                                                                                       "resumed_from_epoch")}},
+                                                    indent=1))
     return {"run_dir": str(run_dir), "report": report, "stage_seconds": seconds, "ingest": ingested,
-            "preprocess": prep, "test": evaluation["test"]}
+            "preprocess": prep, "train": trained, "test": evaluation["test"]}

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 from prefect import flow
 
-from medflow.spec import PipelineSpec
+from medflow.spec import PipelineSpec, as_spec
+from storage.store import Store
 from tasks.preprocess import preprocess_task
 
 
 @flow(name="preprocess")
-def preprocess_flow(spec: PipelineSpec) -> dict:
-    return preprocess_task(spec.data.store, spec.steps(), spec.run.dask.model_dump())
+def preprocess_flow(spec: PipelineSpec | str) -> dict:
+    """The spec's preprocessing steps on every series not yet prepared; holds the store's writer lock."""
+    spec = as_spec(spec)
+    with Store(spec.data.store).writer_lock(purpose="preprocess"):
+        return preprocess_task(spec.data.store, spec.steps(), spec.run.dask.model_dump())

@@ -148,6 +148,60 @@ def demo(
     _print_result(_run_pipeline(spec_path), t0)
 
 
+@app.command()
+def server(
+    port: Annotated[int, typer.Option(help="Port on 127.0.0.1.")] = 4200,
+    home: Annotated[Path, typer.Option(help="PREFECT_HOME: where the server keeps its database.")] = Path("work/.prefect"),
+) -> None:
+    """Start a standing Prefect server (UI and API) on 127.0.0.1 with medflow's settings.
+
+    Point runs at it with PREFECT_API_URL=http://127.0.0.1:PORT/api so that every task run,
+    log and artifact is recorded (the embedded server can lose records at exit).
+    """
+    import os
+
+    home.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "PREFECT_HOME": str(home.resolve()), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "DO_NOT_TRACK": "1", "PREFECT_SERVER_UI_API_URL": f"http://127.0.0.1:{port}/api"}
+    env.pop("PREFECT_API_URL", None)
+    console.print(f"Prefect UI: http://127.0.0.1:{port}  ·  for runs: export PREFECT_API_URL=http://127.0.0.1:{port}/api")
+    prefect = Path(sys.executable).with_name("prefect")
+    os.execve(str(prefect), [str(prefect), "server", "start", "--host", "127.0.0.1", "--port", str(port)], env)
+
+
+@app.command()
+def serve(
+    spec: Annotated[Path | None, typer.Option(help="Spec for every deployment (default: each deployment's own).")] = None,
+    file: Annotated[Path, typer.Option(help="Deployments file.")] = Path("deployments/prefect.yaml"),
+) -> None:
+    """Serve the deployments of deployments/prefect.yaml from this process, on their schedules.
+
+    Needs a standing server (`medflow server`) and PREFECT_API_URL pointing at it, so that
+    `prefect deployment run 'pipeline/adhoc' --param spec=...` from anywhere reaches it.
+    """
+    import os
+
+    from medflow.errors import SpecError
+
+    if not os.environ.get("PREFECT_API_URL"):
+        err.print("[bold red]PREFECT_API_URL is not set.[/] Start a server with `medflow server` and "
+                  "export PREFECT_API_URL=http://127.0.0.1:4200/api")
+        raise typer.Exit(2)
+    settings.configure(None)
+    from medflow.deploy import DEFAULT_FILE, read_deployments, to_runner_deployments
+
+    try:
+        defs = read_deployments(file if file.exists() else DEFAULT_FILE, spec=spec)
+    except SpecError as exc:
+        _fail_spec(exc)
+    for d in defs:
+        when = f"cron {d.cron!r} ({d.timezone})" if d.cron else "on demand"
+        console.print(f"serving {d.full_name}: {when}, spec {d.spec}")
+    from prefect import serve as prefect_serve
+
+    prefect_serve(*to_runner_deployments(defs))
+
+
 def main() -> None:
     app()
 

@@ -389,3 +389,8 @@ def load_spec(path: str | Path, *, check_paths: bool = True) -> PipelineSpec:
 def json_schema() -> dict:
     """The JSON Schema of the spec."""
     return PipelineSpec.model_json_schema()
+
+
+def as_spec(spec: PipelineSpec | str | Path) -> PipelineSpec:
+    """A validated spec from a spec or a path to one."""
+    return spec if isinstance(spec, PipelineSpec) else load_spec(spec)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -133,6 +134,72 @@ def accelerator() -> str:
 
 
 # -------------------------------------------------------------------------- train
+FAULT_ENV = "MEDFLOW_FAULT_AFTER_EPOCH"
+
+
+class TrainingInterrupted(RuntimeError):
+    """Raised by the fault hook (``MEDFLOW_FAULT_AFTER_EPOCH``) to simulate a crash."""
+
+
+def _resume_callback(keras, state_path: Path, early: object | None, plateau: object | None):
+    """Persists what resuming needs beyond the model file, and restores it at train begin.
+
+    ``checkpoints/last.keras`` (model and optimizer state, written by a ModelCheckpoint
+    earlier in the callback list) is saved first; ``state.json`` is written after it and is
+    the commit point of an epoch. Early-stopping and learning-rate-plateau counters are kept
+    here so that a resumed run stops exactly where an uninterrupted one would.
+    """
+    fault_after = int(os.environ.get(FAULT_ENV, "0") or 0)
+
+    class ResumeState(keras.callbacks.Callback):
+        def on_train_begin(self, logs=None):
+            if not state_path.exists():
+                return
+            state = json.loads(state_path.read_text())
+            if early is not None and "early_stopping" in state:
+                es = state["early_stopping"]
+                early.wait, early.best, early.best_epoch = es["wait"], es["best"], es["best_epoch"]
+                best = state_path.parent / "checkpoints" / "best.keras"
+                if early.restore_best_weights and best.exists():
+                    early.best_weights = keras.models.load_model(best, compile=False).get_weights()
+            if plateau is not None and "reduce_lr" in state:
+                rl = state["reduce_lr"]
+                plateau.wait, plateau.best, plateau.cooldown_counter = rl["wait"], rl["best"], rl["cooldown"]
+
+        def on_epoch_end(self, epoch, logs=None):
+            state = {"epoch": epoch + 1}
+            if early is not None:
+                state["early_stopping"] = {"wait": int(early.wait), "best": float(early.best),
+                                           "best_epoch": int(early.best_epoch)}
+            if plateau is not None:
+                state["reduce_lr"] = {"wait": int(plateau.wait), "best": float(plateau.best),
+                                      "cooldown": int(plateau.cooldown_counter)}
+            tmp = state_path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(state))
+            os.replace(tmp, state_path)
+            if fault_after and epoch + 1 == fault_after:
+                raise TrainingInterrupted(f"fault hook {FAULT_ENV}={fault_after}: stopping after epoch {epoch + 1}")
+
+    return ResumeState()
+
+
+def read_history(path: Path) -> dict[str, list[float]]:
+    """Per-epoch metrics from ``history.csv`` (all attempts of a resumed run)."""
+    import csv
+
+    if not path.exists():
+        return {}
+    rows = {}
+    with path.open() as fh:
+        for row in csv.DictReader(fh):
+            rows[int(row.pop("epoch"))] = row  # a re-done epoch replaces the interrupted one
+    history: dict[str, list[float]] = {}
+    for epoch in sorted(rows):
+        for key, value in rows[epoch].items():
+            history.setdefault(key, []).append(float(value))
+    return history
+
+
 def train_classifier(
     *,
     loader: Callable[[str], np.ndarray],
@@ -148,35 +215,48 @@ def train_classifier(
     run_dir: str | Path,
     on_epoch: Callable[[int, int, dict], None] | None = None,
 ) -> dict:
-    """Build, train and save a binary classifier. Resumes from ``run_dir/backup`` if present.
+    """Build, train and save a binary classifier; resume from ``run_dir`` if it holds an interrupted run.
 
-    Writes ``checkpoints/last.keras`` every epoch, ``checkpoints/best.keras`` on improvement
-    of validation loss, ``history.csv``, and the final ``model.keras`` (best weights).
+    Writes ``checkpoints/last.keras`` and ``state.json`` every epoch, ``checkpoints/best.keras``
+    on improvement of validation loss, ``history.csv``, and the final ``model.keras`` (best weights).
 
     Returns:
-        ``{"model": path, "history": {metric: [per epoch]}, "epochs_run", "best_epoch", "device", "seconds"}``.
+        ``{"model", "history", "epochs_run", "epochs_trained", "resumed_from_epoch", "best_epoch",
+        "device", "seconds", "params"}``.
     """
     keras = _keras()
     from models import get
 
     run_dir = Path(run_dir)
-    (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+    ckpt = run_dir / "checkpoints"
+    ckpt.mkdir(parents=True, exist_ok=True)
+    state_path = run_dir / "state.json"
+    done = run_dir / "training.json"
+    if done.exists() and (run_dir / "model.keras").exists():
+        logger.info("training already complete in %s; reusing model.keras", run_dir)
+        return {**json.loads(done.read_text()), "epochs_trained": 0}
     keras.utils.set_random_seed(int(train["seed"]))
     device = accelerator()
     if train.get("mixed_precision") and "GPU" in device:
         keras.mixed_precision.set_global_policy("mixed_float16")
+
+    initial_epoch = 0
+    if state_path.exists() and (ckpt / "last.keras").exists():
+        initial_epoch = int(json.loads(state_path.read_text())["epoch"])
+        model = keras.models.load_model(ckpt / "last.keras")
+        logger.info("resuming %s from epoch %d (%s)", arch, initial_epoch, ckpt / "last.keras")
+    else:
+        model = get(arch)(tuple(input_shape), **params)
+        optimizers = {"adam": keras.optimizers.Adam, "adamw": keras.optimizers.AdamW, "sgd": keras.optimizers.SGD}
+        model.compile(
+            optimizer=optimizers[train["optimizer"]](learning_rate=float(train["learning_rate"])),
+            loss=keras.losses.BinaryCrossentropy(),
+            metrics=[keras.metrics.AUC(name="auc"), keras.metrics.BinaryAccuracy(name="accuracy")],
+        )
     logger.info("training %s on %s: %d train / %d val volumes of shape %s",
                 arch, device, len(train_keys), len(val_keys), tuple(input_shape))
-
-    model = get(arch)(tuple(input_shape), **params)
-    optimizers = {"adam": keras.optimizers.Adam, "adamw": keras.optimizers.AdamW, "sgd": keras.optimizers.SGD}
-    model.compile(
-        optimizer=optimizers[train["optimizer"]](learning_rate=float(train["learning_rate"])),
-        loss=keras.losses.BinaryCrossentropy(),
-        metrics=[keras.metrics.AUC(name="auc"), keras.metrics.BinaryAccuracy(name="accuracy")],
-    )
     train_ds = make_dataset(loader, train_keys, train_labels, batch_size=int(train["batch_size"]),
-                            augment=augment or None, shuffle=True, seed=int(train["seed"]))
+                            augment=augment or None, shuffle=True, seed=int(train["seed"]) + initial_epoch)
     val_ds = make_dataset(loader, val_keys, val_labels, batch_size=int(train["batch_size"]))
 
     epochs = int(train["epochs"])
@@ -191,23 +271,24 @@ def train_classifier(
             if on_epoch:
                 on_epoch(epoch + 1, epochs, logs)
 
+    early = plateau = None
+    if train.get("early_stopping"):
+        early = keras.callbacks.EarlyStopping(monitor="val_loss", patience=int(train["early_stopping"]),
+                                              restore_best_weights=True)
+    if train.get("reduce_lr"):
+        plateau = keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.5,
+                                                    patience=int(train["reduce_lr"]), min_lr=1e-5)
     callbacks = [
-        keras.callbacks.BackupAndRestore(str(run_dir / "backup")),
-        keras.callbacks.ModelCheckpoint(str(run_dir / "checkpoints" / "last.keras")),
-        keras.callbacks.ModelCheckpoint(str(run_dir / "checkpoints" / "best.keras"), monitor="val_loss",
-                                        save_best_only=True),
+        keras.callbacks.ModelCheckpoint(str(ckpt / "best.keras"), monitor="val_loss", save_best_only=True),
         keras.callbacks.CSVLogger(str(run_dir / "history.csv"), append=True),
         Progress(),
+        *(cb for cb in (early, plateau) if cb is not None),
+        keras.callbacks.ModelCheckpoint(str(ckpt / "last.keras")),
+        _resume_callback(keras, state_path, early, plateau),  # after last.keras: state.json commits the epoch
     ]
-    if train.get("early_stopping"):
-        callbacks.append(keras.callbacks.EarlyStopping(monitor="val_loss", patience=int(train["early_stopping"]),
-                                                       restore_best_weights=True))
-    if train.get("reduce_lr"):
-        callbacks.append(keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.5,
-                                                           patience=int(train["reduce_lr"]), min_lr=1e-5))
-    hist = model.fit(train_ds, validation_data=val_ds, epochs=epochs, verbose=0, callbacks=callbacks,
-                     class_weight=class_weights(np.asarray(train_labels), train["class_weight"]))
-    history = {k: [float(v) for v in vals] for k, vals in hist.history.items()}
+    hist = model.fit(train_ds, validation_data=val_ds, epochs=epochs, initial_epoch=initial_epoch, verbose=0,
+                     callbacks=callbacks, class_weight=class_weights(np.asarray(train_labels), train["class_weight"]))
+    history = read_history(run_dir / "history.csv")
     model_path = run_dir / "model.keras"
     model.save(model_path)
     val_loss = history.get("val_loss", [])
@@ -215,6 +296,8 @@ def train_classifier(
         "model": str(model_path),
         "history": history,
         "epochs_run": len(val_loss),
+        "epochs_trained": len(hist.history.get("loss", [])),
+        "resumed_from_epoch": initial_epoch,
         "best_epoch": int(np.argmin(val_loss)) + 1 if val_loss else None,
         "device": device,
         "seconds": time.perf_counter() - started["t"],

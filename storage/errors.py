@@ -23,3 +23,7 @@ class StoreError(StorageError):
 
 class SeriesNotFoundError(StoreError, KeyError):
     """No complete series with this key is in the store."""
+
+
+class StoreLockedError(StoreError, RuntimeError):
+    """Another run is writing to the store. Retrying at once cannot help."""

@@ -24,17 +24,22 @@ import logging
 import os
 import secrets
 import shutil
+import socket
+import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import zarr
+from filelock import FileLock, Timeout
 from zarr.codecs import BloscCodec
 
 from storage.deid import Pseudonymizer
-from storage.errors import SeriesNotFoundError, StoreError
+from storage.errors import SeriesNotFoundError, StoreError, StoreLockedError
 
 logger = logging.getLogger(__name__)
 
@@ -91,6 +96,36 @@ class Store:
 
     def __repr__(self) -> str:
         return f"Store({str(self.root)!r})"
+
+    # -------------------------------------------------------------------- lock
+    @contextmanager
+    def writer_lock(self, *, purpose: str = "write") -> Iterator[None]:
+        """Hold the store's single-writer lock, or raise StoreLockedError at once.
+
+        One writer per store: ingest and preprocessing take this lock for their whole stage.
+        Series writes are atomic on their own, but a scan index, a quarantine table and a
+        plan computed by one run would be overwritten by another; refusing the second writer
+        with a clear message is simpler and safer than merging. The lock is an OS file lock,
+        so a killed process releases it.
+        """
+        lock = FileLock(str(self.root / ".medflow" / "writer.lock"), thread_local=False)
+        holder = self.root / ".medflow" / "writer.json"
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            info = json.loads(holder.read_text()) if holder.exists() else {}
+            raise StoreLockedError(
+                f"store {str(self.root)!r} is being written by another run "
+                f"(pid {info.get('pid', '?')} on {info.get('host', '?')}, {info.get('purpose', '?')}, "
+                f"since {info.get('since', '?')}); wait for it to finish, or point data.store elsewhere"
+            ) from None
+        try:
+            _write_json_atomic(holder, {"pid": os.getpid(), "host": socket.gethostname(), "purpose": purpose,
+                                        "since": time.strftime("%Y-%m-%d %H:%M:%S")})
+            yield
+        finally:
+            holder.unlink(missing_ok=True)
+            lock.release()
 
     # ------------------------------------------------------------------ secret
     @property

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from medflow.errors import SpecError
-from storage.errors import InvalidSeriesError
+from storage.errors import InvalidSeriesError, StoreLockedError
 
-PERMANENT = (SpecError, InvalidSeriesError, ValueError, TypeError, KeyError, FileNotFoundError, PermissionError)
+PERMANENT = (SpecError, InvalidSeriesError, StoreLockedError, ValueError, TypeError, KeyError, FileNotFoundError, PermissionError)
 TRANSIENT = (OSError, TimeoutError, ConnectionError)
 
 

@@ -111,3 +111,29 @@ def test_ingest_flow_skips_unchanged_series(tiny, prefect_harness, caplog):
     result = ingest_flow(spec)
     assert result["ingested"] == 0
     assert "nothing to do" in caplog.text
+
+
+def test_failed_run_resumes_training_where_it_stopped(tiny, prefect_harness, monkeypatch):
+    from models.training import FAULT_ENV, TrainingInterrupted
+
+    spec = yaml.safe_load(tiny.read_text())
+    spec["train"]["epochs"] = 3
+    spec["train"]["early_stopping"] = None
+    path = tiny.parent / "three_epochs.yaml"
+    path.write_text(yaml.safe_dump(spec))
+
+    monkeypatch.setenv(FAULT_ENV, "2")
+    with pytest.raises(TrainingInterrupted):
+        pipeline(str(path))
+    monkeypatch.delenv(FAULT_ENV)
+    runs = tiny.parent / "runs"
+    failed = [p for p in runs.iterdir() if json.loads((p / "run.json").read_text()).get("state") == "failed"]
+    assert len(failed) == 1 and json.loads((failed[0] / "state.json").read_text())["epoch"] == 2
+
+    result = pipeline(str(path))
+    assert result["run_dir"] == str(failed[0])  # the same run, resumed
+    assert result["train"]["resumed_from_epoch"] == 2 and result["train"]["epochs_trained"] == 1
+    assert result["ingest"]["ingested"] == 0 and result["preprocess"]["computed"] == 0
+    status = json.loads((failed[0] / "run.json").read_text())
+    assert status["state"] == "completed" and status["attempts"] == 2
+    assert len(pd.read_csv(failed[0] / "history.csv")) == 3

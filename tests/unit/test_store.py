@@ -1,0 +1,84 @@
+"""The store: one writer at a time, and retries only for transient errors."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import time
+
+import pytest
+from prefect import task
+
+from medflow.errors import SpecError
+from storage.errors import InvalidSeriesError, StoreLockedError
+from storage.store import Store
+from tasks.retry import retry_transient
+
+
+def _hold_lock(root, ready, release):
+    with Store(root).writer_lock(purpose="ingest"):
+        ready.set()
+        release.wait(30)
+
+
+def test_second_writer_is_refused_with_a_clear_message(tmp_path):
+    root = tmp_path / "store.zarr"
+    Store(root)
+    ctx = mp.get_context("spawn")
+    ready, release = ctx.Event(), ctx.Event()
+    proc = ctx.Process(target=_hold_lock, args=(str(root), ready, release))
+    proc.start()
+    try:
+        assert ready.wait(60)
+        with pytest.raises(StoreLockedError, match=rf"being written by another run \(pid {proc.pid} .*ingest"):
+            with Store(root).writer_lock():
+                pass
+    finally:
+        release.set()
+        proc.join(30)
+    with Store(root).writer_lock():  # free again once the other writer is done
+        pass
+
+
+def test_lock_is_released_when_the_holder_is_killed(tmp_path):
+    root = tmp_path / "store.zarr"
+    Store(root)
+    ctx = mp.get_context("spawn")
+    ready, release = ctx.Event(), ctx.Event()
+    proc = ctx.Process(target=_hold_lock, args=(str(root), ready, release))
+    proc.start()
+    assert ready.wait(60)
+    proc.kill()
+    proc.join(30)
+    with Store(root).writer_lock():
+        pass
+
+
+@pytest.mark.parametrize(
+    "error, expected_calls",
+    [(ConnectionResetError("peer reset"), 3), (TimeoutError("slow disk"), 3),
+     (InvalidSeriesError("gap in slices"), 1), (SpecError("bad spec"), 1), (StoreLockedError("busy"), 1)],
+)
+def test_transient_errors_are_retried_and_permanent_ones_are_not(error, expected_calls, prefect_harness):
+    calls = []
+
+    @task(retries=2, retry_delay_seconds=0, retry_condition_fn=retry_transient)
+    def flaky():
+        calls.append(time.monotonic())
+        raise error
+
+    with pytest.raises(type(error)):
+        flaky()
+    assert len(calls) == expected_calls
+
+
+def test_transient_error_then_success(prefect_harness):
+    calls = []
+
+    @task(retries=2, retry_delay_seconds=0, retry_condition_fn=retry_transient)
+    def recovers():
+        calls.append(1)
+        if len(calls) < 2:
+            raise ConnectionResetError("once")
+        return "ok"
+
+    assert recovers() == "ok" and len(calls) == 2

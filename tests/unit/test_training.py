@@ -1,0 +1,63 @@
+"""Training: class weights, and resume after an interruption (the fault hook)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from models.training import FAULT_ENV, TrainingInterrupted, read_history, train_classifier
+
+pytestmark = pytest.mark.slow
+
+
+def _blobs(n=24, seed=0):
+    """(8, 16, 16) volumes; positives hold a bright 3x3x3 cube somewhere."""
+    rng = np.random.default_rng(seed)
+    data, labels = {}, []
+    for i in range(n):
+        vol = rng.normal(0.3, 0.05, size=(8, 16, 16)).astype(np.float32)
+        lab = i % 2
+        if lab:
+            z, y, x = rng.integers(1, 5), rng.integers(1, 12), rng.integers(1, 12)
+            vol[z:z + 3, y:y + 3, x:x + 3] = 1.0
+        data[f"k{i}"] = vol
+        labels.append(lab)
+    return data, np.array(labels)
+
+
+def _train(run_dir, data, labels, epochs=8):
+    keys = sorted(data, key=lambda k: int(k[1:]))
+    return train_classifier(
+        loader=data.__getitem__, train_keys=keys[:16], train_labels=labels[:16], val_keys=keys[16:],
+        val_labels=labels[16:], input_shape=(8, 16, 16, 1), arch="cnn3d", params={"filters": [4, 8]},
+        train={"seed": 0, "optimizer": "adam", "learning_rate": 0.01, "batch_size": 4, "epochs": epochs,
+               "early_stopping": None, "reduce_lr": 3, "class_weight": "balanced", "mixed_precision": False},
+        augment={}, run_dir=run_dir,
+    )
+
+
+def test_interrupted_training_resumes_from_last_epoch(tmp_path, monkeypatch):
+    data, labels = _blobs()
+    whole = _train(tmp_path / "whole", data, labels)
+    assert whole["epochs_trained"] == 8 and whole["resumed_from_epoch"] == 0
+
+    monkeypatch.setenv(FAULT_ENV, "3")
+    with pytest.raises(TrainingInterrupted):
+        _train(tmp_path / "cut", data, labels)
+    assert json.loads((tmp_path / "cut" / "state.json").read_text())["epoch"] == 3
+    monkeypatch.delenv(FAULT_ENV)
+
+    resumed = _train(tmp_path / "cut", data, labels)
+    assert resumed["resumed_from_epoch"] == 3
+    assert resumed["epochs_trained"] == 5  # only the remaining epochs
+    assert resumed["epochs_run"] == 8
+    history = read_history(tmp_path / "cut" / "history.csv")
+    assert len(history["loss"]) == 8
+    # same quality as the uninterrupted run (the data order differs after the restart)
+    assert resumed["history"]["val_loss"][-1] == pytest.approx(whole["history"]["val_loss"][-1], abs=0.15)
+    assert resumed["history"]["val_auc"][-1] >= whole["history"]["val_auc"][-1] - 0.1
+
+    again = _train(tmp_path / "cut", data, labels)  # a finished run is not trained again
+    assert again["epochs_trained"] == 0
