@@ -24,6 +24,7 @@ from flows.preprocess import preprocess_flow
 from flows.report import report_flow
 from flows.train import train_flow
 from medflow.runs import open_run, write_status
+from tasks.report import publish_artifacts_task
 from medflow.spec import load_spec
 
 
@@ -65,6 +66,7 @@ def _stages(spec, run_dir: Path, log) -> dict:
     evaluation = timed("evaluate", evaluate_flow, spec, str(run_dir), prep["prep_key"], trained["split_csv"],
                        trained["model"])
     report = timed("report", report_flow, spec, str(run_dir), prep["prep_key"], dict(seconds), flow_run.get_id())
+    publish_artifacts_task(str(run_dir))
     (run_dir / "stages.json").write_text(json.dumps({"seconds": seconds, "ingest": ingested, "preprocess": prep,
                                                      "train": {k: trained[k] for k in ("epochs_trained",
                                                                                        "resumed_from_epoch")}},

@@ -53,7 +53,7 @@ def _artifact_key(text: str) -> str:
 @task(name="render_report")
 def render_report_task(spec, run_dir: str, prep_key: str, stage_seconds: dict[str, float],
                        flow_run_id: str | None) -> str:
-    """Write ``report.html`` and ``provenance.json``; publish the summary as Prefect artifacts."""
+    """Write ``report.html``, ``provenance.json`` and ``summary.json`` (what the artifacts show)."""
     log = get_run_logger()
     run_dir = Path(run_dir)
     store = Store(spec.data.store)
@@ -83,13 +83,28 @@ def render_report_task(spec, run_dir: str, prep_key: str, stage_seconds: dict[st
     )
     report = run_dir / "report.html"
     report.write_text(render_html(context))
-    key = _artifact_key(spec.name)
-    create_markdown_artifact(markdown_summary(context), key=f"{key}-report", description="run summary")
-    create_table_artifact(context["metrics"], key=f"{key}-metrics", description="test metrics with 95% CI")
-    create_table_artifact(counts, key=f"{key}-cohort", description="series, patients and positives per split")
-    create_table_artifact(quarantine_summary(quarantine) or [{"reason": "none", "files": 0}],
-                          key=f"{key}-quarantine", description="quarantined files by reason")
-    create_link_artifact(report.resolve().as_uri(), link_text="report.html", key=f"{key}-report-file",
-                         description="the full HTML report")
+    summary = {
+        "name": spec.name,
+        "markdown": markdown_summary(context),
+        "metrics": context["metrics"],
+        "cohort": counts,
+        "quarantine": quarantine_summary(quarantine) or [{"reason": "none", "files": 0}],
+        "report": str(report.resolve()),
+    }
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     log.info("report: %s", report)
     return str(report)
+
+
+@task(name="publish_artifacts")
+def publish_artifacts_task(run_dir: str) -> list[str]:
+    """Publish the run's summary as Prefect artifacts (on the flow run that calls this task)."""
+    summary = json.loads((Path(run_dir) / "summary.json").read_text())
+    key = _artifact_key(summary["name"])
+    create_markdown_artifact(summary["markdown"], key=f"{key}-report", description="run summary")
+    create_table_artifact(summary["metrics"], key=f"{key}-metrics", description="test metrics with 95% CI")
+    create_table_artifact(summary["cohort"], key=f"{key}-cohort", description="series, patients and positives per split")
+    create_table_artifact(summary["quarantine"], key=f"{key}-quarantine", description="quarantined files by reason")
+    create_link_artifact(Path(summary["report"]).as_uri(), link_text="report.html", key=f"{key}-report-file",
+                         description="the full HTML report")
+    return [f"{key}-{suffix}" for suffix in ("report", "metrics", "cohort", "quarantine", "report-file")]
