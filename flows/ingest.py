@@ -18,9 +18,10 @@ def ingest_flow(spec: PipelineSpec | str) -> dict:
     spec = as_spec(spec)
     options = ingest_options(spec)
     with Store(spec.data.store).writer_lock(purpose="ingest"):
-        scan = scan_source_task(spec.data.source, spec.data.store, options)
-        results = ingest_series_task(spec.data.source, spec.data.store, scan.todo, options,
-                                     spec.run.dask.model_dump())
+        retries = {"retries": spec.run.retries}
+        scan = scan_source_task.with_options(**retries)(spec.data.source, spec.data.store, options)
+        results = ingest_series_task.with_options(**retries)(spec.data.source, spec.data.store, scan.todo, options,
+                                                             spec.run.dask.model_dump())
         n_quarantined = record_quarantine_task(spec.data.store, scan, results)
     return {
         "files": scan.n_files,

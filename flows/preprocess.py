@@ -14,4 +14,5 @@ def preprocess_flow(spec: PipelineSpec | str) -> dict:
     """The spec's preprocessing steps on every series not yet prepared; holds the store's writer lock."""
     spec = as_spec(spec)
     with Store(spec.data.store).writer_lock(purpose="preprocess"):
-        return preprocess_task(spec.data.store, spec.steps(), spec.run.dask.model_dump())
+        task = preprocess_task.with_options(retries=spec.run.retries)
+        return task(spec.data.store, spec.steps(), spec.run.dask.model_dump())

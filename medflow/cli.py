@@ -93,8 +93,15 @@ def validate(spec: Annotated[Path, typer.Argument(help="Pipeline spec (YAML).")]
 
 
 @app.command()
-def schema() -> None:
-    """Print the spec's JSON Schema."""
+def schema(
+    markdown: Annotated[bool, typer.Option("--markdown", help="The spec reference table (as in the README).")] = False,
+) -> None:
+    """Print the spec's JSON Schema (or the reference table generated from it)."""
+    if markdown:
+        from medflow.reference import readme_block
+
+        sys.stdout.write(readme_block() + "\n")
+        return
     from medflow.spec import json_schema
 
     sys.stdout.write(json.dumps(json_schema(), indent=2) + "\n")

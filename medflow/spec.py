@@ -109,12 +109,12 @@ class WindowArgs(_Model):
 
 
 class ZScoreArgs(_Model):
-    eps: PositiveFloat = 1e-6
+    eps: PositiveFloat = Field(1e-6, description="Smallest standard deviation divided by.")
 
 
 class ClipArgs(_Model):
-    min: float
-    max: float
+    min: float = Field(description="Lower bound.")
+    max: float = Field(description="Upper bound.")
 
     @model_validator(mode="after")
     def _order(self) -> ClipArgs:
@@ -125,7 +125,7 @@ class ClipArgs(_Model):
 
 class ResizeArgs(_Model):
     shape: Shape3 = Field(description="Output shape (z, y, x).")
-    order: int = Field(1, ge=0, le=3)
+    order: int = Field(1, ge=0, le=3, description="Spline order (0 = nearest, 1 = linear).")
 
 
 class CropPadArgs(_Model):
@@ -215,7 +215,7 @@ class AugmentSpec(_Model):
 
 
 class ModelSpec(_Model):
-    task: Literal["classification"] = "classification"
+    task: Literal["classification"] = Field("classification", description="What the model predicts.")
     arch: str = Field("cnn3d", description="A model of the registry in models/.")
     params: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments of the model builder.")
 
@@ -230,20 +230,21 @@ class ModelSpec(_Model):
 
 
 class TrainSpec(_Model):
-    epochs: PositiveInt = 30
-    batch_size: PositiveInt = 8
-    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
-    learning_rate: PositiveFloat = 1e-3
+    epochs: PositiveInt = Field(30, description="Most epochs to train (early stopping may end sooner).")
+    batch_size: PositiveInt = Field(8, description="Volumes per batch.")
+    optimizer: Literal["adam", "adamw", "sgd"] = Field("adam", description="Keras optimizer.")
+    learning_rate: PositiveFloat = Field(1e-3, description="Initial learning rate.")
     early_stopping: PositiveInt | None = Field(8, description="Patience in epochs on validation loss; null turns it off.")
     reduce_lr: PositiveInt | None = Field(4, description="Halve the learning rate after this many epochs without improvement.")
-    class_weight: Literal["balanced", "none"] = "balanced"
-    seed: int = 0
+    class_weight: Literal["balanced", "none"] = Field(
+        "balanced", description="`balanced` weights classes by inverse frequency (class imbalance).")
+    seed: int = Field(0, description="Seed of weights, data order and augmentation.")
     mixed_precision: bool = Field(False, description="float16 compute on GPUs that support it.")
 
 
 class EvaluateSpec(_Model):
     metrics: list[Literal["auc", "accuracy", "precision", "recall", "specificity", "f1"]] = Field(
-        default_factory=lambda: list(METRICS)
+        default=list(METRICS), description="Metrics reported on the test split (with bootstrap intervals)."
     )
     bootstrap: int = Field(1000, ge=0, description="Bootstrap resamples for confidence intervals (0: none).")
     threshold: Literal["youden", "f1"] | float = Field(
@@ -254,8 +255,8 @@ class EvaluateSpec(_Model):
 # ---------------------------------------------------------------------------- run
 class DaskSpec(_Model):
     address: str | None = Field(None, description="Existing scheduler (tcp://host:8786); null starts a local cluster.")
-    n_workers: PositiveInt = 2
-    threads_per_worker: PositiveInt = 1
+    n_workers: PositiveInt = Field(2, description="Worker processes of the local cluster.")
+    threads_per_worker: PositiveInt = Field(1, description="Threads per local worker.")
 
 
 class RunSpec(_Model):
@@ -265,7 +266,7 @@ class RunSpec(_Model):
 
 class ScheduleSpec(_Model):
     cron: str = Field(description='Cron expression, e.g. "0 2 * * *".')
-    timezone: str = "UTC"
+    timezone: str = Field("UTC", description="Time zone of the cron expression.")
 
     @field_validator("cron")
     @classmethod
@@ -287,7 +288,7 @@ class PipelineSpec(_Model):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="Pipeline name (letters, digits, `-_.`).")
     data: DataSpec
     ingest: IngestSpec = IngestSpec()
-    preprocess: list[Step] = Field(default_factory=list)
+    preprocess: list[Step] = Field(default_factory=list, description="Steps applied in order to every series.")
     augment: AugmentSpec = AugmentSpec()
     model: ModelSpec = ModelSpec()
     train: TrainSpec = TrainSpec()
