@@ -327,8 +327,30 @@ def format_errors(exc: ValidationError) -> list[str]:
         value = err.get("input")
         shown = json.dumps(value, default=str) if not isinstance(value, dict) or len(str(value)) < 120 else "{...}"
         msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown field" + _suggest(str(err["loc"][-1]))
         lines.append(f"{loc or '<spec>'}: {msg} (received: {shown})")
     return lines
+
+
+def _field_names() -> set[str]:
+    names: set[str] = set()
+    stack: list[type[BaseModel]] = [PipelineSpec]
+    while stack:
+        model = stack.pop()
+        for name, info in model.model_fields.items():
+            names.add(name)
+            for arg in getattr(info.annotation, "__args__", ()) + (info.annotation,):
+                if isinstance(arg, type) and issubclass(arg, BaseModel) and arg not in stack:
+                    stack.append(arg)
+    return names
+
+
+def _suggest(name: str) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(name, sorted(_field_names()), n=1, cutoff=0.75)
+    return f"; did you mean {close[0]!r}?" if close else ""
 
 
 def _resolve(path: str | None, base: Path) -> str | None:

@@ -37,7 +37,7 @@ def test_demo_spec_is_valid_and_paths_resolve(tmp_path):
 @pytest.mark.parametrize(
     "override, field, fragment",
     [
-        ({"train.epoch": 3}, "train.epoch", "Extra inputs are not permitted"),
+        ({"train.epoch": 3}, "train.epoch", "unknown field; did you mean 'epochs'?"),
         ({"train.epochs": 0}, "train.epochs", "greater than 0"),
         ({"model.arch": "resnet9000"}, "model.arch", "expected one of: cnn3d"),
         ({"data.split.val": 0.6, "data.split.test": 0.4}, "data.split", "at least 10% for training"),
