@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from storage.deid import Pseudonymizer
+from storage.deid import IDENTIFYING_ATTRIBUTES, SAFE_ATTRIBUTES, Pseudonymizer
 from storage.dicom import (
     cast_volume,
     check_image,
@@ -197,21 +197,37 @@ def ingest_series(store_root: str, source: str, plan: SeriesPlan, options: Inges
         "spacing_deviation": geo.spacing_deviation,
         "n_files": len(good_files),
         "digest": plan.digest,
-        "manufacturer": str(first.get("Manufacturer", "") or ""),
-        "kvp": float(first.KVP) if first.get("KVP") not in (None, "") else None,
-        "slice_thickness": float(first.SliceThickness) if first.get("SliceThickness") not in (None, "") else None,
         "rescaled": "RescaleSlope" in first or "RescaleIntercept" in first,
+        # only allow-listed, non-identifying acquisition facts
+        "acquisition": header_values(first, SAFE_ATTRIBUTES),
     }
     if not options.deidentify:
-        entry["identifiers"] = {
-            "PatientID": str(first.get("PatientID", "")),
-            "StudyInstanceUID": str(first.get("StudyInstanceUID", "")),
-            "SeriesInstanceUID": str(first.get("SeriesInstanceUID", "")),
-            "AccessionNumber": str(first.get("AccessionNumber", "")),
-        }
+        entry["identifiers"] = header_values(first, IDENTIFYING_ATTRIBUTES)
     store.write_series(key, volume, entry)
     return {"series_key": key, "status": "ingested", "shape": list(volume.shape), "quarantine": rows,
             "seconds": time.perf_counter() - t0}
+
+
+def header_values(ds, keywords) -> dict:
+    """JSON-ready values of the given header keywords that are present and non-empty."""
+    out = {}
+    for keyword in keywords:
+        value = ds.get(keyword)
+        if value in (None, ""):
+            continue
+        if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
+            out[keyword] = [_plain(v) for v in value]
+        else:
+            out[keyword] = _plain(value)
+    return out
+
+
+def _plain(value):
+    if isinstance(value, int):
+        return int(value)
+    if isinstance(value, float):
+        return float(value)
+    return str(value)
 
 
 def chunk_files(files: list, n_chunks: int) -> list[list]:
@@ -245,15 +261,6 @@ def scan_source(source: str, store: Store, *, map_fn=None, n_chunks: int = 8) ->
     return index
 
 
-def summarize(result: ScanResult) -> dict:
-    return {
-        "files": result.n_files,
-        "series_todo": len(result.todo),
-        "series_unchanged": len(result.unchanged),
-        "quarantined_files": len(result.quarantine),
-    }
-
-
 __all__ = [
     "IngestOptions",
     "ScanResult",
@@ -264,5 +271,4 @@ __all__ = [
     "scan_files",
     "scan_source",
     "stale_files",
-    "summarize",
 ]

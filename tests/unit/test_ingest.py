@@ -41,6 +41,11 @@ def test_synthetic_cohort_ingests_and_quarantines(small_cohort, tmp_path):
     listed = len(list_source(small_cohort.dicom_dir))
     assert sum(e["n_files"] for e in catalog.values()) + len(reasons) == listed
     for key, entry in catalog.items():
+        assert entry["acquisition"] == {"Modality": "CT", "Manufacturer": "MEDFLOW-SYNTH",
+                                        "ManufacturerModelName": "Phantom 1", "KVP": 120.0,
+                                        "SliceThickness": entry["spacing"][0], "BodyPartExamined": "CHEST",
+                                        "PhotometricInterpretation": "MONOCHROME2", "BitsStored": 12}
+        assert "identifiers" not in entry
         vol = store.read_image(key)
         assert vol.shape == tuple(entry["shape"]) and vol.dtype == np.int16
         assert -1100 < np.median(vol[:, 0, :]) < -900  # air above the body, in HU
