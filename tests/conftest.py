@@ -48,6 +48,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def stop_process(proc, timeout: float = 30) -> None:
+    """Terminate a subprocess, and kill it if it does not exit in time."""
+    import subprocess
+
+    proc.terminate()
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def server_env(api_url: str, home) -> dict:
     """Environment for a subprocess that talks to a standing server."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
@@ -90,11 +102,7 @@ def prefect_server(tmp_path_factory):
         proc.kill()
         raise RuntimeError("prefect server did not become healthy in 90 s")
     yield url
-    proc.terminate()
-    try:
-        proc.wait(20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    stop_process(proc)
     log.close()
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import server_env
+from tests.conftest import server_env, stop_process
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
@@ -64,9 +64,5 @@ def test_serve_deployments_and_trigger_adhoc_run(prefect_server, quick_spec, tmp
         assert [r["state_type"] for r in runs] == ["COMPLETED"]
         assert runs[0]["parameters"]["spec"] == str(quick_spec)
     finally:
-        serve.terminate()
-        try:
-            serve.wait(30)
-        except subprocess.TimeoutExpired:
-            serve.kill()
+        stop_process(serve)
         log.close()

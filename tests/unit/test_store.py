@@ -20,15 +20,21 @@ def _hold_lock(root, ready, release):
         release.wait(30)
 
 
-def test_second_writer_is_refused_with_a_clear_message(tmp_path):
-    root = tmp_path / "store.zarr"
+def _start_holder(root):
+    """Another process that takes the store's writer lock and holds it until released."""
     Store(root)
     ctx = mp.get_context("spawn")
     ready, release = ctx.Event(), ctx.Event()
     proc = ctx.Process(target=_hold_lock, args=(str(root), ready, release))
     proc.start()
+    assert ready.wait(60)
+    return proc, release
+
+
+def test_second_writer_is_refused_with_a_clear_message(tmp_path):
+    root = tmp_path / "store.zarr"
+    proc, release = _start_holder(root)
     try:
-        assert ready.wait(60)
         with pytest.raises(StoreLockedError, match=rf"being written by another run \(pid {proc.pid} .*ingest"):
             with Store(root).writer_lock():
                 pass
@@ -41,12 +47,7 @@ def test_second_writer_is_refused_with_a_clear_message(tmp_path):
 
 def test_lock_is_released_when_the_holder_is_killed(tmp_path):
     root = tmp_path / "store.zarr"
-    Store(root)
-    ctx = mp.get_context("spawn")
-    ready, release = ctx.Event(), ctx.Event()
-    proc = ctx.Process(target=_hold_lock, args=(str(root), ready, release))
-    proc.start()
-    assert ready.wait(60)
+    proc, _ = _start_holder(root)
     proc.kill()
     proc.join(30)
     with Store(root).writer_lock():
