@@ -181,7 +181,8 @@ def read_slice(path: str | Path) -> pydicom.Dataset:
         ds = pydicom.dcmread(path)
         ds.pixel_array  # decode now, so that a damaged file fails here
     except Exception as exc:
-        raise UnreadableFileError(f"cannot decode pixel data: {type(exc).__name__}: {exc}") from exc
+        reason = " ".join(f"{type(exc).__name__}: {exc}".split())  # decoders' reasons on one line
+        raise UnreadableFileError(f"cannot decode pixel data: {reason}") from exc
     return ds
 
 
