@@ -33,5 +33,9 @@ browser:
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
 	  || echo "could not install chromium: the browser test will fail; install it with apt-get install chromium"; }
 
+bench: $(STAMP)
+	$(BIN)/python -m pip install --quiet -e ".[cpu,dev,bench]"
+	$(BIN)/python bench/ingest_bench.py
+
 clean:
 	rm -rf $(VENV) work .pytest_cache

@@ -187,8 +187,22 @@ def read_slice(path: str | Path) -> pydicom.Dataset:
 
 
 def to_physical(ds: pydicom.Dataset) -> np.ndarray:
-    """The frame's pixels with RescaleSlope/RescaleIntercept (modality LUT) applied, as float64."""
+    """The frame's pixels in physical units (RescaleSlope/RescaleIntercept or a modality LUT).
+
+    Integer data with slope 1 and an integral intercept (most CT) stays integer (int32);
+    anything else is float64.
+    """
     arr = ds.pixel_array
+    slope = float(ds.get("RescaleSlope", 1) or 1)
+    intercept = float(ds.get("RescaleIntercept", 0) or 0)
+    if "ModalityLUTSequence" not in ds and arr.dtype.kind in "iu" and slope == 1 and intercept.is_integer():
+        bits = int(ds.get("BitsStored", arr.dtype.itemsize * 8) or 16)
+        signed = arr.dtype.kind == "i"
+        lo = (-(2 ** (bits - 1)) if signed else 0) + intercept
+        hi = (2 ** (bits - 1) - 1 if signed else 2**bits - 1) + intercept
+        if -(2**15) <= lo and hi < 2**15:  # every possible value fits: int16 arithmetic, no rounding
+            return arr.astype(np.int16) + np.int16(intercept)
+        return arr.astype(np.int32) + np.int32(intercept)
     return np.asarray(apply_rescale(arr, ds), dtype=np.float64)
 
 
@@ -203,12 +217,13 @@ def check_image(ds: pydicom.Dataset) -> None:
         raise InvalidSeriesError(f"no {', '.join(missing)}: cannot place the image in patient space")
 
 
-def volume_dtype(modality: str, volume: np.ndarray) -> np.dtype:
+def volume_dtype(modality: str, frames: list[np.ndarray]) -> np.dtype:
     """int16 for CT (HU) and for integer-valued data that fits; float32 otherwise."""
     if modality == "CT":
         return np.dtype(np.int16)
-    if np.all(np.isfinite(volume)) and np.array_equal(volume, np.round(volume)):
-        lo, hi = volume.min(initial=0), volume.max(initial=0)
+    if all(f.dtype.kind in "iu" or (np.all(np.isfinite(f)) and np.array_equal(f, np.round(f))) for f in frames):
+        lo = min(f.min(initial=0) for f in frames)
+        hi = max(f.max(initial=0) for f in frames)
         if lo >= np.iinfo(np.int16).min and hi <= np.iinfo(np.int16).max:
             return np.dtype(np.int16)
         if lo >= np.iinfo(np.int32).min and hi <= np.iinfo(np.int32).max:
@@ -217,7 +232,13 @@ def volume_dtype(modality: str, volume: np.ndarray) -> np.dtype:
 
 
 def cast_volume(volume: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """``volume`` as ``dtype``: rounded and clipped to its range for integer types (no copy if already so)."""
+    if volume.dtype == dtype:
+        return volume
     if np.issubdtype(dtype, np.integer):
+        if volume.dtype.kind in "iu":
+            info = np.iinfo(dtype)
+            return np.clip(volume, info.min, info.max).astype(dtype)
         info = np.iinfo(dtype)
         return np.clip(np.round(volume), info.min, info.max).astype(dtype)
     return volume.astype(dtype)

@@ -150,22 +150,28 @@ def ingest_series(store_root: str, source: str, plan: SeriesPlan, options: Inges
         return {"series_key": key, "status": "quarantined", "reason": reason, "quarantine": rows,
                 "seconds": time.perf_counter() - t0}
 
-    datasets, good_files = [], []
+    datasets, pixels, good_files = [], [], []
     for relpath in plan.files:
         try:
-            datasets.append(read_slice(Path(source) / relpath))
-            good_files.append(relpath)
+            ds = read_slice(Path(source) / relpath)
+            check_image(ds)
+            pixels.append(to_physical(ds))
         except IngestError as exc:
+            if isinstance(exc, InvalidSeriesError):  # e.g. a multi-frame or colour image: the series goes
+                recorded = {r["path"] for r in rows}
+                return quarantine_all(str(exc), [f for f in plan.files if f not in recorded])
             rows.append({"path": relpath, "reason": str(exc), "stage": "ingest", "series_key": key,
                          "digest": plan.digest})
+            continue
+        del ds.PixelData  # the decoded frame is kept; free the raw bytes
+        datasets.append(ds)
+        good_files.append(relpath)
     if not datasets:
         return quarantine_all("no readable image in the series", [])
     try:
-        for ds in datasets:
-            check_image(ds)
         if len(datasets) < options.min_slices:
             raise InvalidSeriesError(f"{len(datasets)} slice(s) < ingest.min_slices={options.min_slices}")
-        shapes = {(int(ds.Rows), int(ds.Columns)) for ds in datasets}
+        shapes = {p.shape for p in pixels}
         if len(shapes) > 1:
             raise InvalidSeriesError(f"mixed image sizes within the series: {sorted(shapes)}")
         geo = series_geometry(
@@ -175,15 +181,17 @@ def ingest_series(store_root: str, source: str, plan: SeriesPlan, options: Inges
             slice_thickness=float(datasets[0].get("SliceThickness", 0) or 0) or None,
             tolerance=options.spacing_tolerance,
         )
-        volume = np.stack([to_physical(datasets[i]) for i in geo.order])
     except (InvalidSeriesError, ValueError, AttributeError, TypeError) as exc:
-        reason = str(exc) if isinstance(exc, InvalidSeriesError) else f"invalid geometry or pixels: {exc}"
+        reason = str(exc) if isinstance(exc, InvalidSeriesError) else f"invalid geometry: {exc}"
         return quarantine_all(reason, good_files)
 
     first = datasets[geo.order[0]]
     modality = str(first.get("Modality", "") or "OT")
-    dtype = volume_dtype(modality, volume)
-    volume = cast_volume(volume, dtype)
+    dtype = volume_dtype(modality, pixels)
+    volume = np.empty((len(pixels), *pixels[0].shape), dtype=dtype)
+    for out_index, in_index in enumerate(geo.order):  # fill in spatial order; no float64 stack
+        volume[out_index] = cast_volume(pixels[in_index], dtype)
+        pixels[in_index] = None
     entry = {
         "patient_key": pseudo.patient_key(str(first.get("PatientID", "") or "")),
         "study_key": pseudo.study_key(str(first.get("StudyInstanceUID", "") or "")),

@@ -43,8 +43,10 @@ from storage.errors import SeriesNotFoundError, StoreError, StoreLockedError
 
 logger = logging.getLogger(__name__)
 
-# zstd at a low level with bit-shuffle: ~3x smaller than raw int16 CT and fast to write.
-IMAGE_CODEC = {"cname": "zstd", "clevel": 3, "shuffle": "bitshuffle"}
+# lz4 with bit-shuffle. On a 200x512x512 int16 CT (make bench), zstd-3 compresses to 2.34x
+# at 260 MB/s and reads back at ~280 MB/s; lz4-5 compresses to 2.16x at 350 MB/s and reads
+# back 3x faster. Reads happen every preprocessing run and every slice-wise epoch.
+IMAGE_CODEC = {"cname": "lz4", "clevel": 5, "shuffle": "bitshuffle"}
 PREP_CODEC = {"cname": "lz4", "clevel": 5, "shuffle": "shuffle"}
 
 

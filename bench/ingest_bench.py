@@ -1,0 +1,200 @@
+"""Ingest benchmark: medflow against dcm2niix and a plain pydicom loop, in one run (``make bench``).
+
+Generates a corpus of CT series as real DICOM files (uncompressed, shuffled names in one
+folder; plus an RLE-compressed variant), warms the page cache, then times:
+
+- ``cat`` of every file (the read floor),
+- dcm2niix converting the same files (the speed to beat),
+- a plain pydicom read-sort-stack loop (one process),
+- medflow's ingest into compressed, de-identified Zarr (header scan + Dask workers),
+
+and prints slices/s for each with the ratios medflow/dcm2niix and medflow/naive. Then
+preprocessing throughput (voxels/s) with one worker and with two. Absolute times drift
+between machines and runs; compare the ratios of one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import pydicom
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from medflow import settings  # noqa: E402
+
+settings.configure(None)
+
+
+def make_corpus(out: Path, *, series: int, slices: int, matrix: int, seed: int = 0, rle: bool = False) -> int:
+    """Write ``series`` CT series of ``slices`` slices into one flat folder with shuffled names."""
+    from pydicom.uid import RLELossless
+
+    from medflow.synth import _base_dataset, _patient_geometry, _uid, _write_series, phantom
+
+    marker = out / "corpus.json"
+    wanted = {"series": series, "slices": slices, "matrix": matrix, "seed": seed, "rle": rle}
+    if marker.exists() and json.loads(marker.read_text()) == wanted:
+        return series * slices
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    names = rng.permutation(series * slices)
+    k = 0
+    for i in range(series):
+        geo = _patient_geometry(rng, matrix)
+        geo.update(nz=slices, dz=1.0)
+        geo["body"].update(lung_zc=geo["origin"][2] + slices / 2, lung_zh=slices * 0.45)
+        vol = phantom(rng, shape=(slices, matrix, matrix), spacing=(1.0, geo["ps"], geo["ps"]),
+                      origin=geo["origin"], body=geo["body"], nodule=None, noise=20.0)
+        paths = [out / f"{names[k + j]:08x}" for j in range(slices)]
+        k += slices
+        _write_series(_base_dataset(seed, i, canary=True), vol, geo, series_uid=_uid(seed, "bench", i), seed=seed,
+                      i=i, series_no=2, descending=bool(i % 2), slope=1.0, intercept=-1024.0, paths=paths,
+                      description="BENCH")
+        if rle:
+            for path in paths:
+                ds = pydicom.dcmread(path)
+                ds.compress(RLELossless, encoding_plugin="pylibjpeg")
+                ds.save_as(path)
+        print(f"  corpus {out.name}: series {i + 1}/{series}", flush=True)
+    marker.write_text(json.dumps(wanted))
+    return series * slices
+
+
+def files_of(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.name != "corpus.json")
+
+
+def timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def run_cat(folder: Path) -> None:
+    with open(os.devnull, "wb") as null:
+        for path in files_of(folder):
+            null.write(path.read_bytes())
+
+
+def run_dcm2niix(folder: Path, out: Path) -> None:
+    exe = shutil.which("dcm2niix") or str(Path(sys.executable).with_name("dcm2niix"))
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    subprocess.run([exe, "-z", "n", "-o", str(out), str(folder)], check=True, capture_output=True)
+
+
+def run_naive(folder: Path) -> None:
+    """Read every file, group by series, sort by z, stack, apply the rescale: one process."""
+    from pydicom.pixels import apply_rescale
+
+    groups = defaultdict(list)
+    for path in files_of(folder):
+        ds = pydicom.dcmread(path)
+        groups[ds.SeriesInstanceUID].append(ds)
+    for datasets in groups.values():
+        datasets.sort(key=lambda d: float(d.ImagePositionPatient[2]))
+        np.stack([apply_rescale(d.pixel_array, d) for d in datasets]).astype(np.int16)
+
+
+def run_medflow(folder: Path, store_root: Path, n_workers: int) -> dict:
+    """Scan + plan + ingest on a local Dask cluster, as the ingest flow does (without Prefect)."""
+    from storage.ingest import IngestOptions, ingest_series, plan_series, scan_source
+    from storage.store import Store
+    from tasks.dask_runtime import dask_client, run_all
+
+    shutil.rmtree(store_root, ignore_errors=True)
+    store = Store(store_root)
+    options = IngestOptions()
+    t0 = time.perf_counter()
+    with dask_client(n_workers=n_workers) as client:
+        t_cluster = time.perf_counter() - t0
+
+        def map_fn(func, args):
+            return client.gather([client.submit(func, *a, pure=False) for a in args])
+
+        index = scan_source(str(folder), store, map_fn=map_fn, n_chunks=4 * n_workers)
+        t_scan = time.perf_counter() - t0 - t_cluster
+        plan = plan_series(index, pseudo=store.pseudonymizer(), catalog={}, previous_quarantine=[], options=options)
+        results = run_all(client, ingest_series, [(str(store.root), str(folder), p, options) for p in plan.todo])
+    total = time.perf_counter() - t0
+    assert all(r["status"] == "ingested" for r in results), results
+    return {"total": total, "cluster": t_cluster, "scan": t_scan, "ingest": total - t_cluster - t_scan}
+
+
+def run_preprocess(store_root: Path, n_workers: int) -> tuple[float, int]:
+    from storage.store import Store
+    from tasks.dask_runtime import dask_client, run_all
+    from tasks.preprocessing import preprocess_series, steps_key
+
+    store = Store(store_root)
+    steps = [("resample", {"spacing": [2.0, 1.0, 1.0], "order": 1}), ("window", {"center": -600, "width": 1500})]
+    key = steps_key(steps) + f"-w{n_workers}"
+    voxels = sum(int(np.prod(e["shape"])) for e in store.catalog().values())
+    with dask_client(n_workers=n_workers) as client:
+        t0 = time.perf_counter()
+        run_all(client, preprocess_series, [(str(store.root), k, steps, key) for k in store.catalog()])
+        return time.perf_counter() - t0, voxels
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workdir", type=Path, default=ROOT / "work" / "bench")
+    parser.add_argument("--series", type=int, default=8)
+    parser.add_argument("--slices", type=int, default=200)
+    parser.add_argument("--matrix", type=int, default=512)
+    parser.add_argument("--workers", type=int, default=2)
+    args = parser.parse_args()
+    work = args.workdir
+    tmp = Path(tempfile.mkdtemp(prefix="medflow-bench-", dir=work.parent if work.parent.exists() else None))
+    print(f"corpus: {args.series} series x {args.slices} slices of {args.matrix}^2 (+ RLE variant of 2 series)")
+    n = make_corpus(work / "uncompressed", series=args.series, slices=args.slices, matrix=args.matrix)
+    n_rle = make_corpus(work / "rle", series=2, slices=args.slices, matrix=args.matrix, seed=1, rle=True)
+    size = sum(p.stat().st_size for p in files_of(work / "uncompressed")) / 2**20
+
+    try:
+        rows = []
+        for name, folder, count in (("uncompressed", work / "uncompressed", n), ("rle", work / "rle", n_rle)):
+            run_cat(folder)  # warm the page cache
+            t_cat = timed(lambda: run_cat(folder))
+            t_d2n = timed(lambda: run_dcm2niix(folder, tmp / f"nii-{name}"))
+            t_naive = timed(lambda: run_naive(folder))
+            med = run_medflow(folder, tmp / f"store-{name}.zarr", args.workers)
+            rows.append((name, count, t_cat, t_d2n, t_naive, med))
+        print(f"\nuncompressed corpus: {size:.0f} MiB, {n} slices; {args.workers} Dask workers\n")
+        print(f"{'corpus':<14}{'cat':>12}{'dcm2niix':>12}{'naive':>12}{'medflow':>12}"
+              f"{'medflow/dcm2niix':>19}{'medflow/naive':>15}")
+        for name, count, t_cat, t_d2n, t_naive, med in rows:
+            rate = [count / t for t in (t_cat, t_d2n, t_naive, med["total"])]
+            print(f"{name:<14}" + "".join(f"{r:>9.0f} /s" for r in rate)
+                  + f"{rate[3] / rate[1]:>18.2f}x{rate[3] / rate[2]:>14.2f}x")
+        for name, count, *_, med in rows:
+            print(f"medflow {name}: cluster start {med['cluster']:.1f} s, header scan {med['scan']:.1f} s, "
+                  f"read+sort+compress+write {med['ingest']:.1f} s")
+        store_bytes = sum(p.stat().st_size for p in (tmp / "store-uncompressed.zarr" / "series").rglob("*")
+                          if p.is_file()) / 2**20
+        print(f"store: {store_bytes:.0f} MiB for {size:.0f} MiB of DICOM ({size / store_bytes:.1f}x smaller)")
+
+        print("\npreprocessing (resample to 2x1x1 mm + window), voxels/s:")
+        t1, vox = run_preprocess(tmp / "store-uncompressed.zarr", 1)
+        t2, _ = run_preprocess(tmp / "store-uncompressed.zarr", 2)
+        print(f"  1 worker : {vox / t1 / 1e6:8.1f} Mvox/s ({t1:.1f} s)")
+        print(f"  2 workers: {vox / t2 / 1e6:8.1f} Mvox/s ({t2:.1f} s)   speed-up {t1 / t2:.2f}x")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
