@@ -91,6 +91,9 @@ class IngestSpec(_Model):
     spacing_tolerance: float = Field(
         0.1, ge=0, description="Largest relative deviation of slice spacing from its median before a series is quarantined."
     )
+    color: Literal["quarantine", "grayscale"] = Field(
+        "quarantine", description="Colour (RGB/YBR) images: quarantine them, or convert them to grayscale luminance."
+    )
 
 
 # --------------------------------------------------------------------- preprocess

@@ -81,6 +81,8 @@ def scan_file(root: str | Path, relpath: str, pseudo: Pseudonymizer) -> dict:
         "accession_key": pseudo.accession_key(str(ds.get("AccessionNumber", "") or "")),
         "sop_key": pseudo.key(str(ds.get("SOPInstanceUID", "") or relpath), kind="sop"),
         "modality": str(ds.get("Modality", "") or "OT"),
+        # no patient-space position: a projection or secondary-capture image, ingested on its own
+        "planar": "ImagePositionPatient" not in ds or "ImageOrientationPatient" not in ds,
     }
 
 
@@ -186,18 +188,32 @@ def read_slice(path: str | Path) -> pydicom.Dataset:
     return ds
 
 
-def to_physical(ds: pydicom.Dataset) -> np.ndarray:
+def to_physical(ds: pydicom.Dataset, *, color: str = "quarantine") -> np.ndarray:
     """The frame's pixels in physical units (RescaleSlope/RescaleIntercept or a modality LUT).
 
-    Integer data with slope 1 and an integral intercept (most CT) stays integer (int32);
-    anything else is float64.
+    MONOCHROME1 is inverted so that, as in MONOCHROME2, higher values are brighter. Colour
+    images (RGB, or YBR which pydicom converts to RGB) become luminance with
+    ``skimage.color.rgb2gray`` in the stored value range when ``color="grayscale"``; with
+    ``color="quarantine"`` they raise InvalidSeriesError. Integer data with slope 1 and an
+    integral intercept (most CT) stays integer; anything else is float64.
     """
     arr = ds.pixel_array
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
+    if int(ds.get("SamplesPerPixel", 1) or 1) > 1:
+        if color != "grayscale":
+            raise InvalidSeriesError(f"colour image ({photometric}); set ingest.color: grayscale to convert it")
+        from skimage.color import rgb2gray
+
+        scale = float(np.iinfo(arr.dtype).max) if arr.dtype.kind in "iu" else 1.0
+        return rgb2gray(arr) * scale
+    bits = int(ds.get("BitsStored", arr.dtype.itemsize * 8) or 16)
+    signed = arr.dtype.kind == "i"
+    if photometric == "MONOCHROME1":
+        arr = (-1 - arr.astype(np.int32)) if signed else ((2**bits - 1) - arr.astype(np.int64))
+        arr = arr.astype(ds.pixel_array.dtype if signed else np.int32)
     slope = float(ds.get("RescaleSlope", 1) or 1)
     intercept = float(ds.get("RescaleIntercept", 0) or 0)
     if "ModalityLUTSequence" not in ds and arr.dtype.kind in "iu" and slope == 1 and intercept.is_integer():
-        bits = int(ds.get("BitsStored", arr.dtype.itemsize * 8) or 16)
-        signed = arr.dtype.kind == "i"
         lo = (-(2 ** (bits - 1)) if signed else 0) + intercept
         hi = (2 ** (bits - 1) - 1 if signed else 2**bits - 1) + intercept
         if -(2**15) <= lo and hi < 2**15:  # every possible value fits: int16 arithmetic, no rounding
@@ -206,15 +222,33 @@ def to_physical(ds: pydicom.Dataset) -> np.ndarray:
     return np.asarray(apply_rescale(arr, ds), dtype=np.float64)
 
 
-def check_image(ds: pydicom.Dataset) -> None:
+def check_image(ds: pydicom.Dataset, *, planar: bool = False) -> None:
     """Raise InvalidSeriesError for images this version cannot place in a volume."""
     if int(ds.get("NumberOfFrames", 1) or 1) > 1:
         raise InvalidSeriesError(f"multi-frame image ({ds.NumberOfFrames} frames) is not supported yet")
-    if int(ds.get("SamplesPerPixel", 1) or 1) != 1:
-        raise InvalidSeriesError(f"colour image ({ds.get('PhotometricInterpretation', '?')}) is not supported yet")
+    if planar:
+        return
     missing = [k for k in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing") if k not in ds]
     if missing:
         raise InvalidSeriesError(f"no {', '.join(missing)}: cannot place the image in patient space")
+
+
+def planar_geometry(ds: pydicom.Dataset) -> tuple[Geometry, str]:
+    """A one-slice geometry for an image without patient position, and where its spacing came from.
+
+    Pixel spacing is PixelSpacing, else ImagerPixelSpacing (projection radiography, at the
+    detector), else 1 mm (recorded as unknown).
+    """
+    for keyword in ("PixelSpacing", "ImagerPixelSpacing"):
+        if keyword in ds and ds.get(keyword):
+            row, col = (float(v) for v in ds.get(keyword))
+            source = keyword
+            break
+    else:
+        row, col, source = 1.0, 1.0, "unknown"
+    geo = Geometry(order=(0,), spacing=(1.0, row, col), origin=(0.0, 0.0, 0.0),
+                   direction=((1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 1.0)), spacing_deviation=0.0)
+    return geo, source
 
 
 def volume_dtype(modality: str, frames: list[np.ndarray]) -> np.dtype:

@@ -21,6 +21,7 @@ from storage.dicom import (
     cast_volume,
     check_image,
     list_source,
+    planar_geometry,
     read_slice,
     scan_file,
     series_geometry,
@@ -39,10 +40,12 @@ class IngestOptions:
     modalities: tuple[str, ...] | None = None
     min_slices: int = 1
     spacing_tolerance: float = 0.1
+    color: str = "quarantine"
 
     def digest(self) -> str:
         # only what changes the stored result (the modality filter acts before reading)
-        blob = json.dumps({"deid": self.deidentify, "min": self.min_slices, "tol": self.spacing_tolerance})
+        blob = json.dumps({"deid": self.deidentify, "min": self.min_slices, "tol": self.spacing_tolerance,
+                           "color": self.color})
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
@@ -54,6 +57,7 @@ class SeriesPlan:
     files: list[str]
     digest: str
     modality: str
+    kind: str = "volume"  # or "image": one planar file (no patient position), stored as one slice
 
 
 @dataclass
@@ -119,6 +123,20 @@ def plan_series(
                 {"path": f, "reason": reason, "stage": "scan", "series_key": key} for f in files
             )
             continue
+        planar = [f for f in files if index[f].get("planar")]
+        for f in planar:  # each planar image is its own one-slice volume, keyed by its instance
+            image_key = "i" + index[f]["sop_key"][:15]
+            image_digest = pseudo.digest([f"{index[f]['sop_key']}:{index[f]['size']}", opt])
+            if catalog.get(image_key, {}).get("digest") == image_digest:
+                result.unchanged.append(image_key)
+            elif (image_key, image_digest) in quarantined_digests:
+                result.unchanged.append(image_key)
+                result.quarantine.extend(r for r in previous_quarantine if r.get("series_key") == image_key)
+            else:
+                result.todo.append(SeriesPlan(image_key, [f], image_digest, modality, kind="image"))
+        files = [f for f in files if not index[f].get("planar")]
+        if not files:
+            continue
         digest = pseudo.digest(sorted(f"{index[f]['sop_key']}:{index[f]['size']}" for f in files) + [opt])
         if catalog.get(key, {}).get("digest") == digest:
             result.unchanged.append(key)
@@ -154,8 +172,8 @@ def ingest_series(store_root: str, source: str, plan: SeriesPlan, options: Inges
     for relpath in plan.files:
         try:
             ds = read_slice(Path(source) / relpath)
-            check_image(ds)
-            pixels.append(to_physical(ds))
+            check_image(ds, planar=plan.kind == "image")
+            pixels.append(to_physical(ds, color=options.color))
         except IngestError as exc:
             if isinstance(exc, InvalidSeriesError):  # e.g. a multi-frame or colour image: the series goes
                 recorded = {r["path"] for r in rows}
@@ -174,13 +192,17 @@ def ingest_series(store_root: str, source: str, plan: SeriesPlan, options: Inges
         shapes = {p.shape for p in pixels}
         if len(shapes) > 1:
             raise InvalidSeriesError(f"mixed image sizes within the series: {sorted(shapes)}")
-        geo = series_geometry(
-            [ds.ImagePositionPatient for ds in datasets],
-            [ds.ImageOrientationPatient for ds in datasets],
-            datasets[0].PixelSpacing,
-            slice_thickness=float(datasets[0].get("SliceThickness", 0) or 0) or None,
-            tolerance=options.spacing_tolerance,
-        )
+        spacing_source = "PixelSpacing"
+        if plan.kind == "image":
+            geo, spacing_source = planar_geometry(datasets[0])
+        else:
+            geo = series_geometry(
+                [ds.ImagePositionPatient for ds in datasets],
+                [ds.ImageOrientationPatient for ds in datasets],
+                datasets[0].PixelSpacing,
+                slice_thickness=float(datasets[0].get("SliceThickness", 0) or 0) or None,
+                tolerance=options.spacing_tolerance,
+            )
     except (InvalidSeriesError, ValueError, AttributeError, TypeError) as exc:
         reason = str(exc) if isinstance(exc, InvalidSeriesError) else f"invalid geometry: {exc}"
         return quarantine_all(reason, good_files)
@@ -205,6 +227,8 @@ def ingest_series(store_root: str, source: str, plan: SeriesPlan, options: Inges
         "spacing_deviation": geo.spacing_deviation,
         "n_files": len(good_files),
         "digest": plan.digest,
+        "kind": plan.kind,
+        "spacing_source": spacing_source,
         "rescaled": "RescaleSlope" in first or "RescaleIntercept" in first,
         # only allow-listed, non-identifying acquisition facts
         "acquisition": header_values(first, SAFE_ATTRIBUTES),

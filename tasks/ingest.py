@@ -15,7 +15,7 @@ from tasks.retry import retry_transient
 def ingest_options(spec) -> IngestOptions:
     ing = spec.ingest
     return IngestOptions(deidentify=ing.deidentify, modalities=tuple(ing.modalities) if ing.modalities else None,
-                         min_slices=ing.min_slices, spacing_tolerance=ing.spacing_tolerance)
+                         min_slices=ing.min_slices, spacing_tolerance=ing.spacing_tolerance, color=ing.color)
 
 
 @task(name="scan_source", retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=retry_transient)

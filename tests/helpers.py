@@ -25,6 +25,16 @@ def ingest_serial(source, store_root, options: IngestOptions | None = None) -> d
     return {"plan": plan, "results": results, "store": store}
 
 
+def ingested_files(store: Store) -> set[str]:
+    """Source files that are part of a series (or are a planar image) in the store's catalog."""
+    catalog = store.catalog()
+    out = set()
+    for path, rec in store.scan_index().items():
+        if rec.get("series_key") in catalog or ("sop_key" in rec and "i" + rec["sop_key"][:15] in catalog):
+            out.add(path)
+    return out
+
+
 def write_ct_series(folder: Path, volume_stored: np.ndarray, *, positions, orientation=(1, 0, 0, 0, 1, 0),
                     pixel_spacing=(0.8, 0.7), slope=1.0, intercept=-1024.0, instance_numbers=None,
                     names=None, slice_thickness=None, series_uid=None) -> list[Path]:
