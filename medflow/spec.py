@@ -80,6 +80,23 @@ class DataSpec(_Model):
 
 
 # ------------------------------------------------------------------------- ingest
+class QCSpec(_Model):
+    """What to do with a series whose geometry is not a clean, uniform stack."""
+
+    mixed: Literal["quarantine", "split"] = Field(
+        "quarantine", description="Several orientations or image sizes under one series UID: quarantine, or one volume per group.")
+    duplicates: Literal["quarantine", "split", "accept"] = Field(
+        "quarantine", description="Slices at the same position: quarantine; split into stacks (e.g. two acquisitions); "
+        "or accept, keeping the first (by InstanceNumber).")
+    spacing: Literal["quarantine", "accept"] = Field(
+        "quarantine", description="Missing slices or non-uniform spacing: quarantine, or accept and resample "
+        "linearly to the median spacing.")
+    tilt: Literal["quarantine", "accept"] = Field(
+        "quarantine", description="Positions not along the slice normal (gantry tilt): quarantine, or accept and "
+        "shift each slice in-plane onto an orthogonal grid.")
+    tilt_tolerance_deg: float = Field(0.5, ge=0, description="Largest tilt (degrees) taken as none.")
+
+
 class IngestSpec(_Model):
     deidentify: bool = Field(
         True,
@@ -94,6 +111,7 @@ class IngestSpec(_Model):
     color: Literal["quarantine", "grayscale"] = Field(
         "quarantine", description="Colour (RGB/YBR) images: quarantine them, or convert them to grayscale luminance."
     )
+    qc: QCSpec = QCSpec()
 
 
 # --------------------------------------------------------------------- preprocess

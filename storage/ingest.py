@@ -24,11 +24,11 @@ from storage.dicom import (
     planar_geometry,
     read_slice,
     scan_file,
-    series_geometry,
     to_physical,
     volume_dtype,
 )
 from storage.errors import IngestError, InvalidSeriesError
+from storage.qc import StackQC, deshear, group_mixed, measure, positions_along, resample_along_normal, split_duplicates
 from storage.store import Store
 
 logger = logging.getLogger(__name__)
@@ -41,11 +41,16 @@ class IngestOptions:
     min_slices: int = 1
     spacing_tolerance: float = 0.1
     color: str = "quarantine"
+    qc_mixed: str = "quarantine"
+    qc_duplicates: str = "quarantine"
+    qc_spacing: str = "quarantine"
+    qc_tilt: str = "quarantine"
+    tilt_tolerance_deg: float = 0.5
 
     def digest(self) -> str:
         # only what changes the stored result (the modality filter acts before reading)
-        blob = json.dumps({"deid": self.deidentify, "min": self.min_slices, "tol": self.spacing_tolerance,
-                           "color": self.color})
+        fields = {k: v for k, v in self.__dict__.items() if k != "modalities"}
+        blob = json.dumps(fields, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
@@ -113,6 +118,8 @@ def plan_series(
     quarantined_digests = {
         (row["series_key"], row.get("digest")) for row in previous_quarantine if row.get("series_key")
     }
+    # a series split into parts is known by its parts' parent key
+    stored_digests = {entry.get("parent", k): entry.get("digest") for k, entry in catalog.items()}
     opt = options.digest()
     for key, files in sorted(groups.items()):
         first = index[files[0]]
@@ -127,9 +134,7 @@ def plan_series(
         for f in planar:  # each planar image is its own one-slice volume, keyed by its instance
             image_key = "i" + index[f]["sop_key"][:15]
             image_digest = pseudo.digest([f"{index[f]['sop_key']}:{index[f]['size']}", opt])
-            if catalog.get(image_key, {}).get("digest") == image_digest:
-                result.unchanged.append(image_key)
-            elif (image_key, image_digest) in quarantined_digests:
+            if stored_digests.get(image_key) == image_digest or (image_key, image_digest) in quarantined_digests:
                 result.unchanged.append(image_key)
                 result.quarantine.extend(r for r in previous_quarantine if r.get("series_key") == image_key)
             else:
@@ -138,10 +143,8 @@ def plan_series(
         if not files:
             continue
         digest = pseudo.digest(sorted(f"{index[f]['sop_key']}:{index[f]['size']}" for f in files) + [opt])
-        if catalog.get(key, {}).get("digest") == digest:
-            result.unchanged.append(key)
-        elif (key, digest) in quarantined_digests:
-            result.unchanged.append(key)
+        if stored_digests.get(key) == digest or (key, digest) in quarantined_digests:
+            result.unchanged.append(key)  # with its quarantine rows (files dropped, parts refused)
             result.quarantine.extend(r for r in previous_quarantine if r.get("series_key") == key)
         else:
             result.todo.append(SeriesPlan(key, files, digest, modality))
@@ -149,95 +152,206 @@ def plan_series(
 
 
 def ingest_series(store_root: str, source: str, plan: SeriesPlan, options: IngestOptions) -> dict:
-    """Read a series, sort it in space, convert to physical units and write it to the store.
+    """Read a series, sort it in space, apply the QC policies, write its volume(s) to the store.
 
-    Returns a small summary: ``{"series_key", "status": "ingested"|"quarantined", "shape",
-    "quarantine": [rows], "seconds"}``. Never raises for bad data: unusable files and series
-    become quarantine rows.
+    A series UID normally gives one volume under ``plan.series_key``. With QC policy
+    ``split``, mixed orientations/sizes or repeated positions give several volumes, keyed
+    ``<key>g<i>`` / ``<key>d<j>``, whose catalog entries name the series as ``parent``.
+
+    Returns a small summary: ``{"series_key", "status": "ingested"|"quarantined", "parts",
+    "shape", "reason", "quarantine": [rows], "seconds"}``. Never raises for bad data:
+    unusable files and series become quarantine rows.
     """
     t0 = time.perf_counter()
     store = Store(store_root)
-    pseudo = store.pseudonymizer()
     key = plan.series_key
     rows: list[dict] = []
 
-    def quarantine_all(reason: str, files: list[str]) -> dict:
+    def reject(reason: str, files: list[str]) -> None:
         rows.extend(
             {"path": f, "reason": reason, "stage": "ingest", "series_key": key, "digest": plan.digest} for f in files
         )
-        return {"series_key": key, "status": "quarantined", "reason": reason, "quarantine": rows,
-                "seconds": time.perf_counter() - t0}
 
-    datasets, pixels, good_files = [], [], []
+    def summary(shapes: list[list[int]]) -> dict:
+        return {"series_key": key, "status": "ingested" if shapes else "quarantined", "parts": len(shapes),
+                "shape": shapes[0] if shapes else None, "reason": None if shapes or not rows else rows[-1]["reason"],
+                "quarantine": rows, "seconds": time.perf_counter() - t0}
+
+    slices: list[_Slice] = []
     for relpath in plan.files:
         try:
             ds = read_slice(Path(source) / relpath)
             check_image(ds, planar=plan.kind == "image")
-            pixels.append(to_physical(ds, color=options.color))
+            pixels = to_physical(ds, color=options.color)
         except IngestError as exc:
             if isinstance(exc, InvalidSeriesError):  # e.g. a multi-frame or colour image: the series goes
                 recorded = {r["path"] for r in rows}
-                return quarantine_all(str(exc), [f for f in plan.files if f not in recorded])
-            rows.append({"path": relpath, "reason": str(exc), "stage": "ingest", "series_key": key,
-                         "digest": plan.digest})
+                reject(str(exc), [f for f in plan.files if f not in recorded])
+                return summary([])
+            reject(str(exc), [relpath])
             continue
         del ds.PixelData  # the decoded frame is kept; free the raw bytes
-        datasets.append(ds)
-        good_files.append(relpath)
-    if not datasets:
-        return quarantine_all("no readable image in the series", [])
-    try:
-        if len(datasets) < options.min_slices:
-            raise InvalidSeriesError(f"{len(datasets)} slice(s) < ingest.min_slices={options.min_slices}")
-        shapes = {p.shape for p in pixels}
-        if len(shapes) > 1:
-            raise InvalidSeriesError(f"mixed image sizes within the series: {sorted(shapes)}")
-        spacing_source = "PixelSpacing"
-        if plan.kind == "image":
-            geo, spacing_source = planar_geometry(datasets[0])
-        else:
-            geo = series_geometry(
-                [ds.ImagePositionPatient for ds in datasets],
-                [ds.ImageOrientationPatient for ds in datasets],
-                datasets[0].PixelSpacing,
-                slice_thickness=float(datasets[0].get("SliceThickness", 0) or 0) or None,
-                tolerance=options.spacing_tolerance,
-            )
-    except (InvalidSeriesError, ValueError, AttributeError, TypeError) as exc:
-        reason = str(exc) if isinstance(exc, InvalidSeriesError) else f"invalid geometry: {exc}"
-        return quarantine_all(reason, good_files)
+        slices.append(_Slice(relpath, ds, pixels))
+    if not slices:
+        if not rows:
+            reject("no readable image in the series", plan.files)
+        return summary([])
 
-    first = datasets[geo.order[0]]
-    modality = str(first.get("Modality", "") or "OT")
-    dtype = volume_dtype(modality, pixels)
-    volume = np.empty((len(pixels), *pixels[0].shape), dtype=dtype)
-    for out_index, in_index in enumerate(geo.order):  # fill in spatial order; no float64 stack
-        volume[out_index] = cast_volume(pixels[in_index], dtype)
-        pixels[in_index] = None
-    entry = {
-        "patient_key": pseudo.patient_key(str(first.get("PatientID", "") or "")),
-        "study_key": pseudo.study_key(str(first.get("StudyInstanceUID", "") or "")),
-        "accession_key": pseudo.accession_key(str(first.get("AccessionNumber", "") or "")),
-        "modality": modality,
-        "shape": list(volume.shape),
-        "dtype": str(dtype),
-        "spacing": list(geo.spacing),
-        "origin": list(geo.origin),
-        "direction": [list(r) for r in geo.direction],
-        "spacing_deviation": geo.spacing_deviation,
-        "n_files": len(good_files),
-        "digest": plan.digest,
-        "kind": plan.kind,
-        "spacing_source": spacing_source,
-        "rescaled": "RescaleSlope" in first or "RescaleIntercept" in first,
-        # only allow-listed, non-identifying acquisition facts
-        "acquisition": header_values(first, SAFE_ATTRIBUTES),
-    }
-    if not options.deidentify:
-        entry["identifiers"] = header_values(first, IDENTIFYING_ATTRIBUTES)
-    store.write_series(key, volume, entry)
-    return {"series_key": key, "status": "ingested", "shape": list(volume.shape), "quarantine": rows,
-            "seconds": time.perf_counter() - t0}
+    writer = _StackWriter(store, plan, options)
+    if plan.kind == "image":
+        try:
+            return summary([writer.write_image(slices[0])])
+        except (InvalidSeriesError, ValueError, AttributeError, TypeError) as exc:
+            reject(str(exc), [slices[0].relpath])
+            return summary([])
+
+    groups = group_mixed([s.ds.get("ImageOrientationPatient") for s in slices], [s.pixels.shape for s in slices])
+    if len(groups) > 1 and options.qc_mixed == "quarantine":
+        sizes = ", ".join(str(len(g)) for g in groups)
+        reject(f"mixed orientations or image sizes: {len(groups)} groups of {sizes} slices "
+               "(set ingest.qc.mixed: split to keep each group)", [s.relpath for s in slices])
+        return summary([])
+    shapes = []
+    for gi, idx in enumerate(groups):
+        part_key = key if len(groups) == 1 else f"{key}g{gi}"
+        try:
+            shapes += writer.write_group([slices[i] for i in idx], part_key, mixed_groups=len(groups))
+        except (InvalidSeriesError, ValueError, AttributeError, TypeError) as exc:
+            reason = str(exc) if isinstance(exc, InvalidSeriesError) else f"invalid geometry: {exc}"
+            reject(reason, [slices[i].relpath for i in idx])
+    return summary(shapes)
+
+
+@dataclass
+class _Slice:
+    relpath: str
+    ds: object
+    pixels: np.ndarray
+
+
+class _StackWriter:
+    """Turns groups of decoded slices into stored volumes, applying the QC policies."""
+
+    def __init__(self, store: Store, plan: SeriesPlan, options: IngestOptions):
+        self.store, self.plan, self.options = store, plan, options
+        self.pseudo = store.pseudonymizer()
+
+    def write_group(self, group: list[_Slice], part_key: str, *, mixed_groups: int) -> list[list[int]]:
+        """One orientation and image size; duplicates per policy; returns the shapes written."""
+        opts = self.options
+        iop = group[0].ds.ImageOrientationPatient
+        positions = [s.ds.ImagePositionPatient for s in group]
+        qc = measure(positions, iop, tolerance=opts.spacing_tolerance)
+        actions = [f"split from {mixed_groups} orientation/size groups"] if mixed_groups > 1 else []
+        stacks = [group]
+        if qc.duplicates:
+            if opts.qc_duplicates == "quarantine":
+                raise InvalidSeriesError(f"{qc.duplicates} duplicate slice position(s) "
+                                         "(set ingest.qc.duplicates: split or accept)")
+            numbers = [int(s.ds.get("InstanceNumber", 0) or 0) for s in group]
+            parts = split_duplicates(positions, iop, numbers)
+            if opts.qc_duplicates == "accept":
+                stacks = [[group[i] for i in parts[0]]]
+                actions.append(f"dropped {qc.duplicates} slice(s) at repeated positions")
+            else:
+                stacks = [[group[i] for i in part] for part in parts]
+                actions.append(f"split into {len(parts)} stacks at repeated positions")
+        shapes = []
+        for j, stack in enumerate(stacks):
+            stack_key = part_key if len(stacks) == 1 else f"{part_key}d{j}"
+            shapes.append(self._write_stack(stack, stack_key, qc, actions, mixed_groups))
+        return shapes
+
+    def _write_stack(self, stack: list[_Slice], stack_key: str, group_qc: StackQC, actions: list[str],
+                     mixed_groups: int) -> list[int]:
+        opts = self.options
+        if len(stack) < opts.min_slices:
+            raise InvalidSeriesError(f"{len(stack)} slice(s) < ingest.min_slices={opts.min_slices}")
+        iop = stack[0].ds.ImageOrientationPatient
+        positions = np.asarray([s.ds.ImagePositionPatient for s in stack], dtype=float)
+        along, normal = positions_along(positions, iop)
+        order = np.argsort(along, kind="stable")
+        s_sorted = along[order]
+        qc = measure(positions, iop, tolerance=opts.spacing_tolerance)
+        actions = list(actions)
+        resample = qc.spacing_deviation > opts.spacing_tolerance
+        if resample and opts.qc_spacing == "quarantine":
+            raise InvalidSeriesError(
+                f"non-uniform slice spacing: deviation {qc.spacing_deviation:.0%} > tolerance "
+                f"{opts.spacing_tolerance:.0%}, {qc.missing_slices} missing slice(s) "
+                "(set ingest.qc.spacing: accept to resample to uniform spacing)")
+        tilted = qc.tilt_deg > opts.tilt_tolerance_deg
+        if tilted and opts.qc_tilt == "quarantine":
+            raise InvalidSeriesError(
+                f"slice positions deviate {qc.tilt_deg:.1f} deg from the slice normal (gantry tilt or shear; "
+                "set ingest.qc.tilt: accept to resample)")
+        first = stack[order[0]].ds
+        modality = str(first.get("Modality", "") or "OT")
+        dtype = volume_dtype(modality, [s.pixels for s in stack])
+        volume = np.empty((len(stack), *stack[0].pixels.shape), dtype=dtype)
+        for out_index, in_index in enumerate(order):  # fill in spatial order; no float64 stack
+            volume[out_index] = cast_volume(stack[in_index].pixels, dtype)
+        pixel_spacing = [float(v) for v in first.PixelSpacing]
+        if tilted:
+            volume = cast_volume(deshear(volume, positions[order], iop, pixel_spacing, fill=float(volume.min())), dtype)
+            actions.append(f"de-sheared {qc.tilt_deg:.1f} deg tilt")
+        if len(stack) > 1:
+            gaps = np.diff(s_sorted)
+            dz = float(np.median(gaps))
+        else:
+            dz = float(first.get("SliceThickness", 0) or 0) or 1.0
+        if resample:
+            volume = cast_volume(resample_along_normal(volume, s_sorted, dz), dtype)
+            actions.append(f"resampled to uniform {dz:.3g} mm spacing ({qc.missing_slices} missing slice(s))")
+        row_dir = [float(v) for v in iop[:3]]
+        col_dir = [float(v) for v in iop[3:]]
+        entry = self._entry(first, stack, dtype, volume.shape)
+        entry.update({
+            "spacing": [dz, *pixel_spacing],
+            "origin": [float(v) for v in positions[order][0]],
+            "direction": [normal.tolist(), col_dir, row_dir],
+            "spacing_deviation": qc.spacing_deviation,
+            "qc": {**group_qc.as_dict(), **{k: v for k, v in qc.as_dict().items() if k != "duplicates"},
+                   "mixed_groups": mixed_groups, "actions": actions},
+        })
+        if stack_key != self.plan.series_key:
+            entry["parent"] = self.plan.series_key
+        self.store.write_series(stack_key, volume, entry)
+        return list(volume.shape)
+
+    def write_image(self, item: _Slice) -> list[int]:
+        """A planar image (no patient position) as a one-slice volume."""
+        geo, spacing_source = planar_geometry(item.ds)
+        modality = str(item.ds.get("Modality", "") or "OT")
+        dtype = volume_dtype(modality, [item.pixels])
+        volume = cast_volume(item.pixels, dtype)[None]
+        entry = self._entry(item.ds, [item], dtype, volume.shape)
+        entry.update({"spacing": list(geo.spacing), "origin": list(geo.origin),
+                      "direction": [list(r) for r in geo.direction], "spacing_deviation": 0.0,
+                      "spacing_source": spacing_source})
+        self.store.write_series(self.plan.series_key, volume, entry)
+        return list(volume.shape)
+
+    def _entry(self, first, stack: list[_Slice], dtype, shape) -> dict:
+        pseudo, opts = self.pseudo, self.options
+        entry = {
+            "patient_key": pseudo.patient_key(str(first.get("PatientID", "") or "")),
+            "study_key": pseudo.study_key(str(first.get("StudyInstanceUID", "") or "")),
+            "accession_key": pseudo.accession_key(str(first.get("AccessionNumber", "") or "")),
+            "modality": str(first.get("Modality", "") or "OT"),
+            "shape": list(shape),
+            "dtype": str(dtype),
+            "n_files": len(stack),
+            "digest": self.plan.digest,
+            "kind": self.plan.kind,
+            "spacing_source": "PixelSpacing",
+            "rescaled": "RescaleSlope" in first or "RescaleIntercept" in first,
+            # only allow-listed, non-identifying acquisition facts
+            "acquisition": header_values(first, SAFE_ATTRIBUTES),
+        }
+        if not opts.deidentify:
+            entry["identifiers"] = header_values(first, IDENTIFYING_ATTRIBUTES)
+        return entry
 
 
 def header_values(ds, keywords) -> dict:

@@ -15,7 +15,9 @@ from tasks.retry import retry_transient
 def ingest_options(spec) -> IngestOptions:
     ing = spec.ingest
     return IngestOptions(deidentify=ing.deidentify, modalities=tuple(ing.modalities) if ing.modalities else None,
-                         min_slices=ing.min_slices, spacing_tolerance=ing.spacing_tolerance, color=ing.color)
+                         min_slices=ing.min_slices, spacing_tolerance=ing.spacing_tolerance, color=ing.color,
+                         qc_mixed=ing.qc.mixed, qc_duplicates=ing.qc.duplicates, qc_spacing=ing.qc.spacing,
+                         qc_tilt=ing.qc.tilt, tilt_tolerance_deg=ing.qc.tilt_tolerance_deg)
 
 
 @task(name="scan_source", retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=retry_transient)

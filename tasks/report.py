@@ -14,7 +14,7 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact, cr
 from prefect.logging import get_run_logger
 
 from storage.store import Store
-from tasks.reporting import build_context, markdown_summary, quarantine_summary, render_html
+from tasks.reporting import build_context, markdown_summary, qc_summary, quarantine_summary, render_html
 
 PACKAGES = ("medflow", "prefect", "keras", "tensorflow-cpu", "tensorflow", "dask", "distributed", "zarr",
             "pydicom", "scikit-image", "scikit-learn", "numpy")
@@ -80,6 +80,7 @@ def render_report_task(spec, run_dir: str, prep_key: str, stage_seconds: dict[st
         cohort={"series": len(catalog), "labelled": len(preds), "patients": int(preds["patient_key"].nunique())},
         split_counts=counts, quarantine=quarantine, history=training["history"], evaluation=evaluation,
         predictions=preds, provenance=provenance, metric_names=evaluation["metrics"],
+        qc=qc_summary(catalog, quarantine),
     )
     report = run_dir / "report.html"
     report.write_text(render_html(context))
@@ -89,6 +90,7 @@ def render_report_task(spec, run_dir: str, prep_key: str, stage_seconds: dict[st
         "metrics": context["metrics"],
         "cohort": counts,
         "quarantine": quarantine_summary(quarantine) or [{"reason": "none", "files": 0}],
+        "qc": context["qc"],
         "report": str(report.resolve()),
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
@@ -105,6 +107,7 @@ def publish_artifacts_task(run_dir: str) -> list[str]:
     create_table_artifact(summary["metrics"], key=f"{key}-metrics", description="test metrics with 95% CI")
     create_table_artifact(summary["cohort"], key=f"{key}-cohort", description="series, patients and positives per split")
     create_table_artifact(summary["quarantine"], key=f"{key}-quarantine", description="quarantined files by reason")
+    create_table_artifact(summary["qc"], key=f"{key}-qc", description="geometry QC: series quarantined and corrected")
     create_link_artifact(Path(summary["report"]).as_uri(), link_text="report.html", key=f"{key}-report-file",
                          description="the full HTML report")
-    return [f"{key}-{suffix}" for suffix in ("report", "metrics", "cohort", "quarantine", "report-file")]
+    return [f"{key}-{suffix}" for suffix in ("report", "metrics", "cohort", "quarantine", "qc", "report-file")]

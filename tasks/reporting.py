@@ -81,6 +81,27 @@ def quarantine_summary(rows: list[dict]) -> list[dict]:
     return [{"reason": reason, "files": n} for reason, n in counts.most_common()]
 
 
+# (check, phrase in a quarantine reason, phrase in a catalog action)
+QC_CHECKS = (
+    ("mixed orientations or sizes", "mixed orientations", "split from"),
+    ("duplicate positions", "duplicate slice position", ("dropped", "split into")),
+    ("missing slices / uneven spacing", "non-uniform slice spacing", "resampled"),
+    ("gantry tilt", "from the slice normal", "de-sheared"),
+)
+
+
+def qc_summary(catalog: dict[str, dict], quarantine: list[dict]) -> list[dict]:
+    """Per geometry check: series quarantined and series corrected (split, deduplicated, resampled)."""
+    rows = []
+    for check, reason_phrase, action_phrases in QC_CHECKS:
+        phrases = (action_phrases,) if isinstance(action_phrases, str) else action_phrases
+        quarantined = {r.get("series_key") for r in quarantine if reason_phrase in r.get("reason", "")}
+        corrected = {e.get("parent", k) for k, e in catalog.items()
+                     if any(p in a for a in e.get("qc", {}).get("actions", []) for p in phrases)}
+        rows.append({"check": check, "series quarantined": len(quarantined), "series corrected": len(corrected)})
+    return rows
+
+
 def metrics_rows(metrics: dict, ci: dict, names: list[str]) -> list[dict]:
     rows = []
     for name in names:
@@ -100,7 +121,8 @@ def render_html(context: dict) -> str:
 
 
 def build_context(*, name: str, run_id: str, cohort: dict, split_counts: list[dict], quarantine: list[dict],
-                  history: dict, evaluation: dict, predictions, provenance: dict, metric_names: list[str]) -> dict:
+                  history: dict, evaluation: dict, predictions, provenance: dict, metric_names: list[str],
+                  qc: list[dict] | None = None) -> dict:
     """Everything the template needs; plots are rendered here."""
     test = predictions[predictions["split"] == "test"]
     y, s = test["label"].to_numpy(), test["score"].to_numpy()
@@ -112,6 +134,7 @@ def build_context(*, name: str, run_id: str, cohort: dict, split_counts: list[di
         "split_counts": split_counts,
         "quarantine": quarantine_summary(quarantine),
         "n_quarantined": len(quarantine),
+        "qc": qc or [],
         "metrics": metrics_rows(m, evaluation.get("ci", {}), metric_names),
         "confusion": m["confusion"],
         "threshold": thr,
