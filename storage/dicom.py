@@ -74,6 +74,13 @@ def scan_file(root: str | Path, relpath: str, pseudo: Pseudonymizer) -> dict:
         return {"reason": f"no pixel data ({sop_name})"}
     if not series_uid:
         return {"reason": "no SeriesInstanceUID"}
+    try:
+        return _scan_record(ds, relpath, series_uid, pseudo)
+    except (ValueError, TypeError, AttributeError, KeyError) as exc:  # a malformed header value
+        return {"reason": f"invalid header value: {type(exc).__name__}: {exc}"}
+
+
+def _scan_record(ds: pydicom.Dataset, relpath: str, series_uid: str, pseudo: Pseudonymizer) -> dict:
     return {
         "series_key": pseudo.series_key(series_uid),
         "patient_key": pseudo.patient_key(str(ds.get("PatientID", "") or "")),
@@ -82,7 +89,8 @@ def scan_file(root: str | Path, relpath: str, pseudo: Pseudonymizer) -> dict:
         "sop_key": pseudo.key(str(ds.get("SOPInstanceUID", "") or relpath), kind="sop"),
         "modality": str(ds.get("Modality", "") or "OT"),
         # no patient-space position: a projection or secondary-capture image, ingested on its own
-        "planar": "ImagePositionPatient" not in ds or "ImageOrientationPatient" not in ds,
+        "planar": int(ds.get("NumberOfFrames", 1) or 1) <= 1
+        and ("ImagePositionPatient" not in ds or "ImageOrientationPatient" not in ds),
     }
 
 
@@ -198,34 +206,113 @@ def to_physical(ds: pydicom.Dataset, *, color: str = "quarantine") -> np.ndarray
     integral intercept (most CT) stays integer; anything else is float64.
     """
     arr = ds.pixel_array
-    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
     if int(ds.get("SamplesPerPixel", 1) or 1) > 1:
-        if color != "grayscale":
-            raise InvalidSeriesError(f"colour image ({photometric}); set ingest.color: grayscale to convert it")
-        from skimage.color import rgb2gray
+        return to_gray(arr, str(ds.get("PhotometricInterpretation", "RGB")), color=color)
+    if "ModalityLUTSequence" in ds:
+        return np.asarray(apply_rescale(arr, ds), dtype=np.float64)
+    return rescale_frame(
+        arr, slope=float(ds.get("RescaleSlope", 1) or 1), intercept=float(ds.get("RescaleIntercept", 0) or 0),
+        bits=int(ds.get("BitsStored", arr.dtype.itemsize * 8) or 16),
+        photometric=str(ds.get("PhotometricInterpretation", "MONOCHROME2")),
+    )
 
-        scale = float(np.iinfo(arr.dtype).max) if arr.dtype.kind in "iu" else 1.0
-        return rgb2gray(arr) * scale
-    bits = int(ds.get("BitsStored", arr.dtype.itemsize * 8) or 16)
+
+def to_gray(arr: np.ndarray, photometric: str, *, color: str) -> np.ndarray:
+    """Luminance of an RGB frame in its stored value range, or InvalidSeriesError by policy."""
+    if color != "grayscale":
+        raise InvalidSeriesError(f"colour image ({photometric}); set ingest.color: grayscale to convert it")
+    from skimage.color import rgb2gray
+
+    scale = float(np.iinfo(arr.dtype).max) if arr.dtype.kind in "iu" else 1.0
+    return rgb2gray(arr) * scale
+
+
+def rescale_frame(arr: np.ndarray, *, slope: float, intercept: float, bits: int, photometric: str) -> np.ndarray:
+    """Stored values to physical units; MONOCHROME1 inverted first.
+
+    >>> rescale_frame(np.array([0, 4095], np.uint16), slope=1, intercept=-1024, bits=12, photometric="MONOCHROME2")
+    array([-1024,  3071], dtype=int16)
+    """
     signed = arr.dtype.kind == "i"
     if photometric == "MONOCHROME1":
         arr = (-1 - arr.astype(np.int32)) if signed else ((2**bits - 1) - arr.astype(np.int64))
-        arr = arr.astype(ds.pixel_array.dtype if signed else np.int32)
-    slope = float(ds.get("RescaleSlope", 1) or 1)
-    intercept = float(ds.get("RescaleIntercept", 0) or 0)
-    if "ModalityLUTSequence" not in ds and arr.dtype.kind in "iu" and slope == 1 and intercept.is_integer():
+        arr = arr.astype(np.int32)
+    if arr.dtype.kind in "iu" and slope == 1 and float(intercept).is_integer():
         lo = (-(2 ** (bits - 1)) if signed else 0) + intercept
         hi = (2 ** (bits - 1) - 1 if signed else 2**bits - 1) + intercept
         if -(2**15) <= lo and hi < 2**15:  # every possible value fits: int16 arithmetic, no rounding
             return arr.astype(np.int16) + np.int16(intercept)
         return arr.astype(np.int32) + np.int32(intercept)
-    return np.asarray(apply_rescale(arr, ds), dtype=np.float64)
+    return arr.astype(np.float64) * slope + intercept
+
+
+# header attributes a frame of a multi-frame image inherits from its file
+FRAME_KEYWORDS = ("PatientID", "PatientName", "PatientBirthDate", "StudyInstanceUID", "SeriesInstanceUID",
+                  "AccessionNumber", "StudyDate", "InstitutionName", "Modality", "Manufacturer",
+                  "ManufacturerModelName", "KVP", "ConvolutionKernel", "BodyPartExamined",
+                  "PhotometricInterpretation", "BitsStored")
+
+
+def _functional_group(ds: pydicom.Dataset, frame: int, sequence: str):
+    """The item of ``sequence`` for one frame: its per-frame group first, then the shared group."""
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence")
+    shared = ds.get("SharedFunctionalGroupsSequence")
+    for group in (per_frame[frame] if per_frame else None, shared[0] if shared else None):
+        if group is not None and sequence in group and len(group[sequence].value):
+            return group[sequence][0]
+    return None
+
+
+def split_frames(ds: pydicom.Dataset, *, color: str = "quarantine") -> list[tuple[pydicom.Dataset, np.ndarray]]:
+    """The frames of an enhanced multi-frame image as ``(frame header, physical pixels)``.
+
+    Each frame header carries ImagePositionPatient, ImageOrientationPatient, PixelSpacing and
+    SliceThickness from the per-frame (or shared) functional groups, and the rescale of its
+    Pixel Value Transformation.
+
+    Raises:
+        InvalidSeriesError: no per-frame positions (cine, or a multi-frame without functional groups).
+    """
+    n = int(ds.get("NumberOfFrames", 1) or 1)
+    if "PerFrameFunctionalGroupsSequence" not in ds:
+        raise InvalidSeriesError(f"multi-frame image ({n} frames) without per-frame functional groups: "
+                                 "no position for each frame")
+    pixels = ds.pixel_array.reshape(n, *ds.pixel_array.shape[-2 - (ds.pixel_array.ndim == 4):][:2], -1)
+    pixels = pixels[..., 0] if pixels.shape[-1] == 1 else pixels
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
+    bits = int(ds.get("BitsStored", 16) or 16)
+    out = []
+    for i in range(n):
+        position = _functional_group(ds, i, "PlanePositionSequence")
+        orientation = _functional_group(ds, i, "PlaneOrientationSequence")
+        measures = _functional_group(ds, i, "PixelMeasuresSequence")
+        if position is None or orientation is None or measures is None:
+            raise InvalidSeriesError(f"frame {i + 1} of {n} has no plane position, orientation or pixel measures")
+        frame = pydicom.Dataset()
+        for keyword in FRAME_KEYWORDS:
+            if keyword in ds:
+                setattr(frame, keyword, ds[keyword].value)
+        frame.ImagePositionPatient = position.ImagePositionPatient
+        frame.ImageOrientationPatient = orientation.ImageOrientationPatient
+        frame.PixelSpacing = measures.PixelSpacing
+        if "SliceThickness" in measures:
+            frame.SliceThickness = measures.SliceThickness
+        frame.InstanceNumber = i + 1
+        transform = _functional_group(ds, i, "PixelValueTransformationSequence")
+        slope = float(transform.get("RescaleSlope", 1) or 1) if transform else 1.0
+        intercept = float(transform.get("RescaleIntercept", 0) or 0) if transform else 0.0
+        if transform is not None:
+            frame.RescaleSlope, frame.RescaleIntercept = slope, intercept
+        if pixels.ndim == 4:
+            values = to_gray(pixels[i], photometric, color=color)
+        else:
+            values = rescale_frame(pixels[i], slope=slope, intercept=intercept, bits=bits, photometric=photometric)
+        out.append((frame, values))
+    return out
 
 
 def check_image(ds: pydicom.Dataset, *, planar: bool = False) -> None:
     """Raise InvalidSeriesError for images this version cannot place in a volume."""
-    if int(ds.get("NumberOfFrames", 1) or 1) > 1:
-        raise InvalidSeriesError(f"multi-frame image ({ds.NumberOfFrames} frames) is not supported yet")
     if planar:
         return
     missing = [k for k in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing") if k not in ds]

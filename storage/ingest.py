@@ -24,6 +24,7 @@ from storage.dicom import (
     planar_geometry,
     read_slice,
     scan_file,
+    split_frames,
     to_physical,
     volume_dtype,
 )
@@ -181,8 +182,19 @@ def ingest_series(store_root: str, source: str, plan: SeriesPlan, options: Inges
     for relpath in plan.files:
         try:
             ds = read_slice(Path(source) / relpath)
+            if int(ds.get("NumberOfFrames", 1) or 1) > 1:  # enhanced multi-frame: one slice per frame
+                frames = split_frames(ds, color=options.color)
+                slices.extend(_Slice(relpath, frame, values) for frame, values in frames)
+                continue
             check_image(ds, planar=plan.kind == "image")
             pixels = to_physical(ds, color=options.color)
+        except (ValueError, TypeError, AttributeError, KeyError) as exc:  # malformed header values
+            if isinstance(exc, InvalidSeriesError):
+                recorded = {r["path"] for r in rows}
+                reject(str(exc), [f for f in plan.files if f not in recorded])
+                return summary([])
+            reject(f"invalid header value: {type(exc).__name__}: {exc}", [relpath])
+            continue
         except IngestError as exc:
             if isinstance(exc, InvalidSeriesError):  # e.g. a multi-frame or colour image: the series goes
                 recorded = {r["path"] for r in rows}
@@ -341,7 +353,8 @@ class _StackWriter:
             "modality": str(first.get("Modality", "") or "OT"),
             "shape": list(shape),
             "dtype": str(dtype),
-            "n_files": len(stack),
+            "n_files": len({s.relpath for s in stack}),
+            "n_frames": len(stack),
             "digest": self.plan.digest,
             "kind": self.plan.kind,
             "spacing_source": "PixelSpacing",
