@@ -10,7 +10,7 @@ export DO_NOT_TRACK := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export TF_CPP_MIN_LOG_LEVEL := 2
 
-.PHONY: install demo test bench clean browser
+.PHONY: install demo test bench clean system-deps
 
 install: $(STAMP)
 
@@ -23,15 +23,21 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/medflow demo --workdir $(DEMO_DIR)
 
-test: $(STAMP) browser
+test: $(STAMP) system-deps
 	$(BIN)/python -m pytest -m "not gpu" --timeout=900
 
-# Browser tests drive Debian's chromium with Playwright (never a downloaded browser).
-browser:
-	@command -v chromium >/dev/null 2>&1 || { \
-	  echo "installing Debian's chromium for the browser tests"; \
-	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
-	  || echo "could not install chromium: the browser test will fail; install it with apt-get install chromium"; }
+# Tests drive real programs from Debian's packages, never downloaded builds: chromium (the
+# Prefect UI in a browser) and Orthanc with its DICOMweb plugin (a PACS on loopback).
+system-deps:
+	@missing=""; \
+	command -v chromium >/dev/null 2>&1 || missing="$$missing chromium"; \
+	command -v Orthanc >/dev/null 2>&1 || missing="$$missing orthanc"; \
+	test -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so || missing="$$missing orthanc-dicomweb"; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages for the tests:$$missing"; \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null) \
+	  || echo "could not install$$missing: the tests that need them will fail; install them with apt-get"; \
+	fi
 
 bench: $(STAMP)
 	$(BIN)/python -m pip install --quiet -e ".[cpu,dev,bench]"

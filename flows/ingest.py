@@ -2,27 +2,46 @@
 
 from __future__ import annotations
 
+import tempfile
+
 from prefect import flow
 
 from medflow.spec import PipelineSpec, as_spec
+from storage.dicomweb import is_dicomweb
 from storage.store import Store
-from tasks.ingest import ingest_options, ingest_series_task, record_quarantine_task, scan_source_task
+from tasks.ingest import (
+    ingest_options,
+    ingest_series_task,
+    pull_dicomweb_task,
+    record_quarantine_task,
+    scan_source_task,
+)
 
 
 @flow(name="ingest", log_prints=False)
 def ingest_flow(spec: PipelineSpec | str) -> dict:
-    """Scan ``data.source``, ingest new or changed series, record what was quarantined.
+    """Ingest new or changed series of ``data.source`` (a folder, or a DICOMweb server) into the store.
 
     ``spec`` is a spec or the path of a spec file. Holds the store's writer lock throughout.
     """
     spec = as_spec(spec)
-    options = ingest_options(spec)
     with Store(spec.data.store).writer_lock(purpose="ingest"):
-        retries = {"retries": spec.run.retries}
-        scan = scan_source_task.with_options(**retries)(spec.data.source, spec.data.store, options)
-        results = ingest_series_task.with_options(**retries)(spec.data.source, spec.data.store, scan.todo, options,
-                                                             spec.run.dask.model_dump())
-        n_quarantined = record_quarantine_task(spec.data.store, scan, results)
+        if not is_dicomweb(spec.data.source):
+            return _ingest_folder(spec, spec.data.source, merge=False)
+        # raw DICOM holds PHI: it is staged outside the store and removed afterwards
+        with tempfile.TemporaryDirectory(prefix="medflow-dicomweb-") as staging:
+            pulled = pull_dicomweb_task.with_options(retries=spec.run.retries)(spec.data.source, spec.data.store,
+                                                                               staging)
+            return {**_ingest_folder(spec, staging, merge=True), "dicomweb": pulled}
+
+
+def _ingest_folder(spec: PipelineSpec, source: str, *, merge: bool) -> dict:
+    options = ingest_options(spec)
+    retries = {"retries": spec.run.retries}
+    scan = scan_source_task.with_options(**retries)(source, spec.data.store, options)
+    results = ingest_series_task.with_options(**retries)(source, spec.data.store, scan.todo, options,
+                                                         spec.run.dask.model_dump())
+    n_quarantined = record_quarantine_task(spec.data.store, scan, results, merge)
     return {
         "files": scan.n_files,
         "ingested": sum(r["status"] == "ingested" for r in results),

@@ -72,7 +72,8 @@ class SplitSpec(_Model):
 
 
 class DataSpec(_Model):
-    source: str = Field(description="Folder of DICOM files (any layout, any file names).")
+    source: str = Field(description="Folder of DICOM files (any layout, any file names), or a DICOMweb "
+                        "server: dicomweb://host:port/path (http) or dicomweb+https://host/path.")
     labels: LabelsSpec | None = Field(None, description="Labels for classification.")
     store: str = Field(description="Zarr store folder (created if missing).")
     runs: str | None = Field(None, description="Folder of run outputs (default: `runs` beside the store).")
@@ -407,7 +408,9 @@ def parse_spec(data: Any, *, base_dir: str | Path = ".", check_paths: bool = Tru
     spec = spec.model_copy(update={"data": data_spec})
     if check_paths:
         problems = []
-        if not Path(spec.data.source).is_dir():
+        from storage.dicomweb import is_dicomweb
+
+        if not is_dicomweb(spec.data.source) and not Path(spec.data.source).is_dir():
             problems.append(f"data.source: folder not found (received: {spec.data.source!r})")
         if spec.data.labels and not Path(spec.data.labels.path).is_file():
             problems.append(f"data.labels.path: file not found (received: {spec.data.labels.path!r})")

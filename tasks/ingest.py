@@ -57,10 +57,44 @@ def ingest_series_task(source: str, store_root: str, plans: list[SeriesPlan], op
 
 
 @task(name="record_quarantine")
-def record_quarantine_task(store_root: str, scan: ScanResult, results: list[dict]) -> int:
-    """Write the quarantine table: scan rows, rows of unchanged series, and rows of this run."""
+def record_quarantine_task(store_root: str, scan: ScanResult, results: list[dict], merge: bool = False) -> int:
+    """Write the quarantine table: scan rows, rows of unchanged series, and rows of this run.
+
+    With ``merge`` (a source that is pulled incrementally, like DICOMweb), rows of earlier
+    runs about files and series this run did not touch are kept.
+    """
+    store = Store(store_root)
     rows = list(scan.quarantine)
     for res in results:
         rows.extend(res["quarantine"])
-    Store(store_root).write_quarantine(rows)
+    if merge:
+        touched_keys = {p.series_key for p in scan.todo}
+        touched_paths = {r["path"] for r in rows} | {f for p in scan.todo for f in p.files}
+        rows += [r for r in store.quarantine()
+                 if r.get("series_key") not in touched_keys and r["path"] not in touched_paths]
+    store.write_quarantine(rows)
     return len(rows)
+
+
+@task(name="pull_dicomweb", retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=retry_transient)
+def pull_dicomweb_task(source: str, store_root: str, staging: str) -> dict:
+    """List series on a DICOMweb server and fetch those the store does not hold yet into ``staging``."""
+    from concurrent.futures import ThreadPoolExecutor
+    from pathlib import Path
+
+    from storage.dicomweb import known_instances, list_series, make_client, pull_series, series_to_pull
+
+    log = get_run_logger()
+    store = Store(store_root)
+    client = make_client(source)
+    remote = list_series(client, store.pseudonymizer())
+    todo = series_to_pull(remote, known_instances(store.catalog(), store.quarantine()))
+    log.info("dicomweb: %d series listed, %d new or changed to fetch", len(remote), len(todo))
+    files = 0
+    if todo:
+        progress = create_progress_artifact(0.0, key="dicomweb-progress", description=f"series fetched of {len(todo)}")
+        with ThreadPoolExecutor(max_workers=4) as pool:  # I/O-bound: a few requests in flight
+            for done, n in enumerate(pool.map(lambda s: pull_series(client, s, Path(staging)), todo), start=1):
+                files += n
+                update_progress_artifact(progress, 100.0 * done / len(todo))
+    return {"listed": len(remote), "fetched": len(todo), "files": files}
