@@ -33,14 +33,15 @@ def test_serve_deployments_and_trigger_adhoc_run(prefect_server, quick_spec, tmp
     serve = subprocess.Popen([str(BIN / "medflow"), "serve", "--spec", str(quick_spec)], env=env,
                              cwd=Path(__file__).parents[2], stdout=log, stderr=subprocess.STDOUT)
     try:
-        def registered():
-            r = httpx.get(f"{api}/deployments/name/pipeline/adhoc", timeout=5)
+        def registered(name):
+            r = httpx.get(f"{api}/deployments/name/{name}", timeout=5)
             return r.json() if r.status_code == 200 else None
 
-        deployment = _wait_for(registered, 120, "pipeline/adhoc to be served")
+        # serve registers the deployments one after the other: wait for each
+        deployment = _wait_for(lambda: registered("pipeline/adhoc"), 120, "pipeline/adhoc to be served")
+        nightly = _wait_for(lambda: registered("pipeline/nightly"), 60, "pipeline/nightly to be served")
+        hourly = _wait_for(lambda: registered("ingest/hourly"), 60, "ingest/hourly to be served")
         assert deployment["enforce_parameter_schema"] is True
-        nightly = httpx.get(f"{api}/deployments/name/pipeline/nightly", timeout=5).json()
-        hourly = httpx.get(f"{api}/deployments/name/ingest/hourly", timeout=5).json()
         assert nightly["schedules"][0]["schedule"]["cron"] == "0 2 * * *"
         assert hourly["schedules"][0]["schedule"]["cron"] == "0 * * * *"
 
