@@ -88,6 +88,9 @@ def _scan_record(ds: pydicom.Dataset, relpath: str, series_uid: str, pseudo: Pse
         "accession_key": pseudo.accession_key(str(ds.get("AccessionNumber", "") or "")),
         "sop_key": pseudo.key(str(ds.get("SOPInstanceUID", "") or relpath), kind="sop"),
         "modality": str(ds.get("Modality", "") or "OT"),
+        # decoded size, for memory-aware scheduling
+        "pixels": int(ds.get("Rows", 0) or 0) * int(ds.get("Columns", 0) or 0)
+        * int(ds.get("NumberOfFrames", 1) or 1) * int(ds.get("SamplesPerPixel", 1) or 1),
         # no patient-space position: a projection or secondary-capture image, ingested on its own
         "planar": int(ds.get("NumberOfFrames", 1) or 1) <= 1
         and ("ImagePositionPatient" not in ds or "ImageOrientationPatient" not in ds),

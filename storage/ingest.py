@@ -64,6 +64,21 @@ class SeriesPlan:
     digest: str
     modality: str
     kind: str = "volume"  # or "image": one planar file (no patient position), stored as one slice
+    memory: int = 0  # estimated peak bytes while ingesting it
+
+
+# Peak bytes per decoded pixel while a series is ingested: the decoded frames (up to float64
+# for rescaled non-CT data), the output volume, and compression buffers.
+BYTES_PER_PIXEL = 16
+
+
+def estimate_memory(index: dict[str, dict], files: list[str]) -> int:
+    """Estimated peak memory (bytes) to ingest ``files``, from their headers.
+
+    >>> estimate_memory({"a": {"pixels": 512 * 512}, "b": {"pixels": 512 * 512}}, ["a", "b"])
+    8388608
+    """
+    return BYTES_PER_PIXEL * sum(int(index[f].get("pixels", 0)) for f in files)
 
 
 @dataclass
@@ -139,7 +154,8 @@ def plan_series(
                 result.unchanged.append(image_key)
                 result.quarantine.extend(r for r in previous_quarantine if r.get("series_key") == image_key)
             else:
-                result.todo.append(SeriesPlan(image_key, [f], image_digest, modality, kind="image"))
+                result.todo.append(SeriesPlan(image_key, [f], image_digest, modality, kind="image",
+                                              memory=estimate_memory(index, [f])))
         files = [f for f in files if not index[f].get("planar")]
         if not files:
             continue
@@ -148,7 +164,7 @@ def plan_series(
             result.unchanged.append(key)  # with its quarantine rows (files dropped, parts refused)
             result.quarantine.extend(r for r in previous_quarantine if r.get("series_key") == key)
         else:
-            result.todo.append(SeriesPlan(key, files, digest, modality))
+            result.todo.append(SeriesPlan(key, files, digest, modality, memory=estimate_memory(index, files)))
     return result
 
 

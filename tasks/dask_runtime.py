@@ -36,16 +36,43 @@ def dask_client(address: str | None = None, *, n_workers: int = 2, threads_per_w
         yield client
 
 
-def run_all(client: Client, func: Callable, args: list[tuple], *, on_result: Callable | None = None) -> list:
+def worker_memory(client: Client) -> list[int]:
+    """Memory limit (bytes) of each worker; 0 where a worker has none."""
+    return [int(w.get("memory_limit") or 0) for w in client.scheduler_info()["workers"].values()]
+
+
+def run_all(client: Client, func: Callable, args: list[tuple], *, on_result: Callable | None = None,
+            weights: list[int] | None = None, budget: int | None = None) -> list:
     """Submit ``func(*a)`` for every ``a`` and gather results as they complete (order of completion).
 
-    ``on_result(done, total, result)`` is called after each one, e.g. to report progress.
+    With ``weights`` (e.g. estimated bytes) and a ``budget``, work is submitted only while the
+    weights in flight fit the budget (one item is always allowed), so that large series do
+    not run side by side and exhaust the workers' memory. ``on_result(done, total, result)``
+    is called after each one, e.g. to report progress.
     """
-    futures = [client.submit(func, *a, pure=False) for a in args]
+    weights = weights or [0] * len(args)
+    budget = budget if budget else None
+    pending = list(range(len(args)))
+    in_flight: dict = {}
     results = []
-    for done, fut in enumerate(as_completed(futures), start=1):
-        result = fut.result()
-        results.append(result)
+    queue = as_completed()
+
+    def fill():
+        while pending:
+            i = pending[0]
+            used = sum(weights[j] for j in in_flight.values())
+            if in_flight and budget is not None and used + weights[i] > budget:
+                return
+            pending.pop(0)
+            fut = client.submit(func, *args[i], pure=False)
+            in_flight[fut] = i
+            queue.add(fut)
+
+    fill()
+    for fut in queue:
+        results.append(fut.result())
+        del in_flight[fut]
         if on_result:
-            on_result(done, len(futures), result)
+            on_result(len(results), len(args), results[-1])
+        fill()
     return results

@@ -8,7 +8,7 @@ from prefect.logging import get_run_logger
 
 from storage.ingest import IngestOptions, ScanResult, SeriesPlan, ingest_series, plan_series, scan_source
 from storage.store import Store
-from tasks.dask_runtime import dask_client, run_all
+from tasks.dask_runtime import dask_client, run_all, worker_memory
 from tasks.retry import retry_transient
 
 
@@ -50,10 +50,37 @@ def ingest_series_task(source: str, store_root: str, plans: list[SeriesPlan], op
                  res.get("shape") or res.get("reason"))
 
     with dask_client(**dask) as client:
-        results = run_all(client, ingest_series, [(store_root, source, p, options) for p in plans], on_result=on_result)
+        limits = [m for m in worker_memory(client) if m]
+        budget = int(0.6 * sum(limits)) if limits else None  # leave room for the workers themselves
+        plans, too_big = split_by_memory(plans, limits)
+        results = [too_large(p, max(limits)) for p in too_big]
+        for res in results:
+            log.warning("ingest: %s quarantined: %s", res["series_key"], res["reason"])
+        results += run_all(client, ingest_series, [(store_root, source, p, options) for p in plans],
+                           on_result=on_result, weights=[p.memory for p in plans], budget=budget)
     n_ok = sum(r["status"] == "ingested" for r in results)
     log.info("ingest: %d series ingested, %d quarantined", n_ok, len(results) - n_ok)
     return results
+
+
+def split_by_memory(plans: list[SeriesPlan], limits: list[int]) -> tuple[list[SeriesPlan], list[SeriesPlan]]:
+    """(plans a worker can hold, plans too large for any worker: over 80% of the largest limit)."""
+    if not limits:
+        return plans, []
+    ceiling = 0.8 * max(limits)
+    return [p for p in plans if p.memory <= ceiling], [p for p in plans if p.memory > ceiling]
+
+
+def too_large(plan: SeriesPlan, worker_limit: int) -> dict:
+    """A series that no worker can hold: quarantined before it can OOM-kill one.
+
+    Its rows carry no digest, so a later run (perhaps with bigger workers) tries it again.
+    """
+    reason = (f"series too large for the Dask workers: about {plan.memory / 2**30:.1f} GiB to ingest, "
+              f"workers have {worker_limit / 2**30:.1f} GiB; use workers with more memory (run.dask)")
+    rows = [{"path": f, "reason": reason, "stage": "ingest", "series_key": plan.series_key} for f in plan.files]
+    return {"series_key": plan.series_key, "status": "quarantined", "parts": 0, "shape": None, "reason": reason,
+            "quarantine": rows, "seconds": 0.0}
 
 
 @task(name="record_quarantine")

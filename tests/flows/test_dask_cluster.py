@@ -66,3 +66,45 @@ def test_ingest_and_preprocess_on_an_existing_scheduler(dask_cluster, tmp_path, 
     assert ingested["ingested"] == cohort.n_patients
     assert prepared["computed"] == cohort.n_patients
     assert "ingest_series" in prefixes and "preprocess_series" in prefixes
+
+
+def _timed_sleep(weight, seconds):
+    start = time.monotonic()
+    time.sleep(seconds)
+    return weight, start, time.monotonic()
+
+
+def _overlap(a, b) -> bool:
+    return a[1] < b[2] and b[1] < a[2]
+
+
+def test_memory_budget_keeps_large_series_apart():
+    from distributed import LocalCluster
+
+    from tasks.dask_runtime import run_all
+
+    weights = [60, 60, 60, 10, 10]
+    with LocalCluster(n_workers=1, threads_per_worker=4, processes=False, dashboard_address=None) as cluster, \
+            Client(cluster) as client:
+        bounded = run_all(client, _timed_sleep, [(w, 0.3) for w in weights], weights=weights, budget=100)
+        unbounded = run_all(client, _timed_sleep, [(w, 0.3) for w in weights])
+    heavy = [r for r in bounded if r[0] == 60]
+    assert len(bounded) == 5 and len(heavy) == 3
+    assert not any(_overlap(a, b) for i, a in enumerate(heavy) for b in heavy[i + 1:])  # never two at once
+    assert any(_overlap(h, r) for h in heavy for r in bounded if r[0] == 10)  # small ones still fill the gaps
+    free = [r for r in unbounded if r[0] == 60]
+    assert any(_overlap(a, b) for i, a in enumerate(free) for b in free[i + 1:])  # without a budget they do
+
+
+def test_series_larger_than_any_worker_is_quarantined_not_run():
+    from storage.ingest import SeriesPlan
+    from tasks.ingest import split_by_memory, too_large
+
+    small = SeriesPlan("sa", ["a/1"], "d1", "CT", memory=100 * 2**20)
+    huge = SeriesPlan("sb", ["b/1", "b/2"], "d2", "CT", memory=9 * 2**30)
+    fits, too_big = split_by_memory([small, huge], [4 * 2**30, 4 * 2**30])
+    assert fits == [small] and too_big == [huge]
+    result = too_large(huge, 4 * 2**30)
+    assert result["status"] == "quarantined" and len(result["quarantine"]) == 2
+    assert "about 9.0 GiB to ingest, workers have 4.0 GiB" in result["reason"]
+    assert split_by_memory([small, huge], []) == ([small, huge], [])  # no limits known: run everything
