@@ -128,7 +128,7 @@ def run_medflow(folder: Path, store_root: Path, n_workers: int) -> dict:
         index = scan_source(str(folder), store, map_fn=map_fn, n_chunks=4 * n_workers)
         t_scan = time.perf_counter() - t0 - t_cluster
         plan = plan_series(index, pseudo=store.pseudonymizer(), catalog={}, previous_quarantine=[], options=options)
-        results = run_all(client, ingest_series, [(str(store.root), str(folder), p, options) for p in plan.todo])
+        results = run_all(client, ingest_series, [(store.url, str(folder), p, options) for p in plan.todo])
     total = time.perf_counter() - t0
     assert all(r["status"] == "ingested" for r in results), results
     return {"total": total, "cluster": t_cluster, "scan": t_scan, "ingest": total - t_cluster - t_scan}
@@ -145,7 +145,7 @@ def run_preprocess(store_root: Path, n_workers: int) -> tuple[float, int]:
     voxels = sum(int(np.prod(e["shape"])) for e in store.catalog().values())
     with dask_client(n_workers=n_workers) as client:
         t0 = time.perf_counter()
-        run_all(client, preprocess_series, [(str(store.root), k, steps, key) for k in store.catalog()])
+        run_all(client, preprocess_series, [(store.url, k, steps, key) for k in store.catalog()])
         return time.perf_counter() - t0, voxels
 
 

@@ -55,7 +55,7 @@ def _run_pipeline(spec_path: Path) -> dict:
         spec = load_spec(spec_path)
     except SpecError as exc:
         _fail_spec(exc)
-    settings.configure(Path(spec.data.store).parent)
+    settings.configure(Path(spec.runs_dir).parent)
     from flows.pipeline import pipeline
 
     return pipeline(str(spec_path))

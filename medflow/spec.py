@@ -75,7 +75,8 @@ class DataSpec(_Model):
     source: str = Field(description="Folder of DICOM files (any layout, any file names), or a DICOMweb "
                         "server: dicomweb://host:port/path (http) or dicomweb+https://host/path.")
     labels: LabelsSpec | None = Field(None, description="Labels for classification.")
-    store: str = Field(description="Zarr store folder (created if missing).")
+    store: str = Field(description="Zarr store: a folder, or an fsspec URL (s3://bucket/path, memory://name, "
+                       "file:///path); created if missing.")
     runs: str | None = Field(None, description="Folder of run outputs (default: `runs` beside the store).")
     split: SplitSpec = SplitSpec()
 
@@ -320,6 +321,7 @@ class PipelineSpec(_Model):
 
     @property
     def runs_dir(self) -> str:
+        """Run folders: ``data.runs``, else ``runs`` beside a local store (a URL store gets one at parse)."""
         return self.data.runs or str(Path(self.data.store).parent / "runs")
 
     def digest(self) -> str:
@@ -401,7 +403,8 @@ def parse_spec(data: Any, *, base_dir: str | Path = ".", check_paths: bool = Tru
         update={
             "source": _resolve(spec.data.source, base),
             "store": _resolve(spec.data.store, base),
-            "runs": _resolve(spec.data.runs, base),
+            # runs are local files; beside a local store by default, else beside the spec
+            "runs": _resolve(spec.data.runs or ("runs" if "://" in spec.data.store else None), base),
             "labels": labels.model_copy(update={"path": _resolve(labels.path, base)}) if labels else None,
         }
     )

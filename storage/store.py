@@ -1,4 +1,4 @@
-"""The medflow store: a Zarr v3 hierarchy in a local folder.
+"""The medflow store: a Zarr v3 hierarchy in a local folder or at any fsspec URL.
 
 Layout::
 
@@ -11,9 +11,11 @@ Layout::
       .medflow/secret                per-store HMAC secret (mode 0600); never copied elsewhere
       .medflow/scan_index.json.gz    pseudonymous header-scan cache (incremental ingest)
 
-A series is visible only once its catalog entry exists. Its data are written under
-``.tmp/`` and renamed into place before the catalog entry is written, so a crash never
-leaves half a series visible.
+A series is visible only once its catalog entry exists. In a local folder its data are
+written under ``.tmp/`` and renamed into place before the catalog entry is written. At a URL
+(``s3://``, ``gs://``, ``memory://``, ...), where there is no rename, the data are written in
+place first and the catalog entry last, in one PUT; a series without a catalog entry is
+absent. Either way a crash never leaves half a series visible.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import fsspec
 import numpy as np
 import zarr
 from filelock import FileLock, Timeout
@@ -58,16 +61,20 @@ class VolumeRef:
     path: str
 
     def open(self) -> zarr.Array:
-        return zarr.open_array(store=str(Path(self.store) / self.path), mode="r")
+        return zarr.open_array(store=f"{self.store}/{self.path}", mode="r")
 
     def read(self) -> np.ndarray:
         return self.open()[...]
 
 
+def _json(data: Any) -> bytes:
+    return json.dumps(data, indent=1, sort_keys=True, default=_json_default).encode()
+
+
 def _write_json_atomic(path: Path, data: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True, default=_json_default))
+    tmp.write_bytes(_json(data))
     os.replace(tmp, path)
 
 
@@ -87,17 +94,68 @@ class Store:
     """
 
     def __init__(self, root: str | Path, *, create: bool = True):
-        self.root = Path(root).expanduser().resolve()
-        if not (self.root / "zarr.json").exists():
+        root = str(root)
+        self.remote = "://" in root and not root.startswith("file://")
+        if self.remote:
+            self.fs, _ = fsspec.core.url_to_fs(root)
+            self.url = root.rstrip("/")
+            self.root = None
+        else:
+            self.root = Path(root.removeprefix("file://")).expanduser().resolve()
+            self.url = str(self.root)
+        if not self._exists("zarr.json"):
             if not create:
-                raise StoreError(f"no medflow store at {str(self.root)!r}; run an ingest first")
-            self.root.mkdir(parents=True, exist_ok=True)
-            zarr.open_group(store=str(self.root), mode="a", zarr_format=3, attributes={"medflow_store": 1})
-        for sub in ("series", "prep", "catalog", ".tmp", ".medflow"):
-            (self.root / sub).mkdir(exist_ok=True)
+                raise StoreError(f"no medflow store at {self.url!r}; run an ingest first")
+            if not self.remote:
+                self.root.mkdir(parents=True, exist_ok=True)
+            zarr.open_group(store=self.url, mode="a", zarr_format=3, attributes={"medflow_store": 1})
+        if not self.remote:
+            for sub in ("series", "prep", "catalog", ".tmp", ".medflow"):
+                (self.root / sub).mkdir(exist_ok=True)
 
     def __repr__(self) -> str:
-        return f"Store({str(self.root)!r})"
+        return f"Store({self.url!r})"
+
+    @property
+    def process_local(self) -> bool:
+        """True for ``memory://``: only threads of this process see it (no worker processes)."""
+        return self.url.startswith("memory://")
+
+    # -------------------------------------------------------------- raw files
+    def _exists(self, rel: str) -> bool:
+        return self.fs.exists(f"{self.url}/{rel}") if self.remote else (self.root / rel).exists()
+
+    def _read(self, rel: str) -> bytes | None:
+        try:
+            return self.fs.cat(f"{self.url}/{rel}") if self.remote else (self.root / rel).read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def _write(self, rel: str, data: bytes) -> None:
+        """Whole-file write: a rename in a folder, a single PUT at a URL."""
+        if self.remote:
+            self.fs.pipe(f"{self.url}/{rel}", data)
+            return
+        path = self.root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+
+    def _remove(self, rel: str) -> None:
+        if self.remote:
+            if self.fs.exists(f"{self.url}/{rel}"):
+                self.fs.rm(f"{self.url}/{rel}", recursive=True)
+        elif (self.root / rel).is_dir():
+            shutil.rmtree(self.root / rel)
+        else:
+            (self.root / rel).unlink(missing_ok=True)
+
+    def _names(self, folder: str, suffix: str) -> list[str]:
+        if self.remote:
+            found = self.fs.glob(f"{self.url}/{folder}/*{suffix}")
+            return sorted(Path(p).name for p in found)
+        return sorted(p.name for p in (self.root / folder).glob(f"*{suffix}"))
 
     # -------------------------------------------------------------------- lock
     @contextmanager
@@ -110,6 +168,9 @@ class Store:
         with a clear message is simpler and safer than merging. The lock is an OS file lock,
         so a killed process releases it.
         """
+        if self.remote:  # object stores have no locks: per-series writes are safe, see the module doc
+            yield
+            return
         lock = FileLock(str(self.root / ".medflow" / "writer.lock"), thread_local=False)
         holder = self.root / ".medflow" / "writer.json"
         try:
@@ -132,6 +193,14 @@ class Store:
     # ------------------------------------------------------------------ secret
     @property
     def secret(self) -> bytes:
+        if self.remote:
+            data = self._read(".medflow/secret")
+            if data is None:
+                self._write(".medflow/secret", secrets.token_bytes(32))
+                data = self._read(".medflow/secret")
+            if len(data) < 16:
+                raise StoreError(f"store secret of {self.url!r} is damaged ({len(data)} bytes)")
+            return data
         path = self.root / ".medflow" / "secret"
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -174,105 +243,108 @@ class Store:
         if image.ndim != 3:
             raise ValueError(f"Received an image of shape {image.shape}, expected (Z, Y, X).")
         self.drop_catalog_entry(key)
-        tmp = self._tmp_dir()
-        try:
-            group = zarr.open_group(store=str(tmp), mode="w", zarr_format=3)
-            arr = group.create_array(
-                "image",
-                shape=image.shape,
-                chunks=(1, *image.shape[1:]),
-                dtype=image.dtype,
-                compressors=[BloscCodec(**IMAGE_CODEC)],
-                fill_value=0,
-            )
-            arr[...] = image
-            arr.attrs.update({"spacing": entry["spacing"], "origin": entry["origin"], "direction": entry["direction"]})
-            group.attrs.update({"series_key": key, "modality": entry.get("modality")})
-            self._swap_into_place(tmp, self.root / "series" / key)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        _write_json_atomic(self.root / "catalog" / f"{key}.json", {**entry, "series_key": key})
-        return VolumeRef(str(self.root), f"series/{key}/image")
+        if self.remote:
+            self._remove(f"series/{key}")
+            self._write_series_group(f"{self.url}/series/{key}", key, image, entry)
+        else:
+            tmp = self._tmp_dir()
+            try:
+                self._write_series_group(str(tmp), key, image, entry)
+                self._swap_into_place(tmp, self.root / "series" / key)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+        self._write(f"catalog/{key}.json", _json({**entry, "series_key": key}))
+        return VolumeRef(self.url, f"series/{key}/image")
+
+    def _write_series_group(self, where: str, key: str, image: np.ndarray, entry: dict) -> None:
+        group = zarr.open_group(store=where, mode="w", zarr_format=3)
+        arr = group.create_array(
+            "image",
+            shape=image.shape,
+            chunks=(1, *image.shape[1:]),
+            dtype=image.dtype,
+            compressors=[BloscCodec(**IMAGE_CODEC)],
+            fill_value=0,
+        )
+        arr[...] = image
+        arr.attrs.update({"spacing": entry["spacing"], "origin": entry["origin"], "direction": entry["direction"]})
+        group.attrs.update({"series_key": key, "modality": entry.get("modality")})
 
     def drop_catalog_entry(self, key: str) -> None:
-        (self.root / "catalog" / f"{key}.json").unlink(missing_ok=True)
+        self._remove(f"catalog/{key}.json")
 
     def catalog(self) -> dict[str, dict]:
         """Complete series by key."""
         out = {}
-        for path in sorted((self.root / "catalog").glob("*.json")):
-            entry = json.loads(path.read_text())
-            out[entry["series_key"]] = entry
+        for name in self._names("catalog", ".json"):
+            data = self._read(f"catalog/{name}")
+            if data is not None and not name.startswith("."):
+                entry = json.loads(data)
+                out[entry["series_key"]] = entry
         return out
 
     def catalog_entry(self, key: str) -> dict:
-        path = self.root / "catalog" / f"{key}.json"
-        if not path.exists():
+        data = self._read(f"catalog/{key}.json")
+        if data is None:
             raise SeriesNotFoundError(f"no complete series {key!r} in {self}")
-        return json.loads(path.read_text())
+        return json.loads(data)
 
     def image_ref(self, key: str) -> VolumeRef:
-        if not (self.root / "catalog" / f"{key}.json").exists():
+        if not self._exists(f"catalog/{key}.json"):
             raise SeriesNotFoundError(f"no complete series {key!r} in {self}")
-        return VolumeRef(str(self.root), f"series/{key}/image")
+        return VolumeRef(self.url, f"series/{key}/image")
 
     def read_image(self, key: str) -> np.ndarray:
         return self.image_ref(key).read()
 
     # -------------------------------------------------------------- quarantine
     def quarantine(self) -> list[dict]:
-        path = self.root / "quarantine.json"
-        return json.loads(path.read_text()) if path.exists() else []
+        data = self._read("quarantine.json")
+        return json.loads(data) if data is not None else []
 
     def write_quarantine(self, rows: list[dict]) -> None:
         rows = sorted(rows, key=lambda r: (r.get("path", ""), r.get("reason", "")))
-        _write_json_atomic(self.root / "quarantine.json", rows)
+        self._write("quarantine.json", _json(rows))
 
     # -------------------------------------------------------------- scan index
     def scan_index(self) -> dict[str, dict]:
-        path = self.root / ".medflow" / "scan_index.json.gz"
-        if not path.exists():
-            return {}
-        with gzip.open(path, "rt") as fh:
-            return json.load(fh)
+        data = self._read(".medflow/scan_index.json.gz")
+        return json.loads(gzip.decompress(data)) if data is not None else {}
 
     def write_scan_index(self, index: dict[str, dict]) -> None:
-        path = self.root / ".medflow" / "scan_index.json.gz"
-        tmp = path.with_name(f".{uuid.uuid4().hex}.tmp")
-        with gzip.open(tmp, "wt") as fh:
-            json.dump(index, fh)
-        os.replace(tmp, path)
+        self._write(".medflow/scan_index.json.gz", gzip.compress(json.dumps(index).encode(), compresslevel=3))
 
     # -------------------------------------------------------------------- prep
     def prep_ref(self, prep_key: str, series_key: str) -> VolumeRef:
-        return VolumeRef(str(self.root), f"prep/{prep_key}/{series_key}")
+        return VolumeRef(self.url, f"prep/{prep_key}/{series_key}")
 
     def prep_attrs(self, prep_key: str, series_key: str) -> dict | None:
         """Attributes of a prepared array, or None when it is absent."""
-        meta = self.root / "prep" / prep_key / series_key / "zarr.json"
-        if not meta.exists():
-            return None
-        return json.loads(meta.read_text()).get("attributes", {})
+        data = self._read(f"prep/{prep_key}/{series_key}/zarr.json")
+        return json.loads(data).get("attributes", {}) if data is not None else None
 
     def write_prep(self, prep_key: str, series_key: str, array: np.ndarray, attrs: dict) -> VolumeRef:
-        """Write a model-ready array atomically (one chunk: it is always read whole)."""
-        tmp = self._tmp_dir()
-        try:
-            arr = zarr.create_array(
-                store=str(tmp),
-                shape=array.shape,
-                chunks=array.shape,
-                dtype=array.dtype,
-                compressors=[BloscCodec(**PREP_CODEC)],
-                zarr_format=3,
-                attributes=attrs,
-            )
+        """Write a model-ready array whole (one chunk: it is always read whole)."""
+        rel = f"prep/{prep_key}/{series_key}"
+
+        def write(where: str) -> None:
+            arr = zarr.create_array(store=where, shape=array.shape, chunks=array.shape, dtype=array.dtype,
+                                    compressors=[BloscCodec(**PREP_CODEC)], zarr_format=3, attributes=attrs,
+                                    overwrite=True)
             arr[...] = array
-            self._swap_into_place(tmp, self.root / "prep" / prep_key / series_key)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+
+        if self.remote:  # zarr.json holds the source digest and is written last: a partial array is stale
+            self._remove(rel)
+            write(f"{self.url}/{rel}")
+        else:
+            tmp = self._tmp_dir()
+            try:
+                write(str(tmp))
+                self._swap_into_place(tmp, self.root / "prep" / prep_key / series_key)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
         return self.prep_ref(prep_key, series_key)
 
     def read_prep(self, prep_key: str, series_key: str) -> np.ndarray:

@@ -14,8 +14,10 @@ logger = logging.getLogger(__name__)
 
 
 @contextmanager
-def dask_client(address: str | None = None, *, n_workers: int = 2, threads_per_worker: int = 1) -> Iterator[Client]:
-    """Connect to ``address`` or start a ``LocalCluster`` of worker processes (no dashboard)."""
+def dask_client(address: str | None = None, *, n_workers: int = 2, threads_per_worker: int = 1,
+                processes: bool = True) -> Iterator[Client]:
+    """Connect to ``address`` or start a ``LocalCluster`` (worker processes, or threads when
+    ``processes`` is False; no dashboard)."""
     for name in ("distributed", "distributed.scheduler", "distributed.nanny", "distributed.core"):
         logging.getLogger(name).setLevel(logging.WARNING)
     if address:
@@ -27,7 +29,7 @@ def dask_client(address: str | None = None, *, n_workers: int = 2, threads_per_w
     with LocalCluster(
         n_workers=n_workers,
         threads_per_worker=threads_per_worker,
-        processes=True,
+        processes=processes,
         dashboard_address=None,
         local_directory=local_dir,
         silence_logs=logging.WARNING,
@@ -76,3 +78,17 @@ def run_all(client: Client, func: Callable, args: list[tuple], *, on_result: Cal
             on_result(len(results), len(args), results[-1])
         fill()
     return results
+
+
+def cluster_options(dask: dict, store) -> dict:
+    """``dask_client`` keyword arguments for a store: threads only for a process-local store.
+
+    Raises:
+        ValueError: a process-local store (``memory://``) with an external scheduler.
+    """
+    if store.process_local:
+        if dask.get("address"):
+            raise ValueError(f"store {store.url!r} lives in this process only; it cannot be used with "
+                             "run.dask.address (use a folder or an object-store URL)")
+        return {**dask, "processes": False}
+    return dict(dask)

@@ -8,7 +8,7 @@ from prefect.logging import get_run_logger
 
 from storage.ingest import IngestOptions, ScanResult, SeriesPlan, ingest_series, plan_series, scan_source
 from storage.store import Store
-from tasks.dask_runtime import dask_client, run_all, worker_memory
+from tasks.dask_runtime import cluster_options, dask_client, run_all, worker_memory
 from tasks.retry import retry_transient
 
 
@@ -49,7 +49,7 @@ def ingest_series_task(source: str, store_root: str, plans: list[SeriesPlan], op
         log.info("ingest %d/%d: %s %s %s", done, total, res["series_key"], res["status"],
                  res.get("shape") or res.get("reason"))
 
-    with dask_client(**dask) as client:
+    with dask_client(**cluster_options(dask, Store(store_root))) as client:
         limits = [m for m in worker_memory(client) if m]
         budget = int(0.6 * sum(limits)) if limits else None  # leave room for the workers themselves
         plans, too_big = split_by_memory(plans, limits)

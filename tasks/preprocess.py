@@ -7,7 +7,7 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.logging import get_run_logger
 
 from storage.store import Store
-from tasks.dask_runtime import dask_client, run_all
+from tasks.dask_runtime import cluster_options, dask_client, run_all
 from tasks.preprocessing import preprocess_series, steps_key
 from tasks.retry import retry_transient
 
@@ -38,7 +38,7 @@ def preprocess_task(store_root: str, steps: list[tuple[str, dict]], dask: dict) 
     def on_result(done, n, res):
         update_progress_artifact(progress, 100.0 * done / n)
 
-    with dask_client(**dask) as client:
+    with dask_client(**cluster_options(dask, Store(store_root))) as client:
         run_all(client, preprocess_series, [(store_root, k, steps, prep_key) for k in todo], on_result=on_result)
     log.info("preprocess: %d series computed, %d reused (prep/%s)", len(todo), total - len(todo), prep_key)
     return {"prep_key": prep_key, "computed": len(todo), "reused": total - len(todo)}

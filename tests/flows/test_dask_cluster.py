@@ -108,3 +108,27 @@ def test_series_larger_than_any_worker_is_quarantined_not_run():
     assert result["status"] == "quarantined" and len(result["quarantine"]) == 2
     assert "about 9.0 GiB to ingest, workers have 4.0 GiB" in result["reason"]
     assert split_by_memory([small, huge], []) == ([small, huge], [])  # no limits known: run everything
+
+
+def test_flows_with_a_memory_store_use_threads(tmp_path, prefect_harness):
+    import uuid
+
+    from storage.store import Store
+
+    cohort = synthesize(tmp_path / "cohort", patients=3, seed=9, matrix=32)
+    spec = yaml.safe_load(DEMO_SPEC.format(seed=9, epochs=1))
+    url = f"memory://medflow-flow-{uuid.uuid4().hex}/store.zarr"
+    spec["data"]["store"] = url
+    spec["preprocess"][-1] = {"crop_pad": {"shape": [16, 24, 24], "value": 0}}
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    assert ingest_flow(str(path))["ingested"] == cohort.n_patients
+    assert preprocess_flow(str(path))["computed"] == cohort.n_patients
+    assert len(Store(url).catalog()) == cohort.n_patients
+    assert ingest_flow(str(path))["ingested"] == 0  # incremental there too
+
+    spec["run"]["dask"] = {"address": "tcp://127.0.0.1:1"}
+    spec["data"]["store"] = f"memory://medflow-flow-{uuid.uuid4().hex}/store.zarr"  # fresh: work to do
+    path.write_text(yaml.safe_dump(spec))
+    with pytest.raises(ValueError, match="lives in this process only"):
+        ingest_flow(str(path))
