@@ -35,6 +35,18 @@ def ingested_files(store: Store) -> set[str]:
     return out
 
 
+def new_instance(sop_class: str) -> Dataset:
+    """An empty dataset with file meta for a new instance of ``sop_class`` (explicit VR little endian)."""
+    ds = Dataset()
+    sop = generate_uid()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = sop_class
+    ds.file_meta.MediaStorageSOPInstanceUID = sop
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID, ds.SOPInstanceUID = sop_class, sop
+    return ds
+
+
 def write_ct_series(folder: Path, volume_stored: np.ndarray, *, positions, orientation=(1, 0, 0, 0, 1, 0),
                     pixel_spacing=(0.8, 0.7), slope=1.0, intercept=-1024.0, instance_numbers=None,
                     names=None, slice_thickness=None, series_uid=None) -> list[Path]:
@@ -44,13 +56,7 @@ def write_ct_series(folder: Path, volume_stored: np.ndarray, *, positions, orien
     study_uid = generate_uid()
     paths = []
     for k, pos in enumerate(positions):
-        ds = Dataset()
-        sop = generate_uid()
-        ds.file_meta = FileMetaDataset()
-        ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
-        ds.file_meta.MediaStorageSOPInstanceUID = sop
-        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, sop
+        ds = new_instance(CTImageStorage)
         ds.PatientID, ds.PatientName = "TESTPID", "TEST^PATIENT"
         ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid, series_uid
         ds.Modality = "CT"

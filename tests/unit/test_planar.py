@@ -6,24 +6,17 @@ import shutil
 
 import numpy as np
 import pydicom
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import generate_uid
 from skimage.color import rgb2gray
 
 from storage.ingest import IngestOptions
-from tests.helpers import ingest_serial
+from tests.helpers import ingest_serial, new_instance
 
 CR_STORAGE = "1.2.840.10008.5.1.4.1.1.1"
 
 
 def _write_cr(path, pixels, *, series_uid, photometric="MONOCHROME1"):
-    ds = Dataset()
-    sop = generate_uid()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.MediaStorageSOPClassUID = CR_STORAGE
-    ds.file_meta.MediaStorageSOPInstanceUID = sop
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.SOPClassUID, ds.SOPInstanceUID = CR_STORAGE, sop
+    ds = new_instance(CR_STORAGE)
     ds.PatientID, ds.StudyInstanceUID, ds.SeriesInstanceUID = "P1", generate_uid(), series_uid
     ds.Modality = "CR"
     ds.Rows, ds.Columns = pixels.shape
