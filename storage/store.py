@@ -4,7 +4,7 @@ Layout::
 
     store.zarr/
       zarr.json                      root group
-      series/<series_key>/image      volume (Z, Y, X); CT as int16 HU; chunks of one slice
+      series/<series_key>/image      volume (Z, Y, X); CT as int16 HU; one-slice chunks in 64-slice shards
       prep/<prep_key>/<series_key>   model-ready float32 arrays
       catalog/<series_key>.json      one entry per complete series (written last)
       quarantine.json                one row per file that could not be used, with the reason
@@ -50,6 +50,11 @@ logger = logging.getLogger(__name__)
 # at 260 MB/s and reads back at ~280 MB/s; lz4-5 compresses to 2.16x at 350 MB/s and reads
 # back 3x faster. Reads happen every preprocessing run and every slice-wise epoch.
 IMAGE_CODEC = {"cname": "lz4", "clevel": 5, "shuffle": "bitshuffle"}
+# Images are read a slice at a time (inner chunks of one slice) but stored in shards of up to
+# 64 slices: one file (or object) per shard instead of per slice. On a 200x512x512 CT this
+# writes 40% faster (0.16 s vs 0.27 s), with 5 files instead of 201, and still reads a random
+# slice in ~1.8 ms (1.4 ms unsharded).
+SHARD_SLICES = 64
 PREP_CODEC = {"cname": "lz4", "clevel": 5, "shuffle": "shuffle"}
 
 
@@ -263,6 +268,7 @@ class Store:
             "image",
             shape=image.shape,
             chunks=(1, *image.shape[1:]),
+            shards=(min(SHARD_SLICES, image.shape[0]), *image.shape[1:]),
             dtype=image.dtype,
             compressors=[BloscCodec(**IMAGE_CODEC)],
             fill_value=0,
