@@ -188,27 +188,27 @@ def series_geometry(
 
 
 # -------------------------------------------------------------------------- pixels
-def read_slice(path: str | Path) -> pydicom.Dataset:
-    """Read one file with its pixels; raise UnreadableFileError with the decoder's reason."""
+def read_slice(path: str | Path) -> tuple[pydicom.Dataset, np.ndarray]:
+    """Read one file and decode its pixels (once); raise UnreadableFileError with the decoder's reason."""
     try:
         ds = pydicom.dcmread(path)
-        ds.pixel_array  # decode now, so that a damaged file fails here
+        return ds, ds.pixel_array  # decode now, so that a damaged file fails here
     except Exception as exc:
         reason = " ".join(f"{type(exc).__name__}: {exc}".split())  # decoders' reasons on one line
         raise UnreadableFileError(f"cannot decode pixel data: {reason}") from exc
-    return ds
 
 
-def to_physical(ds: pydicom.Dataset, *, color: str = "quarantine") -> np.ndarray:
+def to_physical(ds: pydicom.Dataset, *, color: str = "quarantine", pixels: np.ndarray | None = None) -> np.ndarray:
     """The frame's pixels in physical units (RescaleSlope/RescaleIntercept or a modality LUT).
 
     MONOCHROME1 is inverted so that, as in MONOCHROME2, higher values are brighter. Colour
     images (RGB, or YBR which pydicom converts to RGB) become luminance with
     ``skimage.color.rgb2gray`` in the stored value range when ``color="grayscale"``; with
     ``color="quarantine"`` they raise InvalidSeriesError. Integer data with slope 1 and an
-    integral intercept (most CT) stays integer; anything else is float64.
+    integral intercept (most CT) stays integer; anything else is float64. ``pixels``: the
+    already decoded frame, if there is one.
     """
-    arr = ds.pixel_array
+    arr = ds.pixel_array if pixels is None else pixels
     if int(ds.get("SamplesPerPixel", 1) or 1) > 1:
         return to_gray(arr, str(ds.get("PhotometricInterpretation", "RGB")), color=color)
     if "ModalityLUTSequence" in ds:
@@ -266,7 +266,8 @@ def _functional_group(ds: pydicom.Dataset, frame: int, sequence: str):
     return None
 
 
-def split_frames(ds: pydicom.Dataset, *, color: str = "quarantine") -> list[tuple[pydicom.Dataset, np.ndarray]]:
+def split_frames(ds: pydicom.Dataset, *, color: str = "quarantine",
+                 pixels: np.ndarray | None = None) -> list[tuple[pydicom.Dataset, np.ndarray]]:
     """The frames of an enhanced multi-frame image as ``(frame header, physical pixels)``.
 
     Each frame header carries ImagePositionPatient, ImageOrientationPatient, PixelSpacing and
@@ -280,7 +281,8 @@ def split_frames(ds: pydicom.Dataset, *, color: str = "quarantine") -> list[tupl
     if "PerFrameFunctionalGroupsSequence" not in ds:
         raise InvalidSeriesError(f"multi-frame image ({n} frames) without per-frame functional groups: "
                                  "no position for each frame")
-    pixels = ds.pixel_array.reshape(n, *ds.pixel_array.shape[-2 - (ds.pixel_array.ndim == 4):][:2], -1)
+    decoded = ds.pixel_array if pixels is None else pixels
+    pixels = decoded.reshape(n, *decoded.shape[-2 - (decoded.ndim == 4):][:2], -1)
     pixels = pixels[..., 0] if pixels.shape[-1] == 1 else pixels
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
     bits = int(ds.get("BitsStored", 16) or 16)

@@ -197,13 +197,13 @@ def ingest_series(store_root: str, source: str, plan: SeriesPlan, options: Inges
     slices: list[_Slice] = []
     for relpath in plan.files:
         try:
-            ds = read_slice(Path(source) / relpath)
+            ds, decoded = read_slice(Path(source) / relpath)
             if int(ds.get("NumberOfFrames", 1) or 1) > 1:  # enhanced multi-frame: one slice per frame
-                frames = split_frames(ds, color=options.color)
+                frames = split_frames(ds, color=options.color, pixels=decoded)
                 slices.extend(_Slice(relpath, frame, values) for frame, values in frames)
                 continue
             check_image(ds, planar=plan.kind == "image")
-            pixels = to_physical(ds, color=options.color)
+            pixels = to_physical(ds, color=options.color, pixels=decoded)
         except (ValueError, TypeError, AttributeError, KeyError) as exc:  # malformed header values
             if isinstance(exc, InvalidSeriesError):
                 recorded = {r["path"] for r in rows}
