@@ -31,6 +31,24 @@ def evaluate_predictions(df: pd.DataFrame, *, threshold_method, metric_names: li
     return result
 
 
+def explain_test_cases(model_path: str, loader, df: pd.DataFrame, threshold: float, run_dir: Path, log) -> None:
+    """Grad-CAM for a few test cases (errors first) into ``explain.npz``, for the report."""
+    from models.explain import explain_cases, select_cases
+
+    rows = df[df["split"] == "test"][["series_key", "label", "score"]].to_dict("records")
+    try:
+        cases = explain_cases(model_path, loader, select_cases(rows, threshold))
+    except NotImplementedError as exc:
+        log.warning("no Grad-CAM examples: %s", exc)
+        return
+    np.savez_compressed(
+        run_dir / "explain.npz",
+        images=np.stack([c["image"] for c in cases]), cams=np.stack([c["cam"] for c in cases]),
+        meta=np.array(json.dumps([{k: c[k] for k in ("series_key", "label", "score", "z")} for c in cases])),
+    )
+    log.info("Grad-CAM for %d test case(s)", len(cases))
+
+
 @task(name="evaluate_model")
 def evaluate_model_task(spec, run_dir: str, prep_key: str, split_csv: str, model_path: str) -> dict:
     """Predict every split, choose the threshold on validation, score the test split.
@@ -49,6 +67,7 @@ def evaluate_model_task(spec, run_dir: str, prep_key: str, split_csv: str, model
                                   bootstrap=ev.bootstrap, seed=spec.train.seed)
     df["prediction"] = (df["score"] >= result["threshold"]).astype(int)
     df.to_csv(Path(run_dir) / "predictions.csv", index=False)
+    explain_test_cases(model_path, lambda k: store.read_prep(prep_key, k), df, result["threshold"], Path(run_dir), log)
     (Path(run_dir) / "metrics.json").write_text(json.dumps(result, indent=1, default=float))
     t = result["test"]
     log.info("test: AUC %.3f, accuracy %.3f, sensitivity %.3f, specificity %.3f at threshold %.3f (n=%d)",

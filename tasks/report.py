@@ -8,6 +8,7 @@ import time
 from importlib import metadata
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 from prefect import task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
@@ -46,6 +47,13 @@ def split_counts(df: pd.DataFrame) -> list[dict]:
     return rows
 
 
+def _load_explain(path: Path) -> dict | None:
+    if not path.exists():
+        return None
+    with np.load(path) as data:
+        return {"images": data["images"], "cams": data["cams"], "meta": json.loads(str(data["meta"]))}
+
+
 def _artifact_key(text: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in text.lower()).strip("-")[:60]
 
@@ -80,7 +88,7 @@ def render_report_task(spec, run_dir: str, prep_key: str, stage_seconds: dict[st
         cohort={"series": len(catalog), "labelled": len(preds), "patients": int(preds["patient_key"].nunique())},
         split_counts=counts, quarantine=quarantine, history=training["history"], evaluation=evaluation,
         predictions=preds, provenance=provenance, metric_names=evaluation["metrics"],
-        qc=qc_summary(catalog, quarantine),
+        qc=qc_summary(catalog, quarantine), explain=_load_explain(run_dir / "explain.npz"),
     )
     report = run_dir / "report.html"
     report.write_text(render_html(context))

@@ -75,6 +75,20 @@ def plot_scores(y_true, score, threshold: float) -> str:
     return _png(fig)
 
 
+def plot_gradcam(images: np.ndarray, cams: np.ndarray, meta: list[dict], threshold: float) -> str:
+    """Each case's slice with its Grad-CAM overlaid (where the model looked)."""
+    n = len(meta)
+    fig, axes = plt.subplots(1, n, figsize=(3.2 * n, 3.4), squeeze=False)
+    for ax, image, cam, case in zip(axes[0], images, cams, meta):
+        ax.imshow(image, cmap="gray")
+        ax.imshow(cam, cmap="jet", alpha=0.35, vmin=0, vmax=1)
+        truth = "positive" if case["label"] else "negative"
+        verdict = "correct" if (case["score"] >= threshold) == bool(case["label"]) else "ERROR"
+        ax.set_title(f"{truth}, score {case['score']:.2f} ({verdict})\nslice {case['z']}", fontsize=9)
+        ax.axis("off")
+    return _png(fig)
+
+
 def quarantine_summary(rows: list[dict]) -> list[dict]:
     """Counts of quarantined files by reason (reasons shortened to their first clause)."""
     counts = Counter(r["reason"].split(" (")[0].split(":")[0] for r in rows)
@@ -122,7 +136,7 @@ def render_html(context: dict) -> str:
 
 def build_context(*, name: str, run_id: str, cohort: dict, split_counts: list[dict], quarantine: list[dict],
                   history: dict, evaluation: dict, predictions, provenance: dict, metric_names: list[str],
-                  qc: list[dict] | None = None) -> dict:
+                  qc: list[dict] | None = None, explain: dict | None = None) -> dict:
     """Everything the template needs; plots are rendered here."""
     test = predictions[predictions["split"] == "test"]
     y, s = test["label"].to_numpy(), test["score"].to_numpy()
@@ -144,6 +158,7 @@ def build_context(*, name: str, run_id: str, cohort: dict, split_counts: list[di
             "roc": plot_roc(y, s, m["auc"]) if len(np.unique(y)) == 2 else None,
             "confusion": plot_confusion(y, s, thr),
             "scores": plot_scores(y, s, thr),
+            "gradcam": plot_gradcam(explain["images"], explain["cams"], explain["meta"], thr) if explain else None,
         },
         "provenance": provenance,
     }

@@ -41,7 +41,7 @@ def test_pipeline_end_to_end_then_rerun_reuses_everything(tiny, prefect_harness)
     first = pipeline(str(tiny))
     run = first["run_dir"]
     for name in ("report.html", "model.keras", "predictions.csv", "metrics.json", "provenance.json", "split.csv",
-                 "checkpoints/last.keras", "history.csv", "spec.yaml"):
+                 "checkpoints/last.keras", "history.csv", "spec.yaml", "explain.npz"):
         assert (tiny.parent / "runs" / run.split("/")[-1] / name).exists(), name
 
     preds = pd.read_csv(f"{run}/predictions.csv")
@@ -59,7 +59,12 @@ def test_pipeline_end_to_end_then_rerun_reuses_everything(tiny, prefect_harness)
 
     html = open(f"{run}/report.html").read()
     assert f"<td>{metrics['test']['accuracy']:.3f}</td>" in html
-    assert html.count("data:image/png;base64,") >= 4
+    assert html.count("data:image/png;base64,") >= 5
+    assert 'alt="Grad-CAM examples"' in html
+    with np.load(f"{run}/explain.npz") as explained:
+        meta = json.loads(str(explained["meta"]))
+        assert explained["cams"].shape == explained["images"].shape and len(meta) >= 2
+        assert {m["series_key"] for m in meta} <= set(test["series_key"])
     assert re.search(r"not a DICOM file</td><td>2</td>", html)
     assert "ZQXCANARY" not in html
 

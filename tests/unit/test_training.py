@@ -61,3 +61,32 @@ def test_interrupted_training_resumes_from_last_epoch(tmp_path, monkeypatch):
 
     again = _train(tmp_path / "cut", data, labels)  # a finished run is not trained again
     assert again["epochs_trained"] == 0
+
+
+def test_grad_cam_points_at_the_finding(tmp_path):
+    import keras
+
+    from models.explain import grad_cam
+
+    data, labels = _blobs(n=40, seed=1)
+    keys = sorted(data, key=lambda k: int(k[1:]))
+    from models.training import train_classifier
+
+    train_classifier(
+        loader=data.__getitem__, train_keys=keys[:32], train_labels=labels[:32], val_keys=keys[32:],
+        val_labels=labels[32:], input_shape=(8, 16, 16, 1), arch="cnn3d", params={"filters": [8, 16]},
+        train={"seed": 0, "optimizer": "adam", "learning_rate": 0.01, "batch_size": 4, "epochs": 12,
+               "early_stopping": None, "reduce_lr": None, "class_weight": "balanced", "mixed_precision": False},
+        augment={}, run_dir=tmp_path,
+    )
+    model = keras.models.load_model(tmp_path / "model.keras", compile=False)
+    hits = 0
+    positives = [k for k in keys[32:] if labels[int(k[1:])] == 1]
+    for key in positives:
+        volume = data[key]
+        cam = grad_cam(model, volume)
+        assert cam.shape == volume.shape and cam.max() == pytest.approx(1.0)
+        peak = np.unravel_index(np.argmax(cam), cam.shape)
+        blob = np.argwhere(volume == 1.0).mean(axis=0)
+        hits += np.abs(np.asarray(peak) - blob).max() <= 3
+    assert hits >= len(positives) - 1  # the heat map sits on the bright cube
