@@ -103,7 +103,7 @@ class Geometry:
     """Where a volume lies in patient space (LPS, mm).
 
     Attributes:
-        order: indices that sort the input slices along the slice normal.
+        order: indices that sort the input slices along the slice normal (one slice: ``(0,)``).
         spacing: (z, y, x) voxel spacing; z measured between slice positions.
         origin: position of voxel (0, 0, 0).
         direction: 3x3, row i is the patient-space direction of array axis i.
@@ -131,60 +131,6 @@ def slice_normal(orientation) -> np.ndarray:
     if norm < 1e-6:
         raise InvalidSeriesError("ImageOrientationPatient row and column directions are parallel")
     return n / norm
-
-
-def series_geometry(
-    positions, orientations, pixel_spacing, *, slice_thickness: float | None = None, tolerance: float = 0.1
-) -> Geometry:
-    """Sort slices along the slice normal and measure the spacing between them.
-
-    Args:
-        positions: (N, 3) ImagePositionPatient of each slice, in input order.
-        orientations: (N, 6) ImageOrientationPatient of each slice.
-        pixel_spacing: PixelSpacing (row spacing, column spacing) in mm.
-        slice_thickness: used as z spacing for a single slice.
-        tolerance: largest relative deviation of a gap from the median gap.
-
-    Raises:
-        InvalidSeriesError: mixed orientations, duplicate positions or non-uniform spacing.
-    """
-    pos = np.asarray(positions, dtype=float).reshape(-1, 3)
-    iops = np.asarray(orientations, dtype=float).reshape(-1, 6)
-    if np.abs(iops - iops[0]).max() > 1e-4:
-        raise InvalidSeriesError("mixed ImageOrientationPatient within the series")
-    normal = slice_normal(iops[0])
-    along = pos @ normal
-    order = np.argsort(along, kind="stable")
-    along = along[order]
-    row_dir, col_dir = iops[0][:3], iops[0][3:]
-    if len(along) > 1:
-        gaps = np.diff(along)
-        if gaps.min() < 1e-3:
-            raise InvalidSeriesError(f"{int((gaps < 1e-3).sum())} duplicate slice position(s)")
-        dz = float(np.median(gaps))
-        deviation = float(np.abs(gaps - dz).max() / dz)
-        if deviation > tolerance:
-            raise InvalidSeriesError(
-                f"non-uniform slice spacing: gaps from {gaps.min():.3g} to {gaps.max():.3g} mm "
-                f"(median {dz:.3g}, deviation {deviation:.0%} > tolerance {tolerance:.0%}; missing slices?)"
-            )
-        # in-plane offsets between slices that are not along the normal mean a tilted stack
-        lateral = (pos[order][-1] - pos[order][0]) - (along[-1] - along[0]) * normal
-        if np.linalg.norm(lateral) > 0.05 * (along[-1] - along[0]) + 1e-3:
-            raise InvalidSeriesError(
-                "slice positions are not along the slice normal (gantry tilt or sheared stack is not supported yet)"
-            )
-    else:
-        dz = float(slice_thickness or 1.0)
-        deviation = 0.0
-    ps = [float(v) for v in pixel_spacing]
-    return Geometry(
-        order=tuple(int(i) for i in order),
-        spacing=(dz, ps[0], ps[1]),
-        origin=tuple(float(v) for v in pos[order][0]),
-        direction=(tuple(normal.tolist()), tuple(col_dir.tolist()), tuple(row_dir.tolist())),
-        spacing_deviation=deviation,
-    )
 
 
 # -------------------------------------------------------------------------- pixels

@@ -5,57 +5,43 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from storage.dicom import series_geometry, slice_normal, to_physical
-from storage.errors import InvalidSeriesError
+from storage.dicom import slice_normal, to_physical
 from storage.ingest import IngestOptions
 from tests.helpers import ingest_serial, write_ct_series
 
 AXIAL = (1, 0, 0, 0, 1, 0)
 
 
-def test_sorts_shuffled_slices_by_position_along_normal():
-    z = np.array([10.0, 2.5, 7.5, 0.0, 5.0])
-    pos = [(-100, -120, v) for v in z]
-    geo = series_geometry(pos, [AXIAL] * 5, (0.7, 0.8))
-    assert [z[i] for i in geo.order] == sorted(z)
-    assert geo.spacing == (2.5, 0.7, 0.8)
-    assert geo.origin == (-100.0, -120.0, 0.0)
+def _ramp(n, size=4):
+    return np.stack([np.full((size, size), 1024 + 10 * k, dtype=np.uint16) for k in range(n)])  # HU = 10 * k
 
 
-def test_sagittal_series_sorts_along_x_not_z():
-    # rows along +y, columns along -z: the slice normal is -x
-    iop = (0, 1, 0, 0, 0, -1)
-    np.testing.assert_allclose(slice_normal(iop), [-1, 0, 0])
-    xs = [30.0, 10.0, 20.0]
-    geo = series_geometry([(x, 0, 0) for x in xs], [iop] * 3, (1.0, 1.0))
-    assert [xs[i] for i in geo.order] == [30.0, 20.0, 10.0]  # ascending along the normal (-x)
-    assert geo.spacing[0] == pytest.approx(10.0)
+def test_slice_normal_is_row_cross_column():
+    np.testing.assert_allclose(slice_normal(AXIAL), [0, 0, 1])
+    np.testing.assert_allclose(slice_normal((0, 1, 0, 0, 0, -1)), [-1, 0, 0])  # sagittal
 
 
-def test_spacing_is_measured_between_positions_not_taken_from_thickness():
-    geo = series_geometry([(0, 0, 1.25 * k) for k in range(6)], [AXIAL] * 6, (1, 1), slice_thickness=5.0)
-    assert geo.spacing[0] == pytest.approx(1.25)
+def test_sagittal_series_sorts_along_its_normal_not_z(tmp_path):
+    xs = [30.0, 10.0, 20.0]  # file k holds HU 10 * k
+    write_ct_series(tmp_path / "src", _ramp(3), positions=[(x, 0, 0) for x in xs], orientation=(0, 1, 0, 0, 0, -1),
+                    pixel_spacing=(1.0, 1.0))
+    out = ingest_serial(tmp_path / "src", tmp_path / "s.zarr")
+    (key, entry), = out["store"].catalog().items()
+    np.testing.assert_array_equal(out["store"].read_image(key)[:, 0, 0], [0, 20, 10])  # x = 30, 20, 10
+    assert entry["spacing"][0] == pytest.approx(10.0) and entry["origin"][0] == 30.0
+    assert entry["direction"][0] == [-1.0, 0.0, 0.0]
 
 
-def test_single_slice_uses_thickness():
-    assert series_geometry([(0, 0, 0)], [AXIAL], (1, 1), slice_thickness=3.0).spacing[0] == 3.0
+def test_spacing_is_measured_between_positions_not_taken_from_thickness(tmp_path):
+    write_ct_series(tmp_path / "src", _ramp(6), positions=[(0, 0, 1.25 * k) for k in range(6)], slice_thickness=5.0)
+    (entry,) = ingest_serial(tmp_path / "src", tmp_path / "s.zarr")["store"].catalog().values()
+    assert entry["spacing"][0] == pytest.approx(1.25)
 
 
-@pytest.mark.parametrize(
-    "positions, message",
-    [
-        ([(0, 0, 0), (0, 0, 0), (0, 0, 2)], "duplicate"),
-        ([(0, 0, 0), (0, 0, 2), (0, 0, 6), (0, 0, 8)], "non-uniform"),
-    ],
-)
-def test_bad_stacks_are_invalid(positions, message):
-    with pytest.raises(InvalidSeriesError, match=message):
-        series_geometry(positions, [AXIAL] * len(positions), (1, 1))
-
-
-def test_mixed_orientation_is_invalid():
-    with pytest.raises(InvalidSeriesError, match="mixed ImageOrientationPatient"):
-        series_geometry([(0, 0, 0), (0, 0, 1)], [AXIAL, (1, 0, 0, 0, 0, -1)], (1, 1))
+def test_single_slice_uses_thickness(tmp_path):
+    write_ct_series(tmp_path / "src", _ramp(1), positions=[(0, 0, 0)], slice_thickness=3.0)
+    (entry,) = ingest_serial(tmp_path / "src", tmp_path / "s.zarr")["store"].catalog().values()
+    assert entry["spacing"][0] == 3.0 and entry["shape"][0] == 1
 
 
 @pytest.mark.parametrize("slope, intercept", [(1.0, -1024.0), (2.0, -1000.0), (0.5, 0.0)])
