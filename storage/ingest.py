@@ -194,6 +194,8 @@ def ingest_series(store_root: str, source: str, plan: SeriesPlan, options: Inges
                 "shape": shapes[0] if shapes else None, "reason": None if shapes or not rows else rows[-1]["reason"],
                 "quarantine": rows, "seconds": time.perf_counter() - t0}
 
+    # the source changed: its earlier version (and any parts) must not outlive this attempt
+    store.withdraw_series(key)
     slices: list[_Slice] = []
     for relpath in plan.files:
         try:

@@ -280,6 +280,19 @@ class Store:
     def drop_catalog_entry(self, key: str) -> None:
         self._remove(f"catalog/{key}.json")
 
+    def withdraw_series(self, key: str) -> list[str]:
+        """Remove a series and the parts it was split into (``<key>g*``, ``<key>d*``); returns their keys.
+
+        Catalog entries go first, so nothing stale stays visible while the data are removed.
+        """
+        keys = [name[: -len(".json")] for name in self._names("catalog", ".json")]
+        gone = [k for k in keys if k == key or (k.startswith(key) and k[len(key):len(key) + 1] in ("g", "d"))]
+        for k in gone:
+            self.drop_catalog_entry(k)
+        for k in gone:
+            self._remove(f"series/{k}")
+        return gone
+
     def catalog(self) -> dict[str, dict]:
         """Complete series by key."""
         out = {}

@@ -94,6 +94,9 @@ def test_second_ingest_is_incremental(small_cohort, tmp_path):
     (src / victim).unlink()
     third = ingest_serial(src, root, IngestOptions(min_slices=8))
     assert [r["series_key"] for r in third["results"]] == [key]
+    # the old version is withdrawn, not left visible beside its quarantine rows
+    assert third["results"][0]["status"] == "quarantined"
+    assert key not in third["store"].catalog()
 
 
 def test_failed_write_leaves_no_partial_series(small_cohort, tmp_path, monkeypatch):

@@ -50,6 +50,9 @@ def test_duplicates(tmp_path):
     assert firsts == [0, 1000]
     # a re-run sees the split series as unchanged
     assert _ingest(tmp_path, "split", qc_duplicates="split")["results"] == []
+    # another policy re-ingests it: the two parts are withdrawn, one volume replaces them
+    merged = _ingest(tmp_path, "split", qc_duplicates="accept")["store"].catalog()
+    assert len(merged) == 1 and "parent" not in next(iter(merged.values()))
 
 
 def test_missing_slices(tmp_path):
