@@ -14,6 +14,7 @@ from tasks.ingest import (
     ingest_series_task,
     pull_dicomweb_task,
     record_quarantine_task,
+    masks_table,
     scan_source_task,
 )
 
@@ -38,7 +39,7 @@ def ingest_flow(spec: PipelineSpec | str) -> dict:
 def _ingest_folder(spec: PipelineSpec, source: str, *, merge: bool) -> dict:
     options = ingest_options(spec)
     retries = {"retries": spec.run.retries}
-    scan = scan_source_task.with_options(**retries)(source, spec.data.store, options)
+    scan = scan_source_task.with_options(**retries)(source, spec.data.store, options, masks_table(spec))
     results = ingest_series_task.with_options(**retries)(source, spec.data.store, scan.todo, options,
                                                          spec.run.dask.model_dump())
     n_quarantined = record_quarantine_task(spec.data.store, scan, results, merge)

@@ -31,6 +31,7 @@ from medflow.errors import SpecError
 
 LABEL_KEYS = ("StudyInstanceUID", "PatientID", "AccessionNumber")
 METRICS = ("auc", "accuracy", "precision", "recall", "specificity", "f1")
+SEG_METRICS = ("dice", "iou", "hd95", "assd", "volume_error")
 
 
 class _Model(BaseModel):
@@ -71,10 +72,38 @@ class SplitSpec(_Model):
         return self
 
 
+class MasksSpec(_Model):
+    """Where segmentation masks come from; each is mapped onto its series' voxel grid at ingest."""
+
+    source: Literal["seg", "nifti"] = Field(
+        description="`seg`: DICOM SEG objects among the DICOM files, matched to their series by the referenced "
+        "SeriesInstanceUID; `nifti`: NIfTI label files listed in `table`.")
+    table: str | None = Field(None, description="CSV of NIfTI masks (for `source: nifti`): a key column and a path "
+                              "column (relative paths are taken from the CSV's folder).")
+    key: Literal["SeriesInstanceUID", "StudyInstanceUID"] = Field(
+        "SeriesInstanceUID", description="The DICOM attribute the table's key column holds.")
+    key_column: str | None = Field(None, description="Name of the table's key column (default: the value of `key`).")
+    path_column: str = Field("mask", description="Name of the table's path column.")
+    missing: Literal["empty", "skip"] = Field(
+        "skip", description="Series without a mask: `skip` leaves them out of training and evaluation; `empty` "
+        "takes them as having no foreground (e.g. scans without a lesion).")
+
+    @property
+    def key_column_name(self) -> str:
+        return self.key_column or self.key
+
+    @model_validator(mode="after")
+    def _table(self) -> MasksSpec:
+        if self.source == "nifti" and not self.table:
+            raise ValueError("data.masks.table is required with source: nifti (a CSV of series keys and NIfTI paths)")
+        return self
+
+
 class DataSpec(_Model):
     source: str = Field(description="Folder of DICOM files (any layout, any file names), or a DICOMweb "
                         "server: dicomweb://host:port/path (http) or dicomweb+https://host/path.")
     labels: LabelsSpec | None = Field(None, description="Labels for classification.")
+    masks: MasksSpec | None = Field(None, description="Masks for segmentation (DICOM SEG or NIfTI).")
     store: str = Field(description="Zarr store: a folder, or an fsspec URL (s3://bucket/path, memory://name, "
                        "file:///path); created if missing.")
     runs: str | None = Field(None, description="Folder of run outputs (default: `runs` beside the store).")
@@ -238,9 +267,12 @@ class AugmentSpec(_Model):
 
 
 class ModelSpec(_Model):
-    task: Literal["classification"] = Field("classification", description="What the model predicts.")
-    arch: str = Field("cnn3d", description="A model of the registry in models/.")
-    params: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments of the model builder.")
+    task: Literal["classification", "segmentation"] = Field(
+        "classification", description="What the model predicts: a score per series, or a mask (from data.masks).")
+    arch: str = Field("cnn3d", description="A model of the registry in models/: cnn3d (classification), unet2d or "
+                      "unet3d (segmentation).")
+    params: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments of the model builder "
+                                   "(e.g. filters, norm for the U-Nets).")
 
     @field_validator("arch")
     @classmethod
@@ -250,6 +282,16 @@ class ModelSpec(_Model):
         if value not in available():
             raise ValueError(f"unknown model arch {value!r}; expected one of: {', '.join(available())}")
         return value
+
+    @model_validator(mode="after")
+    def _arch_fits_task(self) -> ModelSpec:
+        from models import available, task_of
+
+        if task_of(self.arch) != self.task:
+            fitting = [a for a in available() if task_of(a) == self.task]
+            raise ValueError(f"model.arch {self.arch!r} is a {task_of(self.arch)} model; for {self.task} use one of: "
+                             f"{', '.join(fitting)}")
+        return self
 
 
 class TrainSpec(_Model):
@@ -263,12 +305,20 @@ class TrainSpec(_Model):
         "balanced", description="`balanced` weights classes by inverse frequency (class imbalance).")
     seed: int = Field(0, description="Seed of weights, data order and augmentation.")
     mixed_precision: bool = Field(False, description="float16 compute on GPUs that support it.")
+    patch_size: list[PositiveInt] | None = Field(
+        None, min_length=2, max_length=3, description="Segmentation: training patch, (y, x) for unet2d or (z, y, x) "
+        "for unet3d; null takes whole slices (unet2d) or whole volumes (unet3d).")
+    foreground_ratio: float = Field(
+        0.5, ge=0, le=1, description="Segmentation: fraction of patches centred on a foreground voxel (the rest at "
+        "random), against the imbalance of small lesions.")
+    samples_per_volume: PositiveInt = Field(4, description="Segmentation: patches drawn from each volume per epoch.")
 
 
 class EvaluateSpec(_Model):
-    metrics: list[Literal["auc", "accuracy", "precision", "recall", "specificity", "f1"]] = Field(
-        default=list(METRICS), description="Metrics reported on the test split (with bootstrap intervals)."
-    )
+    metrics: list[Literal["auc", "accuracy", "precision", "recall", "specificity", "f1", "dice", "iou", "hd95",
+                          "assd", "volume_error"]] | None = Field(
+        default=None, description="Metrics reported on the test split (with bootstrap intervals); default: all of "
+        "the task's (" + ", ".join(METRICS) + " for classification; " + ", ".join(SEG_METRICS) + " for segmentation).")
     bootstrap: int = Field(1000, ge=0, description="Bootstrap resamples for confidence intervals (0: none).")
     threshold: Literal["youden", "f1"] | float = Field(
         "youden", description="How the decision threshold is chosen on the validation split, or a fixed value."
@@ -318,6 +368,27 @@ class PipelineSpec(_Model):
     evaluate: EvaluateSpec = EvaluateSpec()
     run: RunSpec = RunSpec()
     schedule: ScheduleSpec | None = None
+
+    @model_validator(mode="after")
+    def _task_inputs(self) -> PipelineSpec:
+        task = self.model.task
+        if task == "segmentation" and self.data.masks is None:
+            raise ValueError("model.task: segmentation needs data.masks (DICOM SEG or NIfTI masks)")
+        allowed = SEG_METRICS if task == "segmentation" else METRICS
+        wrong = [m for m in self.evaluate.metrics or [] if m not in allowed]
+        if wrong:
+            raise ValueError(f"evaluate.metrics {wrong} do not apply to {task}; expected some of: {', '.join(allowed)}")
+        if self.train.patch_size is not None and task == "segmentation":
+            want = 2 if self.model.arch == "unet2d" else 3
+            if len(self.train.patch_size) != want:
+                raise ValueError(f"train.patch_size has {len(self.train.patch_size)} values; {self.model.arch} "
+                                 f"takes {want} ({'y, x' if want == 2 else 'z, y, x'})")
+        return self
+
+    def metric_names(self) -> list[str]:
+        """The metrics to report: the spec's, or every metric of the task."""
+        default = SEG_METRICS if self.model.task == "segmentation" else METRICS
+        return list(self.evaluate.metrics or default)
 
     @property
     def runs_dir(self) -> str:
@@ -406,6 +477,8 @@ def parse_spec(data: Any, *, base_dir: str | Path = ".", check_paths: bool = Tru
             # runs are local files; beside a local store by default, else beside the spec
             "runs": _resolve(spec.data.runs or ("runs" if "://" in spec.data.store else None), base),
             "labels": labels.model_copy(update={"path": _resolve(labels.path, base)}) if labels else None,
+            "masks": spec.data.masks.model_copy(update={"table": _resolve(spec.data.masks.table, base)})
+            if spec.data.masks else None,
         }
     )
     spec = spec.model_copy(update={"data": data_spec})
@@ -417,6 +490,8 @@ def parse_spec(data: Any, *, base_dir: str | Path = ".", check_paths: bool = Tru
             problems.append(f"data.source: folder not found (received: {spec.data.source!r})")
         if spec.data.labels and not Path(spec.data.labels.path).is_file():
             problems.append(f"data.labels.path: file not found (received: {spec.data.labels.path!r})")
+        if spec.data.masks and spec.data.masks.table and not Path(spec.data.masks.table).is_file():
+            problems.append(f"data.masks.table: file not found (received: {spec.data.masks.table!r})")
         if problems:
             raise SpecError("invalid spec:\n  " + "\n  ".join(problems), problems)
     return spec

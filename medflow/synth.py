@@ -2,7 +2,8 @@
 
 Each patient has one study with an axial CT series: body with a fat layer, two lungs,
 spine, noise, and in about half the patients one solid nodule (a sphere of a few mm) inside
-a lung. Headers are realistic (UIDs, geometry, rescale with stored values != HU, varied
+a lung. With ``masks=True`` each nodule's voxels (centres within its radius) are also
+written as a DICOM SEG object that references the series' slices. Headers are realistic (UIDs, geometry, rescale with stored values != HU, varied
 slice spacing, some series stored head-first) and carry canary PHI values so that
 de-identification can be tested. File names are shuffled and folder layouts mixed
 (flat, per patient, per series). A few unusable files are added: a truncated image, files
@@ -39,6 +40,7 @@ class Cohort:
     canaries: list[str] = field(default_factory=list)
     uids: list[str] = field(default_factory=list)
     nodules: dict[str, dict] = field(default_factory=dict)
+    seg_files: list[Path] = field(default_factory=list)
 
 
 def _uid(seed: int, *parts) -> str:
@@ -100,9 +102,43 @@ def _patient_geometry(rng: np.random.Generator, matrix: int) -> dict:
             "body": {"a": a, "b": b, "yc": yc, "lung_zc": lung_zc, "lung_zh": lung_zh}}
 
 
-def _nodule_in_lung(rng: np.random.Generator, body: dict) -> dict:
+def nodule_mask(shape: tuple[int, int, int], spacing, origin, nodule: dict) -> np.ndarray:
+    """Voxels whose centre lies within the nodule's radius (the ground truth of ``phantom``), uint8."""
+    nz, ny, nx = shape
+    dz, dy, dx = spacing
+    z = origin[2] + dz * np.arange(nz)[:, None, None]
+    y = origin[1] + dy * np.arange(ny)[None, :, None]
+    x = origin[0] + dx * np.arange(nx)[None, None, :]
+    cx, cy, cz = nodule["center"]
+    return (((x - cx) ** 2 + (y - cy) ** 2 + (z - cz) ** 2) <= nodule["radius"] ** 2).astype(np.uint8)
+
+
+def write_seg(source_paths: list[Path], mask: np.ndarray, out: Path, *, seed: int, i: int,
+              label: str = "nodule") -> Path:
+    """A DICOM SEG (highdicom) of ``mask`` (one frame per source slice, in the order of ``source_paths``)."""
+    import highdicom as hd
+    import pydicom
+    from pydicom.sr.codedict import codes
+
+    sources = [pydicom.dcmread(p) for p in source_paths]
+    description = hd.seg.SegmentDescription(
+        segment_number=1, segment_label=label,
+        segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
+        segmented_property_type=codes.SCT.Nodule, algorithm_type=hd.seg.SegmentAlgorithmTypeValues.MANUAL,
+    )
+    seg = hd.seg.Segmentation(
+        source_images=sources, pixel_array=mask.astype(bool), segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=[description], series_instance_uid=_uid(seed, "seg-series", i), series_number=90,
+        sop_instance_uid=_uid(seed, "seg", i), instance_number=1, manufacturer="MEDFLOW-SYNTH",
+        manufacturer_model_name="ground truth", software_versions="medflow synth", device_serial_number="0",
+    )
+    seg.save_as(out)
+    return out
+
+
+def _nodule_in_lung(rng: np.random.Generator, body: dict, radius_mm: tuple[float, float] = (4.0, 8.0)) -> dict:
     a, b, yc = body["a"], body["b"], body["yc"]
-    radius = float(rng.uniform(4.0, 8.0))
+    radius = float(rng.uniform(*radius_mm))
     side = int(rng.choice([-1, 1]))
     # a point well inside the lung ellipsoid (uniform in a shrunken ellipsoid)
     while True:
@@ -186,7 +222,7 @@ def _write_series(
 
 def synthesize(
     out: str | Path, *, patients: int = 80, seed: int = 0, matrix: int = 128, positive_fraction: float = 0.5,
-    broken: bool = True, progress=None,
+    broken: bool = True, masks: bool = False, nodule_radius: tuple[float, float] = (4.0, 8.0), progress=None,
 ) -> Cohort:
     """Write a synthetic cohort to ``out/dicom`` and ``out/labels.csv``.
 
@@ -197,6 +233,8 @@ def synthesize(
         matrix: rows and columns of each slice.
         positive_fraction: fraction of patients with a nodule.
         broken: add unusable files (truncated, not DICOM, SR without pixels, a localizer).
+        masks: also write each nodule as a DICOM SEG beside its series.
+        nodule_radius: range of nodule radii in mm.
         progress: optional callable ``progress(done, total)``.
     """
     if patients < 2:
@@ -219,7 +257,7 @@ def synthesize(
 
     for i in range(patients):
         geo = _patient_geometry(rng, matrix)
-        nodule = _nodule_in_lung(rng, geo["body"]) if labels[i] else None
+        nodule = _nodule_in_lung(rng, geo["body"], nodule_radius) if labels[i] else None
         vol = phantom(rng, shape=(geo["nz"], matrix, matrix), spacing=(geo["dz"], geo["ps"], geo["ps"]),
                       origin=geo["origin"], body=geo["body"], nodule=nodule, noise=float(rng.uniform(12, 25)))
         layout = ["flat", "patient", "series"][i % 3]
@@ -236,6 +274,11 @@ def synthesize(
         rows.append({"StudyInstanceUID": ds.StudyInstanceUID, "nodule": int(labels[i])})
         if nodule:
             cohort.nodules[ds.StudyInstanceUID] = nodule
+            if masks:
+                truth = nodule_mask(vol.shape, (geo["dz"], geo["ps"], geo["ps"]), geo["origin"], nodule)
+                seg_path = fname(pfolder / "seg" if layout == "series" else pfolder)
+                cohort.seg_files.append(write_seg(paths, truth, seg_path, seed=seed, i=i))
+                cohort.n_files += 1
         if broken and i % 10 == 3:
             # a 3-slice localizer in the same study: too few slices for a 3D model
             loc_geo = {**geo, "nz": 3}

@@ -14,7 +14,11 @@ from collections.abc import Callable
 # name -> "module:function"; every builder takes ``input_shape`` and keyword parameters.
 _REGISTRY: dict[str, str] = {
     "cnn3d": "models.cnn3d:build_cnn3d",
+    "unet2d": "models.unet:build_unet2d",
+    "unet3d": "models.unet:build_unet3d",
 }
+# name -> what the model predicts
+_TASKS: dict[str, str] = {"cnn3d": "classification", "unet2d": "segmentation", "unet3d": "segmentation"}
 
 
 def available() -> list[str]:
@@ -22,11 +26,19 @@ def available() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def register(name: str, target: str) -> None:
-    """Register a builder as ``"package.module:function"`` under ``name``."""
+def task_of(name: str) -> str:
+    """``classification`` or ``segmentation``: what the model registered as ``name`` predicts."""
+    return _TASKS.get(name, "classification")
+
+
+def register(name: str, target: str, task: str = "classification") -> None:
+    """Register a builder as ``"package.module:function"`` under ``name``, for ``task``."""
     if ":" not in target:
         raise ValueError(f"Received target={target!r}, expected 'package.module:function'.")
+    if task not in ("classification", "segmentation"):
+        raise ValueError(f"Received task={task!r}, expected 'classification' or 'segmentation'.")
     _REGISTRY[name] = target
+    _TASKS[name] = task
 
 
 def get(name: str) -> Callable:

@@ -19,6 +19,7 @@ from pydicom.pixels import apply_rescale
 
 from storage.deid import Pseudonymizer
 from storage.errors import InvalidSeriesError, UnreadableFileError
+from storage.masks import SEG_SOP_CLASS
 
 logger = logging.getLogger(__name__)
 
@@ -75,9 +76,28 @@ def scan_file(root: str | Path, relpath: str, pseudo: Pseudonymizer) -> dict:
     if not series_uid:
         return {"reason": "no SeriesInstanceUID"}
     try:
+        if str(sop_class) == SEG_SOP_CLASS:
+            return _seg_record(ds, relpath, series_uid, pseudo)
         return _scan_record(ds, relpath, series_uid, pseudo)
     except (ValueError, TypeError, AttributeError, KeyError) as exc:  # a malformed header value
         return {"reason": f"invalid header value: {type(exc).__name__}: {exc}"}
+
+
+def _seg_record(ds: pydicom.Dataset, relpath: str, series_uid: str, pseudo: Pseudonymizer) -> dict:
+    """A DICOM SEG: a mask for the series it references, not an image series of its own."""
+    referenced = [str(item.get("SeriesInstanceUID", "")) for item in ds.get("ReferencedSeriesSequence", [])]
+    referenced = [uid for uid in referenced if uid]
+    if len(referenced) != 1:
+        return {"reason": f"DICOM SEG references {len(referenced)} series (ReferencedSeriesSequence); expected 1"}
+    return {
+        "series_key": pseudo.series_key(series_uid),
+        "mask_for": pseudo.series_key(referenced[0]),
+        "patient_key": pseudo.patient_key(str(ds.get("PatientID", "") or "")),
+        "study_key": pseudo.study_key(str(ds.get("StudyInstanceUID", "") or "")),
+        "sop_key": pseudo.key(str(ds.get("SOPInstanceUID", "") or relpath), kind="sop"),
+        "modality": "SEG",
+        "pixels": 0,
+    }
 
 
 def _scan_record(ds: pydicom.Dataset, relpath: str, series_uid: str, pseudo: Pseudonymizer) -> dict:

@@ -29,6 +29,7 @@ from storage.dicom import (
     volume_dtype,
 )
 from storage.errors import IngestError, InvalidSeriesError
+from storage.masks import MaskError, load_mask
 from storage.qc import StackQC, deshear, group_mixed, measure, positions_along, resample_along_normal, split_duplicates
 from storage.store import Store
 
@@ -47,6 +48,7 @@ class IngestOptions:
     qc_spacing: str = "quarantine"
     qc_tilt: str = "quarantine"
     tilt_tolerance_deg: float = 0.5
+    masks: str | None = None  # "seg" or "nifti": map masks onto their series
 
     def digest(self) -> str:
         # only what changes the stored result (the modality filter acts before reading)
@@ -65,6 +67,8 @@ class SeriesPlan:
     modality: str
     kind: str = "volume"  # or "image": one planar file (no patient position), stored as one slice
     memory: int = 0  # estimated peak bytes while ingesting it
+    masks: list[str] = field(default_factory=list)  # SEG files (relative to the source) or NIfTI files (absolute)
+    mask_kind: str | None = None  # "seg" or "nifti"
 
 
 # Peak bytes per decoded pixel while a series is ingested: the decoded frames (up to float64
@@ -118,19 +122,34 @@ def plan_series(
     catalog: dict[str, dict],
     previous_quarantine: list[dict],
     options: IngestOptions,
+    nifti_masks: dict[str, tuple[str, int, int]] | None = None,
 ) -> ScanResult:
     """Group scanned files into series and decide what to ingest.
 
-    A series whose digest (its SOP instances and file sizes, and the ingest options) matches
-    the catalog, or a quarantine row from an earlier run, is unchanged and skipped.
+    A series whose digest (its SOP instances and file sizes, its masks, and the ingest options)
+    matches the catalog, or a quarantine row from an earlier run, is unchanged and skipped.
+    DICOM SEG files are attached to the series they reference (``options.masks == "seg"``);
+    ``nifti_masks`` maps series keys to ``(path, size, mtime_ns)`` of their NIfTI masks.
     """
     result = ScanResult(n_files=len(index))
     groups: dict[str, list[str]] = defaultdict(list)
+    segs: dict[str, list[str]] = defaultdict(list)
     for relpath, rec in sorted(index.items()):
         if "reason" in rec:
             result.quarantine.append({"path": relpath, "reason": rec["reason"], "stage": "scan"})
+        elif "mask_for" in rec:
+            if options.masks == "seg":
+                segs[rec["mask_for"]].append(relpath)
+            else:
+                result.quarantine.append({"path": relpath, "stage": "scan", "reason": "DICOM SEG (a segmentation, "
+                                          "not an image); set data.masks.source: seg to use it as a mask"})
         else:
             groups[rec["series_key"]].append(relpath)
+    for ref, files in sorted(segs.items()):
+        if ref not in groups:
+            result.quarantine.extend({"path": f, "stage": "scan", "reason": "DICOM SEG references a series that "
+                                      "is not in the source"} for f in files)
+    nifti_masks = nifti_masks or {}
     quarantined_digests = {
         (row["series_key"], row.get("digest")) for row in previous_quarantine if row.get("series_key")
     }
@@ -159,12 +178,22 @@ def plan_series(
         files = [f for f in files if not index[f].get("planar")]
         if not files:
             continue
-        digest = pseudo.digest(sorted(f"{index[f]['sop_key']}:{index[f]['size']}" for f in files) + [opt])
+        masks, mask_kind, mask_parts = [], None, []
+        if options.masks == "seg" and segs.get(key):
+            masks, mask_kind = segs[key], "seg"
+            mask_parts = sorted(f"seg:{index[f]['sop_key']}:{index[f]['size']}" for f in masks)
+        elif options.masks == "nifti" and key in nifti_masks:
+            path, size, mtime = nifti_masks[key]
+            masks, mask_kind = [path], "nifti"
+            mask_parts = [f"nifti:{pseudo.key(path, kind='path')}:{size}:{mtime}"]
+        digest = pseudo.digest(sorted(f"{index[f]['sop_key']}:{index[f]['size']}" for f in files) + mask_parts
+                               + [opt])
         if stored_digests.get(key) == digest or (key, digest) in quarantined_digests:
             result.unchanged.append(key)  # with its quarantine rows (files dropped, parts refused)
             result.quarantine.extend(r for r in previous_quarantine if r.get("series_key") == key)
         else:
-            result.todo.append(SeriesPlan(key, files, digest, modality, memory=estimate_memory(index, files)))
+            result.todo.append(SeriesPlan(key, files, digest, modality, memory=estimate_memory(index, files),
+                                          masks=masks, mask_kind=mask_kind))
     return result
 
 
@@ -227,7 +256,7 @@ def ingest_series(store_root: str, source: str, plan: SeriesPlan, options: Inges
             reject("no readable image in the series", plan.files)
         return summary([])
 
-    writer = _StackWriter(store, plan, options)
+    writer = _StackWriter(store, plan, options, source=source, quarantine=rows)
     if plan.kind == "image":
         try:
             return summary([writer.write_image(slices[0])])
@@ -262,9 +291,31 @@ class _Slice:
 class _StackWriter:
     """Turns groups of decoded slices into stored volumes, applying the QC policies."""
 
-    def __init__(self, store: Store, plan: SeriesPlan, options: IngestOptions):
-        self.store, self.plan, self.options = store, plan, options
+    def __init__(self, store: Store, plan: SeriesPlan, options: IngestOptions, *, source: str = "",
+                 quarantine: list[dict] | None = None):
+        self.store, self.plan, self.options, self.source = store, plan, options, source
         self.pseudo = store.pseudonymizer()
+        self.quarantine = quarantine if quarantine is not None else []
+
+    def _mask(self, first, entry: dict, shape) -> np.ndarray | None:
+        """The plan's mask on this volume's grid, or None (no mask, or quarantined with the reason)."""
+        if not self.plan.masks:
+            return None
+        try:
+            mask, info = load_mask(self.plan.mask_kind, self.plan.masks, source=self.source, shape=shape,
+                                   spacing=entry["spacing"], origin=entry["origin"], direction=entry["direction"],
+                                   frame_of_reference=str(first.get("FrameOfReferenceUID", "") or "") or None)
+        except MaskError as exc:
+            self.quarantine.extend(
+                {"path": self._mask_name(m), "reason": str(exc), "stage": "ingest-mask",
+                 "series_key": self.plan.series_key, "digest": self.plan.digest} for m in self.plan.masks)
+            return None
+        entry["mask"] = info
+        return mask
+
+    def _mask_name(self, path: str) -> str:
+        # a NIfTI path is the user's own file; keep only its name (folders may carry identifiers)
+        return path if self.plan.mask_kind == "seg" else "nifti:" + Path(path).name
 
     def write_group(self, group: list[_Slice], part_key: str, *, mixed_groups: int) -> list[list[int]]:
         """One orientation and image size; duplicates per policy; returns the shapes written."""
@@ -346,7 +397,8 @@ class _StackWriter:
         })
         if stack_key != self.plan.series_key:
             entry["parent"] = self.plan.series_key
-        self.store.write_series(stack_key, volume, entry)
+        mask = self._mask(first, entry, volume.shape)
+        self.store.write_series(stack_key, volume, entry, mask=mask)
         return list(volume.shape)
 
     def write_image(self, item: _Slice) -> list[int]:
@@ -359,7 +411,8 @@ class _StackWriter:
         entry.update({"spacing": list(geo.spacing), "origin": list(geo.origin),
                       "direction": [list(r) for r in geo.direction], "spacing_deviation": 0.0,
                       "spacing_source": spacing_source})
-        self.store.write_series(self.plan.series_key, volume, entry)
+        mask = self._mask(item.ds, entry, volume.shape)
+        self.store.write_series(self.plan.series_key, volume, entry, mask=mask)
         return list(volume.shape)
 
     def _entry(self, first, stack: list[_Slice], dtype, shape) -> dict:
@@ -405,6 +458,44 @@ def _plain(value):
     if isinstance(value, float):
         return float(value)
     return str(value)
+
+
+def nifti_mask_files(table: str | Path, *, key: str, key_column: str, path_column: str, pseudo: Pseudonymizer,
+                     index: dict[str, dict]) -> dict[str, tuple[str, int, int]]:
+    """Series key -> ``(NIfTI path, size, mtime_ns)`` from a CSV of masks keyed by series or study UID.
+
+    Keys are turned into pseudonyms and matched against the scan index, so no UID is kept.
+    A study key gives its mask to every image series of the study. Relative paths are taken
+    from the CSV's folder.
+
+    Raises:
+        ValueError: a column is missing.
+    """
+    import pandas as pd
+
+    table = Path(table)
+    rows = pd.read_csv(table, dtype=str)
+    for col in (key_column, path_column):
+        if col not in rows.columns:
+            raise ValueError(f"masks table {table.name!r} has no column {col!r}; its columns are {list(rows.columns)}")
+    field_name = "series_key" if key == "SeriesInstanceUID" else "study_key"
+    hash_key = pseudo.series_key if key == "SeriesInstanceUID" else pseudo.study_key
+    wanted = {}
+    for uid, path in zip(rows[key_column], rows[path_column]):
+        if isinstance(uid, str) and isinstance(path, str) and uid and path:
+            full = Path(path) if Path(path).is_absolute() else table.parent / path
+            wanted[hash_key(uid.strip())] = str(full.resolve())
+    out = {}
+    for rec in index.values():
+        if "reason" in rec or "mask_for" in rec or rec.get(field_name) not in wanted:
+            continue
+        path = wanted[rec[field_name]]
+        try:
+            st = Path(path).stat()
+            out[rec["series_key"]] = (path, st.st_size, st.st_mtime_ns)
+        except OSError:
+            out[rec["series_key"]] = (path, -1, -1)  # quarantined with the reason at ingest
+    return out
 
 
 def chunk_files(files: list, n_chunks: int) -> list[list]:

@@ -5,6 +5,7 @@ Layout::
     store.zarr/
       zarr.json                      root group
       series/<series_key>/image      volume (Z, Y, X); CT as int16 HU; one-slice chunks in 64-slice shards
+      series/<series_key>/mask       optional label volume on the same grid (uint8; 0 = background)
       prep/<prep_key>/<series_key>   model-ready float32 arrays
       catalog/<series_key>.json      one entry per complete series (written last)
       quarantine.json                one row per file that could not be used, with the reason
@@ -237,24 +238,27 @@ class Store:
         if trash is not None:
             shutil.rmtree(trash, ignore_errors=True)
 
-    def write_series(self, key: str, image: np.ndarray, entry: dict) -> VolumeRef:
-        """Write a volume and its catalog entry; the series becomes visible whole or not at all.
+    def write_series(self, key: str, image: np.ndarray, entry: dict, *, mask: np.ndarray | None = None) -> VolumeRef:
+        """Write a volume (and its mask) and its catalog entry; the series becomes visible whole or not at all.
 
         Args:
             key: the series' pseudonymous key.
             image: ndarray of shape (Z, Y, X).
             entry: catalog entry (geometry and non-identifying facts).
+            mask: optional label volume of the same shape (``series/<key>/mask``).
         """
         if image.ndim != 3:
             raise ValueError(f"Received an image of shape {image.shape}, expected (Z, Y, X).")
+        if mask is not None and mask.shape != image.shape:
+            raise ValueError(f"Received a mask of shape {mask.shape} for an image of shape {image.shape}.")
         self.drop_catalog_entry(key)
         if self.remote:
             self._remove(f"series/{key}")
-            self._write_series_group(f"{self.url}/series/{key}", key, image, entry)
+            self._write_series_group(f"{self.url}/series/{key}", key, image, entry, mask)
         else:
             tmp = self._tmp_dir()
             try:
-                self._write_series_group(str(tmp), key, image, entry)
+                self._write_series_group(str(tmp), key, image, entry, mask)
                 self._swap_into_place(tmp, self.root / "series" / key)
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -262,19 +266,24 @@ class Store:
         self._write(f"catalog/{key}.json", _json({**entry, "series_key": key}))
         return VolumeRef(self.url, f"series/{key}/image")
 
-    def _write_series_group(self, where: str, key: str, image: np.ndarray, entry: dict) -> None:
+    def _write_series_group(self, where: str, key: str, image: np.ndarray, entry: dict,
+                            mask: np.ndarray | None = None) -> None:
         group = zarr.open_group(store=where, mode="w", zarr_format=3)
-        arr = group.create_array(
-            "image",
-            shape=image.shape,
-            chunks=(1, *image.shape[1:]),
-            shards=(min(SHARD_SLICES, image.shape[0]), *image.shape[1:]),
-            dtype=image.dtype,
-            compressors=[BloscCodec(**IMAGE_CODEC)],
-            fill_value=0,
-        )
-        arr[...] = image
-        arr.attrs.update({"spacing": entry["spacing"], "origin": entry["origin"], "direction": entry["direction"]})
+        geometry = {"spacing": entry["spacing"], "origin": entry["origin"], "direction": entry["direction"]}
+        for name, data in (("image", image), ("mask", mask)):
+            if data is None:
+                continue
+            arr = group.create_array(
+                name,
+                shape=data.shape,
+                chunks=(1, *data.shape[1:]),
+                shards=(min(SHARD_SLICES, data.shape[0]), *data.shape[1:]),
+                dtype=data.dtype,
+                compressors=[BloscCodec(**IMAGE_CODEC)],
+                fill_value=0,
+            )
+            arr[...] = data
+            arr.attrs.update(geometry)
         group.attrs.update({"series_key": key, "modality": entry.get("modality")})
 
     def drop_catalog_entry(self, key: str) -> None:
@@ -316,6 +325,12 @@ class Store:
 
     def read_image(self, key: str) -> np.ndarray:
         return self.image_ref(key).read()
+
+    def read_mask(self, key: str) -> np.ndarray | None:
+        """The series' label volume, or None when it has no mask."""
+        if "mask" not in self.catalog_entry(key):
+            return None
+        return VolumeRef(self.url, f"series/{key}/mask").read()
 
     # -------------------------------------------------------------- quarantine
     def quarantine(self) -> list[dict]:

@@ -63,7 +63,7 @@ def evaluate_model_task(spec, run_dir: str, prep_key: str, split_csv: str, model
     df["score"] = predict(model_path, lambda k: store.read_prep(prep_key, k), df["series_key"].tolist(),
                           batch_size=spec.train.batch_size)
     ev = spec.evaluate
-    result = evaluate_predictions(df, threshold_method=ev.threshold, metric_names=list(ev.metrics),
+    result = evaluate_predictions(df, threshold_method=ev.threshold, metric_names=[m for m in spec.metric_names()],
                                   bootstrap=ev.bootstrap, seed=spec.train.seed)
     df["prediction"] = (df["score"] >= result["threshold"]).astype(int)
     df.to_csv(Path(run_dir) / "predictions.csv", index=False)

@@ -6,7 +6,15 @@ from prefect import task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.logging import get_run_logger
 
-from storage.ingest import IngestOptions, ScanResult, SeriesPlan, ingest_series, plan_series, scan_source
+from storage.ingest import (
+    IngestOptions,
+    ScanResult,
+    SeriesPlan,
+    ingest_series,
+    nifti_mask_files,
+    plan_series,
+    scan_source,
+)
 from storage.store import Store
 from tasks.dask_runtime import cluster_options, dask_client, run_all, worker_memory
 from tasks.retry import retry_transient
@@ -17,17 +25,31 @@ def ingest_options(spec) -> IngestOptions:
     return IngestOptions(deidentify=ing.deidentify, modalities=tuple(ing.modalities) if ing.modalities else None,
                          min_slices=ing.min_slices, spacing_tolerance=ing.spacing_tolerance, color=ing.color,
                          qc_mixed=ing.qc.mixed, qc_duplicates=ing.qc.duplicates, qc_spacing=ing.qc.spacing,
-                         qc_tilt=ing.qc.tilt, tilt_tolerance_deg=ing.qc.tilt_tolerance_deg)
+                         qc_tilt=ing.qc.tilt, tilt_tolerance_deg=ing.qc.tilt_tolerance_deg,
+                         masks=spec.data.masks.source if spec.data.masks else None)
+
+
+def masks_table(spec) -> dict | None:
+    """The NIfTI masks table settings of a spec (None without one)."""
+    masks = spec.data.masks
+    if masks is None or masks.source != "nifti":
+        return None
+    return {"table": masks.table, "key": masks.key, "key_column": masks.key_column_name,
+            "path_column": masks.path_column}
 
 
 @task(name="scan_source", retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=retry_transient)
-def scan_source_task(source: str, store_root: str, options: IngestOptions) -> ScanResult:
+def scan_source_task(source: str, store_root: str, options: IngestOptions, nifti: dict | None = None) -> ScanResult:
     """Read headers of new or changed files, group them into series and decide what to ingest."""
     log = get_run_logger()
     store = Store(store_root)
     index = scan_source(source, store)
-    result = plan_series(index, pseudo=store.pseudonymizer(), catalog=store.catalog(),
-                         previous_quarantine=store.quarantine(), options=options)
+    pseudo = store.pseudonymizer()
+    nifti_masks = nifti_mask_files(**nifti, pseudo=pseudo, index=index) if nifti else None
+    if nifti_masks is not None:
+        log.info("masks: %d series have a NIfTI mask in the table", len(nifti_masks))
+    result = plan_series(index, pseudo=pseudo, catalog=store.catalog(),
+                         previous_quarantine=store.quarantine(), options=options, nifti_masks=nifti_masks)
     log.info("scan: %d files; %d series to ingest, %d unchanged; %d file(s) quarantined at scan",
              result.n_files, len(result.todo), len(result.unchanged),
              sum(1 for r in result.quarantine if r.get("stage") == "scan"))

@@ -8,17 +8,22 @@ import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
-from storage.ingest import IngestOptions, ingest_series, plan_series, scan_source
+from storage.ingest import IngestOptions, ingest_series, nifti_mask_files, plan_series, scan_source
 from storage.store import Store
 
 
-def ingest_serial(source, store_root, options: IngestOptions | None = None) -> dict:
-    """Scan, plan and ingest without Prefect or Dask; returns a summary."""
+def ingest_serial(source, store_root, options: IngestOptions | None = None, nifti: dict | None = None) -> dict:
+    """Scan, plan and ingest without Prefect or Dask; returns a summary.
+
+    ``nifti``: keyword arguments of ``nifti_mask_files`` (table, key, key_column, path_column).
+    """
     options = options or IngestOptions()
     store = Store(store_root)
     index = scan_source(str(source), store)
-    plan = plan_series(index, pseudo=store.pseudonymizer(), catalog=store.catalog(),
-                       previous_quarantine=store.quarantine(), options=options)
+    pseudo = store.pseudonymizer()
+    nifti_masks = nifti_mask_files(**nifti, pseudo=pseudo, index=index) if nifti else None
+    plan = plan_series(index, pseudo=pseudo, catalog=store.catalog(),
+                       previous_quarantine=store.quarantine(), options=options, nifti_masks=nifti_masks)
     results = [ingest_series(str(store.root), str(source), p, options) for p in plan.todo]
     rows = list(plan.quarantine) + [r for res in results for r in res["quarantine"]]
     store.write_quarantine(rows)
@@ -53,12 +58,15 @@ def write_ct_series(folder: Path, volume_stored: np.ndarray, *, positions, orien
     """Write one CT slice per entry of ``positions``; ``volume_stored[k]`` goes with ``positions[k]``."""
     folder.mkdir(parents=True, exist_ok=True)
     series_uid = series_uid or generate_uid()
-    study_uid = generate_uid()
+    study_uid, frame_of_reference = generate_uid(), generate_uid()
     paths = []
     for k, pos in enumerate(positions):
         ds = new_instance(CTImageStorage)
         ds.PatientID, ds.PatientName = "TESTPID", "TEST^PATIENT"
+        ds.PatientBirthDate, ds.PatientSex, ds.ReferringPhysicianName = "", "", ""
+        ds.StudyDate, ds.StudyTime, ds.StudyID, ds.AccessionNumber = "20250101", "120000", "1", ""
         ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid, series_uid
+        ds.FrameOfReferenceUID = frame_of_reference
         ds.Modality = "CT"
         ds.Rows, ds.Columns = volume_stored.shape[1:]
         ds.PixelSpacing = list(pixel_spacing)
