@@ -217,6 +217,48 @@ def train_classifier(
 ) -> dict:
     """Build, train and save a binary classifier; resume from ``run_dir`` if it holds an interrupted run.
 
+    See ``fit_model`` for what is written and returned.
+    """
+    keras = _keras()
+    from models import get
+
+    def build():
+        model = get(arch)(tuple(input_shape), **params)
+        model.compile(optimizer=make_optimizer(train),
+                      loss=keras.losses.BinaryCrossentropy(),
+                      metrics=[keras.metrics.AUC(name="auc"), keras.metrics.BinaryAccuracy(name="accuracy")])
+        return model
+
+    def datasets(initial_epoch: int):
+        train_ds = make_dataset(loader, train_keys, train_labels, batch_size=int(train["batch_size"]),
+                                augment=augment or None, shuffle=True, seed=int(train["seed"]) + initial_epoch)
+        val_ds = make_dataset(loader, val_keys, val_labels, batch_size=int(train["batch_size"]))
+        return train_ds, val_ds
+
+    return fit_model(build=build, datasets=datasets, train=train, run_dir=run_dir, on_epoch=on_epoch,
+                     class_weight=class_weights(np.asarray(train_labels), train["class_weight"]),
+                     describe=f"{arch}: {len(train_keys)} train / {len(val_keys)} val volumes of shape "
+                              f"{tuple(input_shape)}")
+
+
+def make_optimizer(train: dict):
+    keras = _keras()
+    optimizers = {"adam": keras.optimizers.Adam, "adamw": keras.optimizers.AdamW, "sgd": keras.optimizers.SGD}
+    return optimizers[train["optimizer"]](learning_rate=float(train["learning_rate"]))
+
+
+def fit_model(
+    *,
+    build: Callable[[], object],
+    datasets: Callable[[int], tuple[object, object]],
+    train: dict,
+    run_dir: str | Path,
+    describe: str,
+    on_epoch: Callable[[int, int, dict], None] | None = None,
+    class_weight: dict | None = None,
+) -> dict:
+    """Train a compiled model from ``build()`` on ``datasets(initial_epoch)``; resume an interrupted run.
+
     Writes ``checkpoints/last.keras`` and ``state.json`` every epoch, ``checkpoints/best.keras``
     on improvement of validation loss, ``history.csv``, and the final ``model.keras`` (best weights).
 
@@ -225,7 +267,7 @@ def train_classifier(
         "device", "seconds", "params"}``.
     """
     keras = _keras()
-    from models import get
+    import models.losses  # noqa: F401  (registers the segmentation loss for checkpoints)
 
     run_dir = Path(run_dir)
     ckpt = run_dir / "checkpoints"
@@ -244,20 +286,11 @@ def train_classifier(
     if state_path.exists() and (ckpt / "last.keras").exists():
         initial_epoch = int(json.loads(state_path.read_text())["epoch"])
         model = keras.models.load_model(ckpt / "last.keras")
-        logger.info("resuming %s from epoch %d (%s)", arch, initial_epoch, ckpt / "last.keras")
+        logger.info("resuming from epoch %d (%s)", initial_epoch, ckpt / "last.keras")
     else:
-        model = get(arch)(tuple(input_shape), **params)
-        optimizers = {"adam": keras.optimizers.Adam, "adamw": keras.optimizers.AdamW, "sgd": keras.optimizers.SGD}
-        model.compile(
-            optimizer=optimizers[train["optimizer"]](learning_rate=float(train["learning_rate"])),
-            loss=keras.losses.BinaryCrossentropy(),
-            metrics=[keras.metrics.AUC(name="auc"), keras.metrics.BinaryAccuracy(name="accuracy")],
-        )
-    logger.info("training %s on %s: %d train / %d val volumes of shape %s",
-                arch, device, len(train_keys), len(val_keys), tuple(input_shape))
-    train_ds = make_dataset(loader, train_keys, train_labels, batch_size=int(train["batch_size"]),
-                            augment=augment or None, shuffle=True, seed=int(train["seed"]) + initial_epoch)
-    val_ds = make_dataset(loader, val_keys, val_labels, batch_size=int(train["batch_size"]))
+        model = build()
+    logger.info("training %s on %s", describe, device)
+    train_ds, val_ds = datasets(initial_epoch)
 
     epochs = int(train["epochs"])
     started = {"t": time.perf_counter()}
@@ -265,9 +298,10 @@ def train_classifier(
     class Progress(keras.callbacks.Callback):
         def on_epoch_end(self, epoch, logs=None):
             logs = {k: float(v) for k, v in (logs or {}).items()}
-            logger.info("epoch %d/%d  loss %.4f  val_loss %.4f  val_auc %.3f  (%.1f s)", epoch + 1, epochs,
-                        logs.get("loss", float("nan")), logs.get("val_loss", float("nan")),
-                        logs.get("val_auc", float("nan")), time.perf_counter() - started["t"])
+            extra = "  ".join(f"{k} {v:.3f}" for k, v in logs.items() if k.startswith("val_") and k != "val_loss")
+            logger.info("epoch %d/%d  loss %.4f  val_loss %.4f  %s  (%.1f s)", epoch + 1, epochs,
+                        logs.get("loss", float("nan")), logs.get("val_loss", float("nan")), extra,
+                        time.perf_counter() - started["t"])
             if on_epoch:
                 on_epoch(epoch + 1, epochs, logs)
 
@@ -287,7 +321,7 @@ def train_classifier(
         _resume_callback(keras, state_path, early, plateau),  # after last.keras: state.json commits the epoch
     ]
     hist = model.fit(train_ds, validation_data=val_ds, epochs=epochs, initial_epoch=initial_epoch, verbose=0,
-                     callbacks=callbacks, class_weight=class_weights(np.asarray(train_labels), train["class_weight"]))
+                     callbacks=callbacks, class_weight=class_weight)
     history = read_history(run_dir / "history.csv")
     model_path = run_dir / "model.keras"
     model.save(model_path)

@@ -6,7 +6,7 @@ Layout::
       zarr.json                      root group
       series/<series_key>/image      volume (Z, Y, X); CT as int16 HU; one-slice chunks in 64-slice shards
       series/<series_key>/mask       optional label volume on the same grid (uint8; 0 = background)
-      prep/<prep_key>/<series_key>   model-ready float32 arrays
+      prep/<prep_key>/<series_key>   model-ready float32 arrays (and <series_key>.mask: its labels)
       catalog/<series_key>.json      one entry per complete series (written last)
       quarantine.json                one row per file that could not be used, with the reason
       .medflow/secret                per-store HMAC secret (mode 0600); never copied elsewhere
@@ -383,3 +383,8 @@ class Store:
 
     def read_prep(self, prep_key: str, series_key: str) -> np.ndarray:
         return self.prep_ref(prep_key, series_key).read()
+
+    def read_prep_mask(self, prep_key: str, series_key: str) -> np.ndarray | None:
+        """The prepared mask of a series (``prep/<prep_key>/<series_key>.mask``), or None without one."""
+        attrs = self.prep_attrs(prep_key, series_key) or {}
+        return self.read_prep(prep_key, f"{series_key}.mask") if attrs.get("mask") else None

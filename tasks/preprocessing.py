@@ -118,6 +118,98 @@ def apply_steps(image: np.ndarray, spacing: Spacing, steps: list[tuple[str, dict
     return np.ascontiguousarray(img, dtype=np.float32), sp
 
 
+# Steps that move voxels (the rest change intensities only and leave a mask as it is).
+GEOMETRIC = ("resample", "resize", "crop_pad")
+
+
+def _label_step(name: str, mask: np.ndarray, spacing: Spacing, kwargs: dict) -> tuple[np.ndarray, Spacing]:
+    """The geometric step ``name`` on a label volume: nearest neighbour, background padding."""
+    if name == "resample":
+        return resample(mask, spacing, target=tuple(kwargs["spacing"]), order=0)
+    if name == "resize":
+        return resize(mask, spacing, shape=tuple(kwargs["shape"]), order=0)
+    if name == "crop_pad":
+        return crop_pad(mask, spacing, shape=tuple(kwargs["shape"]), value=0)
+    return mask, spacing
+
+
+def apply_steps_with_mask(image: np.ndarray, mask: np.ndarray, spacing: Spacing, steps: list[tuple[str, dict]]
+                          ) -> tuple[np.ndarray, np.ndarray, Spacing]:
+    """The steps on an image and its label volume together.
+
+    Geometric steps move the mask with nearest-neighbour sampling (never interpolated labels:
+    every output value is one of the input's); intensity steps leave it unchanged.
+
+    >>> img, m, sp = apply_steps_with_mask(np.zeros((4, 6, 6)), np.eye(6)[None].repeat(4, 0), (2.0, 1.0, 1.0),
+    ...                                    [("resample", {"spacing": (1.0, 1.5, 1.5)})])
+    >>> img.shape == m.shape, sorted(np.unique(m).tolist())
+    (True, [0, 1])
+    """
+    out, sp = apply_steps(image, spacing, steps)
+    labels, lsp = np.asarray(mask), tuple(float(s) for s in spacing)
+    for name, kwargs in steps:
+        if name in GEOMETRIC:
+            labels, lsp = _label_step(name, labels, lsp, kwargs)
+    dtype = np.uint8 if int(np.max(labels, initial=0)) < 256 else np.uint16
+    return out, np.ascontiguousarray(labels).astype(dtype), sp
+
+
+def shape_trace(shape, spacing: Spacing, steps: list[tuple[str, dict]]) -> list[tuple[str, dict, tuple, tuple]]:
+    """``(name, kwargs, shape before, shape after)`` of each geometric step, computed from shapes alone."""
+    trace = []
+    shape, sp = tuple(int(s) for s in shape), tuple(float(s) for s in spacing)
+    for name, kwargs in steps:
+        if name not in GEOMETRIC:
+            continue
+        if name == "resample":
+            factors = np.asarray(sp) / np.asarray(kwargs["spacing"], dtype=float)
+            new = tuple(int(v) for v in np.maximum(1, np.round(np.asarray(shape) * factors)))
+            sp = tuple(float(s * shape[i] / new[i]) for i, s in enumerate(sp))
+        elif name == "resize":
+            new = tuple(int(v) for v in kwargs["shape"])
+            sp = tuple(float(s * i / o) for s, i, o in zip(sp, shape, new))
+        else:
+            new = tuple(int(v) for v in kwargs["shape"])
+        trace.append((name, kwargs, shape, new))
+        shape = new
+    return trace
+
+
+def _uncrop_pad(array: np.ndarray, shape: tuple) -> np.ndarray:
+    """The exact inverse placement of ``crop_pad`` from ``shape`` to ``array.shape`` (cropped parts get 0)."""
+    out = np.zeros(shape, dtype=array.dtype)
+    src, dst = [], []
+    for n_in, n_out in zip(shape, array.shape):
+        if n_in >= n_out:  # forward cropped [a, a + n_out): put it back there
+            a = (n_in - n_out) // 2
+            dst.append(slice(a, a + n_out))
+            src.append(slice(0, n_out))
+        else:  # forward padded: the data sit at [a, a + n_in)
+            a = (n_out - n_in) // 2
+            dst.append(slice(0, n_in))
+            src.append(slice(a, a + n_in))
+    out[tuple(dst)] = array[tuple(src)]
+    return out
+
+
+def invert_geometry(prob: np.ndarray, trace: list[tuple[str, dict, tuple, tuple]]) -> np.ndarray:
+    """Map a model-grid map (probabilities) back onto the original grid of ``shape_trace``.
+
+    Resampling and resizing are undone with linear interpolation of the probabilities (then
+    thresholded by the caller); crop/pad is undone exactly.
+    """
+    out = np.asarray(prob, dtype=np.float32)
+    for name, _kwargs, before, after in reversed(trace):
+        if out.shape != tuple(after):
+            raise ValueError(f"Received a map of shape {out.shape}, expected {tuple(after)} after step {name!r}.")
+        if name == "crop_pad":
+            out = _uncrop_pad(out, tuple(before))
+        else:
+            out = sk_resize(out, tuple(before), order=1, mode="edge", anti_aliasing=False,
+                            preserve_range=True).astype(np.float32)
+    return out
+
+
 def steps_key(steps: list[tuple[str, dict]]) -> str:
     """A short stable key of a list of steps (the folder under ``prep/``)."""
     blob = json.dumps(steps, sort_keys=True, default=list)
@@ -131,8 +223,15 @@ def preprocess_series(store_root: str, series_key: str, steps: list[tuple[str, d
     store = Store(store_root)
     entry = store.catalog_entry(series_key)
     image = store.read_image(series_key)
-    out, spacing = apply_steps(image, entry["spacing"], steps)
-    store.write_prep(prep_key, series_key, out, {"source_digest": entry["digest"], "steps": steps, "spacing": list(spacing)})
+    attrs = {"source_digest": entry["digest"], "steps": steps}
+    mask = store.read_mask(series_key)
+    if mask is not None:  # written first: the image's attributes commit both
+        out, prep_mask, spacing = apply_steps_with_mask(image, mask, entry["spacing"], steps)
+        store.write_prep(prep_key, f"{series_key}.mask", prep_mask, {"source_digest": entry["digest"]})
+        attrs["mask"] = True
+    else:
+        out, spacing = apply_steps(image, entry["spacing"], steps)
+    store.write_prep(prep_key, series_key, out, {**attrs, "spacing": list(spacing)})
     return {"series_key": series_key, "shape": list(out.shape)}
 
 

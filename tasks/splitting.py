@@ -47,6 +47,26 @@ def join_labels(catalog: dict[str, dict], labels: pd.DataFrame, *, key: str, key
     return df
 
 
+def mask_cohort(catalog: dict[str, dict], *, missing: str) -> pd.DataFrame:
+    """One row per series for segmentation: ``series_key, patient_key, study_key, label`` (1: has foreground).
+
+    Series with a mask are in; series without one are in as empty when ``missing == "empty"``
+    (e.g. scans without a lesion), else left out.
+    """
+    rows = []
+    for series_key, entry in sorted(catalog.items()):
+        mask = entry.get("mask")
+        if mask is None and missing != "empty":
+            continue
+        rows.append({"series_key": series_key, "patient_key": entry["patient_key"], "study_key": entry["study_key"],
+                     "label": int(bool(mask and mask.get("foreground_voxels", 0)))})
+    df = pd.DataFrame(rows, columns=["series_key", "patient_key", "study_key", "label"])
+    n_masks = sum(1 for e in catalog.values() if "mask" in e)
+    logger.info("masks: %d of %d series have a mask; %d series in the cohort (%d with foreground)", n_masks,
+                len(catalog), len(df), int(df["label"].sum()))
+    return df
+
+
 def patient_split(df: pd.DataFrame, *, val: float, test: float, stratify: bool = True, seed: int = 0) -> pd.Series:
     """``train``/``val``/``test`` for each row, with every patient in exactly one split.
 

@@ -69,3 +69,53 @@ def test_apply_steps_in_order_and_key_depends_on_steps():
 def test_unknown_step_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown preprocessing step 'blur'"):
         apply_steps(np.zeros((2, 2, 2)), (1, 1, 1), [("blur", {})])
+
+
+def test_steps_move_a_mask_with_its_image_and_never_invent_labels():
+    from tasks.preprocessing import apply_steps_with_mask
+
+    rng = np.random.default_rng(3)
+    image = rng.normal(size=(20, 30, 34)).astype(np.float32) * 100
+    mask = rng.choice(np.array([0, 2, 5], dtype=np.uint8), size=image.shape, p=[0.7, 0.2, 0.1])
+    steps = [("resample", {"spacing": (1.7, 0.9, 1.3), "order": 1}), ("window", {"center": 0, "width": 400}),
+             ("resize", {"shape": (16, 40, 28), "order": 1}), ("crop_pad", {"shape": (18, 36, 36), "value": None})]
+    out, labels, _ = apply_steps_with_mask(image, mask, (2.0, 1.0, 1.0), steps)
+    assert out.shape == labels.shape == (18, 36, 36)
+    assert set(np.unique(labels)) <= {0, 2, 5} and labels.dtype == np.uint8
+    assert 0.0 <= out.min() and out.max() <= 1.0  # the window acted on the image only
+
+
+def test_a_box_stays_in_place_through_resample_and_crop():
+    from tasks.preprocessing import apply_steps_with_mask
+
+    image = np.zeros((10, 20, 20), np.float32)
+    mask = np.zeros((10, 20, 20), np.uint8)
+    mask[4:6, 8:12, 8:12] = 1
+    image[mask > 0] = 1.0
+    out, labels, sp = apply_steps_with_mask(image, mask, (2.0, 1.0, 1.0), [("resample", {"spacing": (1.0, 1.0, 1.0)}),
+                                                                         ("crop_pad", {"shape": (20, 16, 16)})])
+    assert sp == (1.0, 1.0, 1.0)
+    assert labels.sum() == 4 * 4 * 4  # 2 slices of 2 mm became 4 of 1 mm
+    np.testing.assert_array_equal(labels > 0, out > 0.5)
+
+
+def test_invert_geometry_undoes_resample_resize_and_crop():
+    from tasks.preprocessing import apply_steps_with_mask, invert_geometry, shape_trace
+
+    mask = np.zeros((12, 40, 36), np.uint8)
+    mask[3:9, 10:30, 6:22] = 1
+    # finer grids, so that nothing is lost to coarser voxels on the way
+    steps = [("resample", {"spacing": (1.0, 0.8, 0.9)}), ("resize", {"shape": (30, 60, 48)}),
+             ("crop_pad", {"shape": (32, 56, 50)})]
+    _, labels, _ = apply_steps_with_mask(mask.astype(np.float32), mask, (2.0, 1.0, 1.0), steps)
+    trace = shape_trace(mask.shape, (2.0, 1.0, 1.0), steps)
+    assert trace[-1][3] == labels.shape
+    back = invert_geometry(labels.astype(np.float32), trace) >= 0.5
+    assert back.shape == mask.shape
+    dice = 2 * (back & (mask > 0)).sum() / (back.sum() + mask.sum())
+    assert dice > 0.93  # non-integer zoom factors move a boundary by up to one voxel
+    # crop/pad alone is undone exactly
+    only_crop = [("crop_pad", {"shape": (9, 44, 30)})]
+    _, cropped, _ = apply_steps_with_mask(mask.astype(np.float32), mask, (2.0, 1.0, 1.0), only_crop)
+    back = invert_geometry(cropped.astype(np.float32), shape_trace(mask.shape, (2.0, 1.0, 1.0), only_crop))
+    np.testing.assert_array_equal(back[1:10, :, 3:33], mask[1:10, :, 3:33])

@@ -1,0 +1,70 @@
+"""Segmentation metrics on shapes whose answers can be worked out by hand."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+
+from tasks.metrics import mean_ci, segmentation_metrics, summarize_segmentation
+
+
+def _ball(shape, spacing, centre_mm, radius_mm):
+    grids = np.meshgrid(*[np.arange(n) * s for n, s in zip(shape, spacing)], indexing="ij")
+    return sum((g - c) ** 2 for g, c in zip(grids, centre_mm)) <= radius_mm**2
+
+
+def test_identical_masks_are_perfect():
+    ball = _ball((30, 40, 40), (2.0, 1.0, 1.0), (30, 20, 20), 12)
+    m = segmentation_metrics(ball, ball, (2.0, 1.0, 1.0))
+    assert m["dice"] == 1.0 and m["iou"] == 1.0 and m["hd95"] == 0.0 and m["assd"] == 0.0
+    assert m["volume_error"] == 0.0
+
+
+def test_overlapping_boxes_give_exact_dice_iou_and_volume_error():
+    truth = np.zeros((10, 10, 10), bool)
+    pred = np.zeros((10, 10, 10), bool)
+    truth[2:6, 2:6, 2:6] = True  # 64 voxels
+    pred[2:6, 2:6, 4:8] = True  # 64 voxels, 32 shared
+    m = segmentation_metrics(truth, pred, (2.0, 0.5, 0.5))  # 0.5 mm³ per voxel
+    assert m["dice"] == 0.5 and m["iou"] == 32 / 96
+    assert m["volume_true_ml"] == m["volume_pred_ml"] == 64 * 0.5 / 1000 and m["volume_error"] == 0.0
+
+
+def test_concentric_spheres_are_their_radius_difference_apart_in_mm():
+    spacing = (2.0, 0.7, 0.7)  # anisotropic: distances must be in mm, not voxels
+    shape = (40, 120, 120)
+    truth = _ball(shape, spacing, (40, 42, 42), 20)
+    pred = _ball(shape, spacing, (40, 42, 42), 24)
+    m = segmentation_metrics(truth, pred, spacing)
+    assert math.isclose(m["hd95"], 4.0, abs_tol=1.0)
+    assert math.isclose(m["assd"], 4.0, abs_tol=0.7)
+    expected = 2 * 20**3 / (20**3 + 24**3)  # Dice of nested balls: 2 r1³ / (r1³ + r2³)
+    assert math.isclose(m["dice"], expected, abs_tol=0.02)
+    assert math.isclose(m["volume_error"], 4 / 3 * math.pi * (24**3 - 20**3) / 1000, rel_tol=0.05)
+
+
+def test_one_empty_mask_has_no_distance():
+    truth = np.zeros((5, 5, 5), bool)
+    truth[1:3, 1:3, 1:3] = True
+    m = segmentation_metrics(truth, np.zeros_like(truth), (1, 1, 1))
+    assert m["dice"] == 0.0 and math.isnan(m["hd95"]) and math.isnan(m["assd"])
+    both_empty = segmentation_metrics(np.zeros_like(truth), np.zeros_like(truth), (1, 1, 1))
+    assert both_empty["dice"] == 1.0 and both_empty["hd95"] == 0.0
+
+
+def test_summary_is_over_lesion_cases_and_counts_false_positives():
+    cases = pd.DataFrame([
+        {"label": 1, "dice": 0.8, "hd95": 2.0, "volume_pred_ml": 1.0},
+        {"label": 1, "dice": 0.9, "hd95": float("nan"), "volume_pred_ml": 1.0},
+        {"label": 0, "dice": 0.0, "hd95": float("nan"), "volume_pred_ml": 0.3},
+        {"label": 0, "dice": 1.0, "hd95": 0.0, "volume_pred_ml": 0.0},
+    ])
+    out = summarize_segmentation(cases, ["dice", "hd95"], n_boot=100)
+    s = out["summary"]
+    assert math.isclose(s["dice"], 0.85) and s["hd95"] == 2.0
+    assert s["n_lesion"] == 2 and s["n_empty"] == 2 and s["empty_with_false_positive"] == 1
+    lo, hi = out["ci"]["dice"]
+    assert 0.8 <= lo <= hi <= 0.9
+    assert mean_ci([1.0]) is None
