@@ -10,7 +10,7 @@ export DO_NOT_TRACK := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export TF_CPP_MIN_LOG_LEVEL := 2
 
-.PHONY: install demo test bench clean system-deps
+.PHONY: install demo demo-segmentation test bench clean system-deps
 
 install: $(STAMP)
 
@@ -22,6 +22,9 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(BIN)/medflow demo --workdir $(DEMO_DIR)
+
+demo-segmentation: $(STAMP)
+	$(BIN)/medflow demo --task segmentation --workdir work/demo-segmentation
 
 test: $(STAMP) system-deps
 	$(BIN)/python -m pytest -m "not gpu" --timeout=900

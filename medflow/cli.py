@@ -40,6 +40,27 @@ run: {{retries: 2, dask: {{n_workers: 2, threads_per_worker: 1}}}}
 """
 
 
+SEG_DEMO_SPEC = """\
+# The segmentation demo: lung tumours on a synthetic chest-CT cohort, masks from DICOM SEG.
+name: demo-tumours
+data:
+  source: cohort/dicom
+  masks: {{source: seg, missing: empty}}
+  store: store.zarr
+  split: {{val: 0.2, test: 0.2, by: patient, stratify: true, seed: {seed}}}
+ingest: {{deidentify: true, modalities: [CT], min_slices: 8}}
+preprocess:
+  - lung_mask: {{threshold: -400}}
+  - window: {{center: -600, width: 1500}}
+augment: {{flip: [x, y], intensity_jitter: 0.05}}
+model: {{task: segmentation, arch: unet2d, params: {{filters: [16, 32, 64, 128], norm: batch}}}}
+train: {{epochs: {epochs}, batch_size: 16, optimizer: adam, learning_rate: 0.002, early_stopping: 6, reduce_lr: 3,
+        samples_per_volume: 8, foreground_ratio: 0.5, seed: {seed}}}
+evaluate: {{metrics: [dice, iou, hd95, assd, volume_error], bootstrap: 1000}}
+run: {{retries: 2, dask: {{n_workers: 2, threads_per_worker: 1}}}}
+"""
+
+
 def _fail_spec(exc) -> None:
     err.print(f"[bold red]{exc.args[0].splitlines()[0]}[/]")
     for line in exc.problems:
@@ -64,8 +85,13 @@ def _run_pipeline(spec_path: Path) -> dict:
 def _print_result(result: dict, t0: float) -> None:
     t = result["test"]
     console.print()
-    console.print(f"[bold]Test[/]: AUC {t['auc']:.3f} · accuracy {t['accuracy']:.3f} · "
-                  f"sensitivity {t['recall']:.3f} · specificity {t['specificity']:.3f} (n={t['n']})")
+    if "dice" in t:
+        console.print(f"[bold]Test[/]: Dice {t['dice']:.3f} (median {t['dice_median']:.3f}) · IoU {t['iou']:.3f} · "
+                      f"HD95 {t['hd95']:.1f} mm on {t['n_lesion']} case(s) with a lesion · false positives on "
+                      f"{t['empty_with_false_positive']} of {t['n_empty']} without")
+    else:
+        console.print(f"[bold]Test[/]: AUC {t['auc']:.3f} · accuracy {t['accuracy']:.3f} · "
+                      f"sensitivity {t['recall']:.3f} · specificity {t['specificity']:.3f} (n={t['n']})")
     stages = " · ".join(f"{k} {v:.1f}s" for k, v in result["stage_seconds"].items())
     console.print(f"Stages: {stages} · total {time.perf_counter() - t0:.1f}s")
     console.print(f"Run folder: {result['run_dir']}")
@@ -107,7 +133,7 @@ def schema(
     sys.stdout.write(json.dumps(json_schema(), indent=2) + "\n")
 
 
-def _synth(out: Path, patients: int, seed: int, matrix: int):
+def _synth(out: Path, patients: int, seed: int, matrix: int, **options):
     from rich.progress import Progress
 
     from medflow.synth import synthesize
@@ -115,7 +141,7 @@ def _synth(out: Path, patients: int, seed: int, matrix: int):
     with Progress(console=console, transient=True) as progress:
         bar = progress.add_task(f"synthesising {patients} patients", total=patients)
         cohort = synthesize(out, patients=patients, seed=seed, matrix=matrix,
-                            progress=lambda done, total: progress.update(bar, completed=done))
+                            progress=lambda done, total: progress.update(bar, completed=done), **options)
     console.print(f"wrote {cohort.n_files} files for {cohort.n_patients} patients "
                   f"({cohort.n_positive} with a nodule) to {cohort.dicom_dir}; labels in {cohort.labels_csv}")
     return cohort
@@ -127,32 +153,68 @@ def synth(
     patients: Annotated[int, typer.Option(min=2, help="Number of patients.")] = 80,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     matrix: Annotated[int, typer.Option(min=32, help="Rows and columns of each slice.")] = 128,
+    masks: Annotated[bool, typer.Option(help="Also write each nodule as a DICOM SEG.")] = False,
 ) -> None:
-    """Write a synthetic chest-CT cohort as real DICOM files, with labels.csv."""
-    _synth(out, patients, seed, matrix)
+    """Write a synthetic chest-CT cohort as real DICOM files, with labels.csv (and DICOM SEG masks)."""
+    _synth(out, patients, seed, matrix, masks=masks)
 
 
 @app.command()
 def demo(
     workdir: Annotated[Path, typer.Option(help="Work folder (cohort, store, runs, Prefect home).")] = Path("work/demo"),
-    patients: Annotated[int, typer.Option(min=10, help="Patients in the demo cohort.")] = 100,
+    patients: Annotated[int | None, typer.Option(min=10, help="Patients in the demo cohort (default: 100 for "
+                                                 "classification, 60 for segmentation).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the cohort, split and training.")] = 0,
     epochs: Annotated[int, typer.Option(min=1, help="Training epochs (early stopping may end sooner).")] = 30,
+    task: Annotated[str, typer.Option(help="classification (nodule present/absent, cnn3d) or segmentation "
+                                      "(tumour masks from DICOM SEG, unet2d).")] = "classification",
 ) -> None:
     """Synthesise a cohort, write a spec, and run the whole pipeline on it."""
+    if task not in ("classification", "segmentation"):
+        err.print(f"[bold red]--task must be classification or segmentation[/] (received {task!r})")
+        raise typer.Exit(2)
     t0 = time.perf_counter()
+    segmentation = task == "segmentation"
+    patients = patients or (60 if segmentation else 100)
+    if segmentation and workdir == Path("work/demo"):
+        workdir = Path("work/demo-segmentation")
     workdir.mkdir(parents=True, exist_ok=True)
     marker = workdir / "cohort" / "cohort.json"
-    wanted = {"patients": patients, "seed": seed, "matrix": 128}
+    # segmentation: lung tumours of 6-14 mm radius, in 3 of 4 patients, as DICOM SEG
+    options = {"masks": True, "nodule_radius": [6.0, 14.0], "positive_fraction": 0.75} if segmentation else {}
+    wanted = {"patients": patients, "seed": seed, "matrix": 128, **options}
     if marker.exists() and json.loads(marker.read_text()) == wanted:
         console.print(f"using the cohort in {marker.parent}")
     else:
-        _synth(workdir / "cohort", patients, seed, 128)
+        _synth(workdir / "cohort", patients, seed, 128, **options)
         marker.write_text(json.dumps(wanted))
     spec_path = workdir / "demo.yaml"
-    spec_path.write_text(DEMO_SPEC.format(seed=seed, epochs=epochs))
+    spec_path.write_text((SEG_DEMO_SPEC if segmentation else DEMO_SPEC).format(seed=seed, epochs=epochs))
     console.print(f"spec: {spec_path}")
     _print_result(_run_pipeline(spec_path), t0)
+
+
+@app.command()
+def predict(
+    model: Annotated[Path, typer.Option(help="A finished run folder (holds spec.yaml and model.keras).")],
+    input: Annotated[Path, typer.Option(help="Folder of new DICOM studies, or a spec whose data.source to read.")],  # noqa: A002
+    output: Annotated[Path, typer.Option(help="Output folder: DICOM SEG per series (segmentation) or scores, "
+                                         "with predictions.csv and predictions.json.")],
+) -> None:
+    """Apply a trained run to new DICOM studies: a DICOM SEG per series, or a score per series."""
+    run_dir = model.expanduser().resolve()
+    if not (run_dir / "model.keras").exists():
+        err.print(f"[bold red]{run_dir} is not a finished medflow run[/] (no model.keras); pass the run folder "
+                  "that `medflow run` printed")
+        raise typer.Exit(2)
+    settings.configure(run_dir.parent.parent)
+    from flows.predict import predict_flow
+
+    t0 = time.perf_counter()
+    result = predict_flow(str(run_dir), str(input), str(output))
+    console.print(f"[bold]Predicted[/] {result['series']} series with run {result['run_id']} in "
+                  f"{time.perf_counter() - t0:.1f}s; {result['not_used']} file(s) not used")
+    console.print(f"[bold green]Output:[/] {result['output']} (predictions.csv, predictions.json)")
 
 
 @app.command()

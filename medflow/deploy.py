@@ -23,10 +23,11 @@ class DeploymentDef:
     flow_name: str
     name: str
     entrypoint: str
-    spec: str
+    spec: str | None  # None for a flow without a `spec` parameter (predict)
     cron: str | None
     timezone: str
     description: str
+    parameters: dict | None = None  # the other default parameters
 
     @property
     def full_name(self) -> str:
@@ -50,15 +51,21 @@ def read_deployments(path: str | Path = DEFAULT_FILE, *, spec: str | Path | None
     base = path.resolve().parent.parent  # entrypoints and relative specs are relative to the project
     out = []
     for entry in config.get("deployments", []):
-        spec_path = Path(spec) if spec else Path(entry.get("parameters", {}).get("spec", ""))
-        if not spec_path.is_absolute():
-            spec_path = (Path.cwd() if spec else base) / spec_path
-        pipeline_spec = load_spec(spec_path, check_paths=False)
         schedules = entry.get("schedules") or []
         cron = schedules[0]["cron"] if schedules else None
         timezone = schedules[0].get("timezone", "UTC") if schedules else "UTC"
         module, func = entry["entrypoint"].split(":")
         flow_name = _flow_name(base / module, func)
+        params = dict(entry.get("parameters") or {})
+        if "spec" not in params:  # e.g. predict: its parameters are given per run
+            out.append(DeploymentDef(flow_name=flow_name, name=entry["name"], entrypoint=str(base / module) + ":" + func,
+                                     spec=None, cron=cron, timezone=timezone,
+                                     description=entry.get("description", ""), parameters=params))
+            continue
+        spec_path = Path(spec) if spec else Path(params["spec"])
+        if not spec_path.is_absolute():
+            spec_path = (Path.cwd() if spec else base) / spec_path
+        pipeline_spec = load_spec(spec_path, check_paths=False)
         if schedules and pipeline_spec.schedule and flow_name == "pipeline":
             # the spec's schedule is the pipeline's; stage deployments keep their own
             cron, timezone = pipeline_spec.schedule.cron, pipeline_spec.schedule.timezone
@@ -86,7 +93,7 @@ def to_runner_deployments(defs: list[DeploymentDef]) -> list:
         out.append(flow.to_deployment(
             name=d.name,
             schedule=Cron(d.cron, timezone=d.timezone) if d.cron else None,
-            parameters={"spec": d.spec},
+            parameters={"spec": d.spec} if d.spec else dict(d.parameters or {}),
             description=d.description,
             enforce_parameter_schema=True,
             tags=["medflow"],

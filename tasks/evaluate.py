@@ -60,6 +60,8 @@ def evaluate_model_task(spec, run_dir: str, prep_key: str, split_csv: str, model
     log = get_run_logger()
     store = Store(spec.data.store)
     df = pd.read_csv(split_csv)
+    if spec.model.task == "segmentation":
+        return evaluate_segmentation(spec, store, prep_key, df, model_path, Path(run_dir), log)
     df["score"] = predict(model_path, lambda k: store.read_prep(prep_key, k), df["series_key"].tolist(),
                           batch_size=spec.train.batch_size)
     ev = spec.evaluate
@@ -74,4 +76,88 @@ def evaluate_model_task(spec, run_dir: str, prep_key: str, split_csv: str, model
              t["auc"], t["accuracy"], t["recall"], t["specificity"], result["threshold"], t["n"])
     if np.isnan(t["auc"]):
         log.warning("the test split holds one class only: AUC is undefined; use a larger cohort or split.test")
+    return result
+
+
+def predict_native(model, store: Store, key: str, prep_key: str, steps: list, *, two_d: bool, patch,
+                   batch_size: int) -> np.ndarray:
+    """Foreground probability of a stored series on its original grid (prediction mapped back)."""
+    from models.segmentation import predict_volume
+    from tasks.preprocessing import invert_geometry, shape_trace
+
+    entry = store.catalog_entry(key)
+    prob = predict_volume(model, store.read_prep(prep_key, key), two_d=two_d, patch=patch, batch_size=batch_size)
+    return invert_geometry(prob, shape_trace(entry["shape"], entry["spacing"], steps))
+
+
+def example_slices(cases: pd.DataFrame, volumes: dict) -> dict | None:
+    """Best, median and worst test lesion case by Dice: the slice with the most foreground (truth or prediction)."""
+    lesion = cases[(cases["split"] == "test") & (cases["label"] == 1)].sort_values("dice", ascending=False)
+    if lesion.empty:
+        return None
+    picks = {"best": lesion.iloc[0], "median": lesion.iloc[len(lesion) // 2], "worst": lesion.iloc[-1]}
+    images, truths, preds, meta = [], [], [], []
+    for which, row in picks.items():
+        image, truth, pred = volumes[row["series_key"]]
+        z = int(np.argmax((truth > 0).sum(axis=(1, 2)) + (pred > 0).sum(axis=(1, 2))))
+        images.append(image[z].astype(np.float32))
+        truths.append(truth[z] > 0)
+        preds.append(pred[z] > 0)
+        meta.append({"which": which, "series_key": row["series_key"], "dice": float(row["dice"]), "z": z})
+    shape = np.max([i.shape for i in images], axis=0)
+
+    def pad(a):
+        return np.pad(a, [(0, int(s) - n) for s, n in zip(shape, a.shape)])
+
+    return {"images": np.stack([pad(i) for i in images]), "truths": np.stack([pad(t) for t in truths]),
+            "preds": np.stack([pad(p) for p in preds]), "meta": meta}
+
+
+def evaluate_segmentation(spec, store: Store, prep_key: str, df: pd.DataFrame, model_path: str,
+                          run_dir: Path, log) -> dict:
+    """Predict validation and test cases, map predictions to the original grid, score them against the
+    stored masks (spacing from the catalog); per-case table, summary with bootstrap CIs, overlay examples."""
+    import keras
+
+    import models.losses  # noqa: F401
+    from models.segmentation import patch_shape
+    from tasks.metrics import segmentation_metrics, summarize_segmentation
+
+    model = keras.models.load_model(model_path, compile=False)
+    two_d = spec.model.arch == "unet2d"
+    patch = None
+    if not two_d and spec.train.patch_size:
+        patch = patch_shape(spec.model.arch, spec.train.patch_size, (0, 0, 0))
+    steps = spec.steps()
+    rows, volumes = [], {}
+    for row in df[df["split"].isin(["val", "test"])].to_dict("records"):
+        key = row["series_key"]
+        entry = store.catalog_entry(key)
+        prob = predict_native(model, store, key, prep_key, steps, two_d=two_d, patch=patch,
+                              batch_size=spec.train.batch_size)
+        pred = prob >= 0.5
+        truth = store.read_mask(key)
+        truth = truth > 0 if truth is not None else np.zeros(pred.shape, bool)
+        rows.append({**row, **segmentation_metrics(truth, pred, entry["spacing"])})
+        if row["split"] == "test" and row["label"] == 1:
+            volumes[key] = (store.read_image(key), truth, pred)
+    cases = pd.DataFrame(rows)
+    names = spec.metric_names()
+    ev = spec.evaluate
+    result = {"task": "segmentation", "metrics": names, "bootstrap": ev.bootstrap}
+    for split in ("val", "test"):
+        part = summarize_segmentation(cases[cases["split"] == split], names, n_boot=ev.bootstrap, seed=spec.train.seed)
+        result[split] = part["summary"]
+        if split == "test":
+            result["ci"] = part["ci"]
+    cases.to_csv(run_dir / "predictions.csv", index=False)
+    examples = example_slices(cases, volumes)
+    if examples:
+        np.savez_compressed(run_dir / "seg_examples.npz", images=examples["images"], truths=examples["truths"],
+                            preds=examples["preds"], meta=np.array(json.dumps(examples["meta"])))
+    (run_dir / "metrics.json").write_text(json.dumps(result, indent=1, default=float))
+    t = result["test"]
+    log.info("test: Dice %.3f (median %.3f), IoU %.3f, HD95 %.1f mm on %d lesion case(s); %d of %d empty case(s) "
+             "with a false positive", t["dice"], t["dice_median"], t.get("iou", float("nan")),
+             t.get("hd95", float("nan")), t["n_lesion"], t["empty_with_false_positive"], t["n_empty"])
     return result

@@ -15,7 +15,7 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact, cr
 from prefect.logging import get_run_logger
 
 from storage.store import Store
-from tasks.reporting import build_context, markdown_summary, qc_summary, quarantine_summary, render_html
+from tasks.reporting import build_context, build_seg_context, markdown_summary, qc_summary, quarantine_summary, render_html
 
 PACKAGES = ("medflow", "prefect", "keras", "tensorflow-cpu", "tensorflow", "dask", "distributed", "zarr",
             "pydicom", "scikit-image", "scikit-learn", "numpy")
@@ -54,6 +54,14 @@ def _load_explain(path: Path) -> dict | None:
         return {"images": data["images"], "cams": data["cams"], "meta": json.loads(str(data["meta"]))}
 
 
+def _load_examples(path: Path) -> dict | None:
+    if not path.exists():
+        return None
+    with np.load(path) as data:
+        return {"images": data["images"], "truths": data["truths"], "preds": data["preds"],
+                "meta": json.loads(str(data["meta"]))}
+
+
 def _artifact_key(text: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in text.lower()).strip("-")[:60]
 
@@ -83,13 +91,16 @@ def render_report_task(spec, run_dir: str, prep_key: str, stage_seconds: dict[st
     }
     (run_dir / "provenance.json").write_text(json.dumps(provenance, indent=1))
     counts = split_counts(preds)
-    context = build_context(
-        name=spec.name, run_id=run_dir.name,
-        cohort={"series": len(catalog), "labelled": len(preds), "patients": int(preds["patient_key"].nunique())},
-        split_counts=counts, quarantine=quarantine, history=training["history"], evaluation=evaluation,
-        predictions=preds, provenance=provenance, metric_names=evaluation["metrics"],
-        qc=qc_summary(catalog, quarantine), explain=_load_explain(run_dir / "explain.npz"),
-    )
+    common = {
+        "name": spec.name, "run_id": run_dir.name, "split_counts": counts, "quarantine": quarantine,
+        "cohort": {"series": len(catalog), "labelled": len(preds), "patients": int(preds["patient_key"].nunique())},
+        "history": training["history"], "evaluation": evaluation, "provenance": provenance,
+        "metric_names": evaluation["metrics"], "qc": qc_summary(catalog, quarantine),
+    }
+    if evaluation.get("task") == "segmentation":
+        context = build_seg_context(**common, cases=preds, examples=_load_examples(run_dir / "seg_examples.npz"))
+    else:
+        context = build_context(**common, predictions=preds, explain=_load_explain(run_dir / "explain.npz"))
     report = run_dir / "report.html"
     report.write_text(render_html(context))
     summary = {

@@ -33,7 +33,8 @@ def _png(fig) -> str:
 
 def plot_history(history: dict[str, list[float]]) -> str:
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
-    for ax, metric in zip(axes, ("loss", "auc")):
+    second = "auc" if "auc" in history else "dice"
+    for ax, metric in zip(axes, ("loss", second)):
         for prefix, style in (("", "-"), ("val_", "--")):
             vals = history.get(prefix + metric)
             if vals:
@@ -142,6 +143,7 @@ def build_context(*, name: str, run_id: str, cohort: dict, split_counts: list[di
     y, s = test["label"].to_numpy(), test["score"].to_numpy()
     m, thr = evaluation["test"], evaluation["threshold"]
     return {
+        "task": "classification",
         "name": name,
         "run_id": run_id,
         "cohort": cohort,
@@ -169,10 +171,15 @@ def markdown_summary(context: dict) -> str:
     lines = [f"# {context['name']} — run `{context['run_id']}`", "", "## Test metrics", "",
              "| metric | value | 95% CI |", "|---|---|---|"]
     lines += [f"| {r['metric']} | {r['value']} | {r['ci95']} |" for r in context["metrics"]]
-    c = context["confusion"]
-    lines += ["", f"Threshold {context['threshold']:.3f} (chosen on validation). "
-              f"Confusion: TP {c['tp']}, FP {c['fp']}, FN {c['fn']}, TN {c['tn']}.", "", "## Cohort", "",
-              "| split | series | patients | positive |", "|---|---|---|---|"]
+    if context.get("task") == "segmentation":
+        t = context["seg"]
+        lines += ["", f"Means over {t['n_lesion']} test case(s) with a lesion (median Dice {t['dice_median']:.3f}); "
+                  f"{t['empty_with_false_positive']} of {t['n_empty']} case(s) without one got a false positive."]
+    else:
+        c = context["confusion"]
+        lines += ["", f"Threshold {context['threshold']:.3f} (chosen on validation). "
+                  f"Confusion: TP {c['tp']}, FP {c['fp']}, FN {c['fn']}, TN {c['tn']}."]
+    lines += ["", "## Cohort", "", "| split | series | patients | positive |", "|---|---|---|---|"]
     lines += [f"| {r['split']} | {r['series']} | {r['patients']} | {r['positive']} |" for r in context["split_counts"]]
     lines += ["", f"Quarantined files: {context['n_quarantined']}"]
     lines += [f"- {r['reason']}: {r['files']}" for r in context["quarantine"]]
@@ -180,3 +187,90 @@ def markdown_summary(context: dict) -> str:
     if stages:
         lines += ["", "## Time per stage", ""] + [f"- {k}: {v:.1f} s" for k, v in stages.items()]
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------ segmentation
+def seg_metrics_rows(summary: dict, ci: dict, names: list[str]) -> list[dict]:
+    from tasks.metrics import SEG_LABELS
+
+    rows = []
+    for name in names:
+        lo_hi = ci.get(name)
+        digits = 3 if name in ("dice", "iou") else 2
+        rows.append({"metric": SEG_LABELS.get(name, name), "value": f"{summary[name]:.{digits}f}",
+                     "ci95": f"{lo_hi[0]:.{digits}f} – {lo_hi[1]:.{digits}f}" if lo_hi else ""})
+    return rows
+
+
+def plot_seg_distribution(cases) -> str:
+    """Per-case Dice and HD95 of the test cases with a lesion (box plot with the cases as dots)."""
+    lesion = cases[(cases["split"] == "test") & (cases["label"] == 1)]
+    fig, axes = plt.subplots(1, 2, figsize=(7, 3.2))
+    rng = np.random.default_rng(0)
+    for ax, col, title in zip(axes, ("dice", "hd95"), ("Dice", "HD95 (mm)")):
+        vals = lesion[col].dropna().to_numpy(dtype=float)
+        if len(vals):
+            ax.boxplot(vals, widths=0.5, showfliers=False)
+            ax.plot(1 + rng.uniform(-0.12, 0.12, len(vals)), vals, "o", alpha=0.6, color="#1f77b4")
+        ax.set_title(f"{title}, {len(vals)} test case(s)")
+        ax.set_xticks([])
+    return _png(fig)
+
+
+def plot_overlays(images: np.ndarray, truths: np.ndarray, preds: np.ndarray, meta: list[dict]) -> str:
+    """Best, median and worst test case: the slice with the most foreground, zoomed on the lesion, truth
+    contour green, prediction contour red, over the image (1st-99th percentile grey scale)."""
+    fig, axes = plt.subplots(1, len(images), figsize=(3.4 * len(images), 3.6), squeeze=False)
+    for ax, image, truth, pred, m in zip(axes[0], images, truths, preds, meta):
+        image, truth, pred = _zoom_on(image, truth | pred, truth, pred)
+        lo, hi = np.percentile(image, [1, 99])
+        ax.imshow(image, cmap="gray", vmin=lo, vmax=hi)
+        if truth.any():
+            ax.contour(truth.astype(float), levels=[0.5], colors=["#2ca02c"], linewidths=1.4)
+        if pred.any():
+            ax.contour(pred.astype(float), levels=[0.5], colors=["#d62728"], linewidths=1.0, linestyles="--")
+        ax.set_title(f"{m['which']}: Dice {m['dice']:.3f} (slice {m['z']})", fontsize=9)
+        ax.axis("off")
+    fig.suptitle("truth (green) and prediction (red, dashed)", fontsize=9)
+    return _png(fig)
+
+
+def _zoom_on(image: np.ndarray, region: np.ndarray, *others: np.ndarray, margin: int = 24):
+    """Crop ``image`` (and ``others``) to the bounding box of ``region`` plus a margin (small lesions stay visible)."""
+    if not region.any():
+        return (image, *others)
+    rows, cols = np.nonzero(region)
+    r0, r1 = max(0, rows.min() - margin), min(image.shape[0], rows.max() + margin + 1)
+    c0, c1 = max(0, cols.min() - margin), min(image.shape[1], cols.max() + margin + 1)
+    return tuple(a[r0:r1, c0:c1] for a in (image, *others))
+
+
+def build_seg_context(*, name: str, run_id: str, cohort: dict, split_counts: list[dict], quarantine: list[dict],
+                      history: dict, evaluation: dict, cases, provenance: dict, metric_names: list[str],
+                      qc: list[dict] | None = None, examples: dict | None = None) -> dict:
+    """The template context of a segmentation run."""
+    test = cases[cases["split"] == "test"]
+    columns = ["series_key", "label", "dice", "iou", "hd95", "assd", "volume_true_ml", "volume_pred_ml"]
+    table = [{c: (round(float(r[c]), 3) if isinstance(r[c], float) else r[c]) for c in columns if c in r}
+             for r in test.sort_values("dice").to_dict("records")]
+    return {
+        "task": "segmentation",
+        "name": name,
+        "run_id": run_id,
+        "cohort": cohort,
+        "split_counts": split_counts,
+        "quarantine": quarantine_summary(quarantine),
+        "n_quarantined": len(quarantine),
+        "qc": qc or [],
+        "metrics": seg_metrics_rows(evaluation["test"], evaluation.get("ci", {}), metric_names),
+        "seg": evaluation["test"],
+        "seg_val": evaluation.get("val", {}),
+        "cases": table,
+        "plots": {
+            "history": plot_history(history) if history else None,
+            "distribution": plot_seg_distribution(cases),
+            "overlays": plot_overlays(examples["images"], examples["truths"], examples["preds"], examples["meta"])
+            if examples else None,
+        },
+        "provenance": provenance,
+    }

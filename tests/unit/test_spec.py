@@ -75,3 +75,43 @@ def test_schema_is_json_and_covers_every_section():
     json.dumps(schema)
     assert set(schema["properties"]) == {"name", "data", "ingest", "preprocess", "augment", "model", "train",
                                          "evaluate", "run", "schedule"}
+
+
+def _seg_spec(**over):
+    from medflow.cli import SEG_DEMO_SPEC
+
+    base = yaml.safe_load(SEG_DEMO_SPEC.format(seed=1, epochs=3))
+    for dotted, value in over.items():
+        node = base
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            node = node[p]
+        if value is None:
+            del node[leaf]
+        else:
+            node[leaf] = value
+    return base
+
+
+def test_segmentation_demo_spec_is_valid_with_the_task_metrics(tmp_path):
+    spec = parse_spec(_seg_spec(**{"evaluate.metrics": None}), base_dir=tmp_path, check_paths=False)
+    assert spec.model.task == "segmentation" and spec.data.masks.source == "seg"
+    assert spec.metric_names() == ["dice", "iou", "hd95", "assd", "volume_error"]
+    assert parse_spec(_spec(), check_paths=False).metric_names()[0] == "auc"
+
+
+@pytest.mark.parametrize(
+    ("override", "fragment"),
+    [
+        ({"data.masks": None}, "segmentation needs data.masks"),
+        ({"model.arch": "cnn3d"}, "'cnn3d' is a classification model; for segmentation use one of: unet2d, unet3d"),
+        ({"train.patch_size": [16, 64, 64]}, "unet2d takes 2 (y, x)"),
+        ({"evaluate.metrics": ["dice", "auc"]}, "['auc'] do not apply to segmentation"),
+        ({"data.masks": {"source": "nifti"}}, "data.masks.table is required"),
+        ({"train.foreground_ratio": 1.5}, "train.foreground_ratio"),
+    ],
+)
+def test_segmentation_spec_errors(override, fragment):
+    with pytest.raises(SpecError) as info:
+        parse_spec(_seg_spec(**override), check_paths=False)
+    assert fragment in str(info.value)

@@ -1,0 +1,110 @@
+"""Segmentation end to end: SEG masks in, U-Net trained and scored, report overlays, and
+``medflow predict`` writing DICOM SEGs that reference the new studies' instances."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import highdicom as hd
+import keras
+import numpy as np
+import pandas as pd
+import pydicom
+import pytest
+import yaml
+
+from flows.pipeline import pipeline
+from flows.predict import predict_flow
+from medflow.cli import SEG_DEMO_SPEC
+from medflow.synth import synthesize
+from storage.ingest import IngestOptions
+from storage.store import Store
+from tasks.evaluate import predict_native
+from tasks.preprocessing import preprocess_series, steps_key
+from tests.helpers import ingest_serial
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def seg_run(tmp_path_factory, prefect_harness):
+    root = tmp_path_factory.mktemp("segmentation")
+    synthesize(root / "cohort", patients=14, seed=4, matrix=64, masks=True, nodule_radius=(8.0, 14.0),
+               positive_fraction=0.8)
+    spec = yaml.safe_load(SEG_DEMO_SPEC.format(seed=4, epochs=4))
+    spec["model"]["params"]["filters"] = [8, 16, 32]
+    spec["train"].update({"batch_size": 8, "samples_per_volume": 12, "learning_rate": 0.003})
+    spec["evaluate"]["bootstrap"] = 50
+    path = root / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return root, pipeline(str(path))
+
+
+def test_segmentation_pipeline_scores_and_reports(seg_run):
+    root, result = seg_run
+    run = Path(result["run_dir"])
+    store = Store(root / "store.zarr")
+    catalog = store.catalog()
+    with_mask = [k for k, e in catalog.items() if "mask" in e]
+    assert len(with_mask) == 11  # 80% of 14 patients have a tumour, each with a SEG
+    assert all(store.read_mask(k).sum() == catalog[k]["mask"]["foreground_voxels"] > 0 for k in with_mask)
+    assert not any("DICOM SEG" in r["reason"] for r in store.quarantine())
+
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["task"] == "segmentation"
+    cases = pd.read_csv(run / "predictions.csv")
+    test = cases[(cases["split"] == "test") & (cases["label"] == 1)]
+    assert metrics["test"]["dice"] == pytest.approx(test["dice"].mean())
+    assert set(metrics["test"]) >= {"dice", "iou", "hd95", "assd", "volume_error", "n_lesion"}
+    assert (run / "seg_examples.npz").exists()
+    html = (run / "report.html").read_text()
+    for fragment in ("Segmentation overlays", "Per-case results", "HD95 (mm)", "Dice"):
+        assert fragment in html
+    assert "ZQXCANARY" not in html
+    model = keras.models.load_model(run / "model.keras", compile=False)
+    assert model.name == "unet2d"
+
+
+def test_predict_writes_dicom_seg_that_references_the_new_studies(seg_run, tmp_path):
+    root, result = seg_run
+    run = Path(result["run_dir"])
+    new = synthesize(tmp_path / "new", patients=2, seed=11, matrix=64, positive_fraction=1.0,
+                     nodule_radius=(10.0, 14.0), broken=False)
+    out = predict_flow(str(run), str(new.dicom_dir), str(tmp_path / "out"))
+    assert out["series"] == 2
+    rows = pd.read_csv(tmp_path / "out" / "predictions.csv")
+    assert len(rows) == 2 and rows["seg"].notna().all()
+
+    # the same prediction, computed independently from the run's model and steps
+    spec = yaml.safe_load((run / "spec.yaml").read_text())
+    steps = [(next(iter(s)), next(iter(s.values()))) for s in spec["preprocess"]]
+    scratch = ingest_serial(new.dicom_dir, tmp_path / "scratch.zarr", IngestOptions(modalities=("CT",), min_slices=8))
+    store = scratch["store"]
+    model = keras.models.load_model(run / "model.keras", compile=False)
+    n_foreground = 0
+    for row in rows.to_dict("records"):
+        seg = hd.seg.segread(tmp_path / "out" / row["seg"])
+        assert seg.SOPClassUID == "1.2.840.10008.5.1.4.1.1.66.4"
+        algorithm = seg.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0]
+        assert run.name in str(algorithm.AlgorithmParameters)
+        source_files = [p for p in new.dicom_dir.rglob("*") if p.is_file()]
+        sources = [pydicom.dcmread(p, stop_before_pixels=True) for p in source_files]
+        series = [d for d in sources if d.SeriesInstanceUID == row["SeriesInstanceUID"]]
+        referenced = {i.ReferencedSOPInstanceUID for i in seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence}
+        assert referenced == {d.SOPInstanceUID for d in series}
+        assert seg.StudyInstanceUID == series[0].StudyInstanceUID
+
+        key = store.pseudonymizer().series_key(row["SeriesInstanceUID"])
+        prep_key = steps_key(steps)
+        preprocess_series(store.url, key, steps, prep_key)
+        entry = store.catalog_entry(key)
+        expected = predict_native(model, store, key, prep_key, steps, two_d=True, patch=None, batch_size=8) >= 0.5
+        # SEG frames per source instance, in the volume's order (ascending along the slice normal)
+        normal = np.asarray(entry["direction"][0])
+        ordered = sorted(series, key=lambda d: float(np.dot(np.asarray(d.ImagePositionPatient, float), normal)))
+        frames = seg.get_pixels_by_source_instance(
+            source_sop_instance_uids=[d.SOPInstanceUID for d in ordered], segment_numbers=[1])[..., 0]
+        np.testing.assert_array_equal(frames > 0, expected)
+        n_foreground += int(expected.sum())
+    assert n_foreground > 0  # the tumours were found: the comparison is not of empty masks
