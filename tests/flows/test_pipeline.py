@@ -142,3 +142,32 @@ def test_failed_run_resumes_training_where_it_stopped(tiny, prefect_harness, mon
     status = json.loads((failed[0] / "run.json").read_text())
     assert status["state"] == "completed" and status["attempts"] == 2
     assert len(pd.read_csv(failed[0] / "history.csv")) == 3
+
+
+def test_predict_scores_new_studies_with_a_classifier_run(tiny, prefect_harness, tmp_path):
+    from flows.predict import predict_flow
+    from storage.ingest import IngestOptions
+    from tasks.preprocessing import apply_steps
+    from tests.helpers import ingest_serial
+
+    result = pipeline(str(tiny))
+    run = result["run_dir"]
+    new = synthesize(tmp_path / "new", patients=3, seed=21, matrix=48)  # with broken files and a localizer
+    out = predict_flow(run, str(new.dicom_dir), str(tmp_path / "out"))
+    assert out["series"] == 3 and out["not_used"] > 0
+    rows = pd.read_csv(tmp_path / "out" / "predictions.csv")
+    threshold = json.loads(open(f"{run}/metrics.json").read())["threshold"]
+    assert set(rows["StudyInstanceUID"]) <= set(new.uids) and rows["SeriesInstanceUID"].nunique() == 3
+    assert (rows["prediction"] == (rows["score"] >= threshold).astype(int)).all()
+    summary = json.loads((tmp_path / "out" / "predictions.json").read_text())
+    assert summary["task"] == "classification" and {r["reason"] for r in summary["not_used"]}
+
+    # the scores are the run's model on the run's steps
+    spec = load_spec(tiny)
+    store = ingest_serial(new.dicom_dir, tmp_path / "scratch.zarr", IngestOptions(modalities=("CT",), min_slices=8))["store"]
+    model = keras.models.load_model(f"{run}/model.keras", compile=False)
+    for row in rows.to_dict("records"):
+        key = store.pseudonymizer().series_key(row["SeriesInstanceUID"])
+        image, _ = apply_steps(store.read_image(key), store.catalog_entry(key)["spacing"], spec.steps())
+        score = float(model.predict(image[None, ..., None], verbose=0)[0, 0])
+        assert score == pytest.approx(row["score"], abs=1e-5)

@@ -32,9 +32,9 @@ def seg_run(tmp_path_factory, prefect_harness):
     root = tmp_path_factory.mktemp("segmentation")
     synthesize(root / "cohort", patients=14, seed=4, matrix=64, masks=True, nodule_radius=(8.0, 14.0),
                positive_fraction=0.8)
-    spec = yaml.safe_load(SEG_DEMO_SPEC.format(seed=4, epochs=4))
+    spec = yaml.safe_load(SEG_DEMO_SPEC.format(seed=4, epochs=12))
     spec["model"]["params"]["filters"] = [8, 16, 32]
-    spec["train"].update({"batch_size": 8, "samples_per_volume": 12, "learning_rate": 0.003})
+    spec["train"].update({"batch_size": 8, "samples_per_volume": 16, "foreground_ratio": 0.7, "early_stopping": None})
     spec["evaluate"]["bootstrap"] = 50
     path = root / "spec.yaml"
     path.write_text(yaml.safe_dump(spec))

@@ -39,8 +39,10 @@ def test_example_specs_validate(path):
 
 def test_deployments_file_is_valid_and_uses_spec_schedules():
     defs = {d.full_name: d for d in read_deployments(ROOT / "deployments" / "prefect.yaml")}
-    assert set(defs) == {"pipeline/nightly", "pipeline/adhoc", "ingest/hourly"}
+    assert set(defs) == {"pipeline/nightly", "pipeline/adhoc", "ingest/hourly", "predict/adhoc"}
     assert defs["pipeline/adhoc"].cron is None
+    assert defs["predict/adhoc"].spec is None and defs["predict/adhoc"].cron is None  # model/input/output per run
+    defs.pop("predict/adhoc")
     spec = load_spec(defs["pipeline/nightly"].spec, check_paths=False)
     assert defs["pipeline/nightly"].cron == spec.schedule.cron  # the spec's schedule wins for the pipeline
     assert defs["ingest/hourly"].cron == "0 * * * *"  # stage deployments keep their own
