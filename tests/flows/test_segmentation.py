@@ -64,6 +64,11 @@ def test_segmentation_pipeline_scores_and_reports(seg_run):
     assert "ZQXCANARY" not in html
     model = keras.models.load_model(run / "model.keras", compile=False)
     assert model.name == "unet2d"
+    # the SEG objects carry the patients' identifiers; none of them reaches the store or the run
+    for folder in (root / "store.zarr", root / "runs"):
+        for path in folder.rglob("*"):
+            if path.is_file() and path.suffix not in (".gz",) and path.name != "secret":
+                assert b"ZQXCANARY" not in path.read_bytes(), path
 
 
 def test_predict_writes_dicom_seg_that_references_the_new_studies(seg_run, tmp_path):
