@@ -63,7 +63,10 @@ def scan_file(root: str | Path, relpath: str, pseudo: Pseudonymizer) -> dict:
     """
     path = Path(root) / relpath
     try:
-        ds = pydicom.dcmread(path, stop_before_pixels=False, defer_size=256)
+        with open(path, "rb") as fp:
+            ds = pydicom.dcmread(fp, stop_before_pixels=True)
+            pixel_at = fp.tell()  # the reader stops at the pixel data element's tag
+            pixel_head = fp.read(12)
     except InvalidDicomError as exc:
         return {"reason": f"not a DICOM file ({exc})".replace(str(path), relpath)}
     except Exception as exc:  # pydicom raises many types on damaged files
@@ -71,14 +74,18 @@ def scan_file(root: str | Path, relpath: str, pseudo: Pseudonymizer) -> dict:
     series_uid = str(ds.get("SeriesInstanceUID", "") or "")
     sop_class = ds.get("SOPClassUID", None)
     sop_name = getattr(sop_class, "name", str(sop_class)) if sop_class else "unknown SOP class"
-    if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
+    if pixel_head[:4] not in PIXEL_TAGS:
         return {"reason": f"no pixel data ({sop_name})"}
     if not series_uid:
         return {"reason": "no SeriesInstanceUID"}
     try:
         if str(sop_class) == SEG_SOP_CLASS:
             return _seg_record(ds, relpath, series_uid, pseudo)
-        return _scan_record(ds, relpath, series_uid, pseudo)
+        record = _scan_record(ds, relpath, series_uid, pseudo)
+        raw = raw_pixel_header(ds, pixel_at, pixel_head)
+        if raw is not None:
+            record["raw"] = raw
+        return record
     except (ValueError, TypeError, AttributeError, KeyError) as exc:  # a malformed header value
         return {"reason": f"invalid header value: {type(exc).__name__}: {exc}"}
 
@@ -101,7 +108,7 @@ def _seg_record(ds: pydicom.Dataset, relpath: str, series_uid: str, pseudo: Pseu
 
 
 def _scan_record(ds: pydicom.Dataset, relpath: str, series_uid: str, pseudo: Pseudonymizer) -> dict:
-    return {
+    record = {
         "series_key": pseudo.series_key(series_uid),
         "patient_key": pseudo.patient_key(str(ds.get("PatientID", "") or "")),
         "study_key": pseudo.study_key(str(ds.get("StudyInstanceUID", "") or "")),
@@ -115,6 +122,80 @@ def _scan_record(ds: pydicom.Dataset, relpath: str, series_uid: str, pseudo: Pse
         "planar": int(ds.get("NumberOfFrames", 1) or 1) <= 1
         and ("ImagePositionPatient" not in ds or "ImageOrientationPatient" not in ds),
     }
+    return record
+
+
+# Pixel data tags (PixelData, FloatPixelData, DoubleFloatPixelData) as they appear in a file, little and big endian.
+PIXEL_TAGS = (b"\xe0\x7f\x10\x00", b"\xe0\x7f\x08\x00", b"\xe0\x7f\x09\x00",
+              b"\x7f\xe0\x00\x10", b"\x7f\xe0\x00\x08", b"\x7f\xe0\x00\x09")
+# Native (uncompressed) little-endian transfer syntaxes: pixels can be read straight from the file.
+NATIVE_SYNTAXES = ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1")
+# Per-slice header values a raw read needs; geometry and rescale only (nothing identifying).
+RAW_KEYWORDS = ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "InstanceNumber",
+                "RescaleSlope", "RescaleIntercept")
+
+
+def raw_pixel_header(ds: pydicom.Dataset, pixel_at: int, pixel_head: bytes) -> dict | None:
+    """Where a plain single-frame greyscale image keeps its pixels, and the header values to use them.
+
+    ``ds`` was read with ``stop_before_pixels`` from an open file, ``pixel_at`` is where the
+    reader stopped and ``pixel_head`` the 12 bytes there: the pixel data element's header,
+    whose tag and length are checked here. For native little-endian files with one frame, one
+    sample, 8 or 16 bits allocated (and, for signed data, all bits stored), no modality LUT and
+    a patient position, returns ``{"offset", "dtype", "rows", "columns", "bits", "photometric",
+    <RAW_KEYWORDS>}``; else None. Ingest then reads the pixels with one ``numpy.fromfile``
+    instead of parsing the whole file again.
+    """
+    meta = getattr(ds, "file_meta", None)
+    syntax = str(meta.get("TransferSyntaxUID", "")) if meta is not None else ""
+    if syntax not in NATIVE_SYNTAXES:
+        return None
+    if int(ds.get("NumberOfFrames", 1) or 1) != 1 or int(ds.get("SamplesPerPixel", 1) or 1) != 1:
+        return None
+    if "ModalityLUTSequence" in ds or any(k not in ds for k in RAW_KEYWORDS[:3]):
+        return None
+    photometric = str(ds.get("PhotometricInterpretation", ""))
+    allocated, stored = int(ds.get("BitsAllocated", 0) or 0), int(ds.get("BitsStored", 0) or 0)
+    signed = int(ds.get("PixelRepresentation", 0) or 0) == 1
+    if photometric not in ("MONOCHROME1", "MONOCHROME2") or allocated not in (8, 16) or (signed and stored != allocated):
+        return None
+    rows, columns = int(ds.Rows), int(ds.Columns)
+    expected = rows * columns * allocated // 8
+    if len(pixel_head) < 12 or pixel_head[:4] != PIXEL_TAGS[0]:
+        return None
+    if syntax == "1.2.840.10008.1.2":  # implicit VR: tag, 4-byte length
+        length, offset = int.from_bytes(pixel_head[4:8], "little"), pixel_at + 8
+    elif pixel_head[4:6] in (b"OW", b"OB"):  # explicit VR: tag, VR, 2 reserved bytes, 4-byte length
+        length, offset = int.from_bytes(pixel_head[8:12], "little"), pixel_at + 12
+    else:
+        return None
+    if length not in (expected, expected + expected % 2):  # undefined length (encapsulated) or a mismatch
+        return None
+    out = {"offset": int(offset), "dtype": ("<i" if signed else "<u") + str(allocated // 8), "rows": rows,
+           "columns": columns, "bits": stored or allocated, "photometric": photometric}
+    for keyword in RAW_KEYWORDS:
+        value = ds.get(keyword)
+        if value is None or value == "":
+            continue
+        out[keyword] = [float(v) for v in value] if keyword in RAW_KEYWORDS[:3] else (
+            int(value) if keyword == "InstanceNumber" else float(value))
+    return out
+
+
+def read_raw(path: str | Path, header: dict) -> np.ndarray:
+    """The stored pixel values of a file described by ``raw_pixel_header``, shape (rows, columns).
+
+    Raises:
+        UnreadableFileError: the file is shorter than its pixel data (truncated).
+    """
+    count = header["rows"] * header["columns"]
+    try:
+        arr = np.fromfile(path, dtype=header["dtype"], count=count, offset=header["offset"])
+    except OSError as exc:
+        raise UnreadableFileError(f"cannot read pixel data: {exc}") from exc
+    if arr.size != count:
+        raise UnreadableFileError(f"cannot decode pixel data: the file ends after {arr.size} of {count} pixels")
+    return arr.reshape(header["rows"], header["columns"])
 
 
 # ------------------------------------------------------------------------ geometry

@@ -22,7 +22,9 @@ from storage.dicom import (
     check_image,
     list_source,
     planar_geometry,
+    read_raw,
     read_slice,
+    rescale_frame,
     scan_file,
     split_frames,
     to_physical,
@@ -69,6 +71,7 @@ class SeriesPlan:
     memory: int = 0  # estimated peak bytes while ingesting it
     masks: list[str] = field(default_factory=list)  # SEG files (relative to the source) or NIfTI files (absolute)
     mask_kind: str | None = None  # "seg" or "nifti"
+    raw: dict[str, dict] | None = None  # per file: where its pixels are (``raw_pixel_header``), for a direct read
 
 
 # Peak bytes per decoded pixel while a series is ingested: the decoded frames (up to float64
@@ -192,8 +195,9 @@ def plan_series(
             result.unchanged.append(key)  # with its quarantine rows (files dropped, parts refused)
             result.quarantine.extend(r for r in previous_quarantine if r.get("series_key") == key)
         else:
+            raw = {f: index[f]["raw"] for f in files} if all("raw" in index[f] for f in files) else None
             result.todo.append(SeriesPlan(key, files, digest, modality, memory=estimate_memory(index, files),
-                                          masks=masks, mask_kind=mask_kind))
+                                          masks=masks, mask_kind=mask_kind, raw=raw))
     return result
 
 
@@ -226,7 +230,22 @@ def ingest_series(store_root: str, source: str, plan: SeriesPlan, options: Inges
     # the source changed: its earlier version (and any parts) must not outlive this attempt
     store.withdraw_series(key)
     slices: list[_Slice] = []
-    for relpath in plan.files:
+    template, first_file = None, _spatially_first(plan)
+    files = sorted(plan.files, key=lambda f: f != first_file)  # the template slice is read first, in full
+    for relpath in files:
+        if template is not None and plan.raw and relpath in plan.raw:
+            # the scan kept this file's geometry, rescale and pixel offset: one read, no parse
+            header = plan.raw[relpath]
+            try:
+                pixels = rescale_frame(read_raw(Path(source) / relpath, header),
+                                       slope=float(header.get("RescaleSlope", 1) or 1),
+                                       intercept=float(header.get("RescaleIntercept", 0) or 0),
+                                       bits=int(header["bits"]), photometric=header["photometric"])
+            except IngestError as exc:
+                reject(str(exc), [relpath])
+                continue
+            slices.append(_Slice(relpath, _Header(template, header), pixels))
+            continue
         try:
             ds, decoded = read_slice(Path(source) / relpath)
             if int(ds.get("NumberOfFrames", 1) or 1) > 1:  # enhanced multi-frame: one slice per frame
@@ -251,6 +270,7 @@ def ingest_series(store_root: str, source: str, plan: SeriesPlan, options: Inges
             continue
         del ds.PixelData  # the decoded frame is kept; free the raw bytes
         slices.append(_Slice(relpath, ds, pixels))
+        template = template if template is not None else ds
     if not slices:
         if not rows:
             reject("no readable image in the series", plan.files)
@@ -279,6 +299,40 @@ def ingest_series(store_root: str, source: str, plan: SeriesPlan, options: Inges
             reason = str(exc) if isinstance(exc, InvalidSeriesError) else f"invalid geometry: {exc}"
             reject(reason, [slices[i].relpath for i in idx])
     return summary(shapes)
+
+
+def _spatially_first(plan: SeriesPlan) -> str | None:
+    """The file of a raw-readable plan lowest along its slice normal (the one whose header the catalog keeps)."""
+    if not plan.raw or plan.kind != "volume":
+        return None
+    best, best_along = None, None
+    for f in plan.files:
+        h = plan.raw[f]
+        iop = np.asarray(h["ImageOrientationPatient"], dtype=float)
+        along = float(np.dot(np.asarray(h["ImagePositionPatient"], dtype=float), np.cross(iop[:3], iop[3:])))
+        if best_along is None or along < best_along:
+            best, best_along = f, along
+    return best
+
+
+class _Header:
+    """A slice's header: its own geometry and rescale (from the scan), other attributes from a fully
+    read slice of the same series (the template). Enough of pydicom's Dataset interface for ingest."""
+
+    def __init__(self, template, values: dict):
+        self._template, self._values = template, values
+
+    def __getattr__(self, name: str):
+        values = self.__dict__.get("_values", {})
+        if name in values:
+            return values[name]
+        return getattr(self.__dict__["_template"], name)
+
+    def get(self, name: str, default=None):
+        return self._values[name] if name in self._values else self._template.get(name, default)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._values or name in self._template
 
 
 @dataclass

@@ -8,9 +8,18 @@ import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
+import dask
 from distributed import Client, LocalCluster, as_completed
 
 logger = logging.getLogger(__name__)
+
+# Worker processes allocate and free many slice-sized arrays (0.5 MiB for a 512x512 CT slice).
+# Dask's nanny starts workers with MALLOC_TRIM_THRESHOLD_=65536, and setting it also freezes
+# glibc's mmap threshold at 128 KiB: every such array is then mmapped and unmapped again,
+# and its pages are faulted in afresh each time. Raising both lets freed memory be reused
+# (make bench, 8 x 200 slices of 512x512 on 2 workers: the ingest phase went from 2.6-2.8 s
+# to 1.7-2.0 s). Freed memory up to the trim threshold stays with the worker.
+WORKER_ENV = {"MALLOC_MMAP_THRESHOLD_": 64 * 2**20, "MALLOC_TRIM_THRESHOLD_": 256 * 2**20}
 
 
 @contextmanager
@@ -25,17 +34,23 @@ def dask_client(address: str | None = None, *, n_workers: int = 2, threads_per_w
             logger.info("using Dask scheduler at %s (%d workers)", address, len(client.scheduler_info()["workers"]))
             yield client
         return
-    local_dir = os.environ.get("DASK_TEMPORARY_DIRECTORY") or tempfile.gettempdir()
-    with LocalCluster(
-        n_workers=n_workers,
-        threads_per_worker=threads_per_worker,
-        processes=processes,
-        dashboard_address=None,
-        local_directory=local_dir,
-        silence_logs=logging.WARNING,
-    ) as cluster, Client(cluster) as client:
+    with _local_cluster(n_workers, threads_per_worker, processes) as cluster, Client(cluster) as client:
         logger.info("started a local Dask cluster: %d workers x %d threads", n_workers, threads_per_worker)
         yield client
+
+
+def _local_cluster(n_workers: int, threads_per_worker: int, processes: bool) -> LocalCluster:
+    local_dir = os.environ.get("DASK_TEMPORARY_DIRECTORY") or tempfile.gettempdir()
+    env = {**dask.config.get("distributed.nanny.pre-spawn-environ", {}), **WORKER_ENV}
+    with dask.config.set({"distributed.nanny.pre-spawn-environ": env}):
+        return LocalCluster(
+            n_workers=n_workers,
+            threads_per_worker=threads_per_worker,
+            processes=processes,
+            dashboard_address=None,
+            local_directory=local_dir,
+            silence_logs=logging.WARNING,
+        )
 
 
 def worker_memory(client: Client) -> list[int]:
