@@ -4,7 +4,7 @@ Layout::
 
     store.zarr/
       zarr.json                      root group
-      series/<series_key>/image      volume (Z, Y, X); CT as int16 HU; one-slice chunks in 64-slice shards
+      series/<series_key>/image      volume (Z, Y, X); CT as int16 HU; 4-slice chunks in 64-slice shards
       series/<series_key>/mask       optional label volume on the same grid (uint8; 0 = background)
       prep/<prep_key>/<series_key>   model-ready float32 arrays (and <series_key>.mask: its labels)
       catalog/<series_key>.json      one entry per complete series (written last)
@@ -51,10 +51,13 @@ logger = logging.getLogger(__name__)
 # at 260 MB/s and reads back at ~280 MB/s; lz4-5 compresses to 2.16x at 350 MB/s and reads
 # back 3x faster. Reads happen every preprocessing run and every slice-wise epoch.
 IMAGE_CODEC = {"cname": "lz4", "clevel": 5, "shuffle": "bitshuffle"}
-# Images are read a slice at a time (inner chunks of one slice) but stored in shards of up to
-# 64 slices: one file (or object) per shard instead of per slice. On a 200x512x512 CT this
-# writes 40% faster (0.16 s vs 0.27 s), with 5 files instead of 201, and still reads a random
-# slice in ~1.8 ms (1.4 ms unsharded).
+# Images are stored in chunks of 4 slices inside shards of up to 64 slices: one file (or
+# object) per shard. On a 200x512x512 CT (lz4 + bit-shuffle) one-slice chunks wrote in 0.17 s,
+# 4-slice chunks in 0.08 s (half the per-chunk overhead of the codec pipeline, which made
+# writing the largest cost of ingest); a whole volume reads in 0.065 s instead of 0.094 s, and
+# a single slice in 2.0 ms instead of 1.3 ms. The pipeline reads series whole (preprocessing,
+# evaluation); models read the prepared arrays.
+CHUNK_SLICES = 4
 SHARD_SLICES = 64
 PREP_CODEC = {"cname": "lz4", "clevel": 5, "shuffle": "shuffle"}
 
@@ -270,14 +273,16 @@ class Store:
                             mask: np.ndarray | None = None) -> None:
         group = zarr.open_group(store=where, mode="w", zarr_format=3)
         geometry = {"spacing": entry["spacing"], "origin": entry["origin"], "direction": entry["direction"]}
+        depth = min(CHUNK_SLICES, image.shape[0])
+        shard = min(SHARD_SLICES, depth * -(-image.shape[0] // depth))  # a whole number of chunks
         for name, data in (("image", image), ("mask", mask)):
             if data is None:
                 continue
             arr = group.create_array(
                 name,
                 shape=data.shape,
-                chunks=(1, *data.shape[1:]),
-                shards=(min(SHARD_SLICES, data.shape[0]), *data.shape[1:]),
+                chunks=(depth, *data.shape[1:]),
+                shards=(shard, *data.shape[1:]),
                 dtype=data.dtype,
                 compressors=[BloscCodec(**IMAGE_CODEC)],
                 fill_value=0,
