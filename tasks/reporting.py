@@ -135,6 +135,13 @@ def render_html(context: dict) -> str:
     return env.get_template("report.html.j2").render(**context)
 
 
+def _common_context(task: str, name: str, run_id: str, cohort: dict, split_counts: list[dict],
+                    quarantine: list[dict], qc: list[dict] | None) -> dict:
+    """What every report shows whatever the task: run, cohort and quality control."""
+    return {"task": task, "name": name, "run_id": run_id, "cohort": cohort, "split_counts": split_counts,
+            "quarantine": quarantine_summary(quarantine), "n_quarantined": len(quarantine), "qc": qc or []}
+
+
 def build_context(*, name: str, run_id: str, cohort: dict, split_counts: list[dict], quarantine: list[dict],
                   history: dict, evaluation: dict, predictions, provenance: dict, metric_names: list[str],
                   qc: list[dict] | None = None, explain: dict | None = None) -> dict:
@@ -143,14 +150,7 @@ def build_context(*, name: str, run_id: str, cohort: dict, split_counts: list[di
     y, s = test["label"].to_numpy(), test["score"].to_numpy()
     m, thr = evaluation["test"], evaluation["threshold"]
     return {
-        "task": "classification",
-        "name": name,
-        "run_id": run_id,
-        "cohort": cohort,
-        "split_counts": split_counts,
-        "quarantine": quarantine_summary(quarantine),
-        "n_quarantined": len(quarantine),
-        "qc": qc or [],
+        **_common_context("classification", name, run_id, cohort, split_counts, quarantine, qc),
         "metrics": metrics_rows(m, evaluation.get("ci", {}), metric_names),
         "confusion": m["confusion"],
         "threshold": thr,
@@ -254,14 +254,7 @@ def build_seg_context(*, name: str, run_id: str, cohort: dict, split_counts: lis
     table = [{c: (round(float(r[c]), 3) if isinstance(r[c], float) else r[c]) for c in columns if c in r}
              for r in test.sort_values("dice").to_dict("records")]
     return {
-        "task": "segmentation",
-        "name": name,
-        "run_id": run_id,
-        "cohort": cohort,
-        "split_counts": split_counts,
-        "quarantine": quarantine_summary(quarantine),
-        "n_quarantined": len(quarantine),
-        "qc": qc or [],
+        **_common_context("segmentation", name, run_id, cohort, split_counts, quarantine, qc),
         "metrics": seg_metrics_rows(evaluation["test"], evaluation.get("ci", {}), metric_names),
         "seg": evaluation["test"],
         "seg_val": evaluation.get("val", {}),

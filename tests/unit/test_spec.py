@@ -13,7 +13,11 @@ from medflow.spec import json_schema, load_spec, parse_spec
 
 
 def _spec(**over):
-    base = yaml.safe_load(DEMO_SPEC.format(seed=1, epochs=3))
+    return _override(yaml.safe_load(DEMO_SPEC.format(seed=1, epochs=3)), over)
+
+
+def _override(base: dict, over: dict) -> dict:
+    """``base`` with dotted keys set (or deleted, for None)."""
     for dotted, value in over.items():
         node = base
         *parents, leaf = dotted.split(".")
@@ -80,17 +84,7 @@ def test_schema_is_json_and_covers_every_section():
 def _seg_spec(**over):
     from medflow.cli import SEG_DEMO_SPEC
 
-    base = yaml.safe_load(SEG_DEMO_SPEC.format(seed=1, epochs=3))
-    for dotted, value in over.items():
-        node = base
-        *parents, leaf = dotted.split(".")
-        for p in parents:
-            node = node[p]
-        if value is None:
-            del node[leaf]
-        else:
-            node[leaf] = value
-    return base
+    return _override(yaml.safe_load(SEG_DEMO_SPEC.format(seed=1, epochs=3)), over)
 
 
 def test_segmentation_demo_spec_is_valid_with_the_task_metrics(tmp_path):
