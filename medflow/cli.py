@@ -207,6 +207,9 @@ def predict(
         err.print(f"[bold red]{run_dir} is not a finished medflow run[/] (no model.keras); pass the run folder "
                   "that `medflow run` printed")
         raise typer.Exit(2)
+    if not (input.is_dir() or (input.is_file() and input.suffix in (".yaml", ".yml"))):
+        err.print(f"[bold red]--input {input} is neither a folder of DICOM files nor a spec file[/]")
+        raise typer.Exit(2)
     settings.configure(run_dir.parent.parent)
     from flows.predict import predict_flow
 

@@ -129,3 +129,27 @@ def test_mask_resampling_never_invents_labels(seed):
     out = map_onto(labels, mask_affine, (30, 30, 30), target)
     assert set(np.unique(out)) <= {0, 3, 7}
     assert (out > 0).any()
+
+
+def test_a_seg_whose_series_is_missing_is_quarantined(tmp_path):
+    paths, z = _series(tmp_path / "ct")
+    (tmp_path / "src").mkdir()
+    _write_seg(paths, z, _cube(), tmp_path / "src" / "seg.dcm")  # the SEG alone in the source
+    out = ingest_serial(tmp_path / "src", tmp_path / "store.zarr", IngestOptions(masks="seg"))
+    assert not out["store"].catalog()
+    (row,) = out["store"].quarantine()
+    assert row["path"] == "seg.dcm" and "references a series that is not in the source" in row["reason"]
+
+
+def test_predict_cli_refuses_a_bad_model_or_input(tmp_path):
+    from typer.testing import CliRunner
+
+    from medflow.cli import app
+
+    runner = CliRunner()
+    result = runner.invoke(app, ["predict", "--model", str(tmp_path), "--input", str(tmp_path), "--output", "o"])
+    assert result.exit_code == 2 and "not a finished medflow run" in " ".join(result.output.split())
+    (tmp_path / "model.keras").write_text("")
+    result = runner.invoke(app, ["predict", "--model", str(tmp_path), "--input", str(tmp_path / "nope"),
+                                 "--output", "o"])
+    assert result.exit_code == 2 and "neither a folder of DICOM files nor a spec file" in " ".join(result.output.split())
