@@ -90,19 +90,28 @@ def predict_native(model, store: Store, key: str, prep_key: str, steps: list, *,
     return invert_geometry(prob, shape_trace(entry["shape"], entry["spacing"], steps))
 
 
-def example_slices(cases: pd.DataFrame, volumes: dict) -> dict | None:
-    """Best, median and worst test lesion case by Dice: the slice with the most foreground (truth or prediction)."""
+def lesion_slice(image_ref, truth: np.ndarray, pred: np.ndarray) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:
+    """The slice with the most foreground (truth or prediction): its index, image, truth and prediction.
+
+    Only that slice of the image is read (``image_ref`` is a Zarr array), so a case costs a
+    slice of memory, not a volume.
+    """
+    z = int(np.argmax((truth > 0).sum(axis=(1, 2)) + (pred > 0).sum(axis=(1, 2))))
+    return z, np.asarray(image_ref[z], dtype=np.float32), truth[z] > 0, pred[z] > 0
+
+
+def example_slices(cases: pd.DataFrame, slices: dict) -> dict | None:
+    """Best, median and worst test lesion case by Dice, from each case's ``lesion_slice``."""
     lesion = cases[(cases["split"] == "test") & (cases["label"] == 1)].sort_values("dice", ascending=False)
     if lesion.empty:
         return None
     picks = {"best": lesion.iloc[0], "median": lesion.iloc[len(lesion) // 2], "worst": lesion.iloc[-1]}
     images, truths, preds, meta = [], [], [], []
     for which, row in picks.items():
-        image, truth, pred = volumes[row["series_key"]]
-        z = int(np.argmax((truth > 0).sum(axis=(1, 2)) + (pred > 0).sum(axis=(1, 2))))
-        images.append(image[z].astype(np.float32))
-        truths.append(truth[z] > 0)
-        preds.append(pred[z] > 0)
+        z, image, truth, pred = slices[row["series_key"]]
+        images.append(image)
+        truths.append(truth)
+        preds.append(pred)
         meta.append({"which": which, "series_key": row["series_key"], "dice": float(row["dice"]), "z": z})
     shape = np.max([i.shape for i in images], axis=0)
 
@@ -129,7 +138,7 @@ def evaluate_segmentation(spec, store: Store, prep_key: str, df: pd.DataFrame, m
     if not two_d and spec.train.patch_size:
         patch = patch_shape(spec.model.arch, spec.train.patch_size, (0, 0, 0))
     steps = spec.steps()
-    rows, volumes = [], {}
+    rows, slices = [], {}
     for row in df[df["split"].isin(["val", "test"])].to_dict("records"):
         key = row["series_key"]
         entry = store.catalog_entry(key)
@@ -140,7 +149,7 @@ def evaluate_segmentation(spec, store: Store, prep_key: str, df: pd.DataFrame, m
         truth = truth > 0 if truth is not None else np.zeros(pred.shape, bool)
         rows.append({**row, **segmentation_metrics(truth, pred, entry["spacing"])})
         if row["split"] == "test" and row["label"] == 1:
-            volumes[key] = (store.read_image(key), truth, pred)
+            slices[key] = lesion_slice(store.image_ref(key).open(), truth, pred)
     cases = pd.DataFrame(rows)
     names = spec.metric_names()
     ev = spec.evaluate
@@ -151,7 +160,7 @@ def evaluate_segmentation(spec, store: Store, prep_key: str, df: pd.DataFrame, m
         if split == "test":
             result["ci"] = part["ci"]
     cases.to_csv(run_dir / "predictions.csv", index=False)
-    examples = example_slices(cases, volumes)
+    examples = example_slices(cases, slices)
     if examples:
         np.savez_compressed(run_dir / "seg_examples.npz", images=examples["images"], truths=examples["truths"],
                             preds=examples["preds"], meta=np.array(json.dumps(examples["meta"])))
