@@ -8,7 +8,8 @@ folder; plus an RLE-compressed variant), warms the page cache, then times:
 - a plain pydicom read-sort-stack loop (one process),
 - medflow's ingest into compressed, de-identified Zarr (header scan + Dask workers),
 
-and prints slices/s for each with the ratios medflow/dcm2niix and medflow/naive. Then
+and prints slices/s for each with the ratios medflow/dcm2niix and medflow/naive: the median
+of ``--repeat`` runs of each tool, interleaved, with dirty pages flushed before each run. Then
 preprocessing throughput (voxels/s) with one worker and with two. Absolute times drift
 between machines and runs; compare the ratios of one run.
 """
@@ -19,6 +20,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -77,12 +79,6 @@ def files_of(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and p.name != "corpus.json")
 
 
-def timed(fn) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
-
-
 def run_cat(folder: Path) -> None:
     with open(os.devnull, "wb") as null:
         for path in files_of(folder):
@@ -109,24 +105,22 @@ def run_naive(folder: Path) -> None:
         np.stack([apply_rescale(d.pixel_array, d) for d in datasets]).astype(np.int16)
 
 
-def run_medflow(folder: Path, store_root: Path, n_workers: int, address: str | None = None) -> dict:
-    """Scan + plan + ingest on Dask, as the ingest flow does (without Prefect): on a local cluster
-    started for the run, or on the existing scheduler at ``address`` (``run.dask.address``)."""
+def run_medflow(folder: Path, store_root: Path, n_workers: int, address: str | None = None,
+                start_method: str | None = None) -> dict:
+    """Scan + plan + ingest on Dask, as the ingest flow does (without Prefect): one cluster for
+    both, started for the run, or the existing scheduler at ``address`` (``run.dask.address``)."""
     from storage.ingest import IngestOptions, ingest_series, plan_series, scan_source
     from storage.store import Store
-    from tasks.dask_runtime import dask_client, run_all
+    from tasks.dask_runtime import dask_client, flow_cluster, map_on, run_all, total_threads
 
     shutil.rmtree(store_root, ignore_errors=True)
     store = Store(store_root)
     options = IngestOptions()
     t0 = time.perf_counter()
-    with dask_client(address, n_workers=n_workers) as client:
+    dask = {"address": address, "n_workers": n_workers, "start_method": start_method}
+    with flow_cluster(dask, store) as dask, dask_client(**dask) as client:
         t_cluster = time.perf_counter() - t0
-
-        def map_fn(func, args):
-            return client.gather([client.submit(func, *a, pure=False) for a in args])
-
-        index = scan_source(str(folder), store, map_fn=map_fn, n_chunks=4 * n_workers)
+        index = scan_source(str(folder), store, map_fn=map_on(client), n_chunks=4 * total_threads(client))
         t_scan = time.perf_counter() - t0 - t_cluster
         plan = plan_series(index, pseudo=store.pseudonymizer(), catalog={}, previous_quarantine=[], options=options)
         results = run_all(client, ingest_series, [(store.url, str(folder), p, options) for p in plan.todo])
@@ -150,6 +144,24 @@ def run_preprocess(store_root: Path, n_workers: int) -> tuple[float, int]:
         return time.perf_counter() - t0, voxels
 
 
+def seconds(result) -> float:
+    return result["total"] if isinstance(result, dict) else result
+
+
+def measure(tools: dict, repeat: int) -> dict[str, list]:
+    """Run every tool ``repeat`` times, round-robin, after flushing dirty pages (so one tool's
+    write-back does not land on the next one's clock). Returns each tool's results: seconds,
+    or ``run_medflow``'s dict of phases."""
+    out = defaultdict(list)
+    for _ in range(repeat):
+        for tool, fn in tools.items():
+            os.sync()
+            t0 = time.perf_counter()
+            result = fn()
+            out[tool].append(result if isinstance(result, dict) else time.perf_counter() - t0)
+    return dict(out)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", type=Path, default=ROOT / "work" / "bench")
@@ -157,6 +169,7 @@ def main() -> None:
     parser.add_argument("--slices", type=int, default=200)
     parser.add_argument("--matrix", type=int, default=512)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--repeat", type=int, default=3, help="runs of each tool, interleaved; medians are shown")
     args = parser.parse_args()
     work = args.workdir
     tmp = Path(tempfile.mkdtemp(prefix="medflow-bench-", dir=work.parent if work.parent.exists() else None))
@@ -164,38 +177,51 @@ def main() -> None:
     n = make_corpus(work / "uncompressed", series=args.series, slices=args.slices, matrix=args.matrix)
     n_rle = make_corpus(work / "rle", series=2, slices=args.slices, matrix=args.matrix, seed=1, rle=True)
     size = sum(p.stat().st_size for p in files_of(work / "uncompressed")) / 2**20
+    corpora = (("uncompressed", work / "uncompressed", n), ("rle", work / "rle", n_rle))
 
     try:
         rows = []
-        for name, folder, count in (("uncompressed", work / "uncompressed", n), ("rle", work / "rle", n_rle)):
+        for name, folder, count in corpora:
             run_cat(folder)  # warm the page cache
-            t_cat = timed(lambda: run_cat(folder))
-            t_d2n = timed(lambda: run_dcm2niix(folder, tmp / f"nii-{name}"))
-            t_naive = timed(lambda: run_naive(folder))
-            med = run_medflow(folder, tmp / f"store-{name}.zarr", args.workers)
-            rows.append((name, count, t_cat, t_d2n, t_naive, med))
-        # the same, with workers that are already running (a standing cluster: run.dask.address)
+            tools = {
+                "cat": lambda: run_cat(folder),
+                "dcm2niix": lambda: run_dcm2niix(folder, tmp / f"nii-{name}"),
+                "naive": lambda: run_naive(folder),
+                "medflow": lambda: run_medflow(folder, tmp / f"store-{name}.zarr", args.workers),
+            }
+            rows.append((name, count, measure(tools, args.repeat)))
+        # medflow again, on workers that are already running (a standing cluster: run.dask.address)
         from tasks.dask_runtime import dask_client
 
         with dask_client(n_workers=args.workers) as standing:
             address = standing.scheduler.address
             run_medflow(work / "rle", tmp / "store-warmup.zarr", args.workers, address)  # workers import and warm up
-            for name, folder, count in (("uncompressed", work / "uncompressed", n), ("rle", work / "rle", n_rle)):
-                med = run_medflow(folder, tmp / f"store-{name}-standing.zarr", args.workers, address)
-                base = next(r for r in rows if r[0] == name)
-                rows.append((f"{name}*", count, *base[2:5], med))
-        print(f"\nuncompressed corpus: {size:.0f} MiB, {n} slices; {args.workers} Dask workers\n")
+            for name, folder, count in corpora:
+                tools = {"medflow": lambda: run_medflow(folder, tmp / f"store-{name}-standing.zarr", args.workers,
+                                                        address)}
+                base = next(r for r in rows if r[0] == name)[2]
+                rows.append((f"{name}*", count, {**base, **measure(tools, args.repeat)}))
+        print(f"\nuncompressed corpus: {size:.0f} MiB, {n} slices; {args.workers} Dask workers; "
+              f"median of {args.repeat} interleaved runs each\n")
         print(f"{'corpus':<14}{'cat':>12}{'dcm2niix':>12}{'naive':>12}{'medflow':>12}"
               f"{'medflow/dcm2niix':>19}{'medflow/naive':>15}")
-        for name, count, t_cat, t_d2n, t_naive, med in rows:
-            rate = [count / t for t in (t_cat, t_d2n, t_naive, med["total"])]
-            print(f"{name:<14}" + "".join(f"{r:>9.0f} /s" for r in rate)
-                  + f"{rate[3] / rate[1]:>18.2f}x{rate[3] / rate[2]:>14.2f}x")
+        for name, count, runs in rows:
+            rate = {tool: count / statistics.median(seconds(r) for r in results) for tool, results in runs.items()}
+            print(f"{name:<14}" + "".join(f"{rate[t]:>9.0f} /s" for t in ("cat", "dcm2niix", "naive", "medflow"))
+                  + f"{rate['medflow'] / rate['dcm2niix']:>18.2f}x{rate['medflow'] / rate['naive']:>14.2f}x")
         print("* medflow on an existing Dask cluster whose workers are already running (run.dask.address);"
               " the other columns repeat the row above")
-        for name, count, *_, med in rows:
-            print(f"medflow {name}: cluster start or connect {med['cluster']:.1f} s, header scan {med['scan']:.1f} s, "
-                  f"read+sort+compress+write {med['ingest']:.1f} s")
+        print("\nevery run, slices/s:")
+        for name, count, runs in rows:
+            for tool in ("dcm2niix", "medflow"):
+                if name.endswith("*") and tool != "medflow":
+                    continue
+                print(f"  {name:<14}{tool:<10}" + ", ".join(f"{count / seconds(r):.0f}" for r in runs[tool]))
+        print("\nmedflow's phases (median):")
+        for name, count, runs in rows:
+            parts = {k: statistics.median(r[k] for r in runs["medflow"]) for k in ("cluster", "scan", "ingest")}
+            print(f"  {name:<14}cluster start or connect {parts['cluster']:.2f} s, header scan {parts['scan']:.2f} s, "
+                  f"read+sort+compress+write {parts['ingest']:.2f} s")
         store_bytes = sum(p.stat().st_size for p in (tmp / "store-uncompressed.zarr" / "series").rglob("*")
                           if p.is_file()) / 2**20
         print(f"store: {store_bytes:.0f} MiB for {size:.0f} MiB of DICOM ({size / store_bytes:.1f}x smaller)")

@@ -9,6 +9,7 @@ from prefect import flow
 from medflow.spec import PipelineSpec, as_spec
 from storage.dicomweb import is_dicomweb
 from storage.store import Store
+from tasks.dask_runtime import flow_cluster
 from tasks.ingest import (
     ingest_options,
     ingest_series_task,
@@ -39,9 +40,10 @@ def ingest_flow(spec: PipelineSpec | str) -> dict:
 def _ingest_folder(spec: PipelineSpec, source: str, *, merge: bool) -> dict:
     options = ingest_options(spec)
     retries = {"retries": spec.run.retries}
-    scan = scan_source_task.with_options(**retries)(source, spec.data.store, options, masks_table(spec))
-    results = ingest_series_task.with_options(**retries)(source, spec.data.store, scan.todo, options,
-                                                         spec.run.dask.model_dump())
+    # one cluster for both tasks: the header scan runs on it too
+    with flow_cluster(spec.run.dask.model_dump(), Store(spec.data.store)) as dask:
+        scan = scan_source_task.with_options(**retries)(source, spec.data.store, options, masks_table(spec), dask)
+        results = ingest_series_task.with_options(**retries)(source, spec.data.store, scan.todo, options, dask)
     n_quarantined = record_quarantine_task(spec.data.store, scan, results, merge)
     return {
         "files": scan.n_files,

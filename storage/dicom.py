@@ -14,7 +14,9 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
+from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.errors import InvalidDicomError
+from pydicom.uid import UID
 from pydicom.pixels import apply_rescale
 
 from storage.deid import Pseudonymizer
@@ -61,6 +63,58 @@ def list_source(root: str | Path) -> list[tuple[str, int, int]]:
     return out
 
 
+class ScanHeader:
+    """Header values for the scan, parsed straight from the raw bytes where that is trivial.
+
+    pydicom converts a value on first access through its general machinery (validation, value
+    representation classes); for the scan's UIDs, codes and numbers that took as long as
+    parsing the file (0.35 ms a file of 0.7 ms). UI, CS, US, IS and DS values are read here
+    from the element's bytes; anything else, and any value these simple rules cannot read,
+    goes through pydicom (``Dataset.get``). Tests check both give the same values.
+    """
+
+    _FAST_VRS = frozenset({"UI", "CS", "US", "IS", "DS"})
+
+    def __init__(self, ds: pydicom.Dataset):
+        self.ds = ds
+
+    def __contains__(self, keyword: str) -> bool:
+        return keyword in self.ds
+
+    def get(self, keyword: str, default=None):
+        tag = tag_for_keyword(keyword)
+        if tag is None or tag not in self.ds:
+            return default
+        raw = self.ds.get_item(tag)
+        if getattr(raw, "is_raw", False) and raw.value is not None:
+            vr = raw.VR or dictionary_VR(tag)
+            if vr in self._FAST_VRS:
+                try:
+                    return _fast_value(vr, raw.value, raw.is_little_endian)
+                except (ValueError, UnicodeDecodeError):
+                    pass  # let pydicom read it (and complain in its own words)
+        return self.ds.get(keyword, default)
+
+
+def _fast_value(vr: str, value: bytes, little_endian: bool):
+    """A UI/CS (str), US/IS (int) or DS (float, or list of floats when multi-valued) value; "" if empty."""
+    if vr == "US":
+        if len(value) != 2:
+            raise ValueError("not one US value")
+        return int.from_bytes(value, "little" if little_endian else "big")
+    text = value.decode("ascii").strip(" \x00")
+    if vr in ("UI", "CS"):
+        if "\\" in text:
+            raise ValueError("multi-valued")
+        return UID(text) if vr == "UI" else text
+    if not text:
+        return ""
+    if vr == "IS":
+        return int(text)
+    parts = text.split("\\")
+    return float(parts[0]) if len(parts) == 1 else [float(v) for v in parts]
+
+
 def scan_file(root: str | Path, relpath: str, pseudo: Pseudonymizer) -> dict:
     """Read one file's header and return a pseudonymous record.
 
@@ -78,8 +132,9 @@ def scan_file(root: str | Path, relpath: str, pseudo: Pseudonymizer) -> dict:
         return {"reason": f"not a DICOM file ({exc})".replace(str(path), relpath)}
     except Exception as exc:  # pydicom raises many types on damaged files
         return {"reason": f"unreadable DICOM header: {type(exc).__name__}: {exc}".replace(str(path), relpath)}
-    series_uid = str(ds.get("SeriesInstanceUID", "") or "")
-    sop_class = ds.get("SOPClassUID", None)
+    header = ScanHeader(ds)
+    series_uid = str(header.get("SeriesInstanceUID", "") or "")
+    sop_class = header.get("SOPClassUID", None)
     sop_name = getattr(sop_class, "name", str(sop_class)) if sop_class else "unknown SOP class"
     if pixel_head[:4] not in PIXEL_TAGS:
         return {"reason": f"no pixel data ({sop_name})"}
@@ -87,9 +142,9 @@ def scan_file(root: str | Path, relpath: str, pseudo: Pseudonymizer) -> dict:
         return {"reason": "no SeriesInstanceUID"}
     try:
         if str(sop_class) == SEG_SOP_CLASS:
-            return _seg_record(ds, relpath, series_uid, pseudo)
-        record = _scan_record(ds, relpath, series_uid, pseudo)
-        raw = raw_pixel_header(ds, pixel_at, pixel_head)
+            return _seg_record(header, relpath, series_uid, pseudo)
+        record = _scan_record(header, relpath, series_uid, pseudo)
+        raw = raw_pixel_header(header, pixel_at, pixel_head)
         if raw is not None:
             record["raw"] = raw
         return record
@@ -97,7 +152,7 @@ def scan_file(root: str | Path, relpath: str, pseudo: Pseudonymizer) -> dict:
         return {"reason": f"invalid header value: {type(exc).__name__}: {exc}"}
 
 
-def _seg_record(ds: pydicom.Dataset, relpath: str, series_uid: str, pseudo: Pseudonymizer) -> dict:
+def _seg_record(ds: ScanHeader, relpath: str, series_uid: str, pseudo: Pseudonymizer) -> dict:
     """A DICOM SEG: a mask for the series it references, not an image series of its own."""
     referenced = [str(item.get("SeriesInstanceUID", "")) for item in ds.get("ReferencedSeriesSequence", [])]
     referenced = [uid for uid in referenced if uid]
@@ -114,7 +169,7 @@ def _seg_record(ds: pydicom.Dataset, relpath: str, series_uid: str, pseudo: Pseu
     }
 
 
-def _scan_record(ds: pydicom.Dataset, relpath: str, series_uid: str, pseudo: Pseudonymizer) -> dict:
+def _scan_record(ds: ScanHeader, relpath: str, series_uid: str, pseudo: Pseudonymizer) -> dict:
     record = {
         "series_key": pseudo.series_key(series_uid),
         "patient_key": pseudo.patient_key(str(ds.get("PatientID", "") or "")),
@@ -142,7 +197,7 @@ RAW_KEYWORDS = ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing
                 "RescaleSlope", "RescaleIntercept")
 
 
-def raw_pixel_header(ds: pydicom.Dataset, pixel_at: int, pixel_head: bytes) -> dict | None:
+def raw_pixel_header(ds: pydicom.Dataset | ScanHeader, pixel_at: int, pixel_head: bytes) -> dict | None:
     """Where a plain single-frame greyscale image keeps its pixels, and the header values to use them.
 
     ``ds`` was read with ``stop_before_pixels`` from an open file, ``pixel_at`` is where the
@@ -153,7 +208,8 @@ def raw_pixel_header(ds: pydicom.Dataset, pixel_at: int, pixel_head: bytes) -> d
     <RAW_KEYWORDS>}``; else None. Ingest then reads the pixels with one ``numpy.fromfile``
     instead of parsing the whole file again.
     """
-    meta = getattr(ds, "file_meta", None)
+    ds = ds if isinstance(ds, ScanHeader) else ScanHeader(ds)
+    meta = getattr(ds.ds, "file_meta", None)
     syntax = str(meta.get("TransferSyntaxUID", "")) if meta is not None else ""
     if syntax not in NATIVE_SYNTAXES:
         return None
@@ -166,7 +222,7 @@ def raw_pixel_header(ds: pydicom.Dataset, pixel_at: int, pixel_head: bytes) -> d
     signed = int(ds.get("PixelRepresentation", 0) or 0) == 1
     if photometric not in ("MONOCHROME1", "MONOCHROME2") or allocated not in (8, 16) or (signed and stored != allocated):
         return None
-    rows, columns = int(ds.Rows), int(ds.Columns)
+    rows, columns = int(ds.get("Rows")), int(ds.get("Columns"))
     expected = rows * columns * allocated // 8
     if len(pixel_head) < 12 or pixel_head[:4] != PIXEL_TAGS[0]:
         return None
@@ -297,9 +353,10 @@ def rescale_frame(arr: np.ndarray, *, slope: float, intercept: float, bits: int,
     if arr.dtype.kind in "iu" and slope == 1 and float(intercept).is_integer():
         lo = (-(2 ** (bits - 1)) if signed else 0) + intercept
         hi = (2 ** (bits - 1) - 1 if signed else 2**bits - 1) + intercept
-        if -(2**15) <= lo and hi < 2**15:  # every possible value fits: int16 arithmetic, no rounding
-            return arr.astype(np.int16) + np.int16(intercept)
-        return arr.astype(np.int32) + np.int32(intercept)
+        dtype = np.int16 if -(2**15) <= lo and hi < 2**15 else np.int32  # every possible value fits; no rounding
+        out = arr.astype(dtype)  # always a copy: the intercept is added in place
+        out += dtype(intercept)
+        return out
     return arr.astype(np.float64) * slope + intercept
 
 

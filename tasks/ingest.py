@@ -16,7 +16,7 @@ from storage.ingest import (
     scan_source,
 )
 from storage.store import Store
-from tasks.dask_runtime import cluster_options, dask_client, run_all, worker_memory
+from tasks.dask_runtime import cluster_options, dask_client, map_on, run_all, total_threads, worker_memory
 from tasks.retry import retry_transient
 
 
@@ -39,11 +39,17 @@ def masks_table(spec) -> dict | None:
 
 
 @task(name="scan_source", retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=retry_transient)
-def scan_source_task(source: str, store_root: str, options: IngestOptions, nifti: dict | None = None) -> ScanResult:
-    """Read headers of new or changed files, group them into series and decide what to ingest."""
+def scan_source_task(source: str, store_root: str, options: IngestOptions, nifti: dict | None = None,
+                     dask: dict | None = None) -> ScanResult:
+    """Read headers of new or changed files (on Dask, given ``dask_client`` options), group them
+    into series and decide what to ingest."""
     log = get_run_logger()
     store = Store(store_root)
-    index = scan_source(source, store)
+    if dask is None:
+        index = scan_source(source, store)
+    else:
+        with dask_client(**cluster_options(dask, store)) as client:
+            index = scan_source(source, store, map_fn=map_on(client), n_chunks=4 * total_threads(client))
     pseudo = store.pseudonymizer()
     nifti_masks = nifti_mask_files(**nifti, pseudo=pseudo, index=index) if nifti else None
     if nifti_masks is not None:

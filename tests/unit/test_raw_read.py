@@ -8,7 +8,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from storage.dicom import raw_pixel_header, read_raw, rescale_frame, to_physical
+from storage.dicom import SCAN_READ_TAGS, ScanHeader, raw_pixel_header, read_raw, rescale_frame, to_physical
 from storage.errors import UnreadableFileError
 from storage.ingest import IngestOptions, ingest_series, plan_series, scan_source
 from storage.store import Store
@@ -70,3 +70,37 @@ def test_ingest_with_direct_reads_equals_ingest_with_full_parses(small_cohort, t
     assert volumes(stores["direct"]) == volumes(stores["parsed"])
     strip = lambda e: {k: v for k, v in e.items() if not k.endswith("_key") and k != "digest"}  # noqa: E731
     assert sorted(map(str, map(strip, direct.values()))) == sorted(map(str, map(strip, parsed.values())))
+
+
+def _as_plain(value):
+    """pydicom's value as the scan's fast reader returns it: str, int, float or a list of floats."""
+    if isinstance(value, (list, pydicom.multival.MultiValue)):
+        return [float(v) for v in value]
+    if isinstance(value, (float, pydicom.valuerep.DSdecimal)):
+        return float(value)
+    if isinstance(value, int):
+        return int(value)
+    return str(value)
+
+
+def test_fast_header_values_equal_pydicoms_on_every_file_pydicom_ships(pydicom_test_files):
+    compared = 0
+    for path in sorted(pydicom_test_files.rglob("*")):
+        if not path.is_file():
+            continue
+        try:
+            fast = ScanHeader(pydicom.dcmread(path, stop_before_pixels=True, specific_tags=SCAN_READ_TAGS))
+            slow = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=SCAN_READ_TAGS)
+        except Exception:
+            continue
+        for keyword in SCAN_READ_TAGS:
+            try:
+                expected = slow.get(keyword)
+            except Exception:
+                continue  # a value pydicom cannot read is not compared
+            if expected is None or isinstance(expected, pydicom.Sequence):
+                continue
+            got = fast.get(keyword)
+            assert _as_plain(got) == _as_plain(expected), (path.name, keyword, got, expected)
+            compared += 1
+    assert compared > 1000  # every scanned keyword of ~100 files, explicit and implicit VR, both byte orders
