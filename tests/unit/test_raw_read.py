@@ -104,3 +104,47 @@ def test_fast_header_values_equal_pydicoms_on_every_file_pydicom_ships(pydicom_t
             assert _as_plain(got) == _as_plain(expected), (path.name, keyword, got, expected)
             compared += 1
     assert compared > 1000  # every scanned keyword of ~100 files, explicit and implicit VR, both byte orders
+
+
+def test_series_are_read_into_one_buffer_and_stored_from_it(small_cohort, tmp_path, monkeypatch):
+    from storage import ingest as ingest_module
+
+    taken = []
+    original = ingest_module._RawBlock.volume
+
+    def spy(self, slots):
+        volume = original(self, slots)
+        taken.append(volume is not None and np.shares_memory(volume, self.stored))
+        return volume
+
+    monkeypatch.setattr(ingest_module._RawBlock, "volume", spy)
+    store = Store(tmp_path / "s.zarr")
+    options = IngestOptions(min_slices=8)
+    index = scan_source(str(small_cohort.dicom_dir), store)
+    plan = plan_series(index, pseudo=store.pseudonymizer(), catalog={}, previous_quarantine=[], options=options)
+    for p in plan.todo:
+        ingest_series(str(store.root), str(small_cohort.dicom_dir), p, options)
+    # the cohort's series with slope 1 and 12-bit values were stored straight from their buffers
+    # (the others have slope 2: float rescale, per-slice arrays)
+    assert taken and all(taken), taken
+
+
+def test_a_file_truncated_after_the_scan_is_rejected_and_the_series_goes_on(small_cohort, tmp_path):
+    import shutil
+
+    source = tmp_path / "dicom"
+    shutil.copytree(small_cohort.dicom_dir, source)
+    store = Store(tmp_path / "s.zarr")
+    options = IngestOptions(min_slices=8, qc_spacing="accept")
+    index = scan_source(str(source), store)
+    plan = plan_series(index, pseudo=store.pseudonymizer(), catalog={}, previous_quarantine=[], options=options)
+    series = max(plan.todo, key=lambda p: len(p.files))
+    ordered = sorted(series.files, key=lambda f: series.raw[f]["ImagePositionPatient"][2])
+    victim = source / ordered[len(ordered) // 2]  # a slice in the middle of the stack
+    victim.write_bytes(victim.read_bytes()[:-100])
+    result = ingest_series(str(store.root), str(source), series, options)
+    assert result["status"] == "ingested"
+    assert [(r["path"], "ends after" in r["reason"]) for r in result["quarantine"]] == [(ordered[len(ordered) // 2], True)]
+    entry = store.catalog_entry(series.series_key)
+    assert entry["shape"][0] == len(ordered)  # the gap was filled by resampling (qc.spacing: accept)
+    assert entry["qc"]["missing_slices"] == 1
