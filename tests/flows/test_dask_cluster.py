@@ -65,7 +65,49 @@ def test_ingest_and_preprocess_on_an_existing_scheduler(dask_cluster, tmp_path, 
         prefixes = client.run_on_scheduler(lambda dask_scheduler: sorted(dask_scheduler.task_prefixes))
     assert ingested["ingested"] == cohort.n_patients
     assert prepared["computed"] == cohort.n_patients
-    assert "ingest_series" in prefixes and "preprocess_series" in prefixes
+    assert {"scan_files", "ingest_series", "preprocess_series"} <= set(prefixes)
+
+
+MARKER = "as imported"
+
+
+def _marker_seen_by_worker() -> tuple[str, int]:
+    import os
+
+    return MARKER, os.getpid()  # this module's global, as the worker process has it
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+def test_local_workers_start_the_way_asked(method, monkeypatch):
+    import os
+
+    from tasks.dask_runtime import dask_client
+
+    # a forked worker is a copy of this process, so it sees a value set here; a spawned one imports afresh
+    monkeypatch.setattr(sys.modules[__name__], "MARKER", "set in the parent")
+    with dask_client(n_workers=1, start_method=method) as client:
+        seen, pid = client.submit(_marker_seen_by_worker, pure=False).result()
+    assert pid != os.getpid()
+    assert seen == ("set in the parent" if method == "fork" else "as imported")
+
+
+def test_the_ingest_flow_starts_one_cluster_for_its_scan_and_its_ingest(tmp_path, prefect_harness, monkeypatch):
+    from tasks import dask_runtime
+
+    started = []
+    original = dask_runtime._local_cluster
+
+    def counting(*args, **kwargs):
+        started.append(args)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(dask_runtime, "_local_cluster", counting)
+    cohort = synthesize(tmp_path / "cohort", patients=3, seed=4, matrix=32)
+    spec = yaml.safe_load(DEMO_SPEC.format(seed=4, epochs=1))
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    assert ingest_flow(str(path))["ingested"] == cohort.n_patients
+    assert len(started) == 1
 
 
 def _timed_sleep(weight, seconds):
