@@ -208,7 +208,7 @@ def raw_pixel_header(ds: pydicom.Dataset | ScanHeader, pixel_at: int, pixel_head
     whose tag and length are checked here. For native little-endian files with one frame, one
     sample, 8 or 16 bits allocated (and, for signed data, all bits stored), no modality LUT and
     a patient position, returns ``{"offset", "dtype", "rows", "columns", "bits", "photometric",
-    <RAW_KEYWORDS>}``; else None. Ingest then reads the pixels with one ``numpy.fromfile``
+    <RAW_KEYWORDS>}``; else None. Ingest then reads the pixels with one ``readinto``
     instead of parsing the whole file again.
     """
     ds = ds if isinstance(ds, ScanHeader) else ScanHeader(ds)
@@ -248,20 +248,39 @@ def raw_pixel_header(ds: pydicom.Dataset | ScanHeader, pixel_at: int, pixel_head
     return out
 
 
-def read_raw(path: str | Path, header: dict) -> np.ndarray:
-    """The stored pixel values of a file described by ``raw_pixel_header``, shape (rows, columns).
+def read_raw(path: str | Path, header: dict, out: np.ndarray | None = None) -> np.ndarray:
+    """The stored pixel values of a file described by ``raw_pixel_header``, shape (rows, columns),
+    read into ``out`` when given (an array of that shape and the header's dtype).
 
     Raises:
         UnreadableFileError: the file is shorter than its pixel data (truncated).
     """
-    count = header["rows"] * header["columns"]
+    if out is None:
+        out = np.empty((header["rows"], header["columns"]), dtype=header["dtype"])
     try:
-        arr = np.fromfile(path, dtype=header["dtype"], count=count, offset=header["offset"])
+        with open(path, "rb") as fp:
+            fp.seek(header["offset"])
+            n = fp.readinto(out)
     except OSError as exc:
         raise UnreadableFileError(f"cannot read pixel data: {exc}") from exc
-    if arr.size != count:
-        raise UnreadableFileError(f"cannot decode pixel data: the file ends after {arr.size} of {count} pixels")
-    return arr.reshape(header["rows"], header["columns"])
+    if n != out.nbytes:
+        raise UnreadableFileError(f"cannot decode pixel data: the file ends after {n // out.itemsize} of "
+                                  f"{out.size} pixels")
+    return out
+
+
+def exact_integer_rescale(signed: bool, bits: int, slope: float, intercept: float) -> type | None:
+    """np.int16 or np.int32 if every stored value of ``bits`` bits, times ``slope`` plus ``intercept``,
+    is an integer that fits it (slope 1, an integer intercept); else None (a float rescale).
+
+    >>> exact_integer_rescale(False, 12, 1.0, -1024.0), exact_integer_rescale(True, 16, 1.0, -1024.0)
+    (<class 'numpy.int16'>, <class 'numpy.int32'>)
+    """
+    if slope != 1 or not float(intercept).is_integer():
+        return None
+    lo = (-(2 ** (bits - 1)) if signed else 0) + intercept
+    hi = (2 ** (bits - 1) - 1 if signed else 2**bits - 1) + intercept
+    return np.int16 if -(2**15) <= lo and hi < 2**15 else np.int32
 
 
 # ------------------------------------------------------------------------ geometry
@@ -361,10 +380,8 @@ def rescale_frame(arr: np.ndarray, *, slope: float, intercept: float, bits: int,
     if photometric == "MONOCHROME1":
         arr = (-1 - arr.astype(np.int32)) if signed else ((2**bits - 1) - arr.astype(np.int64))
         arr = arr.astype(np.int32)
-    if arr.dtype.kind in "iu" and slope == 1 and float(intercept).is_integer():
-        lo = (-(2 ** (bits - 1)) if signed else 0) + intercept
-        hi = (2 ** (bits - 1) - 1 if signed else 2**bits - 1) + intercept
-        dtype = np.int16 if -(2**15) <= lo and hi < 2**15 else np.int32  # every possible value fits; no rounding
+    dtype = exact_integer_rescale(signed, bits, slope, intercept) if arr.dtype.kind in "iu" else None
+    if dtype is not None:  # every possible value fits; no rounding
         out = arr.astype(dtype)  # always a copy: the intercept is added in place
         out += dtype(intercept)
         return out

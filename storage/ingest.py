@@ -20,6 +20,7 @@ from storage.deid import IDENTIFYING_ATTRIBUTES, SAFE_ATTRIBUTES, Pseudonymizer
 from storage.dicom import (
     cast_volume,
     check_image,
+    exact_integer_rescale,
     list_source,
     planar_geometry,
     read_header,
@@ -31,7 +32,7 @@ from storage.dicom import (
     to_physical,
     volume_dtype,
 )
-from storage.errors import IngestError, InvalidSeriesError, UnreadableFileError
+from storage.errors import IngestError, InvalidSeriesError
 from storage.masks import MaskError, load_mask
 from storage.qc import StackQC, deshear, group_mixed, measure, positions_along, resample_along_normal, split_duplicates
 from storage.store import Store
@@ -341,9 +342,9 @@ class _RawBlock:
     its rescaled copy, the copy into the volume) and halves the peak memory of the series.
     """
 
-    def __init__(self, files: list[str], headers: dict[str, dict]):
+    def __init__(self, files: list[str], headers: dict[str, dict], intercepts: dict[str, int]):
         h0 = headers[files[0]]
-        self.files, self.headers = files, headers
+        self.files, self.headers, self.intercepts = files, headers, intercepts
         self.index = {f: i for i, f in enumerate(files)}
         self.stored = np.empty((len(files), h0["rows"], h0["columns"]), dtype=h0["dtype"])
         self.values = self.stored.view(np.int16)  # the same bytes, as the rescaled values
@@ -355,28 +356,19 @@ class _RawBlock:
         headers = {f: plan.raw[f] for f in plan.files}
         if len({(h["rows"], h["columns"], h["dtype"]) for h in headers.values()}) != 1:
             return None
-        if any(_int16_intercept(h) is None for h in headers.values()):
+        intercepts = {f: _int16_intercept(h) for f, h in headers.items()}
+        if any(v is None for v in intercepts.values()):
             return None
         along = _along_normal(plan)
-        return cls(sorted(plan.files, key=along.__getitem__), headers)
+        return cls(sorted(plan.files, key=along.__getitem__), headers, intercepts)
 
     def read(self, source: str, relpath: str) -> np.ndarray:
         """The file's rescaled pixels, in its slot (a view of the buffer)."""
-        i, header = self.index[relpath], self.headers[relpath]
-        slot = self.stored[i]
-        try:
-            with open(Path(source) / relpath, "rb") as fp:
-                fp.seek(header["offset"])
-                n = fp.readinto(slot)
-        except OSError as exc:
-            raise UnreadableFileError(f"cannot read pixel data: {exc}") from exc
-        if n != slot.nbytes:
-            raise UnreadableFileError(f"cannot decode pixel data: the file ends after {n // slot.itemsize} of "
-                                      f"{slot.size} pixels")
+        i = self.index[relpath]
+        read_raw(Path(source) / relpath, self.headers[relpath], out=self.stored[i])
         out = self.values[i]
-        intercept = _int16_intercept(header)
-        if intercept:
-            out += np.int16(intercept)
+        if self.intercepts[relpath]:
+            out += np.int16(self.intercepts[relpath])
         return out
 
     def volume(self, slots: list[tuple[_RawBlock, int] | None]) -> np.ndarray | None:
@@ -396,12 +388,8 @@ def _int16_intercept(header: dict) -> int | None:
     if header["dtype"] not in ("<u2", "<i2") or header["photometric"] != "MONOCHROME2":
         return None
     slope, intercept = float(header.get("RescaleSlope", 1) or 1), float(header.get("RescaleIntercept", 0) or 0)
-    if slope != 1 or not intercept.is_integer():
-        return None
-    bits, signed = int(header["bits"]), header["dtype"] == "<i2"
-    lo = (-(2 ** (bits - 1)) if signed else 0) + intercept
-    hi = (2 ** (bits - 1) - 1 if signed else 2**bits - 1) + intercept
-    return int(intercept) if -(2**15) <= lo and hi < 2**15 else None
+    dtype = exact_integer_rescale(header["dtype"] == "<i2", int(header["bits"]), slope, intercept)
+    return int(intercept) if dtype is np.int16 else None
 
 
 class _Header:

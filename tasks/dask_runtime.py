@@ -49,7 +49,6 @@ def dask_client(address: str | None = None, *, n_workers: int = 2, threads_per_w
             yield client
         return
     with _local_cluster(n_workers, threads_per_worker, processes, start_method) as cluster, Client(cluster) as client:
-        logger.info("started a local Dask cluster: %d workers x %d threads", n_workers, threads_per_worker)
         yield client
 
 
@@ -67,10 +66,6 @@ def flow_cluster(dask: dict, store) -> Iterator[dict]:
     quiet_dask_logs()
     with _local_cluster(options.get("n_workers", 2), options.get("threads_per_worker", 1),
                         options.get("processes", True), options.get("start_method")) as cluster:
-        logger.info("started a local Dask cluster: %d workers x %d threads (%s)", options.get("n_workers", 2),
-                    options.get("threads_per_worker", 1),
-                    options.get("start_method") or default_start_method() if options.get("processes", True)
-                    else "threads")
         yield {**options, "address": cluster.scheduler_address}
 
 
@@ -86,7 +81,7 @@ def _local_cluster(n_workers: int, threads_per_worker: int, processes: bool,
     method = start_method or default_start_method()
     with dask.config.set({"distributed.nanny.pre-spawn-environ": env,
                           "distributed.worker.multiprocessing-method": method}):
-        return LocalCluster(
+        cluster = LocalCluster(
             n_workers=n_workers,
             threads_per_worker=threads_per_worker,
             processes=processes,
@@ -94,6 +89,9 @@ def _local_cluster(n_workers: int, threads_per_worker: int, processes: bool,
             local_directory=local_dir,
             silence_logs=logging.WARNING,
         )
+    logger.info("started a local Dask cluster: %d workers x %d threads (%s)", n_workers, threads_per_worker,
+                f"processes started by {method}" if processes else "threads in this process")
+    return cluster
 
 
 def map_on(client: Client) -> Callable[[Callable, list[tuple]], list]:
