@@ -20,12 +20,21 @@ def _hold_lock(root, ready, release):
         release.wait(30)
 
 
-def _start_holder(root):
+def _hold_lock_with_forked_workers(root, ready, release):
+    from tasks.dask_runtime import dask_client
+
+    with Store(root).writer_lock(purpose="ingest"), dask_client(n_workers=1, start_method="fork") as client:
+        client.submit(time.sleep, 0, pure=False).result()
+        ready.set()
+        release.wait(60)
+
+
+def _start_holder(root, target=_hold_lock):
     """Another process that takes the store's writer lock and holds it until released."""
     Store(root)
     ctx = mp.get_context("spawn")
     ready, release = ctx.Event(), ctx.Event()
-    proc = ctx.Process(target=_hold_lock, args=(str(root), ready, release))
+    proc = ctx.Process(target=target, args=(str(root), ready, release))
     proc.start()
     assert ready.wait(60)
     return proc, release
@@ -48,6 +57,17 @@ def test_second_writer_is_refused_with_a_clear_message(tmp_path):
 def test_lock_is_released_when_the_holder_is_killed(tmp_path):
     root = tmp_path / "store.zarr"
     proc, _ = _start_holder(root)
+    proc.kill()
+    proc.join(30)
+    with Store(root).writer_lock():
+        pass
+
+
+def test_lock_is_released_when_a_holder_with_forked_workers_is_killed(tmp_path):
+    # forked workers inherit the lock's file descriptor; they must not keep the store locked
+    # after the run that started them is gone
+    root = tmp_path / "store.zarr"
+    proc, _ = _start_holder(root, _hold_lock_with_forked_workers)
     proc.kill()
     proc.join(30)
     with Store(root).writer_lock():
