@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
 import sys
 import tempfile
@@ -19,22 +20,46 @@ logger = logging.getLogger(__name__)
 # glibc's mmap threshold at 128 KiB: every such array is then mmapped and unmapped again,
 # and its pages are faulted in afresh each time. Raising both lets freed memory be reused
 # (make bench, 8 x 200 slices of 512x512 on 2 workers: the ingest phase went from 2.6-2.8 s
-# to 1.7-2.0 s). Freed memory up to the trim threshold stays with the worker. This applies to
-# spawned workers; a forked worker keeps the allocator settings of the process it came from
-# (glibc's default, a dynamic mmap threshold, unless that process was started with others).
+# to 1.7-2.0 s). Freed memory up to the trim threshold stays with the worker. Spawned workers
+# get these from the nanny; forkserver workers from the fork server's environment.
 WORKER_ENV = {"MALLOC_MMAP_THRESHOLD_": 64 * 2**20, "MALLOC_TRIM_THRESHOLD_": 256 * 2**20}
 
+# How local workers start. A spawned worker is a fresh interpreter: about 0.6 s for a cluster
+# of two, and each worker imports pydicom, zarr and numpy again. With a fork server, one
+# process started once (about 1 s, in the background) imports them, and every worker after is
+# forked from it: a cluster of two starts in about 0.15 s and closes in 0.05 s. Forking the
+# running process itself would be quicker still, but it copies the Dask scheduler's event loop
+# and sockets into the workers: a second cluster in one process then hung (reproduced with
+# two ingest scans in a row), so medflow never forks the running process.
+FORKSERVER_PRELOAD = ["distributed", "numpy", "pydicom", "zarr", "storage.ingest", "storage.store",
+                      "tasks.preprocessing"]
 
-# How local workers start. Forking the current process starts a worker in about 0.05 s, with
-# every module already imported; spawning a fresh interpreter takes about 0.5 s, and each
-# spawned worker then imports pydicom, zarr and numpy again on its first task (make bench, 2
-# workers on 2 cores: cluster start 0.6 s -> 0.1 s, shutdown 0.3 s -> 0.03 s). zarr, fsspec
-# and Prefect reset their background threads in a forked child (os.register_at_fork), and
-# Prefect's API log handler drops records outside a flow run, which a worker never is.
-# macOS forbids forking a process that uses its system frameworks: spawn there.
+
 def default_start_method() -> str:
-    """``fork`` on Linux, ``spawn`` elsewhere."""
-    return "fork" if sys.platform.startswith("linux") else "spawn"
+    """``forkserver`` on Linux, ``spawn`` elsewhere (macOS forbids forking after its frameworks load)."""
+    return "forkserver" if sys.platform.startswith("linux") else "spawn"
+
+
+def start_forkserver() -> None:
+    """Start multiprocessing's fork server for this process (once; later calls return at once),
+    with the modules workers need imported and ``WORKER_ENV`` in its environment.
+
+    Returns as soon as the server process exists; it imports in the background, and the first
+    worker forked from it waits for that.
+    """
+    from multiprocessing import forkserver
+
+    multiprocessing.get_context("forkserver").set_forkserver_preload(FORKSERVER_PRELOAD)
+    saved = {name: os.environ.get(name) for name in WORKER_ENV}
+    os.environ.update({name: str(value) for name, value in WORKER_ENV.items()})
+    try:
+        forkserver.ensure_running()
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 @contextmanager
@@ -79,6 +104,8 @@ def _local_cluster(n_workers: int, threads_per_worker: int, processes: bool,
     local_dir = os.environ.get("DASK_TEMPORARY_DIRECTORY") or tempfile.gettempdir()
     env = {**dask.config.get("distributed.nanny.pre-spawn-environ", {}), **WORKER_ENV}
     method = start_method or default_start_method()
+    if processes and method == "forkserver":
+        start_forkserver()
     with dask.config.set({"distributed.nanny.pre-spawn-environ": env,
                           "distributed.worker.multiprocessing-method": method}):
         cluster = LocalCluster(

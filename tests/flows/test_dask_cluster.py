@@ -68,27 +68,26 @@ def test_ingest_and_preprocess_on_an_existing_scheduler(dask_cluster, tmp_path, 
     assert {"scan_files", "ingest_series", "preprocess_series"} <= set(prefixes)
 
 
-MARKER = "as imported"
-
-
-def _marker_seen_by_worker() -> tuple[str, int]:
+def _worker_process() -> tuple[int, int, bool]:
     import os
+    import sys
 
-    return MARKER, os.getpid()  # this module's global, as the worker process has it
+    return os.getpid(), os.getppid(), "tasks.preprocessing" in sys.modules
 
 
-@pytest.mark.parametrize("method", ["fork", "spawn"])
-def test_local_workers_start_the_way_asked(method, monkeypatch):
+@pytest.mark.parametrize("method", ["forkserver", "spawn"])
+def test_local_workers_start_the_way_asked(method):
     import os
 
     from tasks.dask_runtime import dask_client
 
-    # a forked worker is a copy of this process, so it sees a value set here; a spawned one imports afresh
-    monkeypatch.setattr(sys.modules[__name__], "MARKER", "set in the parent")
     with dask_client(n_workers=1, start_method=method) as client:
-        seen, pid = client.submit(_marker_seen_by_worker, pure=False).result()
+        pid, parent, preloaded = client.submit(_worker_process, pure=False).result()
     assert pid != os.getpid()
-    assert seen == ("set in the parent" if method == "fork" else "as imported")
+    if method == "forkserver":  # forked from the fork server, which imported medflow's modules once
+        assert parent != os.getpid() and preloaded
+    else:  # a fresh interpreter started by this process
+        assert parent == os.getpid()
 
 
 def test_the_ingest_flow_starts_one_cluster_for_its_scan_and_its_ingest(tmp_path, prefect_harness, monkeypatch):

@@ -20,10 +20,10 @@ def _hold_lock(root, ready, release):
         release.wait(30)
 
 
-def _hold_lock_with_forked_workers(root, ready, release):
+def _hold_lock_with_workers(root, ready, release):
     from tasks.dask_runtime import dask_client
 
-    with Store(root).writer_lock(purpose="ingest"), dask_client(n_workers=1, start_method="fork") as client:
+    with Store(root).writer_lock(purpose="ingest"), dask_client(n_workers=1) as client:
         client.submit(time.sleep, 0, pure=False).result()
         ready.set()
         release.wait(60)
@@ -63,11 +63,10 @@ def test_lock_is_released_when_the_holder_is_killed(tmp_path):
         pass
 
 
-def test_lock_is_released_when_a_holder_with_forked_workers_is_killed(tmp_path):
-    # forked workers inherit the lock's file descriptor; they must not keep the store locked
-    # after the run that started them is gone
+def test_lock_is_released_when_a_holder_with_dask_workers_is_killed(tmp_path):
+    # the run's local workers must not keep the store locked after the run is gone
     root = tmp_path / "store.zarr"
-    proc, _ = _start_holder(root, _hold_lock_with_forked_workers)
+    proc, _ = _start_holder(root, _hold_lock_with_workers)
     proc.kill()
     proc.join(30)
     with Store(root).writer_lock():
