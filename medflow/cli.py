@@ -77,6 +77,9 @@ def _run_pipeline(spec_path: Path) -> dict:
     except SpecError as exc:
         _fail_spec(exc)
     settings.configure(Path(spec.runs_dir).parent)
+    from tasks.dask_runtime import prepare_local_workers
+
+    prepare_local_workers(spec.run.dask.model_dump(), spec.data.store)  # in the background, while Prefect starts
     from flows.pipeline import pipeline
 
     return pipeline(str(spec_path))

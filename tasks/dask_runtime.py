@@ -62,6 +62,15 @@ def start_forkserver() -> None:
                 os.environ[name] = value
 
 
+def prepare_local_workers(dask: dict, store_url: str) -> None:
+    """Start the fork server now if this run's stages will fork local workers from it, so that
+    its imports (about 1 s) overlap with whatever comes first (Prefect starting up)."""
+    if dask.get("address") or store_url.startswith("memory://"):  # remote workers, or threads
+        return
+    if (dask.get("start_method") or default_start_method()) == "forkserver":
+        start_forkserver()
+
+
 @contextmanager
 def dask_client(address: str | None = None, *, n_workers: int = 2, threads_per_worker: int = 1,
                 processes: bool = True, start_method: str | None = None) -> Iterator[Client]:
