@@ -46,7 +46,7 @@ SCAN_TAGS = [
 SCAN_READ_TAGS = [*SCAN_TAGS, "SamplesPerPixel", "PhotometricInterpretation", "BitsAllocated", "BitsStored",
                   "PixelRepresentation", "ModalityLUTSequence", "ImagePositionPatient", "ImageOrientationPatient",
                   "PixelSpacing", "InstanceNumber", "RescaleSlope", "RescaleIntercept", "ReferencedSeriesSequence"]
-# as tags: pydicom turns keywords into tags on every read (a third of the scan's parse time)
+# as tags: pydicom otherwise turns each keyword into a tag on every read (scan 0.47 -> 0.43 ms a file)
 _SCAN_READ_TAGS = [Tag(keyword) for keyword in SCAN_READ_TAGS]
 
 
