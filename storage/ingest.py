@@ -324,12 +324,10 @@ def _spatially_first(plan: SeriesPlan) -> str | None:
 
 def _along_normal(plan: SeriesPlan) -> dict[str, float]:
     """Each raw-readable file's position along its own slice normal (mm)."""
-    out = {}
-    for f in plan.files:
-        h = plan.raw[f]
-        iop = np.asarray(h["ImageOrientationPatient"], dtype=float)
-        out[f] = float(np.dot(np.asarray(h["ImagePositionPatient"], dtype=float), np.cross(iop[:3], iop[3:])))
-    return out
+    iop = np.array([plan.raw[f]["ImageOrientationPatient"] for f in plan.files], dtype=float)
+    ipp = np.array([plan.raw[f]["ImagePositionPatient"] for f in plan.files], dtype=float)
+    along = np.einsum("ij,ij->i", ipp, np.cross(iop[:, :3], iop[:, 3:]))
+    return dict(zip(plan.files, along.tolist()))
 
 
 class _RawBlock:
