@@ -157,3 +157,18 @@ def test_dicomdir_tree_groups_series_by_uid(pydicom_test_files, tmp_path):
     assert all(reasons[p].startswith("no pixel data") for p in no_pixels)
     for key, entry in out["store"].catalog().items():
         assert entry["n_files"] == (1 if entry["kind"] == "image" else got[key])
+
+
+def test_the_listing_skips_hidden_entries_fifos_and_links_out_of_the_tree(tmp_path):
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    (tmp_path / ".hidden").mkdir()
+    (tmp_path / "a" / "b" / "x.dcm").write_bytes(b"x" * 10)
+    (tmp_path / "top").write_bytes(b"y")
+    (tmp_path / ".hidden" / "z").write_bytes(b"z")
+    (tmp_path / "a" / ".dot").write_bytes(b"d")
+    os.mkfifo(tmp_path / "a" / "pipe")  # opening it would block the scan
+    (tmp_path / "loop").symlink_to(tmp_path, target_is_directory=True)  # not followed
+    (tmp_path / "gone").symlink_to(tmp_path / "missing")
+    (tmp_path / "alias").symlink_to(tmp_path / "top")  # a link to a file is a file
+    listed = list_source(tmp_path)
+    assert [(p, s) for p, s, _ in listed] == [("a/b/x.dcm", 10), ("alias", 1), ("top", 1)]

@@ -148,3 +148,15 @@ def test_a_file_truncated_after_the_scan_is_rejected_and_the_series_goes_on(smal
     entry = store.catalog_entry(series.series_key)
     assert entry["shape"][0] == len(ordered)  # the gap was filled by resampling (qc.spacing: accept)
     assert entry["qc"]["missing_slices"] == 1
+
+
+@pytest.mark.parametrize("keyword, value", [("ImageOrientationPatient", [1, 0, 0, 0, 1]),
+                                            ("ImagePositionPatient", [0, 0]), ("PixelSpacing", [0.5, 0.5, 1])])
+def test_malformed_geometry_is_left_to_the_full_read(keyword, value, tmp_path):
+    ds = pydicom.dcmread(pydicom.data.get_testdata_file("CT_small.dcm"))
+    with open(pydicom.data.get_testdata_file("CT_small.dcm"), "rb") as fp:
+        pydicom.dcmread(fp, stop_before_pixels=True)
+        at, head = fp.tell(), fp.read(12)
+    assert raw_pixel_header(ds, at, head) is not None
+    setattr(ds, keyword, value)
+    assert raw_pixel_header(ds, at, head) is None
