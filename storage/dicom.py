@@ -92,7 +92,7 @@ class ScanHeader:
         transfer ``syntax``; then a pydicom Dataset is made only if a value needs pydicom."""
         if ds is not None:
             meta = getattr(ds, "file_meta", None)
-            elements = ds._dict  # the raw elements, by tag (read-only here)
+            elements = {int(tag): ds.get_item(tag) for tag in ds.keys()}  # raw where pydicom left them so
             syntax = str(meta.get("TransferSyntaxUID", "")) if meta is not None else ""
         self._ds, self._elements, self.syntax = ds, elements, syntax
 
