@@ -255,8 +255,10 @@ def _walk_file(fp) -> tuple[ScanHeader, int, bytes] | None:
             syntax, pos = None, 132
             while _HH(buf, pos)[0] == 0x0002:  # the file meta group: explicit VR little endian
                 tag, vr, start, length = _element(buf, pos, False)
-                if length == _UNDEFINED or start + length > len(buf):
-                    raise _Fallback if length == _UNDEFINED else struct.error("value beyond the buffer")
+                if length == _UNDEFINED:
+                    raise _Fallback
+                if start + length > len(buf):
+                    raise struct.error("value beyond the buffer")
                 if tag == 0x00020010:
                     syntax = _fast_value("UI", buf[start:start + length], True)
                 pos = start + length

@@ -57,8 +57,8 @@ IMAGE_CODEC = {"cname": "lz4", "clevel": 5, "shuffle": "shuffle"}
 # before compression, a good object size for S3. On a 200x512x512 CT (make bench's volumes,
 # CPU seconds, median of 6) this writes in 0.106 s and reads whole in 0.11 s; 4-slice chunks in
 # 64-slice shards (the layout before) took 0.125 s and 0.215 s, one-slice chunks 0.17 s to
-# write. A single slice reads in about 6 ms (2 ms before). The pipeline reads series whole (preprocessing,
-# evaluation); models read the prepared arrays.
+# write. A single slice reads in about 6 ms (2 ms before). The pipeline reads series whole
+# (preprocessing, evaluation); models read the prepared arrays.
 CHUNK_SLICES = 16
 PREP_CODEC = {"cname": "lz4", "clevel": 5, "shuffle": "shuffle"}
 
