@@ -113,7 +113,7 @@ def run_medflow(folder: Path, store_root: Path, n_workers: int, address: str | N
     both, started for the run, or the existing scheduler at ``address`` (``run.dask.address``)."""
     from storage.ingest import IngestOptions, ingest_series, plan_series, scan_source
     from storage.store import Store
-    from tasks.dask_runtime import dask_client, flow_cluster, map_on, run_all, total_threads
+    from medflow.dask_runtime import dask_client, flow_cluster, map_on, run_all, total_threads
 
     shutil.rmtree(store_root, ignore_errors=True)
     store = Store(store_root)
@@ -133,8 +133,8 @@ def run_medflow(folder: Path, store_root: Path, n_workers: int, address: str | N
 
 def run_preprocess(store_root: Path, n_workers: int) -> tuple[float, int]:
     from storage.store import Store
-    from tasks.dask_runtime import dask_client, run_all
-    from tasks.preprocessing import preprocess_series, steps_key
+    from medflow.dask_runtime import dask_client, run_all
+    from medflow.preprocessing import preprocess_series, steps_key
 
     store = Store(store_root)
     steps = [("resample", {"spacing": [2.0, 1.0, 1.0], "order": 1}), ("window", {"center": -600, "width": 1500})]
@@ -183,7 +183,7 @@ def main() -> None:
 
     try:
         # local clusters fork their workers from a fork server, started once per process
-        from tasks.dask_runtime import default_start_method, start_forkserver
+        from medflow.dask_runtime import default_start_method, start_forkserver
 
         if default_start_method() == "forkserver":
             t0 = time.perf_counter()
@@ -205,7 +205,7 @@ def main() -> None:
             }
             rows.append((name, count, measure(tools, args.repeat)))
         # medflow again, on workers that are already running (a standing cluster: run.dask.address)
-        from tasks.dask_runtime import dask_client
+        from medflow.dask_runtime import dask_client
 
         with dask_client(n_workers=args.workers) as standing:
             address = standing.scheduler.address

@@ -10,7 +10,7 @@ from prefect.utilities.annotations import quote
 from medflow.spec import PipelineSpec, as_spec
 from storage.dicomweb import is_dicomweb
 from storage.store import Store
-from tasks.dask_runtime import flow_cluster
+from medflow.dask_runtime import flow_cluster
 from tasks.ingest import (
     ingest_options,
     ingest_series_task,

@@ -76,4 +76,5 @@ def _stages(spec, run_dir: Path, log) -> dict:
                                                                                        "resumed_from_epoch")}},
                                                     indent=1))
     return {"run_dir": str(run_dir), "report": report, "stage_seconds": seconds, "ingest": ingested,
-            "preprocess": prep, "train": trained, "test": evaluation["test"]}
+            "preprocess": prep, "train": trained, "task": spec.model.task, "test": evaluation["test"],
+            "evaluation": evaluation}

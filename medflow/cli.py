@@ -77,7 +77,7 @@ def _run_pipeline(spec_path: Path) -> dict:
     except SpecError as exc:
         _fail_spec(exc)
     settings.configure(Path(spec.runs_dir).parent)
-    from tasks.dask_runtime import prepare_local_workers
+    from medflow.dask_runtime import prepare_local_workers
 
     prepare_local_workers(spec.run.dask.model_dump(), spec.data.store)  # in the background, while Prefect starts
     from flows.pipeline import pipeline
@@ -86,15 +86,10 @@ def _run_pipeline(spec_path: Path) -> dict:
 
 
 def _print_result(result: dict, t0: float) -> None:
-    t = result["test"]
+    from medflow import kinds
+
     console.print()
-    if "dice" in t:
-        console.print(f"[bold]Test[/]: Dice {t['dice']:.3f} (median {t['dice_median']:.3f}) · IoU {t['iou']:.3f} · "
-                      f"HD95 {t['hd95']:.1f} mm on {t['n_lesion']} case(s) with a lesion · false positives on "
-                      f"{t['empty_with_false_positive']} of {t['n_empty']} without")
-    else:
-        console.print(f"[bold]Test[/]: AUC {t['auc']:.3f} · accuracy {t['accuracy']:.3f} · "
-                      f"sensitivity {t['recall']:.3f} · specificity {t['specificity']:.3f} (n={t['n']})")
+    console.print(f"[bold]Test[/]: {kinds.get(result['task']).result_line(result['evaluation'])}")
     stages = " · ".join(f"{k} {v:.1f}s" for k, v in result["stage_seconds"].items())
     console.print(f"Stages: {stages} · total {time.perf_counter() - t0:.1f}s")
     console.print(f"Run folder: {result['run_dir']}")

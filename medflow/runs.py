@@ -21,11 +21,29 @@ def _status(run_dir: Path) -> dict:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
+def write_bytes_atomic(path: str | Path, data: bytes) -> Path:
+    """Write a run file whole or not at all: a temporary file in the same folder, fsync, rename.
+
+    A kill at any point leaves either the old file or the new one, never a partial one.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """``write_bytes_atomic`` for UTF-8 text."""
+    return write_bytes_atomic(path, text.encode())
+
+
 def write_status(run_dir: Path, **fields) -> None:
     status = {**_status(run_dir), **fields}
-    tmp = run_dir / ".run.json.tmp"
-    tmp.write_text(json.dumps(status, indent=1))
-    os.replace(tmp, run_dir / "run.json")
+    write_text_atomic(run_dir / "run.json", json.dumps(status, indent=1))
 
 
 @contextmanager

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -29,9 +30,7 @@ from pydantic import (
 
 from medflow.errors import SpecError
 
-LABEL_KEYS = ("StudyInstanceUID", "PatientID", "AccessionNumber")
-METRICS = ("auc", "accuracy", "precision", "recall", "specificity", "f1")
-SEG_METRICS = ("dice", "iou", "hd95", "assd", "volume_error")
+LABEL_KEYS = ("StudyInstanceUID", "PatientID", "AccessionNumber", "path")
 
 
 class _Model(BaseModel):
@@ -40,14 +39,17 @@ class _Model(BaseModel):
 
 # --------------------------------------------------------------------------- data
 class LabelsSpec(_Model):
-    """A CSV of labels, one row per study, patient or accession."""
+    """A CSV of labels: one row per study, patient or accession (DICOM), or per image file (images)."""
 
     path: str = Field(description="CSV file with a key column and a label column.")
-    key: Literal["StudyInstanceUID", "PatientID", "AccessionNumber"] = Field(
-        "StudyInstanceUID", description="The DICOM attribute the CSV's key column holds."
-    )
+    key: Literal["StudyInstanceUID", "PatientID", "AccessionNumber", "path"] = Field(
+        "StudyInstanceUID", description="What the CSV's key column holds: a DICOM attribute, or `path`: image files "
+        "relative to data.source (with data.format: images; the CSV then lists the images to ingest).")
     key_column: str | None = Field(None, description="Name of the key column (default: the value of `key`).")
-    label_column: str = Field("label", description="Name of the label column (0/1).")
+    label_column: str = Field("label", description="Name of the label column: class names or numbers (0/1 for "
+                              "binary; any K distinct values for K classes).")
+    classes: list[str] | None = Field(None, min_length=2, description="The classes in order (default: sorted, as "
+                                      "Keras' flow_from_directory). With two, the second is the positive class.")
 
     @property
     def key_column_name(self) -> str:
@@ -100,9 +102,14 @@ class MasksSpec(_Model):
 
 
 class DataSpec(_Model):
-    source: str = Field(description="Folder of DICOM files (any layout, any file names), or a DICOMweb "
-                        "server: dicomweb://host:port/path (http) or dicomweb+https://host/path.")
-    labels: LabelsSpec | None = Field(None, description="Labels for classification.")
+    source: str = Field(description="Folder of DICOM files (any layout, any file names), a DICOMweb server "
+                        "(dicomweb://host:port/path, dicomweb+https://host/path), or with format: images a folder "
+                        "of PNG/JPEG images.")
+    format: Literal["dicom", "images"] = Field(
+        "dicom", description="`dicom`: DICOM files or a DICOMweb server; `images`: PNG/JPEG files, in one "
+        "subfolder per class (the flow_from_directory layout) or listed in data.labels with key: path.")
+    labels: LabelsSpec | None = Field(None, description="Labels for classification (images in class folders need "
+                                      "none: the folder names are the classes).")
     masks: MasksSpec | None = Field(None, description="Masks for segmentation (DICOM SEG or NIfTI).")
     store: str = Field(description="Zarr store: a folder, or an fsspec URL (s3://bucket/path, memory://name, "
                        "file:///path); created if missing.")
@@ -191,8 +198,41 @@ class LungMaskArgs(_Model):
     dilate_mm: float = Field(0.0, ge=0, description="Dilation of the lung mask in mm.")
 
 
+class Resize2DArgs(_Model):
+    shape: tuple[PositiveInt, PositiveInt] = Field(description="Output size (height, width) of each slice.")
+    aspect: Literal["pad", "stretch"] = Field(
+        "pad", description="`pad`: scale to fit, keeping the aspect ratio, and pad the rest with the image "
+        "minimum; `stretch`: scale each axis to the size.")
+    order: int = Field(1, ge=0, le=3, description="Spline order (0 = nearest, 1 = linear).")
+
+
+class RescaleArgs(_Model):
+    scale: float | None = Field(None, description="Multiply by this (e.g. 0.00392156862745098 = 1/255 for 8-bit "
+                                "images, as Keras' rescale); null: min-max to [0, 1] per image.")
+    offset: float = Field(0.0, description="Added after scaling.")
+
+
+class EqualizeArgs(_Model):
+    method: Literal["clahe", "histogram"] = Field(
+        "clahe", description="`clahe`: contrast-limited adaptive histogram equalisation; `histogram`: global.")
+    clip_limit: float = Field(0.01, gt=0, le=1, description="CLAHE clip limit (higher: more contrast).")
+    kernel_size: PositiveInt | None = Field(None, description="CLAHE tile size in pixels (default: 1/8 of the image).")
+
+
 class ResampleStep(_Model):
     resample: ResampleArgs
+
+
+class Resize2DStep(_Model):
+    resize2d: Resize2DArgs
+
+
+class RescaleStep(_Model):
+    rescale: RescaleArgs = RescaleArgs()
+
+
+class EqualizeStep(_Model):
+    equalize: EqualizeArgs = EqualizeArgs()
 
 
 class WindowStep(_Model):
@@ -219,7 +259,8 @@ class LungMaskStep(_Model):
     lung_mask: LungMaskArgs = LungMaskArgs()
 
 
-STEP_NAMES = ("resample", "lung_mask", "window", "zscore", "clip", "resize", "crop_pad")
+STEP_NAMES = ("resample", "lung_mask", "window", "zscore", "clip", "resize", "crop_pad", "resize2d", "rescale",
+              "equalize")
 
 
 def _step_name(value: Any) -> str | None:
@@ -240,6 +281,9 @@ Step = Annotated[
         Annotated[ResizeStep, Tag("resize")],
         Annotated[CropPadStep, Tag("crop_pad")],
         Annotated[LungMaskStep, Tag("lung_mask")],
+        Annotated[Resize2DStep, Tag("resize2d")],
+        Annotated[RescaleStep, Tag("rescale")],
+        Annotated[EqualizeStep, Tag("equalize")],
     ],
     Discriminator(
         _step_name,
@@ -263,16 +307,30 @@ class AugmentSpec(_Model):
     flip: list[Literal["z", "y", "x"]] = Field(default_factory=list, description="Axes flipped at random.")
     shift: int = Field(0, ge=0, description="Largest random shift in voxels along y and x.")
     rotate_deg: float = Field(0.0, ge=0, le=180, description="Largest random in-plane rotation (degrees).")
-    intensity_jitter: float = Field(0.0, ge=0, description="Scale and offset jitter of intensities (fraction).")
+    zoom: float = Field(0.0, ge=0, lt=1, description="Largest random in-plane zoom, as a fraction (0.1: 0.9-1.1x).")
+    intensity_jitter: float = Field(0.0, ge=0, description="Scale and offset jitter of intensities, brightness "
+                                    "(fraction).")
+    contrast: float = Field(0.0, ge=0, lt=1, description="Largest random contrast change about the mean (fraction).")
 
 
 class ModelSpec(_Model):
-    task: Literal["classification", "segmentation"] = Field(
-        "classification", description="What the model predicts: a score per series, or a mask (from data.masks).")
-    arch: str = Field("cnn3d", description="A model of the registry in models/: cnn3d (classification), unet2d or "
-                      "unet3d (segmentation).")
+    task: str = Field(
+        "classification", description="The task kind: what the model predicts and how it is evaluated (see "
+        "medflow.kinds): classification (a class per series or image) or segmentation (a mask, from data.masks).",
+        json_schema_extra={"enum": ["classification", "segmentation"]})
+    arch: str = Field("cnn3d", description="A model of the registry in models/: cnn3d (3D), seed_cnn, resnet2d, "
+                      "efficientnet_b0 (2D) for classification; unet2d, unet3d for segmentation.")
     params: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments of the model builder "
                                    "(e.g. filters, norm for the U-Nets).")
+
+    @field_validator("task")
+    @classmethod
+    def _known_task(cls, value: str) -> str:
+        from medflow import kinds
+
+        if value not in kinds.available():
+            raise ValueError(f"unknown task kind {value!r}; expected one of: {', '.join(kinds.available())}")
+        return value
 
     @field_validator("arch")
     @classmethod
@@ -285,12 +343,11 @@ class ModelSpec(_Model):
 
     @model_validator(mode="after")
     def _arch_fits_task(self) -> ModelSpec:
-        from models import available, task_of
+        from models import available, info
 
-        if task_of(self.arch) != self.task:
-            fitting = [a for a in available() if task_of(a) == self.task]
-            raise ValueError(f"model.arch {self.arch!r} is a {task_of(self.arch)} model; for {self.task} use one of: "
-                             f"{', '.join(fitting)}")
+        if info(self.arch).task != self.task:
+            raise ValueError(f"model.arch {self.arch!r} is a {info(self.arch).task} model; for {self.task} use one "
+                             f"of: {', '.join(available(self.task))}")
         return self
 
 
@@ -315,10 +372,10 @@ class TrainSpec(_Model):
 
 
 class EvaluateSpec(_Model):
-    metrics: list[Literal["auc", "accuracy", "precision", "recall", "specificity", "f1", "dice", "iou", "hd95",
-                          "assd", "volume_error"]] | None = Field(
+    metrics: list[str] | None = Field(
         default=None, description="Metrics reported on the test split (with bootstrap intervals); default: all of "
-        "the task's (" + ", ".join(METRICS) + " for classification; " + ", ".join(SEG_METRICS) + " for segmentation).")
+        "the task kind's (auc, accuracy, precision, recall, specificity, f1 for classification, as macro averages "
+        "with more than two classes; dice, iou, hd95, assd, volume_error for segmentation).")
     bootstrap: int = Field(1000, ge=0, description="Bootstrap resamples for confidence intervals (0: none).")
     threshold: Literal["youden", "f1"] | float = Field(
         "youden", description="How the decision threshold is chosen on the validation split, or a fixed value."
@@ -374,24 +431,18 @@ class PipelineSpec(_Model):
 
     @model_validator(mode="after")
     def _task_inputs(self) -> PipelineSpec:
-        task = self.model.task
-        if task == "segmentation" and self.data.masks is None:
-            raise ValueError("model.task: segmentation needs data.masks (DICOM SEG or NIfTI masks)")
-        allowed = SEG_METRICS if task == "segmentation" else METRICS
-        wrong = [m for m in self.evaluate.metrics or [] if m not in allowed]
-        if wrong:
-            raise ValueError(f"evaluate.metrics {wrong} do not apply to {task}; expected some of: {', '.join(allowed)}")
-        if self.train.patch_size is not None and task == "segmentation":
-            want = 2 if self.model.arch == "unet2d" else 3
-            if len(self.train.patch_size) != want:
-                raise ValueError(f"train.patch_size has {len(self.train.patch_size)} values; {self.model.arch} "
-                                 f"takes {want} ({'y, x' if want == 2 else 'z, y, x'})")
+        from medflow import kinds
+
+        problems = kinds.get(self.model.task).check_spec(self)
+        if problems:
+            raise ValueError("\n".join(problems))  # one ``field: problem`` per line (see format_errors)
         return self
 
     def metric_names(self) -> list[str]:
-        """The metrics to report: the spec's, or every metric of the task."""
-        default = SEG_METRICS if self.model.task == "segmentation" else METRICS
-        return list(self.evaluate.metrics or default)
+        """The metrics to report: the spec's, or every metric of the task kind."""
+        from medflow import kinds
+
+        return list(self.evaluate.metrics or kinds.get(self.model.task).metrics)
 
     @property
     def runs_dir(self) -> str:
@@ -427,6 +478,9 @@ def format_errors(exc: ValidationError) -> list[str]:
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             msg = "unknown field" + _suggest(str(err["loc"][-1]))
+        if not loc and re.match(r"^[a-z_.]+: ", msg):  # a task kind's problems, each line with its field
+            lines.extend(msg.splitlines())
+            continue
         lines.append(f"{loc or '<spec>'}: {msg} (received: {shown})")
     return lines
 

@@ -1,8 +1,13 @@
 """Model registry: names in a spec map to Keras builders (config holds no code).
 
+Each entry records what the model predicts (its task kind, see ``medflow.kinds``) and the
+number of spatial dimensions of its input, so the spec can check ``model.arch`` against
+``model.task`` and the kinds can feed 2D or 3D batches without knowing model names.
 Builders are imported lazily, so validating a spec does not import Keras.
 
->>> "cnn3d" in available()
+>>> info("seed_cnn").task, info("seed_cnn").ndim
+('classification', 2)
+>>> "cnn3d" in available("classification") and "unet2d" not in available("classification")
 True
 """
 
@@ -10,41 +15,59 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
+from dataclasses import dataclass
 
-# name -> "module:function"; every builder takes ``input_shape`` and keyword parameters.
-_REGISTRY: dict[str, str] = {
-    "cnn3d": "models.cnn3d:build_cnn3d",
-    "unet2d": "models.unet:build_unet2d",
-    "unet3d": "models.unet:build_unet3d",
+import medflow  # noqa: F401  (sets TensorFlow's CPU options before any builder imports it)
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """A registered model: its builder (``"module:function"``), task kind and input dimensionality."""
+
+    target: str
+    task: str
+    ndim: int  # spatial dimensions of one input: 2 (H, W) or 3 (Z, Y, X)
+    summary: str = ""
+
+
+# Every builder takes ``input_shape`` (spatial dims + channels) and keyword parameters;
+# classifiers also take ``n_classes`` (2: one sigmoid unit; K > 2: K softmax units).
+_REGISTRY: dict[str, ModelInfo] = {
+    "cnn3d": ModelInfo("models.cnn3d:build_cnn3d", "classification", 3, "small 3D CNN, global max pooling"),
+    "seed_cnn": ModelInfo("models.cnn2d:build_seed_cnn", "classification", 2,
+                          "Keras Sequential chest X-ray CNN: Conv 32/64/128, Dense 512, Dropout 0.5"),
+    "resnet2d": ModelInfo("models.cnn2d:build_resnet2d", "classification", 2,
+                          "pre-activation ResNet (He et al. 2016) sized for training from scratch"),
+    "efficientnet_b0": ModelInfo("models.cnn2d:build_efficientnet_b0", "classification", 2,
+                                 "keras.applications EfficientNetB0, weights=None"),
+    "unet2d": ModelInfo("models.unet:build_unet2d", "segmentation", 2, "2D U-Net on slices"),
+    "unet3d": ModelInfo("models.unet:build_unet3d", "segmentation", 3, "3D U-Net on volumes or patches"),
 }
-# name -> what the model predicts
-_TASKS: dict[str, str] = {"cnn3d": "classification", "unet2d": "segmentation", "unet3d": "segmentation"}
 
 
-def available() -> list[str]:
-    """Names of the registered models."""
-    return sorted(_REGISTRY)
+def available(task: str | None = None) -> list[str]:
+    """Names of the registered models (of one task kind when ``task`` is given)."""
+    return sorted(name for name, i in _REGISTRY.items() if task is None or i.task == task)
 
 
-def task_of(name: str) -> str:
-    """``classification`` or ``segmentation``: what the model registered as ``name`` predicts."""
-    return _TASKS.get(name, "classification")
+def info(name: str) -> ModelInfo:
+    """The registry entry of ``name``."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise KeyError(f"Received an unknown model {name!r}; expected one of: {', '.join(available())}.") from None
 
 
-def register(name: str, target: str, task: str = "classification") -> None:
-    """Register a builder as ``"package.module:function"`` under ``name``, for ``task``."""
+def register(name: str, target: str, *, task: str, ndim: int, summary: str = "") -> None:
+    """Register a builder as ``"package.module:function"`` under ``name``, for a task kind."""
     if ":" not in target:
         raise ValueError(f"Received target={target!r}, expected 'package.module:function'.")
-    if task not in ("classification", "segmentation"):
-        raise ValueError(f"Received task={task!r}, expected 'classification' or 'segmentation'.")
-    _REGISTRY[name] = target
-    _TASKS[name] = task
+    if ndim not in (1, 2, 3):
+        raise ValueError(f"Received ndim={ndim!r}, expected 1, 2 or 3 spatial dimensions.")
+    _REGISTRY[name] = ModelInfo(target, task, ndim, summary)
 
 
 def get(name: str) -> Callable:
     """The builder registered under ``name``."""
-    try:
-        module, func = _REGISTRY[name].split(":")
-    except KeyError:
-        raise KeyError(f"Received an unknown model {name!r}; expected one of: {', '.join(available())}.") from None
+    module, func = info(name).target.split(":")
     return getattr(importlib.import_module(module), func)

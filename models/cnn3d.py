@@ -11,6 +11,8 @@ from __future__ import annotations
 import keras
 from keras import layers
 
+from models.cnn2d import classifier_head
+
 
 def build_cnn3d(
     input_shape: tuple[int, int, int, int],
@@ -20,9 +22,9 @@ def build_cnn3d(
     dropout: float = 0.0,
     dense: int = 0,
     bn_momentum: float = 0.9,
-    n_outputs: int = 1,
+    n_classes: int = 2,
 ) -> keras.Model:
-    """Conv3D → BatchNorm → ReLU → MaxPool blocks, then global pooling and a sigmoid.
+    """Conv3D → BatchNorm → ReLU → MaxPool blocks, then global pooling and the classifier head.
 
     Args:
         input_shape: (Z, Y, X, channels).
@@ -32,7 +34,7 @@ def build_cnn3d(
         dense: units of a hidden dense layer (0 for none).
         bn_momentum: BatchNorm moving-average momentum. Small cohorts give few steps per
             epoch; 0.9 lets inference statistics settle within a few epochs (0.99 did not).
-        n_outputs: sigmoid outputs (1 for binary classification).
+        n_classes: 2 for one sigmoid unit (binary), K > 2 for K softmax units.
     """
     if not filters:
         raise ValueError("Received filters=[], expected at least one block.")
@@ -54,5 +56,4 @@ def build_cnn3d(
         x = layers.Dropout(dropout)(x)
     if dense:
         x = layers.Dense(int(dense), activation="relu")(x)
-    outputs = layers.Dense(n_outputs, activation="sigmoid", dtype="float32", name="score")(x)
-    return keras.Model(inputs, outputs, name="cnn3d")
+    return keras.Model(inputs, classifier_head(x, n_classes), name="cnn3d")

@@ -1,4 +1,4 @@
-"""Explainability: Grad-CAM heat maps for a volume classifier, and the cases the report shows."""
+"""Explainability: Grad-CAM heat maps for 2D and 3D classifiers, and the cases the report shows."""
 
 from __future__ import annotations
 
@@ -11,16 +11,21 @@ from scipy import ndimage
 logger = logging.getLogger(__name__)
 
 
-def grad_cam(model, volume: np.ndarray, *, layer: str | None = None) -> np.ndarray:
-    """Grad-CAM of the positive-class logit: float32 map of shape (Z, Y, X) in [0, 1].
+def grad_cam(model, image: np.ndarray, *, layer: str | None = None, class_index: int | None = None) -> np.ndarray:
+    """Grad-CAM of one class's logit: float32 map of the image's shape in [0, 1].
 
-    Uses the last layer with a 5-D output (the deepest feature maps) unless ``layer`` names
-    one, and differentiates the logit of the final sigmoid unit rather than the probability,
-    which saturates (and has no gradient) on confident cases. TensorFlow backend only.
+    Works for 2D and 3D classifiers: ``image`` is (H, W) or (Z, Y, X), preprocessed like the
+    training data. Uses the last layer with spatial feature maps (the deepest ones) unless
+    ``layer`` names one, and differentiates the logit of the final unit (before the sigmoid
+    or softmax, which saturate and have no gradient on confident cases). For a sigmoid
+    output the class is the positive one; for a softmax output ``class_index`` (default: the
+    predicted class). TensorFlow backend only.
 
     Args:
-        model: a Keras model with a final ``Dense(1, activation="sigmoid")``.
-        volume: float ndarray of shape (Z, Y, X), preprocessed like the training data.
+        model: a Keras model ending in ``Dense(1, sigmoid)`` or ``Dense(K, softmax)``.
+        image: float ndarray of shape (H, W) or (Z, Y, X).
+        layer: name of the layer whose feature maps are weighted.
+        class_index: the class to explain (softmax outputs).
     """
     import keras
 
@@ -28,51 +33,68 @@ def grad_cam(model, volume: np.ndarray, *, layer: str | None = None) -> np.ndarr
         raise NotImplementedError(f"Grad-CAM needs the TensorFlow backend; Keras runs on {keras.backend.backend()}")
     import tensorflow as tf
 
-    target = model.get_layer(layer) if layer else [lay for lay in model.layers if len(lay.output.shape) == 5][-1]
+    rank = image.ndim + 2  # batch and channel axes
+    target = model.get_layer(layer) if layer else [lay for lay in model.layers
+                                                   if len(getattr(lay, "output").shape) == rank][-1]
     head = model.layers[-1]
-    if not isinstance(head, keras.layers.Dense) or head.units != 1:
-        raise ValueError(f"Received a model whose last layer is {head.name!r}, expected Dense(1) (a binary score).")
+    if not isinstance(head, keras.layers.Dense):
+        raise ValueError(f"Received a model whose last layer is {head.name!r}, expected a Dense classifier head.")
     probe = keras.Model(model.inputs, [target.output, head.input])
-    x = tf.convert_to_tensor(volume[None, ..., None], dtype=tf.float32)
+    x = tf.convert_to_tensor(image[None, ..., None], dtype=tf.float32)
     kernel, bias = (tf.cast(w, tf.float32) for w in head.weights[:2])
     with tf.GradientTape() as tape:
         features, pooled = probe(x, training=False)
-        logit = tf.matmul(tf.cast(pooled, tf.float32), kernel)[:, 0] + bias[0]
+        logits = tf.matmul(tf.cast(pooled, tf.float32), kernel) + bias
+        if head.units == 1:
+            chosen = 0
+        else:
+            chosen = int(tf.argmax(logits[0])) if class_index is None else int(class_index)
+        logit = logits[:, chosen]
     grads = tape.gradient(logit, features)
-    weights = tf.reduce_mean(grads, axis=(1, 2, 3))  # one weight per channel
-    cam = tf.nn.relu(tf.reduce_sum(features * weights[:, None, None, None, :], axis=-1))[0].numpy()
-    cam = ndimage.zoom(cam, np.asarray(volume.shape) / np.asarray(cam.shape), order=1)
+    spatial = tuple(range(1, rank - 1))
+    weights = tf.reduce_mean(grads, axis=spatial)  # one weight per channel
+    weights = tf.reshape(weights, [1] * (rank - 1) + [-1])
+    cam = tf.nn.relu(tf.reduce_sum(features * weights, axis=-1))[0].numpy()
+    cam = ndimage.zoom(cam, np.asarray(image.shape) / np.asarray(cam.shape), order=1)
     peak = float(cam.max())
     return (cam / peak if peak > 0 else cam).astype(np.float32)
 
 
-def select_cases(rows: list[dict], threshold: float, *, n: int = 4) -> list[dict]:
-    """Test cases worth explaining: every error first, then the most confident positive and negative.
+def select_cases(rows: list[dict], *, n: int = 4) -> list[dict]:
+    """Test cases worth explaining: every error first (most confident first), then the most confident
+    correct case of each class.
 
-    ``rows`` have ``series_key``, ``label`` and ``score``.
+    ``rows`` have ``series_key``, ``label``, ``prediction`` and ``confidence`` (the score of the
+    predicted class).
 
-    >>> rows = [{"series_key": k, "label": l, "score": s} for k, l, s in
-    ...         [("a", 1, 0.9), ("b", 0, 0.1), ("c", 1, 0.2), ("d", 0, 0.3)]]
-    >>> [r["series_key"] for r in select_cases(rows, 0.5)]
+    >>> rows = [{"series_key": k, "label": l, "prediction": p, "confidence": c} for k, l, p, c in
+    ...         [("a", 1, 1, 0.9), ("b", 0, 0, 0.9), ("c", 1, 0, 0.8), ("d", 0, 0, 0.7)]]
+    >>> [r["series_key"] for r in select_cases(rows)]
     ['c', 'a', 'b']
     """
-    errors = [r for r in rows if (r["score"] >= threshold) != bool(r["label"])]
-    errors.sort(key=lambda r: -abs(r["score"] - threshold))
-    positives = sorted((r for r in rows if r["label"] == 1 and r not in errors), key=lambda r: -r["score"])
-    negatives = sorted((r for r in rows if r["label"] == 0 and r not in errors), key=lambda r: r["score"])
-    out = errors[: max(0, n - 2)] + positives[:1] + negatives[:1]
-    return out[:n]
+    errors = sorted((r for r in rows if r["prediction"] != r["label"]), key=lambda r: -r["confidence"])
+    correct = [r for r in rows if r["prediction"] == r["label"]]
+    best = []
+    for label in sorted({r["label"] for r in correct}, reverse=True):
+        best.append(max((r for r in correct if r["label"] == label), key=lambda r: r["confidence"]))
+    n_errors = max(n - len(best), min(len(errors), 2))
+    return (errors[:n_errors] + best)[:n]
 
 
 def explain_cases(model_path: str, loader: Callable[[str], np.ndarray], cases: list[dict]) -> list[dict]:
-    """For each case: the axial slice where Grad-CAM peaks, with the image and the heat map there."""
+    """For each case: the image (a 2D image, or a volume's axial slice where Grad-CAM peaks) with its
+    heat map, for the predicted class."""
     import keras
 
     model = keras.models.load_model(model_path, compile=False)
+    spatial = tuple(model.input_shape[1:-1])
     out = []
     for case in cases:
-        volume = loader(case["series_key"])
-        cam = grad_cam(model, volume)
+        image = loader(case["series_key"]).reshape(spatial).astype(np.float32)
+        cam = grad_cam(model, image, class_index=case.get("prediction"))
+        if image.ndim == 2:
+            out.append({**case, "z": 0, "image": image, "cam": cam})
+            continue
         z = int(np.argmax(cam.reshape(cam.shape[0], -1).max(axis=1)))
-        out.append({**case, "z": z, "image": volume[z].astype(np.float32), "cam": cam[z]})
+        out.append({**case, "z": z, "image": image[z], "cam": cam[z]})
     return out

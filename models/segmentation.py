@@ -20,13 +20,14 @@ import numpy as np
 logger = logging.getLogger(__name__)
 
 
-def patch_shape(arch: str, patch_size: list[int] | None, volume_shape: tuple[int, int, int]) -> tuple[int, int, int]:
-    """The (z, y, x) patch a model is trained on: one slice for ``unet2d``; whole slices/volumes when None.
+def patch_shape(ndim: int, patch_size: list[int] | None, volume_shape: tuple[int, int, int]) -> tuple[int, int, int]:
+    """The (z, y, x) patch a model of ``ndim`` spatial dimensions is trained on: one slice for a 2D
+    model; whole slices/volumes when ``patch_size`` is None.
 
-    >>> patch_shape("unet2d", [64, 64], (40, 128, 128)), patch_shape("unet3d", None, (32, 64, 64))
+    >>> patch_shape(2, [64, 64], (40, 128, 128)), patch_shape(3, None, (32, 64, 64))
     ((1, 64, 64), (32, 64, 64))
     """
-    if arch == "unet2d":
+    if ndim == 2:
         return (1, *(patch_size or volume_shape[1:]))
     return tuple(patch_size or volume_shape)
 
@@ -141,6 +142,7 @@ def train_segmenter(
     train_keys: list[str],
     val_keys: list[str],
     volume_shape: tuple[int, int, int],
+    ndim: int,
     arch: str,
     params: dict,
     train: dict,
@@ -155,8 +157,8 @@ def train_segmenter(
     from models.losses import DiceCELoss, dice_score
     from models.training import fit_model, make_optimizer
 
-    two_d = arch == "unet2d"
-    patch = patch_shape(arch, train.get("patch_size"), volume_shape)
+    two_d = ndim == 2
+    patch = patch_shape(ndim, train.get("patch_size"), volume_shape)
     spatial = patch[1:] if two_d else patch
 
     def build():

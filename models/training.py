@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from medflow.runs import write_text_atomic
+
 logger = logging.getLogger(__name__)
 
 
@@ -25,8 +27,14 @@ def _keras():
 
 # -------------------------------------------------------------------- augmentation
 def augment_volume(volume: np.ndarray, rng: np.random.Generator, *, flip=(), shift: int = 0,
-                   rotate_deg: float = 0.0, intensity_jitter: float = 0.0) -> np.ndarray:
-    """Random flips, in-plane shift and rotation, and intensity jitter of a (Z, Y, X) volume.
+                   rotate_deg: float = 0.0, zoom: float = 0.0, intensity_jitter: float = 0.0,
+                   contrast: float = 0.0) -> np.ndarray:
+    """Random flips, in-plane rotation, zoom and shift, and intensity jitter of a (Z, Y, X) volume.
+
+    A 2D image is a volume of one slice. ``zoom`` scales the plane by a factor in
+    [1 - zoom, 1 + zoom] about its centre; ``contrast`` scales intensities about their mean
+    by a factor in [1 - contrast, 1 + contrast]; ``intensity_jitter`` scales and offsets them
+    (brightness).
 
     >>> v = np.arange(8, dtype=np.float32).reshape(2, 2, 2)
     >>> augment_volume(v, np.random.default_rng(0)).tolist() == v.tolist()
@@ -42,9 +50,18 @@ def augment_volume(volume: np.ndarray, rng: np.random.Generator, *, flip=(), shi
     if rotate_deg:
         angle = float(rng.uniform(-rotate_deg, rotate_deg))
         out = ndimage.rotate(out, angle, axes=(1, 2), reshape=False, order=1, mode="nearest")
+    if zoom:
+        factor = float(rng.uniform(1.0 - zoom, 1.0 + zoom))
+        centre = (np.asarray(out.shape[1:], dtype=float) - 1) / 2
+        matrix = np.diag([1.0, 1.0 / factor, 1.0 / factor])
+        offset = np.concatenate([[0.0], centre - centre / factor])
+        out = ndimage.affine_transform(out, matrix, offset=offset, order=1, mode="nearest")
     if shift:
         dy, dx = (int(v) for v in rng.integers(-shift, shift + 1, size=2))
         out = ndimage.shift(out, (0, dy, dx), order=0, mode="nearest")
+    if contrast:
+        mean = float(out.mean())
+        out = (out - mean) * (1.0 + float(rng.uniform(-contrast, contrast))) + mean
     if intensity_jitter:
         scale = 1.0 + float(rng.uniform(-intensity_jitter, intensity_jitter))
         offset = float(rng.uniform(-intensity_jitter, intensity_jitter))
@@ -53,14 +70,30 @@ def augment_volume(volume: np.ndarray, rng: np.random.Generator, *, flip=(), shi
 
 
 # --------------------------------------------------------------------- input data
+def encode_labels(labels, n_classes: int) -> np.ndarray:
+    """Training targets: a (N, 1) column of 0/1 for two classes, one-hot (N, K) for more.
+
+    >>> encode_labels([0, 2], 3).tolist()
+    [[1.0, 0.0, 0.0], [0.0, 0.0, 1.0]]
+    """
+    y = np.asarray(labels, dtype=np.int64)
+    if n_classes == 2:
+        return y.astype(np.float32)[:, None]
+    return np.eye(n_classes, dtype=np.float32)[y]
+
+
 def make_dataset(loader: Callable[[str], np.ndarray], keys: list[str], labels: np.ndarray | None, *,
-                 batch_size: int, augment: dict | None = None, shuffle: bool = False, seed: int = 0):
+                 batch_size: int, input_shape: tuple[int, ...] | None = None, n_classes: int = 2,
+                 augment: dict | None = None, shuffle: bool = False, seed: int = 0):
     """A ``keras.utils.PyDataset`` over store arrays, read on first use and kept in memory.
 
     Model-ready arrays are small, so they are read once from the store and cached (reading
-    and preprocessing every epoch competes with the model for the CPU).
+    and preprocessing every epoch competes with the model for the CPU). Arrays are stored as
+    (Z, Y, X) (a 2D image as one slice) and augmented as volumes; each is then reshaped to
+    ``input_shape`` without its channel axis ((H, W) for a 2D model).
     """
     keras = _keras()
+    targets = encode_labels(labels, n_classes) if labels is not None else None
 
     class VolumeDataset(keras.utils.PyDataset):
         def __init__(self):
@@ -85,10 +118,13 @@ def make_dataset(loader: Callable[[str], np.ndarray], keys: list[str], labels: n
             vols = [self._get(keys[i]) for i in sel]
             if augment:
                 vols = [augment_volume(v, self.rng, **augment) for v in vols]
-            x = np.stack(vols)[..., None].astype(np.float32)
-            if labels is None:
+            x = np.stack(vols).astype(np.float32)
+            if input_shape is not None:
+                x = x.reshape((len(vols), *input_shape[:-1]))
+            x = x[..., None]
+            if targets is None:
                 return (x,)
-            return x, np.asarray(labels, dtype=np.float32)[sel][:, None]
+            return x, targets[sel]
 
         def on_epoch_end(self):
             self.epoch += 1
@@ -121,7 +157,9 @@ def accelerator() -> str:
         import tensorflow as tf
 
         gpus = tf.config.list_physical_devices("GPU")
-        return f"tensorflow, {len(gpus)} GPU(s)" if gpus else "tensorflow, CPU"
+        if gpus:
+            return f"tensorflow, {len(gpus)} GPU(s)"
+        return f"tensorflow, CPU (oneDNN {'on' if tensorflow_onednn_enabled() else 'off'})"
     if backend == "torch":
         import torch
 
@@ -131,6 +169,13 @@ def accelerator() -> str:
 
         return f"jax, {jax.default_backend()}"
     return backend
+
+
+def tensorflow_onednn_enabled() -> bool:
+    """Whether TensorFlow in this process runs its oneDNN CPU kernels (decided when it was imported)."""
+    from tensorflow.python.util import _pywrap_util_port
+
+    return bool(_pywrap_util_port.IsMklEnabled())
 
 
 # -------------------------------------------------------------------------- train
@@ -213,32 +258,37 @@ def train_classifier(
     train: dict,
     augment: dict,
     run_dir: str | Path,
+    n_classes: int = 2,
     on_epoch: Callable[[int, int, dict], None] | None = None,
 ) -> dict:
-    """Build, train and save a binary classifier; resume from ``run_dir`` if it holds an interrupted run.
+    """Build, train and save a classifier; resume from ``run_dir`` if it holds an interrupted run.
 
-    See ``fit_model`` for what is written and returned.
+    Two classes: one sigmoid unit and binary cross-entropy; K > 2: K softmax units and
+    categorical cross-entropy on one-hot targets. ``input_shape`` is the model's input, spatial
+    dimensions then channels ((Z, Y, X, 1) or (H, W, 1)). See ``fit_model`` for what is written.
     """
     keras = _keras()
     from models import get
 
     def build():
-        model = get(arch)(tuple(input_shape), **params)
-        model.compile(optimizer=make_optimizer(train),
-                      loss=keras.losses.BinaryCrossentropy(),
-                      metrics=[keras.metrics.AUC(name="auc"), keras.metrics.BinaryAccuracy(name="accuracy")])
+        model = get(arch)(tuple(input_shape), n_classes=n_classes, **params)
+        loss = keras.losses.BinaryCrossentropy() if n_classes == 2 else keras.losses.CategoricalCrossentropy()
+        model.compile(optimizer=make_optimizer(train), loss=loss,
+                      metrics=[keras.metrics.AUC(name="auc"), keras.metrics.CategoricalAccuracy(name="accuracy")
+                               if n_classes > 2 else keras.metrics.BinaryAccuracy(name="accuracy")])
         return model
 
     def datasets(initial_epoch: int):
-        train_ds = make_dataset(loader, train_keys, train_labels, batch_size=int(train["batch_size"]),
-                                augment=augment or None, shuffle=True, seed=int(train["seed"]) + initial_epoch)
-        val_ds = make_dataset(loader, val_keys, val_labels, batch_size=int(train["batch_size"]))
+        common = {"batch_size": int(train["batch_size"]), "input_shape": tuple(input_shape), "n_classes": n_classes}
+        train_ds = make_dataset(loader, train_keys, train_labels, augment=augment or None, shuffle=True,
+                                seed=int(train["seed"]) + initial_epoch, **common)
+        val_ds = make_dataset(loader, val_keys, val_labels, **common)
         return train_ds, val_ds
 
     return fit_model(build=build, datasets=datasets, train=train, run_dir=run_dir, on_epoch=on_epoch,
                      class_weight=class_weights(np.asarray(train_labels), train["class_weight"]),
-                     describe=f"{arch}: {len(train_keys)} train / {len(val_keys)} val volumes of shape "
-                              f"{tuple(input_shape)}")
+                     describe=f"{arch}: {len(train_keys)} train / {len(val_keys)} val arrays of shape "
+                              f"{tuple(input_shape)}, {n_classes} classes")
 
 
 def make_optimizer(train: dict):
@@ -323,8 +373,7 @@ def fit_model(
     hist = model.fit(train_ds, validation_data=val_ds, epochs=epochs, initial_epoch=initial_epoch, verbose=0,
                      callbacks=callbacks, class_weight=class_weight)
     history = read_history(run_dir / "history.csv")
-    model_path = run_dir / "model.keras"
-    model.save(model_path)
+    model_path = save_model_atomic(model, run_dir / "model.keras")
     val_loss = history.get("val_loss", [])
     result = {
         "model": str(model_path),
@@ -337,13 +386,26 @@ def fit_model(
         "seconds": time.perf_counter() - started["t"],
         "params": int(model.count_params()),
     }
-    (run_dir / "training.json").write_text(json.dumps(result, indent=1))
+    write_text_atomic(run_dir / "training.json", json.dumps(result, indent=1))
     return result
 
 
-def predict(model_path: str | Path, loader: Callable[[str], np.ndarray], keys: list[str], *, batch_size: int = 8) -> np.ndarray:
-    """Scores in [0, 1] for ``keys`` with the saved model."""
+def save_model_atomic(model, path: Path) -> Path:
+    """``model.save`` to a temporary ``.keras`` file beside ``path``, then a rename: never a partial file."""
+    import uuid
+
+    tmp = path.with_name(f".{path.stem}-{uuid.uuid4().hex[:8]}.keras")
+    model.save(tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def predict(model_path: str | Path, loader: Callable[[str], np.ndarray], keys: list[str], *, batch_size: int = 8
+            ) -> np.ndarray:
+    """Scores of the saved classifier for ``keys``: (N,) positive-class scores for a sigmoid output,
+    (N, K) class probabilities for a softmax one."""
     keras = _keras()
     model = keras.models.load_model(model_path, compile=False)
-    ds = make_dataset(loader, keys, None, batch_size=batch_size)
-    return np.asarray(model.predict(ds, verbose=0), dtype=float).reshape(-1)
+    ds = make_dataset(loader, keys, None, batch_size=batch_size, input_shape=tuple(model.input_shape[1:]))
+    out = np.asarray(model.predict(ds, verbose=0), dtype=float)
+    return out.reshape(-1) if out.shape[-1] == 1 else out

@@ -16,8 +16,8 @@ from storage.ingest import (
     scan_source,
 )
 from storage.store import Store
-from tasks.dask_runtime import cluster_options, dask_client, map_on, run_all, total_threads, worker_memory
-from tasks.retry import retry_transient
+from medflow.dask_runtime import cluster_options, dask_client, map_on, run_all, total_threads, worker_memory
+from medflow.retry import retry_transient
 
 
 def ingest_options(spec) -> IngestOptions:

@@ -1,199 +1,35 @@
-"""Inference on new DICOM studies with a trained run: DICOM SEG (segmentation) or scores (classification).
-
-New studies are read straight from their folder, never from the training store: they are
-ingested into a temporary scratch store with the run's own ingest settings (so HU
-conversion, slice sorting and QC are those the model was trained with), prepared with the
-run's exact preprocessing steps, and predicted. A segmentation is mapped back through the
-preprocessing onto the original slices and written as a DICOM SEG (highdicom) per series,
-referencing the source instances and naming the algorithm (AlgorithmIdentificationSequence
-with the run id). A classifier writes ``predictions.csv`` and ``predictions.json`` with the
-score and the decision at the run's validation threshold.
-
-The outputs go back to the PACS, so they carry the studies' UIDs (a SEG must); logs and
-the scratch store do not.
-"""
+"""Prefect tasks of ``medflow predict``: read new studies into a scratch store, predict them."""
 
 from __future__ import annotations
 
-import json
-import logging
-from dataclasses import dataclass
+from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
-import pydicom
-import yaml
+from prefect import task
+from prefect.logging import get_run_logger
 
-from medflow.spec import PipelineSpec, parse_spec
-
-logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class TrainedRun:
-    """What inference needs from a run folder."""
-
-    run_dir: Path
-    spec: PipelineSpec
-    model_path: Path
-    threshold: float | None
-
-    @property
-    def run_id(self) -> str:
-        return self.run_dir.name
+from medflow.predicting import predict_store
+from storage.ingest import ingest_series, plan_series, scan_source
+from storage.store import Store
+from tasks.ingest import ingest_options
 
 
-def load_run(run_dir: str | Path) -> TrainedRun:
-    """A finished run's resolved spec, model and decision threshold.
-
-    Raises:
-        FileNotFoundError: the folder is not a finished medflow run.
-    """
-    run_dir = Path(run_dir).expanduser().resolve()
-    spec_file, model = run_dir / "spec.yaml", run_dir / "model.keras"
-    missing = [p.name for p in (spec_file, model) if not p.exists()]
-    if missing:
-        raise FileNotFoundError(f"{run_dir} is not a finished medflow run (missing {', '.join(missing)}); pass the "
-                                "run folder that `medflow run` printed")
-    spec = parse_spec(yaml.safe_load(spec_file.read_text()), base_dir=run_dir, check_paths=False)
-    metrics = run_dir / "metrics.json"
-    threshold = json.loads(metrics.read_text()).get("threshold") if metrics.exists() else None
-    return TrainedRun(run_dir, spec, model, threshold)
+@task(name="read_studies")
+def read_studies_task(run, source: str, scratch: str) -> list[dict]:
+    """New studies into a scratch store with the run's ingest settings; returns the files not used."""
+    log = get_run_logger()
+    options = replace(ingest_options(run.spec), masks=None, deidentify=True)
+    store = Store(scratch)
+    index = scan_source(source, store)
+    plan = plan_series(index, pseudo=store.pseudonymizer(), catalog={}, previous_quarantine=[], options=options)
+    results = [ingest_series(scratch, source, p, options) for p in plan.todo]
+    quarantine = list(plan.quarantine) + [r for res in results for r in res["quarantine"]]
+    log.info("predict: %d series read, %d file(s) not used", sum(r["status"] == "ingested" for r in results),
+             len(quarantine))
+    return quarantine
 
 
-def input_folder(value: str | Path) -> Path:
-    """A DICOM folder, or the ``data.source`` folder of a spec file."""
-    path = Path(value).expanduser().resolve()
-    if path.is_dir():
-        return path
-    if path.is_file() and path.suffix in (".yaml", ".yml"):
-        from medflow.spec import load_spec
-
-        return Path(load_spec(path).data.source)
-    raise FileNotFoundError(f"input {str(value)!r} is neither a DICOM folder nor a spec file")
-
-
-def source_slices(source: Path, files: list[str], direction) -> list[pydicom.Dataset]:
-    """The series' source instances in the stored volume's order (ascending along the slice normal)."""
-    datasets = [pydicom.dcmread(source / f) for f in files]
-    normal = np.asarray(direction[0], dtype=float)
-    along = [float(np.dot(np.asarray(ds.ImagePositionPatient, dtype=float), normal)) for ds in datasets]
-    return [datasets[i] for i in np.argsort(along, kind="stable")]
-
-
-def seg_supported(entry: dict) -> str | None:
-    """Why a stored series cannot get a DICOM SEG on its source slices, or None when it can."""
-    if entry.get("parent"):
-        return "the series was split at ingest"
-    if entry.get("qc", {}).get("actions"):
-        return "its geometry was corrected at ingest (" + "; ".join(entry["qc"]["actions"]) + ")"
-    if entry.get("n_frames") != entry.get("n_files"):
-        return "multi-frame source images"
-    return None
-
-
-def write_seg(sources: list[pydicom.Dataset], mask: np.ndarray, out: Path, *, run: TrainedRun,
-              segment_label: str) -> Path:
-    """A DICOM SEG of a binary ``mask`` (one frame per source slice, same order) made by ``run``."""
-    import highdicom as hd
-    from pydicom.sr.codedict import codes
-
-    from medflow import __version__
-
-    algorithm = hd.AlgorithmIdentificationSequence(
-        name=f"medflow {run.spec.name}", family=codes.DCM.ArtificialIntelligence, version=__version__,
-        source="medflow", parameters={"run_id": run.run_id, "arch": run.spec.model.arch},
-    )
-    description = hd.seg.SegmentDescription(
-        segment_number=1, segment_label=segment_label,
-        segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
-        segmented_property_type=codes.SCT.Nodule, algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
-        algorithm_identification=algorithm,
-    )
-    seg = hd.seg.Segmentation(
-        source_images=sources, pixel_array=mask.astype(bool), segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
-        segment_descriptions=[description], series_instance_uid=hd.UID(), series_number=9001,
-        sop_instance_uid=hd.UID(), instance_number=1, manufacturer="medflow",
-        manufacturer_model_name=run.spec.model.arch, software_versions=__version__,
-        device_serial_number=run.run_id, series_description=f"medflow {run.spec.name}"[:64],
-    )
-    seg.save_as(out)
-    return out
-
-
-def predict_store(run: TrainedRun, scratch_root: str, source: Path, output: Path) -> list[dict]:
-    """Predict every series of a scratch store; write SEGs or scores into ``output``; one row per series."""
-    import keras
-
-    import models.losses  # noqa: F401
-    from models.segmentation import patch_shape
-    from storage.store import Store
-    from tasks.evaluate import predict_native
-    from tasks.preprocessing import apply_steps
-
-    store = Store(scratch_root)
-    spec = run.spec
-    steps = spec.steps()
-    model = keras.models.load_model(run.model_path, compile=False)
-    files_of: dict[str, list[str]] = {}
-    for relpath, rec in store.scan_index().items():
-        if "series_key" in rec and "reason" not in rec and "mask_for" not in rec:
-            files_of.setdefault(rec["series_key"], []).append(relpath)
-    output.mkdir(parents=True, exist_ok=True)
-    rows = []
-    segmentation = spec.model.task == "segmentation"
-    for key, entry in sorted(store.catalog().items()):
-        files = files_of.get(entry.get("parent", key), [])
-        first = pydicom.dcmread(source / files[0], stop_before_pixels=True) if files else None
-        row = {"series_key": key, "StudyInstanceUID": str(first.StudyInstanceUID) if first else "",
-               "SeriesInstanceUID": str(first.SeriesInstanceUID) if first else "", "shape": entry["shape"]}
-        if segmentation:
-            two_d = spec.model.arch == "unet2d"
-            patch = None if two_d or not spec.train.patch_size else patch_shape(spec.model.arch,
-                                                                                spec.train.patch_size, (0, 0, 0))
-            prob = predict_native(model, store, key, _prep_key_for(store, steps, key), steps, two_d=two_d,
-                                  patch=patch, batch_size=spec.train.batch_size)
-            mask = prob >= 0.5
-            row.update({"foreground_voxels": int(mask.sum()),
-                        "volume_ml": float(mask.sum() * np.prod(entry["spacing"]) / 1000.0)})
-            why_not = seg_supported(entry)
-            if why_not:
-                row["seg"] = ""
-                row["note"] = f"no DICOM SEG: {why_not}"
-                np.save(output / f"{key}.mask.npy", mask)
-                logger.warning("predict %s: %s; mask saved as %s.mask.npy", key, row["note"], key)
-            else:
-                out = write_seg(source_slices(source, files, entry["direction"]), mask, output / f"{key}.seg.dcm",
-                                run=run, segment_label="lesion")
-                row["seg"] = out.name
-            logger.info("predict %s: %d foreground voxels (%.2f mL)", key, row["foreground_voxels"], row["volume_ml"])
-        else:
-            image, _ = apply_steps(store.read_image(key), entry["spacing"], steps)
-            score = float(np.asarray(model.predict(image[None, ..., None], verbose=0)).reshape(-1)[0])
-            threshold = run.threshold if run.threshold is not None else 0.5
-            row.update({"score": score, "threshold": threshold, "prediction": int(score >= threshold)})
-            logger.info("predict %s: score %.3f", key, score)
-        rows.append(row)
-    return rows
-
-
-def _prep_key_for(store, steps, key: str) -> str:
-    """Prepare one series in the scratch store with the run's steps; returns the prep key."""
-    from tasks.preprocessing import preprocess_series, steps_key
-
-    prep_key = steps_key(steps)
-    if store.prep_attrs(prep_key, key) is None:
-        preprocess_series(store.url, key, steps, prep_key)
-    return prep_key
-
-
-def write_outputs(rows: list[dict], output: Path, run: TrainedRun, quarantine: list[dict]) -> dict:
-    """``predictions.csv`` and ``predictions.json`` (with the run id and the files not used)."""
-    import pandas as pd
-
-    pd.DataFrame(rows).drop(columns=["shape"], errors="ignore").to_csv(output / "predictions.csv", index=False)
-    summary = {"run_id": run.run_id, "pipeline": run.spec.name, "task": run.spec.model.task,
-               "arch": run.spec.model.arch, "series": rows,
-               "not_used": [{"path": r["path"], "reason": r["reason"]} for r in quarantine]}
-    (output / "predictions.json").write_text(json.dumps(summary, indent=1, default=str))
-    return summary
+@task(name="predict_series")
+def predict_series_task(run, scratch: str, source: str, output: str) -> list[dict]:
+    """The run's task kind predicts every series of the scratch store and writes its outputs."""
+    return predict_store(run, scratch, Path(source), Path(output))

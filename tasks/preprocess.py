@@ -7,9 +7,9 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.logging import get_run_logger
 
 from storage.store import Store
-from tasks.dask_runtime import cluster_options, dask_client, run_all
-from tasks.preprocessing import preprocess_series, steps_key
-from tasks.retry import retry_transient
+from medflow.dask_runtime import cluster_options, dask_client, run_all
+from medflow.preprocessing import preprocess_series, steps_key
+from medflow.retry import retry_transient
 
 
 def stale_series(store: Store, prep_key: str) -> list[str]:

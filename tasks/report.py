@@ -8,14 +8,16 @@ import time
 from importlib import metadata
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 from prefect import task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 from prefect.logging import get_run_logger
 
+from medflow import kinds
+from medflow.kinds.base import split_counts
+from medflow.reporting import build_context, markdown_summary, qc_summary, quarantine_summary, render_html
+from medflow.runs import write_text_atomic
 from storage.store import Store
-from tasks.reporting import build_context, build_seg_context, markdown_summary, qc_summary, quarantine_summary, render_html
 
 PACKAGES = ("medflow", "prefect", "keras", "tensorflow-cpu", "tensorflow", "dask", "distributed", "zarr",
             "pydicom", "scikit-image", "scikit-learn", "numpy")
@@ -38,30 +40,6 @@ def data_digest(catalog: dict[str, dict], keys) -> str:
     return h.hexdigest()
 
 
-def split_counts(df: pd.DataFrame) -> list[dict]:
-    rows = []
-    for name in ("train", "val", "test"):
-        part = df[df["split"] == name]
-        rows.append({"split": name, "series": len(part), "patients": int(part["patient_key"].nunique()),
-                     "positive": int(part["label"].sum())})
-    return rows
-
-
-def _load_explain(path: Path) -> dict | None:
-    if not path.exists():
-        return None
-    with np.load(path) as data:
-        return {"images": data["images"], "cams": data["cams"], "meta": json.loads(str(data["meta"]))}
-
-
-def _load_examples(path: Path) -> dict | None:
-    if not path.exists():
-        return None
-    with np.load(path) as data:
-        return {"images": data["images"], "truths": data["truths"], "preds": data["preds"],
-                "meta": json.loads(str(data["meta"]))}
-
-
 def _artifact_key(text: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in text.lower()).strip("-")[:60]
 
@@ -74,7 +52,7 @@ def render_report_task(spec, run_dir: str, prep_key: str, stage_seconds: dict[st
     run_dir = Path(run_dir)
     store = Store(spec.data.store)
     catalog = store.catalog()
-    preds = pd.read_csv(run_dir / "predictions.csv")
+    preds = pd.read_csv(run_dir / "predictions.csv", dtype={"label_name": str, "prediction_name": str})
     evaluation = json.loads((run_dir / "metrics.json").read_text())
     training = json.loads((run_dir / "training.json").read_text())
     quarantine = store.quarantine()
@@ -89,30 +67,28 @@ def render_report_task(spec, run_dir: str, prep_key: str, stage_seconds: dict[st
         "training": {k: training[k] for k in ("epochs_run", "best_epoch", "device", "seconds", "params")},
         "finished_at": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     }
-    (run_dir / "provenance.json").write_text(json.dumps(provenance, indent=1))
-    counts = split_counts(preds)
-    common = {
-        "name": spec.name, "run_id": run_dir.name, "split_counts": counts, "quarantine": quarantine,
-        "cohort": {"series": len(catalog), "labelled": len(preds), "patients": int(preds["patient_key"].nunique())},
-        "history": training["history"], "evaluation": evaluation, "provenance": provenance,
-        "metric_names": evaluation["metrics"], "qc": qc_summary(catalog, quarantine),
-    }
-    if evaluation.get("task") == "segmentation":
-        context = build_seg_context(**common, cases=preds, examples=_load_examples(run_dir / "seg_examples.npz"))
-    else:
-        context = build_context(**common, predictions=preds, explain=_load_explain(run_dir / "explain.npz"))
+    write_text_atomic(run_dir / "provenance.json", json.dumps(provenance, indent=1))
+    kind = kinds.get(spec.model.task)
+    counts = split_counts(preds, kind.class_names(evaluation))
+    context = build_context(
+        kind=kind, section=kind.report_context(spec, run_dir, preds, evaluation), name=spec.name,
+        run_id=run_dir.name, cohort={"series": len(catalog), "labelled": len(preds),
+                                     "patients": int(preds["patient_key"].nunique())},
+        split_counts=counts, quarantine=quarantine, history=training["history"], provenance=provenance,
+        qc=qc_summary(catalog, quarantine),
+    )
     report = run_dir / "report.html"
-    report.write_text(render_html(context))
+    write_text_atomic(report, render_html(context))
     summary = {
         "name": spec.name,
-        "markdown": markdown_summary(context),
+        "markdown": markdown_summary(context, kind.markdown(context)),
         "metrics": context["metrics"],
         "cohort": counts,
         "quarantine": quarantine_summary(quarantine) or [{"reason": "none", "files": 0}],
         "qc": context["qc"],
         "report": str(report.resolve()),
     }
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=1))
     log.info("report: %s", report)
     return str(report)
 
@@ -124,7 +100,7 @@ def publish_artifacts_task(run_dir: str) -> list[str]:
     key = _artifact_key(summary["name"])
     create_markdown_artifact(summary["markdown"], key=f"{key}-report", description="run summary")
     create_table_artifact(summary["metrics"], key=f"{key}-metrics", description="test metrics with 95% CI")
-    create_table_artifact(summary["cohort"], key=f"{key}-cohort", description="series, patients and positives per split")
+    create_table_artifact(summary["cohort"], key=f"{key}-cohort", description="series, patients and classes per split")
     create_table_artifact(summary["quarantine"], key=f"{key}-quarantine", description="quarantined files by reason")
     create_table_artifact(summary["qc"], key=f"{key}-qc", description="geometry QC: series quarantined and corrected")
     create_link_artifact(Path(summary["report"]).as_uri(), link_text="report.html", key=f"{key}-report-file",

@@ -72,14 +72,14 @@ def _worker_process() -> tuple[int, int, bool]:
     import os
     import sys
 
-    return os.getpid(), os.getppid(), "tasks.preprocessing" in sys.modules
+    return os.getpid(), os.getppid(), "medflow.preprocessing" in sys.modules
 
 
 @pytest.mark.parametrize("method", ["forkserver", "spawn"])
 def test_local_workers_start_the_way_asked(method):
     import os
 
-    from tasks.dask_runtime import dask_client
+    from medflow.dask_runtime import dask_client
 
     with dask_client(n_workers=1, start_method=method) as client:
         pid, parent, preloaded = client.submit(_worker_process, pure=False).result()
@@ -122,7 +122,7 @@ def _overlap(a, b) -> bool:
 def test_memory_budget_keeps_large_series_apart():
     from distributed import LocalCluster
 
-    from tasks.dask_runtime import run_all
+    from medflow.dask_runtime import run_all
 
     weights = [60, 60, 60, 10, 10]
     with LocalCluster(n_workers=1, threads_per_worker=4, processes=False, dashboard_address=None) as cluster, \

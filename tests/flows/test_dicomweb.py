@@ -96,7 +96,7 @@ def test_pulls_new_studies_incrementally(orthanc, tmp_path, prefect_harness):
 
 
 def test_connection_faults_are_retried_then_reported(tmp_path):
-    from tasks.retry import is_transient
+    from medflow.retry import is_transient
 
     port = _free_port()  # nothing listens here
     client = make_client(f"dicomweb://127.0.0.1:{port}/dicom-web", retries=2)

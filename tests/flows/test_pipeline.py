@@ -18,7 +18,7 @@ from flows.pipeline import pipeline
 from medflow.cli import DEMO_SPEC
 from medflow.spec import load_spec
 from medflow.synth import synthesize
-from tasks.metrics import binary_metrics
+from medflow.metrics import binary_metrics
 
 pytestmark = pytest.mark.slow
 
@@ -147,7 +147,7 @@ def test_failed_run_resumes_training_where_it_stopped(tiny, prefect_harness, mon
 def test_predict_scores_new_studies_with_a_classifier_run(tiny, prefect_harness, tmp_path):
     from flows.predict import predict_flow
     from storage.ingest import IngestOptions
-    from tasks.preprocessing import apply_steps
+    from medflow.preprocessing import apply_steps
     from tests.helpers import ingest_serial
 
     result = pipeline(str(tiny))

@@ -21,7 +21,7 @@ from medflow.synth import synthesize
 from storage.ingest import IngestOptions
 from storage.store import Store
 from tasks.evaluate import predict_native
-from tasks.preprocessing import preprocess_series, steps_key
+from medflow.preprocessing import preprocess_series, steps_key
 from tests.helpers import ingest_serial
 
 pytestmark = pytest.mark.slow

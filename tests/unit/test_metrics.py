@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tasks.metrics import binary_metrics, bootstrap_ci, choose_threshold
+from medflow.metrics import binary_metrics, bootstrap_ci, choose_threshold
 
 Y = [0, 0, 0, 0, 1, 1, 1]
 S = [0.1, 0.4, 0.35, 0.8, 0.7, 0.9, 0.3]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tasks.preprocessing import apply_steps, crop_pad, resample, resize, steps_key, window, zscore
+from medflow.preprocessing import apply_steps, crop_pad, resample, resize, steps_key, window, zscore
 
 
 @pytest.mark.parametrize("dtype", [np.int16, np.float32])
@@ -72,7 +72,7 @@ def test_unknown_step_is_a_clear_error():
 
 
 def test_steps_move_a_mask_with_its_image_and_never_invent_labels():
-    from tasks.preprocessing import apply_steps_with_mask
+    from medflow.preprocessing import apply_steps_with_mask
 
     rng = np.random.default_rng(3)
     image = rng.normal(size=(20, 30, 34)).astype(np.float32) * 100
@@ -86,7 +86,7 @@ def test_steps_move_a_mask_with_its_image_and_never_invent_labels():
 
 
 def test_a_box_stays_in_place_through_resample_and_crop():
-    from tasks.preprocessing import apply_steps_with_mask
+    from medflow.preprocessing import apply_steps_with_mask
 
     image = np.zeros((10, 20, 20), np.float32)
     mask = np.zeros((10, 20, 20), np.uint8)
@@ -100,7 +100,7 @@ def test_a_box_stays_in_place_through_resample_and_crop():
 
 
 def test_invert_geometry_undoes_resample_resize_and_crop():
-    from tasks.preprocessing import apply_steps_with_mask, invert_geometry, shape_trace
+    from medflow.preprocessing import apply_steps_with_mask, invert_geometry, shape_trace
 
     mask = np.zeros((12, 40, 36), np.uint8)
     mask[3:9, 10:30, 6:22] = 1

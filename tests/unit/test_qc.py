@@ -116,7 +116,7 @@ def test_mixed_orientations_and_sizes(tmp_path):
 
 
 def test_qc_summary_counts_quarantined_and_corrected_series():
-    from tasks.reporting import qc_summary
+    from medflow.reporting import qc_summary
 
     catalog = {
         "sa": {"qc": {"actions": ["resampled to uniform 2 mm spacing (1 missing slice(s))"]}},

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pandas as pd
 
-from tasks.metrics import mean_ci, segmentation_metrics, summarize_segmentation
+from medflow.metrics import mean_ci, segmentation_metrics, summarize_segmentation
 
 
 def _ball(shape, spacing, centre_mm, radius_mm):

@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 
 from storage.deid import Pseudonymizer
-from tasks.splitting import join_labels, patient_split
+from medflow.splitting import class_order, join_labels, patient_split
 
 
 def _cohort(n_patients=40, series_per_patient=2):
@@ -45,15 +45,20 @@ def test_join_labels_matches_by_pseudonym_only():
     labels = pd.DataFrame({"StudyInstanceUID": ["1.2.3", "1.2.4", "5.5"], "y": [1, 0, 1]})
     df = join_labels(catalog, labels, key="StudyInstanceUID", key_column="StudyInstanceUID", label_column="y",
                      pseudo=pseudo)
-    assert df.set_index("series_key")["label"].to_dict() == {"sA": 1, "sB": 0}
+    assert df.set_index("series_key")["label_name"].to_dict() == {"sA": "1", "sB": "0"}
     assert "1.2.3" not in df.to_csv()
 
 
-def test_join_labels_rejects_non_binary_labels():
+def test_join_labels_takes_class_names_and_leaves_out_empty_labels():
     pseudo = Pseudonymizer(b"k" * 32)
-    with pytest.raises(ValueError, match="must hold 0 or 1"):
-        join_labels({}, pd.DataFrame({"k": ["a"], "y": ["maybe"]}), key="StudyInstanceUID", key_column="k",
-                    label_column="y", pseudo=pseudo)
+    catalog = {f"s{i}": {"patient_key": f"p{i}", "study_key": pseudo.study_key(str(i)), "accession_key": ""}
+               for i in range(3)}
+    labels = pd.DataFrame({"k": ["0", "1", "2"], "y": ["effusion", None, " pneumonia"]})
+    df = join_labels(catalog, labels, key="StudyInstanceUID", key_column="k", label_column="y", pseudo=pseudo)
+    assert df.set_index("series_key")["label_name"].to_dict() == {"s0": "effusion", "s2": "pneumonia"}
+    assert class_order(df["label_name"]) == ["effusion", "pneumonia"]
+    with pytest.raises(ValueError, match="not among data.labels.classes"):
+        class_order(df["label_name"], ["normal", "effusion"])
     with pytest.raises(ValueError, match="no column 'label'"):
         join_labels({}, pd.DataFrame({"k": ["a"]}), key="StudyInstanceUID", key_column="k", label_column="label",
                     pseudo=pseudo)

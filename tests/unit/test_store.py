@@ -11,7 +11,7 @@ from prefect import task
 from medflow.errors import SpecError
 from storage.errors import InvalidSeriesError, StoreLockedError
 from storage.store import Store
-from tasks.retry import retry_transient
+from medflow.retry import retry_transient
 
 
 def _hold_lock(root, ready, release):
@@ -21,7 +21,7 @@ def _hold_lock(root, ready, release):
 
 
 def _hold_lock_with_workers(root, ready, release):
-    from tasks.dask_runtime import dask_client
+    from medflow.dask_runtime import dask_client
 
     with Store(root).writer_lock(purpose="ingest"), dask_client(n_workers=1) as client:
         client.submit(time.sleep, 0, pure=False).result()

@@ -40,7 +40,7 @@ def test_a_small_volume_is_padded_to_the_patch():
 def test_windows_cover_the_volume():
     assert _starts(10, 4) == [0, 2, 4, 6]
     assert _starts(11, 4) == [0, 2, 4, 6, 7]
-    assert patch_shape("unet2d", None, (9, 32, 40)) == (1, 32, 40)
+    assert patch_shape(2, None, (9, 32, 40)) == (1, 32, 40)
 
 
 @pytest.mark.parametrize("arch", ["unet2d", "unet3d"])
@@ -53,7 +53,7 @@ def test_unet_learns_cubes_and_predicts_whole_volumes(arch, tmp_path):
              "reduce_lr": None, "seed": 0, "mixed_precision": False, "samples_per_volume": 8,
              "foreground_ratio": 0.8, "patch_size": [16, 16] if arch == "unet2d" else [8, 16, 16]}
     result = train_segmenter(loader=data.__getitem__, train_keys=keys[:6], val_keys=keys[6:], volume_shape=(16, 32, 32),
-                             arch=arch, params={"filters": [8, 16], "norm": "batch"}, train=train, augment={"flip": ["x"]},
+                             ndim=2 if arch == "unet2d" else 3, arch=arch, params={"filters": [8, 16], "norm": "batch"}, train=train, augment={"flip": ["x"]},
                              run_dir=tmp_path)
     assert result["epochs_run"] == 6
     history = result["history"]
@@ -76,7 +76,7 @@ def test_segmentation_training_resumes_from_its_checkpoint(tmp_path, monkeypatch
              "reduce_lr": None, "seed": 0, "mixed_precision": False, "samples_per_volume": 4,
              "foreground_ratio": 0.5, "patch_size": [16, 16]}
     kwargs = {"loader": data.__getitem__, "train_keys": keys[:4], "val_keys": keys[4:], "volume_shape": (16, 32, 32),
-              "arch": "unet2d", "params": {"filters": [8, 16]}, "train": train, "augment": {}, "run_dir": tmp_path}
+              "ndim": 2, "arch": "unet2d", "params": {"filters": [8, 16]}, "train": train, "augment": {}, "run_dir": tmp_path}
     monkeypatch.setenv(FAULT_ENV, "2")
     with pytest.raises(TrainingInterrupted):
         train_segmenter(**kwargs)

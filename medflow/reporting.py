@@ -20,7 +20,7 @@ logger = logging.getLogger(__name__)
 TEMPLATES = Path(__file__).parent / "templates"
 METRIC_LABELS = {
     "auc": "ROC AUC", "accuracy": "Accuracy", "precision": "Precision (PPV)", "recall": "Recall (sensitivity)",
-    "specificity": "Specificity", "f1": "F1",
+    "specificity": "Specificity", "f1": "F1", "auc_micro": "ROC AUC, micro average",
 }
 
 
@@ -54,12 +54,26 @@ def plot_roc(y_true, score, auc: float) -> str:
     return _png(fig)
 
 
-def plot_confusion(y_true, score, threshold: float) -> str:
-    fig, ax = plt.subplots(figsize=(3.8, 3.4))
-    pred = (np.asarray(score) >= threshold).astype(int)
-    ConfusionMatrixDisplay.from_predictions(y_true, pred, labels=[0, 1], display_labels=["negative", "positive"],
+def plot_confusion(y_true, y_pred, class_names: list[str], *, title: str) -> str:
+    """The K x K confusion matrix of the test split (rows: truth, columns: decision)."""
+    k = len(class_names)
+    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * max(k, 3), 0.9 + 0.8 * max(k, 3)))
+    ConfusionMatrixDisplay.from_predictions(y_true, y_pred, labels=list(range(k)), display_labels=class_names,
                                             ax=ax, colorbar=False, cmap="Blues")
-    ax.set_title(f"Confusion matrix (threshold {threshold:.3f})")
+    ax.set_title(f"Confusion matrix ({title})", fontsize=9)
+    plt.setp(ax.get_xticklabels(), rotation=30, ha="right")
+    return _png(fig)
+
+
+def plot_roc_ovr(y_true, proba, class_names: list[str]) -> str:
+    """One-vs-rest ROC curve of each class on the test split."""
+    fig, ax = plt.subplots(figsize=(4.4, 4))
+    y = np.asarray(y_true)
+    for k, name in enumerate(class_names):
+        if 0 < (y == k).sum() < len(y):
+            RocCurveDisplay.from_predictions(y == k, proba[:, k], ax=ax, name=name)
+    ax.plot([0, 1], [0, 1], ":", color="grey")
+    ax.set_title("ROC curves (one vs rest), test split", fontsize=9)
     return _png(fig)
 
 
@@ -76,16 +90,17 @@ def plot_scores(y_true, score, threshold: float) -> str:
     return _png(fig)
 
 
-def plot_gradcam(images: np.ndarray, cams: np.ndarray, meta: list[dict], threshold: float) -> str:
-    """Each case's slice with its Grad-CAM overlaid (where the model looked)."""
+def plot_gradcam(images: np.ndarray, cams: np.ndarray, meta: list[dict]) -> str:
+    """Each case's image (or slice) with its Grad-CAM overlaid (where the model looked)."""
     n = len(meta)
-    fig, axes = plt.subplots(1, n, figsize=(3.2 * n, 3.4), squeeze=False)
+    fig, axes = plt.subplots(1, n, figsize=(3.2 * n, 3.5), squeeze=False)
     for ax, image, cam, case in zip(axes[0], images, cams, meta):
         ax.imshow(image, cmap="gray")
         ax.imshow(cam, cmap="jet", alpha=0.35, vmin=0, vmax=1)
-        truth = "positive" if case["label"] else "negative"
-        verdict = "correct" if (case["score"] >= threshold) == bool(case["label"]) else "ERROR"
-        ax.set_title(f"{truth}, score {case['score']:.2f} ({verdict})\nslice {case['z']}", fontsize=9)
+        verdict = "correct" if case["prediction_name"] == case["label_name"] else "ERROR"
+        where = f"\nslice {case['z']}" if case.get("z") else ""
+        ax.set_title(f"truth {case['label_name']}, predicted {case['prediction_name']}\n"
+                     f"({case['confidence']:.2f}, {verdict}){where}", fontsize=8)
         ax.axis("off")
     return _png(fig)
 
@@ -117,16 +132,26 @@ def qc_summary(catalog: dict[str, dict], quarantine: list[dict]) -> list[dict]:
     return rows
 
 
-def metrics_rows(metrics: dict, ci: dict, names: list[str]) -> list[dict]:
+def metrics_rows(metrics: dict, ci: dict, names: list[str], *, macro: bool = False) -> list[dict]:
     rows = []
-    for name in names:
+    for name in names + (["auc_micro"] if macro else []):
         lo_hi = ci.get(name)
+        label = METRIC_LABELS.get(name, name)
         rows.append({
-            "metric": METRIC_LABELS.get(name, name),
+            "metric": (f"{label}, macro average" if name != "accuracy" else label) if macro and name != "auc_micro"
+            else label,
             "value": f"{metrics[name]:.3f}",
             "ci95": f"{lo_hi[0]:.3f} – {lo_hi[1]:.3f}" if lo_hi else "",
         })
     return rows
+
+
+def per_class_rows(per_class: list[dict]) -> list[dict]:
+    """The per-class table of a K-class run, values rounded for display."""
+    return [{"class": r["class"], "support": r["support"],
+             **{k: "–" if np.isnan(r[k]) else f"{r[k]:.3f}" for k in ("precision", "recall", "specificity", "f1",
+                                                                      "auc")}}
+            for r in per_class]
 
 
 def render_html(context: dict) -> str:
@@ -135,52 +160,26 @@ def render_html(context: dict) -> str:
     return env.get_template("report.html.j2").render(**context)
 
 
-def _common_context(task: str, name: str, run_id: str, cohort: dict, split_counts: list[dict],
-                    quarantine: list[dict], qc: list[dict] | None) -> dict:
-    """What every report shows whatever the task: run, cohort and quality control."""
-    return {"task": task, "name": name, "run_id": run_id, "cohort": cohort, "split_counts": split_counts,
-            "quarantine": quarantine_summary(quarantine), "n_quarantined": len(quarantine), "qc": qc or []}
+def build_context(*, kind, section: dict, name: str, run_id: str, cohort: dict, split_counts: list[dict],
+                  quarantine: list[dict], history: dict, provenance: dict, qc: list[dict] | None = None) -> dict:
+    """Everything the template needs: what every report shows (run, cohort, training, quality
+    control, provenance) and the kind's own ``section`` (from ``kind.report_context``)."""
+    plots = {"history": plot_history(history) if history else None, **section.get("plots", {})}
+    return {**section, "task": kind.name, "section": kind.template, "name": name, "run_id": run_id,
+            "cohort": cohort, "split_counts": split_counts, "split_columns": list(split_counts[0]) if split_counts
+            else [], "quarantine": quarantine_summary(quarantine), "n_quarantined": len(quarantine), "qc": qc or [],
+            "provenance": provenance, "plots": plots}
 
 
-def build_context(*, name: str, run_id: str, cohort: dict, split_counts: list[dict], quarantine: list[dict],
-                  history: dict, evaluation: dict, predictions, provenance: dict, metric_names: list[str],
-                  qc: list[dict] | None = None, explain: dict | None = None) -> dict:
-    """Everything the template needs; plots are rendered here."""
-    test = predictions[predictions["split"] == "test"]
-    y, s = test["label"].to_numpy(), test["score"].to_numpy()
-    m, thr = evaluation["test"], evaluation["threshold"]
-    return {
-        **_common_context("classification", name, run_id, cohort, split_counts, quarantine, qc),
-        "metrics": metrics_rows(m, evaluation.get("ci", {}), metric_names),
-        "confusion": m["confusion"],
-        "threshold": thr,
-        "val": evaluation.get("val", {}),
-        "plots": {
-            "history": plot_history(history) if history else None,
-            "roc": plot_roc(y, s, m["auc"]) if len(np.unique(y)) == 2 else None,
-            "confusion": plot_confusion(y, s, thr),
-            "scores": plot_scores(y, s, thr),
-            "gradcam": plot_gradcam(explain["images"], explain["cams"], explain["meta"], thr) if explain else None,
-        },
-        "provenance": provenance,
-    }
-
-
-def markdown_summary(context: dict) -> str:
+def markdown_summary(context: dict, kind_lines: list[str]) -> str:
     """A short markdown version of the report (for a Prefect artifact)."""
     lines = [f"# {context['name']} — run `{context['run_id']}`", "", "## Test metrics", "",
              "| metric | value | 95% CI |", "|---|---|---|"]
     lines += [f"| {r['metric']} | {r['value']} | {r['ci95']} |" for r in context["metrics"]]
-    if context.get("task") == "segmentation":
-        t = context["seg"]
-        lines += ["", f"Means over {t['n_lesion']} test case(s) with a lesion (median Dice {t['dice_median']:.3f}); "
-                  f"{t['empty_with_false_positive']} of {t['n_empty']} case(s) without one got a false positive."]
-    else:
-        c = context["confusion"]
-        lines += ["", f"Threshold {context['threshold']:.3f} (chosen on validation). "
-                  f"Confusion: TP {c['tp']}, FP {c['fp']}, FN {c['fn']}, TN {c['tn']}."]
-    lines += ["", "## Cohort", "", "| split | series | patients | positive |", "|---|---|---|---|"]
-    lines += [f"| {r['split']} | {r['series']} | {r['patients']} | {r['positive']} |" for r in context["split_counts"]]
+    lines += [""] + kind_lines
+    columns = context["split_columns"]
+    lines += ["", "## Cohort", "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(str(r[c]) for c in columns) + " |" for r in context["split_counts"]]
     lines += ["", f"Quarantined files: {context['n_quarantined']}"]
     lines += [f"- {r['reason']}: {r['files']}" for r in context["quarantine"]]
     stages = context["provenance"].get("stage_seconds", {})
@@ -191,7 +190,7 @@ def markdown_summary(context: dict) -> str:
 
 # ------------------------------------------------------------------ segmentation
 def seg_metrics_rows(summary: dict, ci: dict, names: list[str]) -> list[dict]:
-    from tasks.metrics import SEG_LABELS
+    from medflow.metrics import SEG_LABELS
 
     rows = []
     for name in names:
@@ -243,27 +242,3 @@ def _zoom_on(image: np.ndarray, region: np.ndarray, *others: np.ndarray, margin:
     r0, r1 = max(0, rows.min() - margin), min(image.shape[0], rows.max() + margin + 1)
     c0, c1 = max(0, cols.min() - margin), min(image.shape[1], cols.max() + margin + 1)
     return tuple(a[r0:r1, c0:c1] for a in (image, *others))
-
-
-def build_seg_context(*, name: str, run_id: str, cohort: dict, split_counts: list[dict], quarantine: list[dict],
-                      history: dict, evaluation: dict, cases, provenance: dict, metric_names: list[str],
-                      qc: list[dict] | None = None, examples: dict | None = None) -> dict:
-    """The template context of a segmentation run."""
-    test = cases[cases["split"] == "test"]
-    columns = ["series_key", "label", "dice", "iou", "hd95", "assd", "volume_true_ml", "volume_pred_ml"]
-    table = [{c: (round(float(r[c]), 3) if isinstance(r[c], float) else r[c]) for c in columns if c in r}
-             for r in test.sort_values("dice").to_dict("records")]
-    return {
-        **_common_context("segmentation", name, run_id, cohort, split_counts, quarantine, qc),
-        "metrics": seg_metrics_rows(evaluation["test"], evaluation.get("ci", {}), metric_names),
-        "seg": evaluation["test"],
-        "seg_val": evaluation.get("val", {}),
-        "cases": table,
-        "plots": {
-            "history": plot_history(history) if history else None,
-            "distribution": plot_seg_distribution(cases),
-            "overlays": plot_overlays(examples["images"], examples["truths"], examples["preds"], examples["meta"])
-            if examples else None,
-        },
-        "provenance": provenance,
-    }

@@ -15,36 +15,82 @@ logger = logging.getLogger(__name__)
 _KEY_FIELD = {"StudyInstanceUID": "study_key", "PatientID": "patient_key", "AccessionNumber": "accession_key"}
 
 
+def label_text(value) -> str:
+    """A label value as its class name: integers without a decimal point, text stripped.
+
+    >>> [label_text(v) for v in (1, 1.0, " pneumonia ", "0")]
+    ['1', '1', 'pneumonia', '0']
+    """
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    return str(value).strip()
+
+
 def join_labels(catalog: dict[str, dict], labels: pd.DataFrame, *, key: str, key_column: str, label_column: str,
                 pseudo: Pseudonymizer) -> pd.DataFrame:
-    """One row per labelled series: ``series_key, patient_key, study_key, label``.
+    """One row per labelled series: ``series_key, patient_key, study_key, label_name``.
 
     The CSV's identifiers are turned into pseudonyms with the store's secret and matched
-    against the catalog, so no identifier is kept. Series without a label are left out.
+    against the catalog, so no identifier is kept. Labels are class names (any text or
+    number); rows with an empty label and series without a label are left out.
 
     Raises:
-        ValueError: a missing column or a label other than 0/1.
+        ValueError: a missing column.
     """
     for col in (key_column, label_column):
         if col not in labels.columns:
             raise ValueError(f"labels CSV has no column {col!r}; its columns are {list(labels.columns)}")
-    values = pd.to_numeric(labels[label_column], errors="coerce")
-    bad = labels[~values.isin([0, 1])]
-    if len(bad):
-        raise ValueError(f"labels column {label_column!r} must hold 0 or 1; {len(bad)} row(s) do not "
-                         f"(first: {bad[label_column].iloc[0]!r})")
+    given = labels[labels[label_column].notna() & (labels[label_column].astype(str).str.strip() != "")]
+    if len(given) < len(labels):
+        logger.warning("labels: %d row(s) with an empty %r left out", len(labels) - len(given), label_column)
     kind = {"StudyInstanceUID": "study", "PatientID": "patient", "AccessionNumber": "accession"}[key]
-    hashed = {pseudo.key(str(v), kind=kind): int(lab) for v, lab in zip(labels[key_column], values)}
+    hashed = {pseudo.key(str(v), kind=kind): label_text(lab) for v, lab in zip(given[key_column], given[label_column])}
     field = _KEY_FIELD[key]
     rows = []
     for series_key, entry in sorted(catalog.items()):
         lab = hashed.get(entry.get(field, ""))
         if lab is not None:
             rows.append({"series_key": series_key, "patient_key": entry["patient_key"],
-                         "study_key": entry["study_key"], "label": lab})
-    df = pd.DataFrame(rows, columns=["series_key", "patient_key", "study_key", "label"])
-    logger.info("labels: %d of %d series labelled (%d positive)", len(df), len(catalog), int(df["label"].sum()))
+                         "study_key": entry["study_key"], "label_name": lab})
+    df = pd.DataFrame(rows, columns=["series_key", "patient_key", "study_key", "label_name"])
+    logger.info("labels: %d of %d series labelled", len(df), len(catalog))
     return df
+
+
+def catalog_labels(catalog: dict[str, dict]) -> pd.DataFrame:
+    """One row per series whose catalog entry carries its class (images from class folders or a CSV)."""
+    rows = [{"series_key": k, "patient_key": e["patient_key"], "study_key": e["study_key"],
+             "label_name": label_text(e["label"])} for k, e in sorted(catalog.items()) if e.get("label") is not None]
+    return pd.DataFrame(rows, columns=["series_key", "patient_key", "study_key", "label_name"])
+
+
+def class_order(names, classes: list[str] | None = None) -> list[str]:
+    """The classes in index order: ``classes`` as given, else sorted (numbers by value), as Keras'
+    ``flow_from_directory`` does. With two classes the second is the positive one.
+
+    >>> class_order(["10", "2", "2"]), class_order(["normal", "effusion"]), class_order(["b"], ["b", "a"])
+    (['2', '10'], ['effusion', 'normal'], ['b', 'a'])
+
+    Raises:
+        ValueError: a label that is not among ``classes``.
+    """
+    present = sorted(set(names), key=lambda v: (0, float(v), v) if _is_number(v) else (1, 0.0, v))
+    if classes is None:
+        return present
+    classes = [label_text(c) for c in classes]
+    unknown = [v for v in present if v not in classes]
+    if unknown:
+        raise ValueError(f"labels {unknown[:5]} are not among data.labels.classes {classes}; add them or fix the "
+                         "labels")
+    return classes
+
+
+def _is_number(value: str) -> bool:
+    try:
+        float(value)
+    except ValueError:
+        return False
+    return True
 
 
 def mask_cohort(catalog: dict[str, dict], *, missing: str) -> pd.DataFrame:
@@ -83,7 +129,7 @@ def patient_split(df: pd.DataFrame, *, val: float, test: float, stratify: bool =
         raise ValueError(f"Received {len(keys)} labelled patient(s), expected at least 3 for a train/val/test split.")
 
     def can_stratify(y, n_take):
-        counts = np.bincount(y, minlength=2)
+        counts = np.bincount(y.astype(int), minlength=2)
         return stratify and counts.min() >= 2 and n_take >= 2 and len(y) - n_take >= 2
 
     n_test = max(1, int(round(test * len(keys))))

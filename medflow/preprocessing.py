@@ -96,6 +96,68 @@ def crop_pad(
     return out, spacing
 
 
+def fit_size(size: tuple[int, int], shape: tuple[int, int]) -> tuple[int, int]:
+    """The largest (h, w) inside ``shape`` with the aspect ratio of ``size``.
+
+    >>> fit_size((200, 100), (150, 150))
+    (150, 75)
+    """
+    scale = min(shape[0] / size[0], shape[1] / size[1])
+    return max(1, int(round(size[0] * scale))), max(1, int(round(size[1] * scale)))
+
+
+def resize2d(image: np.ndarray, spacing: Spacing, *, shape: tuple[int, int], aspect: str = "pad", order: int = 1
+             ) -> tuple[np.ndarray, Spacing]:
+    """Resize every slice to ``shape`` (H, W): ``stretch`` scales each axis; ``pad`` scales to fit,
+    keeping the aspect ratio, and pads the rest (centred) with the image minimum.
+
+    >>> img, sp = resize2d(np.ones((1, 200, 100)), (1.0, 0.5, 0.5), shape=(150, 150))
+    >>> img.shape, sp, float(img[0, 75, 0]), float(img[0, 75, 40])
+    ((1, 150, 150), (1.0, 0.6666666666666666, 0.6666666666666666), 1.0, 1.0)
+    """
+    inner = tuple(shape) if aspect == "stretch" else fit_size(image.shape[1:], tuple(shape))
+    out, sp = resize(image, spacing, shape=(image.shape[0], *inner), order=order)
+    if inner != tuple(shape):
+        out, sp = crop_pad(out, sp, shape=(image.shape[0], *shape), value=float(image.min()))
+    return out, sp
+
+
+def rescale(image: np.ndarray, spacing: Spacing, *, scale: float | None = None, offset: float = 0.0
+            ) -> tuple[np.ndarray, Spacing]:
+    """``image * scale + offset`` (float32); with ``scale=None``, min-max to [0, 1] first.
+
+    >>> rescale(np.array([[[0, 255]]]), (1, 1, 1), scale=1 / 255)[0].ravel().tolist()
+    [0.0, 1.0]
+    >>> rescale(np.array([[[100, 300]]]), (1, 1, 1))[0].ravel().tolist()
+    [0.0, 1.0]
+    """
+    img = image.astype(np.float32)
+    if scale is None:
+        lo, hi = float(img.min()), float(img.max())
+        img = (img - lo) / np.float32(hi - lo if hi > lo else 1.0)
+        scale = 1.0
+    return img * np.float32(scale) + np.float32(offset), spacing
+
+
+def equalize(image: np.ndarray, spacing: Spacing, *, method: str = "clahe", clip_limit: float = 0.01,
+             kernel_size: int | None = None) -> tuple[np.ndarray, Spacing]:
+    """Histogram equalisation of every slice (scikit-image), output in [0, 1] (float32).
+
+    ``clahe``: contrast-limited adaptive equalisation (``equalize_adapthist``); ``histogram``:
+    global (``equalize_hist``). Each slice is min-max scaled to [0, 1] first.
+    """
+    from skimage import exposure
+
+    out = np.empty(image.shape, np.float32)
+    for z, sl in enumerate(np.asarray(image, dtype=np.float32)):
+        unit, _ = rescale(sl[None], spacing)
+        if method == "clahe":
+            out[z] = exposure.equalize_adapthist(unit[0], clip_limit=clip_limit, kernel_size=kernel_size)
+        else:
+            out[z] = exposure.equalize_hist(unit[0])
+    return out, spacing
+
+
 OPS: dict[str, Callable] = {
     "resample": lambda img, sp, spacing, order=1: resample(img, sp, target=tuple(spacing), order=order),
     "window": window,
@@ -103,6 +165,9 @@ OPS: dict[str, Callable] = {
     "clip": clip,
     "resize": resize,
     "crop_pad": crop_pad,
+    "resize2d": resize2d,
+    "rescale": rescale,
+    "equalize": equalize,
 }
 
 
@@ -119,7 +184,7 @@ def apply_steps(image: np.ndarray, spacing: Spacing, steps: list[tuple[str, dict
 
 
 # Steps that move voxels (the rest change intensities only and leave a mask as it is).
-GEOMETRIC = ("resample", "resize", "crop_pad")
+GEOMETRIC = ("resample", "resize", "crop_pad", "resize2d")
 
 
 def _label_step(name: str, mask: np.ndarray, spacing: Spacing, kwargs: dict) -> tuple[np.ndarray, Spacing]:
@@ -130,6 +195,11 @@ def _label_step(name: str, mask: np.ndarray, spacing: Spacing, kwargs: dict) -> 
         return resize(mask, spacing, shape=tuple(kwargs["shape"]), order=0)
     if name == "crop_pad":
         return crop_pad(mask, spacing, shape=tuple(kwargs["shape"]), value=0)
+    if name == "resize2d":
+        inner = tuple(kwargs["shape"]) if kwargs.get("aspect") == "stretch" else fit_size(mask.shape[1:],
+                                                                                           tuple(kwargs["shape"]))
+        out, sp = resize(mask, spacing, shape=(mask.shape[0], *inner), order=0)
+        return crop_pad(out, sp, shape=(mask.shape[0], *kwargs["shape"]), value=0)
     return mask, spacing
 
 
@@ -161,6 +231,14 @@ def shape_trace(shape, spacing: Spacing, steps: list[tuple[str, dict]]) -> list[
     for name, kwargs in steps:
         if name not in GEOMETRIC:
             continue
+        if name == "resize2d":  # a resize to the fitted size, then a centred pad
+            inner = tuple(kwargs["shape"]) if kwargs.get("aspect") == "stretch" else fit_size(shape[1:],
+                                                                                              tuple(kwargs["shape"]))
+            resized = (shape[0], *inner)
+            trace.append(("resize", {"shape": resized}, shape, resized))
+            sp = tuple(float(s * i / o) for s, i, o in zip(sp, shape, resized))
+            shape = resized
+            name, kwargs = "crop_pad", {"shape": (shape[0], *kwargs["shape"])}
         if name == "resample":
             factors = np.asarray(sp) / np.asarray(kwargs["spacing"], dtype=float)
             new = tuple(int(v) for v in np.maximum(1, np.round(np.asarray(shape) * factors)))

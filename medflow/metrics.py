@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
-from sklearn.metrics import confusion_matrix, f1_score, roc_auc_score, roc_curve
+from sklearn.metrics import confusion_matrix, f1_score, precision_recall_fscore_support, roc_auc_score, roc_curve
 
 
 def choose_threshold(y_true, score, method: str | float = "youden") -> float:
@@ -86,6 +88,87 @@ def bootstrap_ci(y_true, score, threshold: float, *, metrics: list[str], n: int 
         for name, v in samples.items()
         if v
     }
+
+
+# ------------------------------------------------------------------ multi-class
+def multiclass_metrics(y_true, proba, class_names: list[str]) -> dict:
+    """Metrics of a K-class classifier from its class probabilities (prediction: the most probable class).
+
+    Macro averages (each class counts the same) under the binary metric names (``precision``,
+    ``recall``, ``specificity``, ``f1``, ``auc``: one-vs-rest ROC AUC), micro averages with a
+    ``_micro`` suffix, one row per class in ``per_class``, and the K x K confusion matrix
+    (rows: truth, columns: prediction). A class absent from ``y_true`` has no AUC; the macro
+    AUC then averages the others.
+
+    >>> m = multiclass_metrics([0, 1, 2, 2], [[.8, .1, .1], [.2, .7, .1], [.1, .2, .7], [.5, .1, .4]], ["a", "b", "c"])
+    >>> m["accuracy"], m["confusion_matrix"][2], m["per_class"][2]["recall"]
+    (0.75, [1, 0, 1], 0.5)
+    """
+    from sklearn.preprocessing import label_binarize
+
+    y = np.asarray(y_true).astype(int)
+    p = np.asarray(proba, dtype=float)
+    k = len(class_names)
+    labels = list(range(k))
+    pred = p.argmax(axis=1)
+    cm = confusion_matrix(y, pred, labels=labels)
+    prec, rec, f1, support = precision_recall_fscore_support(y, pred, labels=labels, zero_division=0)
+    onehot = label_binarize(y, classes=labels)
+    per_class = []
+    for c in labels:
+        tp = cm[c, c]
+        fp = cm[:, c].sum() - tp
+        tn = cm.sum() - cm[c, :].sum() - fp
+        present = 0 < onehot[:, c].sum() < len(y)
+        per_class.append({
+            "class": class_names[c], "support": int(support[c]), "precision": float(prec[c]), "recall": float(rec[c]),
+            "specificity": float(tn / (tn + fp)) if tn + fp else float("nan"), "f1": float(f1[c]),
+            "auc": float(roc_auc_score(onehot[:, c], p[:, c])) if present else float("nan"),
+        })
+    aucs = [r["auc"] for r in per_class if not np.isnan(r["auc"])]
+    micro_p, micro_r, micro_f1, _ = precision_recall_fscore_support(y, pred, labels=labels, average="micro",
+                                                                     zero_division=0)
+    return {
+        "n": int(len(y)),
+        "accuracy": float((pred == y).mean()) if len(y) else float("nan"),
+        "precision": float(np.mean(prec)),
+        "recall": float(np.mean(rec)),
+        "specificity": float(np.nanmean([r["specificity"] for r in per_class])),
+        "f1": float(np.mean(f1)),
+        "auc": float(np.mean(aucs)) if aucs else float("nan"),
+        "auc_micro": float(roc_auc_score(onehot.ravel(), p.ravel())) if 0 < onehot.sum() < onehot.size
+        else float("nan"),
+        "precision_micro": float(micro_p), "recall_micro": float(micro_r), "f1_micro": float(micro_f1),
+        "per_class": per_class,
+        "classes": list(class_names),
+        "confusion_matrix": cm.tolist(),
+    }
+
+
+def bootstrap_intervals(score_fn: Callable[[np.ndarray], dict], n_cases: int, *, metrics: list[str], n: int = 1000,
+                        seed: int = 0, level: float = 0.95) -> dict[str, list[float]]:
+    """Percentile bootstrap intervals ``{metric: [low, high]}`` of ``score_fn(case indices)`` over
+    resampled cases; NaN values of a resample are left out."""
+    if n <= 0 or n_cases < 2:
+        return {}
+    rng = np.random.default_rng(seed)
+    samples: dict[str, list[float]] = {m: [] for m in metrics}
+    for _ in range(n):
+        values = score_fn(rng.integers(0, n_cases, n_cases))
+        for name in metrics:
+            v = values.get(name, float("nan"))
+            if not np.isnan(v):
+                samples[name].append(v)
+    alpha = (1 - level) / 2
+    return {name: [float(np.quantile(v, alpha)), float(np.quantile(v, 1 - alpha))] for name, v in samples.items() if v}
+
+
+def multiclass_ci(y_true, proba, class_names: list[str], *, metrics: list[str], n: int = 1000, seed: int = 0
+                  ) -> dict[str, list[float]]:
+    """Bootstrap intervals of ``multiclass_metrics`` over resampled cases."""
+    y, p = np.asarray(y_true).astype(int), np.asarray(proba, dtype=float)
+    return bootstrap_intervals(lambda idx: multiclass_metrics(y[idx], p[idx], class_names), len(y), metrics=metrics,
+                               n=n, seed=seed)
 
 
 # ------------------------------------------------------------------ segmentation

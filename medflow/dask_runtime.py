@@ -32,7 +32,7 @@ WORKER_ENV = {"MALLOC_MMAP_THRESHOLD_": 64 * 2**20, "MALLOC_TRIM_THRESHOLD_": 25
 # and sockets into the workers: a second cluster in one process then hung (reproduced with
 # two ingest scans in a row), so medflow never forks the running process.
 FORKSERVER_PRELOAD = ["distributed", "numpy", "pydicom", "zarr", "storage.ingest", "storage.store",
-                      "tasks.preprocessing"]
+                      "medflow.preprocessing"]
 
 
 def default_start_method() -> str:

@@ -1,0 +1,94 @@
+"""The interface every task kind implements (no Prefect here: kinds are plain Python).
+
+Each method is one stage's question. The stages (Prefect tasks in ``tasks/``) pass in the
+spec, the store and the run folder, and write nothing kind-specific themselves.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, ClassVar
+
+import pandas as pd
+
+OnEpoch = Callable[[int, int, dict], None]
+
+
+class TaskKind:
+    """What one kind of problem needs from each stage of the lifecycle."""
+
+    #: the value of ``model.task`` that selects this kind
+    name: ClassVar[str] = ""
+    #: every metric ``evaluate.metrics`` may name for this kind, in report order (the default is all)
+    metrics: ClassVar[tuple[str, ...]] = ()
+    #: the report section (a Jinja template in ``medflow/templates``)
+    template: ClassVar[str] = ""
+
+    # ---------------------------------------------------------------- spec
+    def check_spec(self, spec) -> list[str]:
+        """Problems with a spec for this kind, one line each: ``field.path: what is wrong``."""
+        problems = []
+        wrong = [m for m in spec.evaluate.metrics or [] if m not in self.metrics]
+        if wrong:
+            problems.append(f"evaluate.metrics: {wrong} do not apply to {self.name}; expected some of: "
+                            f"{', '.join(self.metrics)} (received: {spec.evaluate.metrics})")
+        return problems
+
+    # -------------------------------------------------------------- cohort
+    def cohort(self, spec, store) -> pd.DataFrame:
+        """The cases of the run: one row per series with ``series_key, patient_key, study_key, label``
+        (``label`` an integer class index used to stratify the split) and ``label_name``."""
+        raise NotImplementedError
+
+    # --------------------------------------------------------------- train
+    def train(self, spec, store, prep_key: str, cases: pd.DataFrame, run_dir: Path, on_epoch: OnEpoch | None
+              ) -> dict:
+        """Train on the ``train`` rows of ``cases``, select on the ``val`` rows; returns ``fit_model``'s result."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------ evaluate
+    def evaluate(self, spec, store, prep_key: str, cases: pd.DataFrame, model_path: str, run_dir: Path) -> dict:
+        """Predict, choose what is chosen on validation, score the test split; write ``predictions.csv``
+        and ``metrics.json`` into ``run_dir``; return the metrics (``test`` holds the test summary)."""
+        raise NotImplementedError
+
+    def result_line(self, evaluation: dict) -> str:
+        """One line for the terminal: the test result."""
+        raise NotImplementedError
+
+    # -------------------------------------------------------------- report
+    def report_context(self, spec, run_dir: Path, predictions: pd.DataFrame, evaluation: dict) -> dict:
+        """What the kind's report section shows (``metrics`` rows are also the Prefect metrics table)."""
+        raise NotImplementedError
+
+    def markdown(self, context: dict) -> list[str]:
+        """Lines under the metrics table in the Prefect markdown artifact."""
+        return []
+
+    # ------------------------------------------------------------- predict
+    def predict(self, run, store, source: Path, output: Path, files_of: dict[str, list[str]]) -> list[dict]:
+        """Predict every series of a scratch store of new studies; write the kind's outputs into ``output``.
+
+        Returns one row per series (``predictions.csv``); the caller adds the study and series UIDs.
+        """
+        raise NotImplementedError
+
+    def predict_table_columns(self) -> tuple[str, ...]:
+        """Columns of the predict results shown as a Prefect table."""
+        return ("series_key", "note")
+
+    def __repr__(self) -> str:
+        return f"<task kind {self.name}>"
+
+
+def split_counts(cases: pd.DataFrame, class_names: list[str]) -> list[dict[str, Any]]:
+    """Series, patients and series per class in each split (the report's cohort table)."""
+    rows = []
+    for name in ("train", "val", "test"):
+        part = cases[cases["split"] == name]
+        row = {"split": name, "series": len(part), "patients": int(part["patient_key"].nunique())}
+        for index, cls in enumerate(class_names):
+            row[cls] = int((part["label"] == index).sum())
+        rows.append(row)
+    return rows

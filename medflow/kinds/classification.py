@@ -1,0 +1,323 @@
+"""Classification: one class per series (a 3D volume or a 2D image), two or more classes.
+
+Two classes keep the binary path: one sigmoid score, a decision threshold chosen on the
+validation split, sensitivity and specificity. K > 2 classes get softmax probabilities, the
+most probable class as the decision, per-class and macro/micro metrics and a K x K confusion
+matrix. The input is 2D or 3D as the model registry says of ``model.arch``. Every report
+shows a one-feature baseline (``medflow.baselines``) scored on the same test split.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from medflow.kinds.base import TaskKind
+
+logger = logging.getLogger(__name__)
+
+METRICS = ("auc", "accuracy", "precision", "recall", "specificity", "f1")
+DICOM_KEYS = ("StudyInstanceUID", "PatientID", "AccessionNumber")
+
+
+def classes_of(spec, cases: pd.DataFrame) -> list[str]:
+    """The run's classes in index order (``data.labels.classes``, else sorted)."""
+    from medflow.splitting import class_order
+
+    return class_order(cases["label_name"].astype(str), spec.data.labels.classes if spec.data.labels else None)
+
+
+def input_shape(arch: str, prepared_shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The model input (spatial dims + channel) for arrays prepared as (Z, Y, X).
+
+    >>> input_shape("seed_cnn", (1, 150, 150)), input_shape("cnn3d", (48, 80, 80))
+    ((150, 150, 1), (48, 80, 80, 1))
+    """
+    from models import info
+
+    if info(arch).ndim == 2:
+        if prepared_shape[0] != 1:
+            raise ValueError(f"{arch} is a 2D model, but the prepared arrays have {prepared_shape[0]} slices "
+                             f"(shape {tuple(prepared_shape)}); use planar images (CR, DX, PNG/JPEG) or a 3D model")
+        return (*prepared_shape[1:], 1)
+    return (*prepared_shape, 1)
+
+
+class Classification(TaskKind):
+    name = "classification"
+    metrics = METRICS
+    template = "classification.html.j2"
+
+    def check_spec(self, spec) -> list[str]:
+        problems = super().check_spec(spec)
+        labels = spec.data.labels
+        if labels is None and spec.data.format == "dicom":
+            problems.append("data.labels: classification of DICOM studies needs data.labels (a CSV keyed by "
+                            f"{', '.join(DICOM_KEYS)})")
+        if labels is not None and labels.key == "path" and spec.data.format != "images":
+            problems.append("data.labels.key: `path` lists image files; it needs data.format: images")
+        return problems
+
+    # -------------------------------------------------------------- cohort
+    def cohort(self, spec, store) -> pd.DataFrame:
+        from medflow.splitting import catalog_labels, join_labels
+
+        catalog = store.catalog()
+        lab = spec.data.labels
+        if lab is not None and lab.key in DICOM_KEYS:
+            table = pd.read_csv(lab.path, dtype=str, keep_default_na=True)
+            df = join_labels(catalog, table, key=lab.key, key_column=lab.key_column_name,
+                             label_column=lab.label_column, pseudo=store.pseudonymizer())
+            if df.empty:
+                raise ValueError(f"no series in the store matches a row of {lab.path} by {lab.key}; check "
+                                 "data.labels.key")
+        else:
+            df = catalog_labels(catalog)
+            if df.empty:
+                raise ValueError("no image in the store has a class; use class folders or data.labels with key: path")
+        classes = classes_of(spec, df)
+        if len(classes) < 2:
+            raise ValueError(f"the labelled cases hold one class only ({classes}); classification needs two or more")
+        df["label"] = df["label_name"].map({c: i for i, c in enumerate(classes)}).astype(int)
+        counts = df["label_name"].value_counts()
+        logger.info("cohort: %d series, classes %s", len(df), ", ".join(f"{c} {int(counts.get(c, 0))}"
+                                                                       for c in classes))
+        return df
+
+    def class_names(self, evaluation: dict) -> list[str]:
+        return list(evaluation.get("classes", ["0", "1"]))
+
+    # --------------------------------------------------------------- train
+    def train(self, spec, store, prep_key, cases, run_dir, on_epoch) -> dict:
+        from models.training import train_classifier
+
+        tr, va = cases[cases["split"] == "train"], cases[cases["split"] == "val"]
+        shapes = {tuple(store.prep_ref(prep_key, k).open().shape) for k in cases["series_key"]}
+        if len(shapes) != 1:
+            raise ValueError(f"prepared arrays differ in shape ({sorted(shapes)[:3]}...); end `preprocess` with a "
+                             "`resize`, `resize2d` or `crop_pad` step so that every array has the same shape")
+        return train_classifier(
+            loader=lambda key: store.read_prep(prep_key, key),
+            train_keys=tr["series_key"].tolist(), train_labels=tr["label"].to_numpy(np.int64),
+            val_keys=va["series_key"].tolist(), val_labels=va["label"].to_numpy(np.int64),
+            input_shape=input_shape(spec.model.arch, shapes.pop()), arch=spec.model.arch, params=spec.model.params,
+            n_classes=len(classes_of(spec, cases)), train=spec.train.model_dump(), augment=spec.augment.model_dump(),
+            run_dir=run_dir, on_epoch=on_epoch,
+        )
+
+    # ------------------------------------------------------------ evaluate
+    def evaluate(self, spec, store, prep_key, cases, model_path, run_dir) -> dict:
+        """Predict every split; choose the threshold (binary) on validation; score the test split, with
+        bootstrap intervals, beside the one-feature baseline; Grad-CAM for a few test cases."""
+        from medflow.runs import write_text_atomic
+        from models.training import predict
+
+        run_dir = Path(run_dir)
+        df = cases.copy()
+        classes = classes_of(spec, df)
+        loader = lambda k: store.read_prep(prep_key, k)  # noqa: E731
+        scores = predict(model_path, loader, df["series_key"].tolist(), batch_size=spec.train.batch_size)
+        ev = spec.evaluate
+        names = spec.metric_names()
+        if len(classes) == 2:
+            df["score"] = scores
+            result = _binary_evaluation(df, threshold_method=ev.threshold, metric_names=names,
+                                        bootstrap=ev.bootstrap, seed=spec.train.seed)
+            df["prediction"] = (df["score"] >= result["threshold"]).astype(int)
+            df["confidence"] = np.where(df["prediction"] == 1, df["score"], 1 - df["score"])
+        else:
+            result = _multiclass_evaluation(df, scores, classes, metric_names=names, bootstrap=ev.bootstrap,
+                                            seed=spec.train.seed)
+            for i, c in enumerate(classes):
+                df[f"p_{c}"] = scores[:, i]
+            df["prediction"] = scores.argmax(axis=1)
+            df["confidence"] = scores.max(axis=1)
+        df["prediction_name"] = [classes[i] for i in df["prediction"]]
+        result.update({"task": self.name, "classes": classes, "n_classes": len(classes), "metrics": names,
+                       "bootstrap": ev.bootstrap})
+        result["baseline"] = _baseline(df, loader, classes, bootstrap=ev.bootstrap, seed=spec.train.seed)
+        write_text_atomic(run_dir / "predictions.csv", df.to_csv(index=False))
+        _explain(model_path, loader, df, run_dir)
+        write_text_atomic(run_dir / "metrics.json", json.dumps(result, indent=1, default=float))
+        logger.info("test: %s", self.result_line(result))
+        if np.isnan(result["test"]["auc"]):
+            logger.warning("the test split lacks a class: AUC is undefined; use a larger cohort or split.test")
+        return result
+
+    def result_line(self, evaluation: dict) -> str:
+        t, b = evaluation["test"], evaluation.get("baseline", {})
+        base = f" · baseline AUC {b['auc']:.3f}" if b else ""
+        if evaluation.get("n_classes", 2) == 2:
+            return (f"AUC {t['auc']:.3f} · accuracy {t['accuracy']:.3f} · sensitivity {t['recall']:.3f} · "
+                    f"specificity {t['specificity']:.3f} (n={t['n']}){base}")
+        per_class = ", ".join(f"{r['class']} {r['auc']:.3f}" for r in t["per_class"])
+        return (f"macro AUC {t['auc']:.3f} (micro {t['auc_micro']:.3f}; {per_class}) · accuracy "
+                f"{t['accuracy']:.3f} · macro F1 {t['f1']:.3f} (n={t['n']}){base}")
+
+    # -------------------------------------------------------------- report
+    def report_context(self, spec, run_dir, predictions, evaluation) -> dict:
+        from medflow import reporting as r
+
+        classes = self.class_names(evaluation)
+        test = predictions[predictions["split"] == "test"]
+        y = test["label"].to_numpy(int)
+        m = evaluation["test"]
+        explain = None
+        path = Path(run_dir) / "explain.npz"
+        if path.exists():
+            with np.load(path) as data:
+                explain = {"images": data["images"], "cams": data["cams"], "meta": json.loads(str(data["meta"]))}
+        context = {
+            "binary": len(classes) == 2,
+            "classes": classes,
+            "metrics": r.metrics_rows(m, evaluation.get("ci", {}), evaluation["metrics"],
+                                      macro=len(classes) > 2),
+            "baseline": evaluation.get("baseline"),
+            "model_auc": m["auc"],
+            "model_auc_ci": evaluation.get("ci", {}).get("auc"),
+            "val": evaluation.get("val", {}),
+            "plots": {"gradcam": r.plot_gradcam(explain["images"], explain["cams"], explain["meta"])
+                      if explain else None},
+        }
+        if len(classes) == 2:
+            s, thr = test["score"].to_numpy(), evaluation["threshold"]
+            context.update({"threshold": thr, "confusion": m["confusion"]})
+            context["plots"].update({
+                "roc": r.plot_roc(y, s, m["auc"]) if len(np.unique(y)) == 2 else None,
+                "confusion": r.plot_confusion(y, (s >= thr).astype(int), classes, title=f"threshold {thr:.3f}"),
+                "scores": r.plot_scores(y, s, thr),
+            })
+        else:
+            proba = test[[f"p_{c}" for c in classes]].to_numpy()
+            context.update({"per_class": r.per_class_rows(m["per_class"]), "auc_micro": m["auc_micro"]})
+            context["plots"].update({
+                "roc": r.plot_roc_ovr(y, proba, classes),
+                "confusion": r.plot_confusion(y, proba.argmax(axis=1), classes, title="most probable class"),
+            })
+        return context
+
+    def markdown(self, context: dict) -> list[str]:
+        lines = []
+        b = context.get("baseline")
+        if b:
+            lines.append(f"Baseline ({b['name']}): AUC {b['auc']:.3f}"
+                         + (f" (95% CI {b['ci'][0]:.3f} – {b['ci'][1]:.3f})" if b.get("ci") else "") + ".")
+        if context["binary"]:
+            c = context["confusion"]
+            lines.append(f"Threshold {context['threshold']:.3f} (chosen on validation). "
+                         f"Confusion: TP {c['tp']}, FP {c['fp']}, FN {c['fn']}, TN {c['tn']}.")
+        else:
+            lines += ["", "| class | n | precision | recall | F1 | AUC (one vs rest) |", "|---|---|---|---|---|---|"]
+            lines += [f"| {r['class']} | {r['support']} | {r['precision']} | {r['recall']} | {r['f1']} | {r['auc']} |"
+                      for r in context["per_class"]]
+        return lines
+
+    # ------------------------------------------------------------- predict
+    def predict(self, run, store, source, output, files_of) -> list[dict]:
+        """A score per series (binary: the positive class's score and the decision at the run's
+        validation threshold; K classes: one probability per class and the most probable class)."""
+        import keras
+
+        from medflow.preprocessing import apply_steps
+
+        classes = self.class_names(run.metrics)
+        model = keras.models.load_model(run.model_path, compile=False)
+        spatial = tuple(model.input_shape[1:-1])
+        rows = []
+        for key, entry in sorted(store.catalog().items()):
+            image, _ = apply_steps(store.read_image(key), entry["spacing"], run.spec.steps())
+            if int(np.prod(image.shape)) != int(np.prod(spatial)):
+                rows.append({"series_key": key, "note": f"prepared shape {image.shape} does not fit the model's "
+                             f"input {spatial}"})
+                continue
+            out = np.asarray(model.predict(image.reshape(spatial)[None, ..., None], verbose=0), dtype=float)[0]
+            row = {"series_key": key}
+            if len(classes) == 2:
+                threshold = run.metrics.get("threshold", 0.5)
+                score = float(out[0])
+                row.update({"score": score, "threshold": threshold, "prediction": classes[int(score >= threshold)]})
+            else:
+                row.update({f"p_{c}": float(p) for c, p in zip(classes, out)})
+                row["prediction"] = classes[int(out.argmax())]
+            logger.info("predict %s: %s", key, row["prediction"])
+            rows.append(row)
+        return rows
+
+    def predict_table_columns(self) -> tuple[str, ...]:
+        return ("series_key", "score", "prediction", "note")
+
+
+# ----------------------------------------------------------------- helpers
+def _binary_evaluation(df: pd.DataFrame, *, threshold_method, metric_names: list[str], bootstrap: int,
+                       seed: int) -> dict:
+    """Threshold from the validation rows; metrics and bootstrap intervals on the test rows."""
+    from medflow.metrics import binary_metrics, bootstrap_ci, choose_threshold
+
+    val, test = df[df["split"] == "val"], df[df["split"] == "test"]
+    thr = choose_threshold(val["label"], val["score"], threshold_method)
+    return {
+        "threshold": thr,
+        "threshold_method": threshold_method,
+        "val": binary_metrics(val["label"], val["score"], thr),
+        "test": binary_metrics(test["label"], test["score"], thr),
+        "ci": bootstrap_ci(test["label"], test["score"], thr, metrics=metric_names, n=bootstrap, seed=seed),
+    }
+
+
+def _multiclass_evaluation(df: pd.DataFrame, proba: np.ndarray, classes: list[str], *, metric_names: list[str],
+                           bootstrap: int, seed: int) -> dict:
+    from medflow.metrics import multiclass_ci, multiclass_metrics
+
+    out = {}
+    for split in ("val", "test"):
+        rows = (df["split"] == split).to_numpy()
+        out[split] = multiclass_metrics(df["label"].to_numpy()[rows], proba[rows], classes)
+    rows = (df["split"] == "test").to_numpy()
+    out["ci"] = multiclass_ci(df["label"].to_numpy()[rows], proba[rows], classes,
+                              metrics=[*metric_names, "auc_micro"], n=bootstrap, seed=seed)
+    return out
+
+
+def _baseline(df: pd.DataFrame, loader, classes: list[str], *, bootstrap: int, seed: int) -> dict:
+    """The one-feature baseline fitted on train, scored on test (AUC; macro one-vs-rest for K > 2)."""
+    from medflow.baselines import CLASSIFICATION_BASELINE, mean_intensity, one_feature_logistic
+    from medflow.metrics import bootstrap_ci, multiclass_ci, multiclass_metrics
+    from sklearn.metrics import roc_auc_score
+
+    feature = np.array([mean_intensity(loader(k)) for k in df["series_key"]])
+    train, test = (df["split"] == "train").to_numpy(), (df["split"] == "test").to_numpy()
+    y = df["label"].to_numpy(int)
+    proba = one_feature_logistic(feature[train], y[train], feature[test], len(classes))
+    yt = y[test]
+    if len(classes) == 2:
+        auc = float(roc_auc_score(yt, proba[:, 1])) if len(np.unique(yt)) == 2 else float("nan")
+        ci = bootstrap_ci(yt, proba[:, 1], 0.5, metrics=["auc"], n=bootstrap, seed=seed).get("auc")
+    else:
+        auc = multiclass_metrics(yt, proba, classes)["auc"]
+        ci = multiclass_ci(yt, proba, classes, metrics=["auc"], n=bootstrap, seed=seed).get("auc")
+    logger.info("baseline (%s): test AUC %.3f", CLASSIFICATION_BASELINE, auc)
+    return {"name": CLASSIFICATION_BASELINE, "auc": auc, "ci": ci}
+
+
+def _explain(model_path: str, loader, df: pd.DataFrame, run_dir: Path) -> None:
+    """Grad-CAM for a few test cases (errors first) into ``explain.npz``, for the report."""
+    from models.explain import explain_cases, select_cases
+
+    rows = df[df["split"] == "test"][["series_key", "label", "label_name", "prediction", "prediction_name",
+                                      "confidence"]].to_dict("records")
+    try:
+        cases = explain_cases(model_path, loader, select_cases(rows))
+    except NotImplementedError as exc:
+        logger.warning("no Grad-CAM examples: %s", exc)
+        return
+    if not cases:
+        return
+    meta = [{k: (c[k].item() if hasattr(c[k], "item") else c[k]) for k in
+             ("series_key", "label_name", "prediction_name", "confidence", "z")} for c in cases]
+    np.savez_compressed(run_dir / "explain.npz", images=np.stack([c["image"] for c in cases]),
+                        cams=np.stack([c["cam"] for c in cases]), meta=np.array(json.dumps(meta)))
+    logger.info("Grad-CAM for %d test case(s)", len(cases))
