@@ -1,4 +1,5 @@
-"""The ingest flow: DICOM folder → Zarr store (incremental, de-identified, parallel on Dask)."""
+"""The ingest flow: DICOM folder, DICOMweb server or image folder → Zarr store (incremental, de-identified,
+parallel on Dask)."""
 
 from __future__ import annotations
 
@@ -12,10 +13,12 @@ from storage.dicomweb import is_dicomweb
 from storage.store import Store
 from medflow.dask_runtime import flow_cluster
 from tasks.ingest import (
+    ingest_images_task,
     ingest_options,
     ingest_series_task,
     pull_dicomweb_task,
     record_quarantine_task,
+    images_listing,
     masks_table,
     scan_source_task,
 )
@@ -29,6 +32,10 @@ def ingest_flow(spec: PipelineSpec | str) -> dict:
     """
     spec = as_spec(spec)
     with Store(spec.data.store).writer_lock(purpose="ingest"):
+        if spec.data.format == "images":
+            return ingest_images_task.with_options(retries=spec.run.retries)(
+                spec.data.source, spec.data.store, images_listing(spec), spec.ingest.color,
+                spec.run.dask.model_dump())
         if not is_dicomweb(spec.data.source):
             return _ingest_folder(spec, spec.data.source, merge=False)
         # raw DICOM holds PHI: it is staged outside the store and removed afterwards

@@ -61,6 +61,35 @@ run: {{retries: 2, dask: {{n_workers: 2, threads_per_worker: 1}}}}
 """
 
 
+XRAY_DEMO_SPEC = """\
+# The chest X-ray demo: normal / pneumonia / pleural effusion on synthetic DX and CR radiographs.
+name: demo-xray
+data:
+  source: cohort/images
+  labels: {{path: cohort/labels.csv, key: StudyInstanceUID, label_column: finding,
+           classes: [normal, pneumonia, effusion]}}
+  store: store.zarr
+  split: {{val: 0.15, test: 0.2, by: patient, stratify: true, seed: {seed}}}
+ingest: {{deidentify: true, modalities: [DX, CR]}}
+preprocess:
+  - resize2d: {{shape: [128, 128], aspect: pad}}
+  - rescale: {{}}
+augment: {{shift: 4, zoom: 0.05, contrast: 0.1, intensity_jitter: 0.05}}
+model: {{task: classification, arch: resnet2d, params: {{filters: [16, 32, 64, 128], blocks: 1}}}}
+train: {{epochs: {epochs}, batch_size: 32, optimizer: adam, learning_rate: 0.001, early_stopping: 8, reduce_lr: 3,
+        class_weight: balanced, seed: {seed}}}
+evaluate: {{metrics: [auc, accuracy, precision, recall, specificity, f1], bootstrap: 1000}}
+run: {{retries: 2, dask: {{n_workers: 2, threads_per_worker: 1}}}}
+"""
+
+# task -> (spec template, default cohort size, default work folder, default epochs)
+DEMOS = {
+    "classification": (DEMO_SPEC, 100, "work/demo", 30),
+    "segmentation": (SEG_DEMO_SPEC, 60, "work/demo-segmentation", 30),
+    "xray": (XRAY_DEMO_SPEC, 600, "work/demo-xray", 40),
+}
+
+
 def _fail_spec(exc) -> None:
     err.print(f"[bold red]{exc.args[0].splitlines()[0]}[/]")
     for line in exc.problems:
@@ -145,49 +174,94 @@ def _synth(out: Path, patients: int, seed: int, matrix: int, **options):
     return cohort
 
 
+def _synth_xray(out: Path, images: int, seed: int, fmt: str, classes: list[str] | None = None):
+    from rich.progress import Progress
+
+    from medflow.synth_xray import synthesize_xray
+
+    with Progress(console=console, transient=True) as progress:
+        bar = progress.add_task(f"synthesising {images} chest X-rays", total=images)
+        extra = {"classes": classes} if classes else {}
+        cohort = synthesize_xray(out, images=images, seed=seed, fmt=fmt, **extra,
+                                 progress=lambda done, total: progress.update(bar, completed=done))
+    counts = ", ".join(f"{k} {v}" for k, v in cohort.counts.items())
+    console.print(f"wrote {cohort.n_images} {fmt.upper()} chest X-rays ({counts}) to {cohort.images_dir}; labels in "
+                  f"{cohort.labels_csv}")
+    return cohort
+
+
 @app.command()
 def synth(
-    out: Annotated[Path, typer.Argument(help="Output folder (dicom/ and labels.csv are written there).")],
-    patients: Annotated[int, typer.Option(min=2, help="Number of patients.")] = 80,
+    out: Annotated[Path, typer.Argument(help="Output folder (the images and labels.csv are written there).")],
+    kind: Annotated[str, typer.Option(help="ct: chest CT volumes with nodules; xray: chest radiographs, normal / "
+                                      "pneumonia / effusion.")] = "ct",
+    patients: Annotated[int, typer.Option(min=2, help="Number of patients (images for xray).")] = 80,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
-    matrix: Annotated[int, typer.Option(min=32, help="Rows and columns of each slice.")] = 128,
-    masks: Annotated[bool, typer.Option(help="Also write each nodule as a DICOM SEG.")] = False,
+    matrix: Annotated[int, typer.Option(min=32, help="CT: rows and columns of each slice.")] = 128,
+    masks: Annotated[bool, typer.Option(help="CT: also write each nodule as a DICOM SEG.")] = False,
+    format: Annotated[str, typer.Option(help="xray: dicom (DX/CR files) or png (8-bit PNG in one folder per "  # noqa: A002
+                                        "class).")] = "dicom",
+    classes: Annotated[str | None, typer.Option(help="xray: comma-separated subset of normal,pneumonia,effusion "
+                                                "(default: all three).")] = None,
 ) -> None:
-    """Write a synthetic chest-CT cohort as real DICOM files, with labels.csv (and DICOM SEG masks)."""
-    _synth(out, patients, seed, matrix, masks=masks)
+    """Write a synthetic cohort as real DICOM files (or PNG class folders), with labels.csv."""
+    if kind == "xray":
+        if format not in ("dicom", "png"):
+            err.print(f"[bold red]--format must be dicom or png[/] (received {format!r})")
+            raise typer.Exit(2)
+        try:
+            _synth_xray(out, patients, seed, format, classes.split(",") if classes else None)
+        except ValueError as exc:
+            err.print(f"[bold red]{exc}[/]")
+            raise typer.Exit(2) from None
+    elif kind == "ct":
+        _synth(out, patients, seed, matrix, masks=masks)
+    else:
+        err.print(f"[bold red]--kind must be ct or xray[/] (received {kind!r})")
+        raise typer.Exit(2)
 
 
 @app.command()
 def demo(
-    workdir: Annotated[Path, typer.Option(help="Work folder (cohort, store, runs, Prefect home).")] = Path("work/demo"),
+    workdir: Annotated[Path | None, typer.Option(help="Work folder (cohort, store, runs, Prefect home); default "
+                                                 "work/demo, work/demo-segmentation or work/demo-xray.")] = None,
     patients: Annotated[int | None, typer.Option(min=10, help="Patients in the demo cohort (default: 100 for "
-                                                 "classification, 60 for segmentation).")] = None,
+                                                 "classification, 60 for segmentation, 600 images for xray).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the cohort, split and training.")] = 0,
-    epochs: Annotated[int, typer.Option(min=1, help="Training epochs (early stopping may end sooner).")] = 30,
-    task: Annotated[str, typer.Option(help="classification (nodule present/absent, cnn3d) or segmentation "
-                                      "(tumour masks from DICOM SEG, unet2d).")] = "classification",
+    epochs: Annotated[int | None, typer.Option(min=1, help="Most training epochs (early stopping may end sooner); "
+                                               "default 30, 40 for xray.")] = None,
+    task: Annotated[str, typer.Option(help="classification (nodule present/absent on CT, cnn3d), segmentation "
+                                      "(tumour masks from DICOM SEG, unet2d) or xray (chest X-rays in three "
+                                      "classes, resnet2d).")] = "classification",
 ) -> None:
     """Synthesise a cohort, write a spec, and run the whole pipeline on it."""
-    if task not in ("classification", "segmentation"):
-        err.print(f"[bold red]--task must be classification or segmentation[/] (received {task!r})")
+    if task not in DEMOS:
+        err.print(f"[bold red]--task must be one of {', '.join(DEMOS)}[/] (received {task!r})")
         raise typer.Exit(2)
     t0 = time.perf_counter()
-    segmentation = task == "segmentation"
-    patients = patients or (60 if segmentation else 100)
-    if segmentation and workdir == Path("work/demo"):
-        workdir = Path("work/demo-segmentation")
+    template, default_size, default_dir, default_epochs = DEMOS[task]
+    epochs = epochs or default_epochs
+    patients = patients or default_size
+    workdir = workdir or Path(default_dir)
     workdir.mkdir(parents=True, exist_ok=True)
     marker = workdir / "cohort" / "cohort.json"
-    # segmentation: lung tumours of 6-14 mm radius, in 3 of 4 patients, as DICOM SEG
-    options = {"masks": True, "nodule_radius": [6.0, 14.0], "positive_fraction": 0.75} if segmentation else {}
-    wanted = {"patients": patients, "seed": seed, "matrix": 128, **options}
+    if task == "xray":
+        wanted = {"kind": "xray", "images": patients, "seed": seed}
+    else:
+        # segmentation: lung tumours of 6-14 mm radius, in 3 of 4 patients, as DICOM SEG
+        options = {"masks": True, "nodule_radius": [6.0, 14.0], "positive_fraction": 0.75} \
+            if task == "segmentation" else {}
+        wanted = {"patients": patients, "seed": seed, "matrix": 128, **options}
     if marker.exists() and json.loads(marker.read_text()) == wanted:
         console.print(f"using the cohort in {marker.parent}")
     else:
-        _synth(workdir / "cohort", patients, seed, 128, **options)
+        if task == "xray":
+            _synth_xray(workdir / "cohort", patients, seed, "dicom")
+        else:
+            _synth(workdir / "cohort", patients, seed, 128, **options)
         marker.write_text(json.dumps(wanted))
     spec_path = workdir / "demo.yaml"
-    spec_path.write_text((SEG_DEMO_SPEC if segmentation else DEMO_SPEC).format(seed=seed, epochs=epochs))
+    spec_path.write_text(template.format(seed=seed, epochs=epochs))
     console.print(f"spec: {spec_path}")
     _print_result(_run_pipeline(spec_path), t0)
 

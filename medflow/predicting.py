@@ -128,12 +128,15 @@ def predict_store(run: TrainedRun, scratch_root: str, source: Path, output: Path
 
     store = Store(scratch_root)
     files_of: dict[str, list[str]] = {}
+    catalog = store.catalog()
     for relpath, rec in store.scan_index().items():
         if "series_key" in rec and "reason" not in rec and "mask_for" not in rec:
             files_of.setdefault(rec["series_key"], []).append(relpath)
+            image_key = "i" + rec.get("sop_key", "")[:15]  # a planar image is stored under its instance's key
+            if image_key in catalog:
+                files_of.setdefault(image_key, []).append(relpath)
     output.mkdir(parents=True, exist_ok=True)
     rows = kinds.get(run.spec.model.task).predict(run, store, source, output, files_of)
-    catalog = store.catalog()
     for row in rows:
         entry = catalog[row["series_key"]]
         files = files_of.get(entry.get("parent", row["series_key"]), [])

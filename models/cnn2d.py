@@ -67,7 +67,7 @@ def _preact_block(x, filters: int, stride: int, name: str):
 
 def build_resnet2d(input_shape: tuple[int, int, int], *, n_classes: int = 2,
                    filters: tuple[int, ...] | list[int] = (16, 32, 64, 128), blocks: int = 1,
-                   stem_stride: int = 2, dropout: float = 0.2) -> keras.Model:
+                   stem_stride: int = 2, pooling: str = "avg", dropout: float = 0.2) -> keras.Model:
     """A pre-activation ResNet for 2D images, sized by ``filters`` and ``blocks`` to train from scratch.
 
     A 5x5 stem convolution, then one stage per entry of ``filters`` (``blocks`` residual blocks
@@ -81,10 +81,14 @@ def build_resnet2d(input_shape: tuple[int, int, int], *, n_classes: int = 2,
         filters: channels per stage.
         blocks: residual blocks per stage.
         stem_stride: stride of the stem convolution (2 halves large images at once).
+        pooling: ``avg`` (global average, the ResNet default) or ``max`` (is the finding anywhere? Small
+            findings keep their weight, and Grad-CAM localises them more sharply).
         dropout: dropout before the head.
     """
     if not filters:
         raise ValueError("Received filters=[], expected at least one stage.")
+    if pooling not in ("avg", "max"):
+        raise ValueError(f"Received pooling={pooling!r}, expected 'avg' or 'max'.")
     inputs = keras.Input(shape=tuple(input_shape), name="image")
     x = layers.Conv2D(int(filters[0]), 5, strides=stem_stride, padding="same", use_bias=False, name="stem")(inputs)
     for s, f in enumerate(filters):
@@ -92,7 +96,7 @@ def build_resnet2d(input_shape: tuple[int, int, int], *, n_classes: int = 2,
             x = _preact_block(x, int(f), 2 if (s > 0 and b == 0) else 1, name=f"s{s}b{b}")
     x = layers.BatchNormalization(momentum=0.9, name="post_bn")(x)
     x = layers.Activation("relu", name="post_relu")(x)
-    x = layers.GlobalAveragePooling2D(name="gap")(x)
+    x = (layers.GlobalAveragePooling2D if pooling == "avg" else layers.GlobalMaxPooling2D)(name="pool")(x)
     if dropout:
         x = layers.Dropout(dropout, name="dropout")(x)
     return keras.Model(inputs, classifier_head(x, n_classes), name="resnet2d")

@@ -39,7 +39,7 @@ def grad_cam(model, image: np.ndarray, *, layer: str | None = None, class_index:
     head = model.layers[-1]
     if not isinstance(head, keras.layers.Dense):
         raise ValueError(f"Received a model whose last layer is {head.name!r}, expected a Dense classifier head.")
-    probe = keras.Model(model.inputs, [target.output, head.input])
+    probe = _probe(keras, model, target, head)
     x = tf.convert_to_tensor(image[None, ..., None], dtype=tf.float32)
     kernel, bias = (tf.cast(w, tf.float32) for w in head.weights[:2])
     with tf.GradientTape() as tape:
@@ -58,6 +58,23 @@ def grad_cam(model, image: np.ndarray, *, layer: str | None = None, class_index:
     cam = ndimage.zoom(cam, np.asarray(image.shape) / np.asarray(cam.shape), order=1)
     peak = float(cam.max())
     return (cam / peak if peak > 0 else cam).astype(np.float32)
+
+
+def _probe(keras, model, target, head):
+    """A model from the input to (``target``'s feature maps, the head's input).
+
+    A loaded ``Sequential`` model's layer outputs are not connected to its inputs, so its
+    layers are called anew on a fresh input.
+    """
+    if not isinstance(model, keras.Sequential):
+        return keras.Model(model.inputs, [target.output, head.input])
+    inputs = keras.Input(shape=model.input_shape[1:])
+    x, features = inputs, None
+    for layer in model.layers[:-1]:
+        x = layer(x)
+        if layer is target:
+            features = x
+    return keras.Model(inputs, [features, x])
 
 
 def select_cases(rows: list[dict], *, n: int = 4) -> list[dict]:

@@ -63,9 +63,11 @@ def _pad_to(image: np.ndarray, mask: np.ndarray, size) -> tuple[np.ndarray, np.n
 
 
 def augment_pair(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator, *, flip=(), shift: int = 0,
-                 rotate_deg: float = 0.0, intensity_jitter: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
-    """The same random flips and in-plane rotation on an image patch and its mask (nearest for
-    the mask); intensity jitter on the image only. ``shift`` is covered by patch sampling."""
+                 rotate_deg: float = 0.0, zoom: float = 0.0, intensity_jitter: float = 0.0,
+                 contrast: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """The same random flips, in-plane rotation and zoom on an image patch and its mask (nearest
+    for the mask); intensity and contrast jitter on the image only. ``shift`` is covered by
+    patch sampling."""
     from scipy import ndimage
 
     axes = {"z": 0, "y": 1, "x": 2}
@@ -76,6 +78,16 @@ def augment_pair(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator, 
         angle = float(rng.uniform(-rotate_deg, rotate_deg))
         image = ndimage.rotate(image, angle, axes=(1, 2), reshape=False, order=1, mode="nearest")
         mask = ndimage.rotate(mask, angle, axes=(1, 2), reshape=False, order=0, mode="constant", cval=0)
+    if zoom:
+        factor = float(rng.uniform(1.0 - zoom, 1.0 + zoom))
+        centre = (np.asarray(image.shape[1:], dtype=float) - 1) / 2
+        matrix = np.diag([1.0, 1.0 / factor, 1.0 / factor])
+        offset = np.concatenate([[0.0], centre - centre / factor])
+        image = ndimage.affine_transform(image, matrix, offset=offset, order=1, mode="nearest")
+        mask = ndimage.affine_transform(mask, matrix, offset=offset, order=0, mode="constant", cval=0)
+    if contrast:
+        mean = float(image.mean())
+        image = (image - mean) * (1.0 + float(rng.uniform(-contrast, contrast))) + mean
     if intensity_jitter:
         scale = 1.0 + float(rng.uniform(-intensity_jitter, intensity_jitter))
         image = image * scale + float(rng.uniform(-intensity_jitter, intensity_jitter))

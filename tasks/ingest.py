@@ -38,6 +38,14 @@ def masks_table(spec) -> dict | None:
             "path_column": masks.path_column}
 
 
+def images_listing(spec) -> dict | None:
+    """How an image-folder source lists its images: None for class folders, else the labels CSV."""
+    lab = spec.data.labels
+    if lab is None or lab.key != "path":
+        return None
+    return {"table": lab.path, "path_column": lab.key_column_name, "label_column": lab.label_column}
+
+
 @task(name="scan_source", retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=retry_transient)
 def scan_source_task(source: str, store_root: str, options: IngestOptions, nifti: dict | None = None,
                      dask: dict | None = None) -> ScanResult:
@@ -153,3 +161,43 @@ def pull_dicomweb_task(source: str, store_root: str, staging: str) -> dict:
                 files += n
                 update_progress_artifact(progress, 100.0 * done / len(todo))
     return {"listed": len(remote), "fetched": len(todo), "files": files}
+
+
+@task(name="ingest_images", retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=retry_transient)
+def ingest_images_task(source: str, store_root: str, listing: dict | None, color: str, dask: dict) -> dict:
+    """Ingest a folder of PNG/JPEG images (class folders, or the CSV in ``listing``) on Dask; write the
+    quarantine table; withdraw images no longer in the source."""
+    from storage.images import ingest_images, list_class_folders, list_csv, resolve_duplicates
+    from storage.ingest import chunk_files
+
+    log = get_run_logger()
+    store = Store(store_root)
+    items, quarantine = list_csv(source, **listing) if listing else list_class_folders(source)
+    log.info("images: %d image(s) in %d class(es); %d file(s) not usable at listing", len(items),
+             len({i.label for i in items}), len(quarantine))
+    progress = create_progress_artifact(0.0, key="ingest-progress", description=f"images ingested of {len(items)}")
+    chunks = chunk_files(items, 16) if items else []
+    done = {"n": 0}
+
+    def on_result(i, total, res):
+        done["n"] += res["ingested"] + res["unchanged"] + len(res["quarantine"])
+        update_progress_artifact(progress, 100.0 * i / total)
+
+    with dask_client(**cluster_options(dask, store)) as client:
+        results = run_all(client, ingest_images, [(store_root, source, c) for c in chunks], on_result=on_result) \
+            if chunks else []
+    for res in results:
+        quarantine += res["quarantine"]
+    withdraw, rows = resolve_duplicates(results)
+    quarantine += rows
+    present = {key for res in results for key, _, _ in res["keys"]} - set(withdraw)
+    gone = [k for k, e in store.catalog().items() if e.get("kind") == "image" and k not in present]
+    for key in withdraw + gone:
+        store.withdraw_series(key)
+    store.write_quarantine(quarantine)
+    summary = {"files": len(items) + sum(1 for r in quarantine if r["stage"] == "scan"),
+               "ingested": sum(r["ingested"] for r in results), "unchanged": sum(r["unchanged"] for r in results),
+               "quarantined_files": len(quarantine), "withdrawn": len(withdraw) + len(gone)}
+    log.info("images: %(ingested)d ingested, %(unchanged)d unchanged, %(quarantined_files)d quarantined, "
+             "%(withdrawn)d withdrawn", summary)
+    return summary

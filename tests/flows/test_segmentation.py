@@ -20,7 +20,7 @@ from medflow.cli import SEG_DEMO_SPEC
 from medflow.synth import synthesize
 from storage.ingest import IngestOptions
 from storage.store import Store
-from tasks.evaluate import predict_native
+from medflow.kinds.segmentation import predict_native
 from medflow.preprocessing import preprocess_series, steps_key
 from tests.helpers import ingest_serial
 

@@ -50,3 +50,65 @@ def test_bootstrap_interval_brackets_the_estimate_and_is_seeded():
         lo, hi = ci[name]
         assert lo < point[name] < hi and hi - lo < 0.5
     assert ci == bootstrap_ci(y, s, 0.5, metrics=["auc", "accuracy"], n=300, seed=4)
+
+
+# ------------------------------------------------------------------ multi-class
+def _three_class_predictions(seed=0, n=60):
+    rng = np.random.default_rng(seed)
+    y = np.arange(n) % 3
+    logits = rng.normal(size=(n, 3)) + 1.5 * np.eye(3)[y]
+    proba = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    return y, proba
+
+
+def test_multiclass_metrics_equal_scikit_learns():
+    from sklearn.metrics import confusion_matrix, f1_score, precision_score, recall_score, roc_auc_score
+    from sklearn.preprocessing import label_binarize
+
+    from medflow.metrics import multiclass_metrics
+
+    y, proba = _three_class_predictions()
+    pred = proba.argmax(axis=1)
+    m = multiclass_metrics(y, proba, ["normal", "pneumonia", "effusion"])
+    assert m["accuracy"] == pytest.approx(float((pred == y).mean()))
+    assert m["auc"] == pytest.approx(roc_auc_score(y, proba, multi_class="ovr", average="macro"))
+    assert m["auc_micro"] == pytest.approx(roc_auc_score(label_binarize(y, classes=[0, 1, 2]), proba, average="micro"))
+    assert m["precision"] == pytest.approx(precision_score(y, pred, average="macro"))
+    assert m["recall"] == pytest.approx(recall_score(y, pred, average="macro"))
+    assert m["f1"] == pytest.approx(f1_score(y, pred, average="macro"))
+    assert m["f1_micro"] == pytest.approx(f1_score(y, pred, average="micro"))
+    assert m["confusion_matrix"] == confusion_matrix(y, pred).tolist()
+    per_f1 = f1_score(y, pred, average=None)
+    for k, row in enumerate(m["per_class"]):
+        assert row["f1"] == pytest.approx(per_f1[k])
+        assert row["auc"] == pytest.approx(roc_auc_score(y == k, proba[:, k]))
+        assert row["support"] == int((y == k).sum())
+        cm = confusion_matrix(y == k, pred == k)
+        assert row["specificity"] == pytest.approx(cm[0, 0] / cm[0].sum())
+
+
+def test_multiclass_intervals_contain_the_estimate_and_narrow_with_more_cases():
+    from medflow.metrics import multiclass_ci, multiclass_metrics
+
+    names = ["a", "b", "c"]
+    small_y, small_p = _three_class_predictions(seed=1, n=30)
+    big_y, big_p = _three_class_predictions(seed=1, n=600)
+    small = multiclass_ci(small_y, small_p, names, metrics=["auc", "accuracy"], n=300, seed=0)
+    big = multiclass_ci(big_y, big_p, names, metrics=["auc", "accuracy"], n=300, seed=0)
+    estimate = multiclass_metrics(big_y, big_p, names)
+    assert big["auc"][0] <= estimate["auc"] <= big["auc"][1]
+    assert big["auc"][1] - big["auc"][0] < small["auc"][1] - small["auc"][0]
+
+
+def test_one_feature_baseline_is_at_chance_on_a_feature_without_signal():
+    from sklearn.metrics import roc_auc_score
+
+    from medflow.baselines import one_feature_logistic
+
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=600), np.arange(600) % 3
+    proba = one_feature_logistic(x[:400], y[:400], x[400:], 3)
+    assert proba.shape == (200, 3) and np.allclose(proba.sum(axis=1), 1)
+    assert roc_auc_score(y[400:], proba, multi_class="ovr") < 0.6
+    informative = one_feature_logistic(y[:400] + 0.1 * x[:400], y[:400], y[400:] + 0.1 * x[400:], 3)
+    assert roc_auc_score(y[400:], informative, multi_class="ovr") > 0.95

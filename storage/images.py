@@ -1,0 +1,203 @@
+"""Image-folder sources: PNG/JPEG files in class folders (Keras' ``flow_from_directory`` layout) or
+listed in a CSV with a label column, ingested into the same store as DICOM series.
+
+Each image becomes a one-slice series (1, H, W), grayscale, with its class in the catalog.
+Keys are pseudonyms of the image's content (an HMAC of its SHA-256 under the store's
+secret), never of its file name, so a file or folder name that carries a patient's name
+reaches neither keys nor attributes. Unusable files are quarantined with the reason; the
+rest goes on. No Prefect here: ``tasks/ingest.py`` runs these functions on Dask.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from storage.deid import Pseudonymizer
+from storage.store import Store
+
+logger = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+
+
+@dataclass(frozen=True)
+class ImageItem:
+    """One image to ingest: its path relative to the source and its class."""
+
+    relpath: str
+    label: str
+
+
+def list_class_folders(root: str | Path) -> tuple[list[ImageItem], list[dict]]:
+    """Images in ``root/<class>/...`` and quarantine rows for what cannot be used.
+
+    Files directly in ``root``, files that are not images by their suffix, and class folders
+    without an image are reported with the reason.
+    """
+    root = Path(root)
+    items, quarantine = [], []
+    for entry in sorted(os.scandir(root), key=lambda e: e.name):
+        if entry.name.startswith("."):
+            continue
+        if not entry.is_dir():
+            quarantine.append({"path": entry.name, "stage": "scan", "reason": "not in a class folder (images go in "
+                               "one subfolder per class)"})
+            continue
+        found = 0
+        for dirpath, dirnames, filenames in os.walk(entry.path):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            for name in sorted(filenames):
+                if name.startswith("."):
+                    continue
+                rel = os.path.relpath(os.path.join(dirpath, name), root)
+                if not name.lower().endswith(IMAGE_SUFFIXES):
+                    quarantine.append({"path": rel, "stage": "scan", "reason": "not an image file (expected "
+                                       + ", ".join(IMAGE_SUFFIXES) + ")"})
+                    continue
+                items.append(ImageItem(rel, entry.name))
+                found += 1
+        if not found:
+            quarantine.append({"path": entry.name + "/", "stage": "scan", "reason": "empty class folder (no image)"})
+    return items, quarantine
+
+
+def list_csv(root: str | Path, table: str | Path, *, path_column: str, label_column: str
+             ) -> tuple[list[ImageItem], list[dict]]:
+    """Images listed in a CSV (paths relative to ``root``) with their labels."""
+    import pandas as pd
+
+    from medflow.splitting import label_text
+
+    df = pd.read_csv(table, dtype=str)
+    for col in (path_column, label_column):
+        if col not in df.columns:
+            raise ValueError(f"labels CSV {str(table)!r} has no column {col!r}; its columns are {list(df.columns)}")
+    items, quarantine = [], []
+    for rel, label in zip(df[path_column], df[label_column]):
+        if not isinstance(rel, str) or not rel.strip():
+            continue
+        if not isinstance(label, str) or not label.strip():
+            quarantine.append({"path": rel, "stage": "scan", "reason": "no label in the labels CSV"})
+        elif not (Path(root) / rel).is_file():
+            quarantine.append({"path": rel, "stage": "scan", "reason": "listed in the labels CSV but not found"})
+        else:
+            items.append(ImageItem(rel, label_text(label)))
+    return items, quarantine
+
+
+def read_image(path: str | Path, *, color: str = "quarantine") -> np.ndarray:
+    """A grayscale image as uint8 or uint16 (H, W), with Pillow.
+
+    RGB images whose channels are equal (grayscale saved as colour) are taken as grayscale;
+    other colour images are converted to luminance with ``color="grayscale"``, else refused.
+
+    Raises:
+        ValueError: unreadable or truncated file, or a colour image under ``color="quarantine"``.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im.load()
+            mode = im.mode
+            if mode in ("L", "I;16", "I;16B", "I;16L", "I", "1"):
+                arr = np.asarray(im)
+            else:
+                rgb = np.asarray(im.convert("RGB"))
+                if np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 1], rgb[..., 2]):
+                    arr = rgb[..., 0]
+                elif color == "grayscale":
+                    arr = np.asarray(im.convert("L"))
+                else:
+                    raise ValueError(f"colour image ({mode}); set ingest.color: grayscale to convert it")
+    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+        raise ValueError(f"unreadable image: {type(exc).__name__}: {exc}") from exc
+    if arr.dtype == bool:
+        arr = arr.astype(np.uint8) * 255
+    if arr.dtype.kind == "i":
+        if arr.min() < 0 or arr.max() > 65535:
+            raise ValueError(f"image values {arr.min()}..{arr.max()} do not fit 16 bits")
+        arr = arr.astype(np.uint16)
+    if arr.ndim != 2 or min(arr.shape) < 2:
+        raise ValueError(f"image of shape {arr.shape}, expected a 2D grayscale image")
+    return np.ascontiguousarray(arr)
+
+
+def content_digest(path: str | Path) -> str:
+    """SHA-256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def image_key(pseudo: Pseudonymizer, digest: str) -> str:
+    """The series key of an image: a pseudonym of its content."""
+    return "m" + pseudo.key(digest, kind="image")[:31]
+
+
+def ingest_images(store_root: str, source: str, items: list[ImageItem], *, color: str = "quarantine") -> dict:
+    """Write ``items`` to the store (a Dask worker entry point); returns counts and quarantine rows.
+
+    Images already stored with the same content and class are skipped. The same image under
+    two classes is quarantined (both copies); the same image twice in one class is stored once.
+    """
+    store = Store(store_root)
+    pseudo = store.pseudonymizer()
+    catalog = store.catalog()
+    out = {"ingested": 0, "unchanged": 0, "quarantine": [], "keys": []}
+    for item in items:
+        path = Path(source) / item.relpath
+        try:
+            digest = content_digest(path)
+            key = image_key(pseudo, digest)
+            if key in catalog and catalog[key].get("label") == item.label:
+                out["unchanged"] += 1
+                out["keys"].append((key, item.label, item.relpath))
+                continue
+            pixels = read_image(path, color=color)
+        except (OSError, ValueError) as exc:
+            out["quarantine"].append({"path": item.relpath, "stage": "ingest", "reason": str(exc)})
+            continue
+        entry = {
+            "patient_key": key, "study_key": key, "accession_key": "", "modality": "OT", "kind": "image",
+            "shape": [1, *pixels.shape], "dtype": str(pixels.dtype), "n_files": 1, "n_frames": 1, "digest": digest,
+            "spacing": [1.0, 1.0, 1.0], "origin": [0.0, 0.0, 0.0],
+            "direction": [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]], "spacing_deviation": 0.0,
+            "spacing_source": "unknown", "rescaled": False, "acquisition": {}, "label": item.label,
+            "source_format": Path(item.relpath).suffix.lower().lstrip("."),
+        }
+        store.write_series(key, pixels[None], entry)
+        out["ingested"] += 1
+        out["keys"].append((key, item.label, item.relpath))
+    return out
+
+
+def resolve_duplicates(results: list[dict]) -> tuple[list[str], list[dict]]:
+    """Keys to withdraw and quarantine rows for images that were found more than once.
+
+    The same content under two classes cannot be trusted: it is withdrawn and every copy is
+    quarantined. The same content twice in one class keeps one copy.
+    """
+    seen: dict[str, list[tuple[str, str]]] = {}
+    for res in results:
+        for key, label, rel in res["keys"]:
+            seen.setdefault(key, []).append((label, rel))
+    withdraw, rows = [], []
+    for key, copies in seen.items():
+        labels = {label for label, _ in copies}
+        if len(labels) > 1:
+            withdraw.append(key)
+            rows += [{"path": rel, "stage": "ingest", "reason": f"the same image is in {len(labels)} classes "
+                      f"({', '.join(sorted(labels))})"} for _, rel in copies]
+        elif len(copies) > 1:
+            rows += [{"path": rel, "stage": "ingest", "reason": "duplicate of another image in the same class "
+                      "(stored once)"} for _, rel in copies[1:]]
+    return withdraw, rows

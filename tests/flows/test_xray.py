@@ -1,0 +1,109 @@
+"""2D classification end to end: a 3-class DICOM chest X-ray cohort, and the classic Keras program's spec
+on PNG class folders, under Prefect's test harness."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from flows.pipeline import pipeline
+from medflow.cli import XRAY_DEMO_SPEC
+from medflow.synth_xray import synthesize_xray
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def xray_run(tmp_path_factory, prefect_harness):
+    root = tmp_path_factory.mktemp("xray")
+    cohort = synthesize_xray(root / "cohort", images=36, seed=5)
+    spec = yaml.safe_load(XRAY_DEMO_SPEC.format(seed=5, epochs=2))
+    spec["preprocess"][0] = {"resize2d": {"shape": [48, 48], "aspect": "pad"}}
+    spec["model"]["params"] = {"filters": [4, 8]}
+    spec["evaluate"]["bootstrap"] = 20
+    spec["train"]["batch_size"] = 8
+    path = root / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return cohort, pipeline(str(path))
+
+
+def test_three_class_pipeline_reports_per_class_metrics_and_the_baseline(xray_run):
+    cohort, result = xray_run
+    run = Path(result["run_dir"])
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["classes"] == ["normal", "pneumonia", "effusion"] and metrics["n_classes"] == 3
+    test = metrics["test"]
+    assert [r["class"] for r in test["per_class"]] == ["normal", "pneumonia", "effusion"]
+    assert np.array(test["confusion_matrix"]).shape == (3, 3)
+    assert np.array(test["confusion_matrix"]).sum() == test["n"]
+    assert 0 <= metrics["baseline"]["auc"] <= 1 and "mean intensity" in metrics["baseline"]["name"]
+
+    preds = pd.read_csv(run / "predictions.csv")
+    proba = preds[["p_normal", "p_pneumonia", "p_effusion"]].to_numpy()
+    assert np.allclose(proba.sum(axis=1), 1, atol=1e-4)
+    assert (preds["prediction"] == proba.argmax(axis=1)).all()
+    assert set(preds["label_name"]) == {"normal", "pneumonia", "effusion"}
+    labels = pd.read_csv(cohort.labels_csv)
+    assert len(preds) == len(labels)  # every DX and CR image, MONOCHROME1 or 2, reached the store
+
+    html = (run / "report.html").read_text()
+    assert 'id="per-class"' in html and 'id="baseline"' in html and "ROC AUC, macro average" in html
+    for canary in cohort.canaries:
+        assert canary not in html
+    store = Path(yaml.safe_load((run / "spec.yaml").read_text())["data"]["store"])
+    for path in store.rglob("*.json"):
+        assert "ZQXCANARY" not in path.read_text(), path
+
+
+def test_predict_writes_per_class_scores(xray_run, tmp_path):
+    from flows.predict import predict_flow
+
+    _, result = xray_run
+    new = synthesize_xray(tmp_path / "new", images=4, seed=99)
+    out = predict_flow(result["run_dir"], str(new.images_dir), str(tmp_path / "out"))
+    assert out["series"] == 4
+    rows = pd.read_csv(tmp_path / "out" / "predictions.csv")
+    proba = rows[["p_normal", "p_pneumonia", "p_effusion"]].to_numpy()
+    assert np.allclose(proba.sum(axis=1), 1, atol=1e-4)
+    assert list(rows["prediction"]) == [["normal", "pneumonia", "effusion"][i] for i in proba.argmax(axis=1)]
+    assert set(rows["StudyInstanceUID"]) <= set(pd.read_csv(new.labels_csv)["StudyInstanceUID"])
+
+
+def test_the_classic_program_as_a_spec_on_png_class_folders(tmp_path, prefect_harness):
+    from PIL import Image
+
+    from medflow.spec import load_spec
+
+    cohort = synthesize_xray(tmp_path / "xray-png", images=30, seed=3, fmt="png", classes=["normal", "pneumonia"])
+    images = cohort.images_dir
+    (images / "pneumonia" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 30)
+    (images / "normal" / "Thumbs.db").write_bytes(b"\0" * 10)
+    (images / "effusion").mkdir()  # an empty class folder
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(images / "stray.png")
+    spec = yaml.safe_load((ROOT / "examples" / "xray_seed.yaml").read_text())
+    spec["train"]["epochs"] = 1
+    spec["evaluate"]["bootstrap"] = 20
+    path = tmp_path / "xray_seed.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    assert load_spec(path).model.arch == "seed_cnn"
+
+    result = pipeline(str(path))
+    run = Path(result["run_dir"])
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["classes"] == ["normal", "pneumonia"] and metrics["threshold"] == 0.5
+    assert 0 <= metrics["test"]["accuracy"] <= 1
+    training = json.loads((run / "training.json").read_text())
+    assert training["params"] == 19_033_601  # seed_cnn at 150x150x1
+    assert result["ingest"]["ingested"] == 30
+    quarantine = json.loads((tmp_path / "xray-png" / "store.zarr" / "quarantine.json").read_text())
+    reasons = {r["path"]: r["reason"] for r in quarantine}
+    assert reasons["pneumonia/broken.png"].startswith("unreadable image")
+    assert reasons["normal/Thumbs.db"].startswith("not an image file")
+    assert reasons["effusion/"] == "empty class folder (no image)"
+    assert reasons["stray.png"].startswith("not in a class folder")
