@@ -163,12 +163,56 @@ def bootstrap_intervals(score_fn: Callable[[np.ndarray], dict], n_cases: int, *,
     return {name: [float(np.quantile(v, alpha)), float(np.quantile(v, 1 - alpha))] for name, v in samples.items() if v}
 
 
+def rank_auc(positive: np.ndarray, score: np.ndarray) -> float:
+    """ROC AUC from ranks (the Mann-Whitney U statistic, ties averaged), as ``roc_auc_score``; NaN
+    when one class is absent.
+
+    >>> rank_auc(np.array([0, 0, 1, 1], bool), np.array([0.1, 0.4, 0.35, 0.8]))
+    0.75
+    """
+    from scipy.stats import rankdata
+
+    n_pos = int(positive.sum())
+    n_neg = len(positive) - n_pos
+    if not n_pos or not n_neg:
+        return float("nan")
+    ranks = rankdata(score)
+    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def multiclass_summary(y: np.ndarray, proba: np.ndarray) -> dict:
+    """The summary numbers of ``multiclass_metrics`` (macro and micro, no per-class rows), computed
+    with numpy alone: the bootstrap calls it a thousand times."""
+    k = proba.shape[1]
+    pred = proba.argmax(axis=1)
+    cm = np.bincount(y * k + pred, minlength=k * k).reshape(k, k).astype(float)
+    tp = np.diag(cm)
+    fp, fn = cm.sum(axis=0) - tp, cm.sum(axis=1) - tp
+    tn = cm.sum() - tp - fp - fn
+
+    def ratio(a, b):
+        return np.divide(a, b, out=np.zeros_like(a), where=b > 0)
+
+    onehot = np.eye(k, dtype=bool)[y]
+    aucs = [rank_auc(onehot[:, c], proba[:, c]) for c in range(k)]
+    spec = np.divide(tn, tn + fp, out=np.full(k, np.nan), where=(tn + fp) > 0)
+    present = [a for a in aucs if not np.isnan(a)]
+    return {
+        "accuracy": float(tp.sum() / len(y)) if len(y) else float("nan"),
+        "precision": float(ratio(tp, tp + fp).mean()), "recall": float(ratio(tp, tp + fn).mean()),
+        "f1": float(ratio(2 * tp, 2 * tp + fp + fn).mean()),
+        "specificity": float(np.nanmean(spec)) if not np.all(np.isnan(spec)) else float("nan"),
+        "auc": float(np.mean(present)) if present else float("nan"),
+        "auc_micro": rank_auc(onehot.ravel(), proba.ravel()),
+    }
+
+
 def multiclass_ci(y_true, proba, class_names: list[str], *, metrics: list[str], n: int = 1000, seed: int = 0
                   ) -> dict[str, list[float]]:
-    """Bootstrap intervals of ``multiclass_metrics`` over resampled cases."""
+    """Bootstrap intervals of the macro and micro ``multiclass_metrics`` over resampled cases."""
     y, p = np.asarray(y_true).astype(int), np.asarray(proba, dtype=float)
-    return bootstrap_intervals(lambda idx: multiclass_metrics(y[idx], p[idx], class_names), len(y), metrics=metrics,
-                               n=n, seed=seed)
+    return bootstrap_intervals(lambda idx: multiclass_summary(y[idx], p[idx]), len(y), metrics=metrics, n=n,
+                               seed=seed)
 
 
 # ------------------------------------------------------------------ segmentation

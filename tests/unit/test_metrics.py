@@ -112,3 +112,16 @@ def test_one_feature_baseline_is_at_chance_on_a_feature_without_signal():
     assert roc_auc_score(y[400:], proba, multi_class="ovr") < 0.6
     informative = one_feature_logistic(y[:400] + 0.1 * x[:400], y[:400], y[400:] + 0.1 * x[400:], 3)
     assert roc_auc_score(y[400:], informative, multi_class="ovr") > 0.95
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_the_bootstraps_fast_summary_equals_the_full_metrics(seed):
+    from medflow.metrics import multiclass_metrics, multiclass_summary
+
+    y, proba = _three_class_predictions(seed=seed, n=45)
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, 45, 45)
+    y, proba = y[idx], np.round(proba[idx], 2)  # resampled, with ties
+    full, fast = multiclass_metrics(y, proba, ["a", "b", "c"]), multiclass_summary(y, proba)
+    for name, value in fast.items():
+        assert value == pytest.approx(full[name]), name

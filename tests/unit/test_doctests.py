@@ -1,0 +1,20 @@
+"""The docstring examples of the pure modules are tests: they run here."""
+
+from __future__ import annotations
+
+import doctest
+import importlib
+
+import pytest
+
+MODULES = [
+    "medflow.baselines", "medflow.kinds", "medflow.metrics", "medflow.preprocessing", "medflow.splitting",
+    "models", "models.explain", "models.segmentation", "models.training", "medflow.kinds.classification",
+    "storage.images",
+]
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_docstring_examples(name):
+    result = doctest.testmod(importlib.import_module(name), optionflags=doctest.NORMALIZE_WHITESPACE)
+    assert result.failed == 0, f"{result.failed} of {result.attempted} examples failed in {name}"
