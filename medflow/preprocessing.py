@@ -158,6 +158,29 @@ def equalize(image: np.ndarray, spacing: Spacing, *, method: str = "clahe", clip
     return out, spacing
 
 
+def slice_index(depth: int, index: int | None) -> int:
+    """The slice ``axial_slice`` takes: ``index`` (negative counts from the end), or the middle one.
+
+    >>> slice_index(9, None), slice_index(9, -1), slice_index(9, 2)
+    (4, 8, 2)
+    """
+    if index is None:
+        return depth // 2
+    if not -depth <= index < depth:
+        raise ValueError(f"Received axial_slice index={index} for a volume of {depth} slice(s).")
+    return index % depth
+
+
+def axial_slice(image: np.ndarray, spacing: Spacing, *, index: int | None = None) -> tuple[np.ndarray, Spacing]:
+    """One axial slice of a volume as a one-slice volume (1, Y, X): the input of a 2D model.
+
+    >>> axial_slice(np.arange(27).reshape(3, 3, 3), (2.0, 1.0, 1.0))[0].shape
+    (1, 3, 3)
+    """
+    z = slice_index(image.shape[0], index)
+    return image[z:z + 1], spacing
+
+
 OPS: dict[str, Callable] = {
     "resample": lambda img, sp, spacing, order=1: resample(img, sp, target=tuple(spacing), order=order),
     "window": window,
@@ -168,6 +191,7 @@ OPS: dict[str, Callable] = {
     "resize2d": resize2d,
     "rescale": rescale,
     "equalize": equalize,
+    "axial_slice": axial_slice,
 }
 
 
@@ -184,7 +208,7 @@ def apply_steps(image: np.ndarray, spacing: Spacing, steps: list[tuple[str, dict
 
 
 # Steps that move voxels (the rest change intensities only and leave a mask as it is).
-GEOMETRIC = ("resample", "resize", "crop_pad", "resize2d")
+GEOMETRIC = ("resample", "resize", "crop_pad", "resize2d", "axial_slice")
 
 
 def _label_step(name: str, mask: np.ndarray, spacing: Spacing, kwargs: dict) -> tuple[np.ndarray, Spacing]:
@@ -195,6 +219,8 @@ def _label_step(name: str, mask: np.ndarray, spacing: Spacing, kwargs: dict) -> 
         return resize(mask, spacing, shape=tuple(kwargs["shape"]), order=0)
     if name == "crop_pad":
         return crop_pad(mask, spacing, shape=tuple(kwargs["shape"]), value=0)
+    if name == "axial_slice":
+        return axial_slice(mask, spacing, **kwargs)
     if name == "resize2d":
         inner = tuple(kwargs["shape"]) if kwargs.get("aspect") == "stretch" else fit_size(mask.shape[1:],
                                                                                            tuple(kwargs["shape"]))
@@ -246,6 +272,8 @@ def shape_trace(shape, spacing: Spacing, steps: list[tuple[str, dict]]) -> list[
         elif name == "resize":
             new = tuple(int(v) for v in kwargs["shape"])
             sp = tuple(float(s * i / o) for s, i, o in zip(sp, shape, new))
+        elif name == "axial_slice":
+            new = (1, *shape[1:])
         else:
             new = tuple(int(v) for v in kwargs["shape"])
         trace.append((name, kwargs, shape, new))
@@ -282,6 +310,11 @@ def invert_geometry(prob: np.ndarray, trace: list[tuple[str, dict, tuple, tuple]
             raise ValueError(f"Received a map of shape {out.shape}, expected {tuple(after)} after step {name!r}.")
         if name == "crop_pad":
             out = _uncrop_pad(out, tuple(before))
+        elif name == "axial_slice":  # the slice goes back to its place; the others were not predicted
+            full = np.zeros(tuple(before), dtype=out.dtype)
+            z = slice_index(before[0], _kwargs.get("index"))
+            full[z:z + 1] = out
+            out = full
         else:
             out = sk_resize(out, tuple(before), order=1, mode="edge", anti_aliasing=False,
                             preserve_range=True).astype(np.float32)

@@ -219,8 +219,16 @@ class EqualizeArgs(_Model):
     kernel_size: PositiveInt | None = Field(None, description="CLAHE tile size in pixels (default: 1/8 of the image).")
 
 
+class AxialSliceArgs(_Model):
+    index: int | None = Field(None, description="The slice (negative: from the end); null: the middle one.")
+
+
 class ResampleStep(_Model):
     resample: ResampleArgs
+
+
+class AxialSliceStep(_Model):
+    axial_slice: AxialSliceArgs = AxialSliceArgs()
 
 
 class Resize2DStep(_Model):
@@ -260,7 +268,7 @@ class LungMaskStep(_Model):
 
 
 STEP_NAMES = ("resample", "lung_mask", "window", "zscore", "clip", "resize", "crop_pad", "resize2d", "rescale",
-              "equalize")
+              "equalize", "axial_slice")
 
 
 def _step_name(value: Any) -> str | None:
@@ -284,6 +292,7 @@ Step = Annotated[
         Annotated[Resize2DStep, Tag("resize2d")],
         Annotated[RescaleStep, Tag("rescale")],
         Annotated[EqualizeStep, Tag("equalize")],
+        Annotated[AxialSliceStep, Tag("axial_slice")],
     ],
     Discriminator(
         _step_name,

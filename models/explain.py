@@ -77,9 +77,9 @@ def _probe(keras, model, target, head):
     return keras.Model(inputs, [features, x])
 
 
-def select_cases(rows: list[dict], *, n: int = 4) -> list[dict]:
-    """Test cases worth explaining: every error first (most confident first), then the most confident
-    correct case of each class.
+def select_cases(rows: list[dict], *, n_errors: int = 2) -> list[dict]:
+    """Test cases worth explaining: up to ``n_errors`` errors (most confident first), then the most
+    confident correct case of each class.
 
     ``rows`` have ``series_key``, ``label``, ``prediction`` and ``confidence`` (the score of the
     predicted class).
@@ -94,8 +94,7 @@ def select_cases(rows: list[dict], *, n: int = 4) -> list[dict]:
     best = []
     for label in sorted({r["label"] for r in correct}, reverse=True):
         best.append(max((r for r in correct if r["label"] == label), key=lambda r: r["confidence"]))
-    n_errors = max(n - len(best), min(len(errors), 2))
-    return (errors[:n_errors] + best)[:n]
+    return errors[:n_errors] + best
 
 
 def explain_cases(model_path: str, loader: Callable[[str], np.ndarray], cases: list[dict]) -> list[dict]:

@@ -82,6 +82,26 @@ def encode_labels(labels, n_classes: int) -> np.ndarray:
     return np.eye(n_classes, dtype=np.float32)[y]
 
 
+def batch_members(order: np.ndarray, idx: int, batch_size: int, *, fill_small_last: bool) -> np.ndarray:
+    """Positions in ``order`` of batch ``idx``.
+
+    With ``fill_small_last`` (training), a last batch under half the batch size is filled up
+    from the start of this epoch's order: BatchNorm's moving statistics take a tenth of every
+    batch, and a batch of a handful of cases (perhaps of one class) shifts them enough to make
+    validation erratic.
+
+    >>> order = np.arange(10)
+    >>> batch_members(order, 2, 4, fill_small_last=False).tolist(), batch_members(order, 2, 4, fill_small_last=True).tolist()
+    ([8, 9], [8, 9])
+    >>> batch_members(np.arange(9), 2, 4, fill_small_last=True).tolist()
+    [8, 0, 1, 2]
+    """
+    sel = order[idx * batch_size:(idx + 1) * batch_size]
+    if fill_small_last and len(sel) < batch_size / 2 and len(order) >= batch_size:
+        sel = np.concatenate([sel, order[:batch_size - len(sel)]])
+    return sel
+
+
 def make_dataset(loader: Callable[[str], np.ndarray], keys: list[str], labels: np.ndarray | None, *,
                  batch_size: int, input_shape: tuple[int, ...] | None = None, n_classes: int = 2,
                  augment: dict | None = None, shuffle: bool = False, seed: int = 0):
@@ -114,7 +134,7 @@ def make_dataset(loader: Callable[[str], np.ndarray], keys: list[str], labels: n
             return self.cache[key]
 
         def __getitem__(self, idx):
-            sel = self.order[idx * batch_size:(idx + 1) * batch_size]
+            sel = batch_members(self.order, idx, batch_size, fill_small_last=shuffle)
             vols = [self._get(keys[i]) for i in sel]
             if augment:
                 vols = [augment_volume(v, self.rng, **augment) for v in vols]

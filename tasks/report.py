@@ -86,6 +86,7 @@ def render_report_task(spec, run_dir: str, prep_key: str, stage_seconds: dict[st
         "cohort": counts,
         "quarantine": quarantine_summary(quarantine) or [{"reason": "none", "files": 0}],
         "qc": context["qc"],
+        "tables": context.get("tables", {}),  # the kind's own tables, e.g. per-class metrics
         "report": str(report.resolve()),
     }
     write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=1))
@@ -103,6 +104,8 @@ def publish_artifacts_task(run_dir: str) -> list[str]:
     create_table_artifact(summary["cohort"], key=f"{key}-cohort", description="series, patients and classes per split")
     create_table_artifact(summary["quarantine"], key=f"{key}-quarantine", description="quarantined files by reason")
     create_table_artifact(summary["qc"], key=f"{key}-qc", description="geometry QC: series quarantined and corrected")
+    for name, table in summary.get("tables", {}).items():
+        create_table_artifact(table["rows"], key=f"{key}-{_artifact_key(name)}", description=table["description"])
     create_link_artifact(Path(summary["report"]).as_uri(), link_text="report.html", key=f"{key}-report-file",
                          description="the full HTML report")
     return [f"{key}-{suffix}" for suffix in ("report", "metrics", "cohort", "quarantine", "qc", "report-file")]

@@ -59,7 +59,8 @@ class TaskKind:
 
     # -------------------------------------------------------------- report
     def report_context(self, spec, run_dir: Path, predictions: pd.DataFrame, evaluation: dict) -> dict:
-        """What the kind's report section shows (``metrics`` rows are also the Prefect metrics table)."""
+        """What the kind's report section shows. ``metrics`` rows are also the Prefect metrics table;
+        ``tables`` (optional, ``{name: {"rows", "description"}}``) become Prefect table artifacts too."""
         raise NotImplementedError
 
     def markdown(self, context: dict) -> list[str]:

@@ -194,6 +194,8 @@ class Classification(TaskKind):
         else:
             proba = test[[f"p_{c}" for c in classes]].to_numpy()
             context.update({"per_class": r.per_class_rows(m["per_class"]), "auc_micro": m["auc_micro"]})
+            context["tables"] = {"per-class": {"rows": context["per_class"], "description": "test metrics per class "
+                                               "(one vs rest)"}}
             context["plots"].update({
                 "roc": r.plot_roc_ovr(y, proba, classes),
                 "confusion": r.plot_confusion(y, proba.argmax(axis=1), classes, title="most probable class"),

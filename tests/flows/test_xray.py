@@ -52,6 +52,8 @@ def test_three_class_pipeline_reports_per_class_metrics_and_the_baseline(xray_ru
     labels = pd.read_csv(cohort.labels_csv)
     assert len(preds) == len(labels)  # every DX and CR image, MONOCHROME1 or 2, reached the store
 
+    summary = json.loads((run / "summary.json").read_text())
+    assert [r["class"] for r in summary["tables"]["per-class"]["rows"]] == ["normal", "pneumonia", "effusion"]
     html = (run / "report.html").read_text()
     assert 'id="per-class"' in html and 'id="baseline"' in html and "ROC AUC, macro average" in html
     for canary in cohort.canaries:

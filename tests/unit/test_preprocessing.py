@@ -119,3 +119,26 @@ def test_invert_geometry_undoes_resample_resize_and_crop():
     _, cropped, _ = apply_steps_with_mask(mask.astype(np.float32), mask, (2.0, 1.0, 1.0), only_crop)
     back = invert_geometry(cropped.astype(np.float32), shape_trace(mask.shape, (2.0, 1.0, 1.0), only_crop))
     np.testing.assert_array_equal(back[1:10, :, 3:33], mask[1:10, :, 3:33])
+
+
+def test_2d_steps_resize_with_padding_rescale_equalize_and_slice():
+    from medflow.preprocessing import apply_steps_with_mask, axial_slice, equalize, resize2d, shape_trace
+
+    rng = np.random.default_rng(0)
+    image = rng.random((1, 60, 30)).astype(np.float32) * 1000
+    out, spacing = resize2d(image, (1.0, 0.5, 0.5), shape=(40, 40))
+    assert out.shape == (1, 40, 40) and spacing == pytest.approx((1.0, 0.75, 0.75))
+    assert np.all(out[0, :, :10] == image.min())  # padded left and right, aspect kept
+    stretched, _ = resize2d(image, (1.0, 0.5, 0.5), shape=(40, 40), aspect="stretch")
+    assert stretched.min() > image.min() - 1e-3 and stretched[0, :, 0].std() > 0
+    eq, _ = equalize(image, (1, 1, 1))
+    assert 0.0 <= eq.min() and eq.max() <= 1.0 and eq.std() > 0.2
+    vol = np.arange(5 * 4 * 4, dtype=np.float32).reshape(5, 4, 4)
+    assert np.array_equal(axial_slice(vol, (1, 1, 1))[0], vol[2:3])
+    mask = np.zeros((5, 4, 4), np.uint8)
+    mask[2, 1, 1] = 1
+    steps = [("axial_slice", {"index": None}), ("resize2d", {"shape": (8, 8), "aspect": "pad", "order": 1})]
+    img2, mask2, _ = apply_steps_with_mask(vol, mask, (1.0, 1.0, 1.0), steps)
+    assert img2.shape == mask2.shape == (1, 8, 8) and set(np.unique(mask2)) == {0, 1}
+    trace = shape_trace((5, 4, 4), (1.0, 1.0, 1.0), steps)
+    assert [t[3] for t in trace] == [(1, 4, 4), (1, 8, 8), (1, 8, 8)]
