@@ -91,7 +91,7 @@ def test_local_workers_start_the_way_asked(method):
 
 
 def test_the_ingest_flow_starts_one_cluster_for_its_scan_and_its_ingest(tmp_path, prefect_harness, monkeypatch):
-    from tasks import dask_runtime
+    from medflow import dask_runtime
 
     started = []
     original = dask_runtime._local_cluster
