@@ -206,10 +206,34 @@ class TrainingInterrupted(RuntimeError):
     """Raised by the fault hook (``MEDFLOW_FAULT_AFTER_EPOCH``) to simulate a crash."""
 
 
+def _atomic_checkpoint(keras, path: Path, *, best_only: bool):
+    """Saves the model (with its optimizer state) after every epoch, or when validation loss improves,
+    through ``save_model_atomic``: a kill during the write leaves the previous checkpoint whole.
+
+    Keras' ModelCheckpoint writes in place, and a kill during that write left a 0-byte file that
+    every later resume failed on.
+    """
+
+    class AtomicCheckpoint(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.best = float("inf")
+
+        def on_epoch_end(self, epoch, logs=None):
+            loss = float((logs or {}).get("val_loss", float("nan")))
+            if best_only:
+                if not loss < self.best:
+                    return
+                self.best = loss
+            save_model_atomic(self.model, path)
+
+    return AtomicCheckpoint()
+
+
 def _resume_callback(keras, state_path: Path, early: object | None, plateau: object | None):
     """Persists what resuming needs beyond the model file, and restores it at train begin.
 
-    ``checkpoints/last.keras`` (model and optimizer state, written by a ModelCheckpoint
+    ``checkpoints/last.keras`` (model and optimizer state, written by an atomic checkpoint
     earlier in the callback list) is saved first; ``state.json`` is written after it and is
     the commit point of an epoch. Early-stopping and learning-rate-plateau counters are kept
     here so that a resumed run stops exactly where an uninterrupted one would.
@@ -239,9 +263,7 @@ def _resume_callback(keras, state_path: Path, early: object | None, plateau: obj
             if plateau is not None:
                 state["reduce_lr"] = {"wait": int(plateau.wait), "best": float(plateau.best),
                                       "cooldown": int(plateau.cooldown_counter)}
-            tmp = state_path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(state))
-            os.replace(tmp, state_path)
+            write_text_atomic(state_path, json.dumps(state))
             if fault_after and epoch + 1 == fault_after:
                 raise TrainingInterrupted(f"fault hook {FAULT_ENV}={fault_after}: stopping after epoch {epoch + 1}")
 
@@ -352,12 +374,19 @@ def fit_model(
     if train.get("mixed_precision") and "GPU" in device:
         keras.mixed_precision.set_global_policy("mixed_float16")
 
-    initial_epoch = 0
+    initial_epoch, model = 0, None
     if state_path.exists() and (ckpt / "last.keras").exists():
-        initial_epoch = int(json.loads(state_path.read_text())["epoch"])
-        model = keras.models.load_model(ckpt / "last.keras")
-        logger.info("resuming from epoch %d (%s)", initial_epoch, ckpt / "last.keras")
-    else:
+        try:
+            initial_epoch = int(json.loads(state_path.read_text())["epoch"])
+            model = keras.models.load_model(ckpt / "last.keras")
+            logger.info("resuming from epoch %d (%s)", initial_epoch, ckpt / "last.keras")
+        except Exception as exc:  # noqa: BLE001 (any damage to the files: start over rather than fail for ever)
+            logger.warning("cannot resume from %s (%s: %s); training afresh", ckpt / "last.keras",
+                           type(exc).__name__, str(exc)[:200])
+            initial_epoch, model = 0, None
+            for stale in (state_path, run_dir / "history.csv", *ckpt.glob("*.keras")):
+                stale.unlink(missing_ok=True)
+    if model is None:
         model = build()
     logger.info("training %s on %s", describe, device)
     train_ds, val_ds = datasets(initial_epoch)
@@ -383,11 +412,11 @@ def fit_model(
         plateau = keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.5,
                                                     patience=int(train["reduce_lr"]), min_lr=1e-5)
     callbacks = [
-        keras.callbacks.ModelCheckpoint(str(ckpt / "best.keras"), monitor="val_loss", save_best_only=True),
+        _atomic_checkpoint(keras, ckpt / "best.keras", best_only=True),
         keras.callbacks.CSVLogger(str(run_dir / "history.csv"), append=True),
         Progress(),
         *(cb for cb in (early, plateau) if cb is not None),
-        keras.callbacks.ModelCheckpoint(str(ckpt / "last.keras")),
+        _atomic_checkpoint(keras, ckpt / "last.keras", best_only=False),
         _resume_callback(keras, state_path, early, plateau),  # after last.keras: state.json commits the epoch
     ]
     hist = model.fit(train_ds, validation_data=val_ds, epochs=epochs, initial_epoch=initial_epoch, verbose=0,

@@ -90,3 +90,20 @@ def test_grad_cam_points_at_the_finding(tmp_path):
         blob = np.argwhere(volume == 1.0).mean(axis=0)
         hits += np.abs(np.asarray(peak) - blob).max() <= 3
     assert hits >= len(positives) - 1  # the heat map sits on the bright cube
+
+
+def test_a_damaged_checkpoint_never_bricks_the_run(tmp_path, monkeypatch, caplog):
+    """A kill during a checkpoint write used to leave a 0-byte last.keras that every resume failed on."""
+    data, labels = _blobs()
+    monkeypatch.setenv(FAULT_ENV, "2")
+    with pytest.raises(TrainingInterrupted):
+        _train(tmp_path, data, labels, epochs=4)
+    monkeypatch.delenv(FAULT_ENV)
+    checkpoints = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert checkpoints == ["best.keras", "last.keras"]  # written by rename: no temporary file left behind
+    (tmp_path / "checkpoints" / "last.keras").write_bytes(b"")  # what an in-place write killed midway left
+    with caplog.at_level("WARNING", logger="models.training"):
+        result = _train(tmp_path, data, labels, epochs=4)
+    assert "cannot resume" in caplog.text and "training afresh" in caplog.text
+    assert result["resumed_from_epoch"] == 0 and result["epochs_trained"] == 4 and result["epochs_run"] == 4
+    assert (tmp_path / "model.keras").stat().st_size > 0
