@@ -26,7 +26,7 @@ from flows.ingest import ingest_flow
 from flows.preprocess import preprocess_flow
 from flows.report import report_flow
 from flows.train import train_flow
-from medflow.runs import open_run, write_status
+from medflow.runs import open_run, write_status, write_text_atomic
 from tasks.report import publish_artifacts_task
 from medflow.spec import load_spec
 
@@ -42,7 +42,7 @@ def pipeline(spec: str) -> dict:
     log = get_run_logger()
     pipeline_spec = load_spec(spec)
     with open_run(pipeline_spec.runs_dir, pipeline_spec.digest()) as run_dir:
-        (run_dir / "spec.yaml").write_text(yaml.safe_dump(pipeline_spec.model_dump(mode="json"), sort_keys=False))
+        write_text_atomic(run_dir / "spec.yaml", yaml.safe_dump(pipeline_spec.model_dump(mode="json"), sort_keys=False))
         log.info("run %s of %s", run_dir.name, pipeline_spec.name)
         try:
             result = _stages(pipeline_spec, run_dir, log)
@@ -71,7 +71,7 @@ def _stages(spec, run_dir: Path, log) -> dict:
                        trained["model"])
     report = timed("report", report_flow, spec, str(run_dir), prep["prep_key"], dict(seconds), flow_run.get_id())
     publish_artifacts_task(str(run_dir))
-    (run_dir / "stages.json").write_text(json.dumps({"seconds": seconds, "ingest": ingested, "preprocess": prep,
+    write_text_atomic(run_dir / "stages.json", json.dumps({"seconds": seconds, "ingest": ingested, "preprocess": prep,
                                                      "train": {k: trained[k] for k in ("epochs_trained",
                                                                                        "resumed_from_epoch")}},
                                                     indent=1))

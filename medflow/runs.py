@@ -41,6 +41,17 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
     return write_bytes_atomic(path, text.encode())
 
 
+def save_npz_atomic(path: str | Path, **arrays) -> Path:
+    """``numpy.savez_compressed`` through ``write_bytes_atomic``."""
+    import io
+
+    import numpy as np
+
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **arrays)
+    return write_bytes_atomic(path, buf.getvalue())
+
+
 def write_status(run_dir: Path, **fields) -> None:
     status = {**_status(run_dir), **fields}
     write_text_atomic(run_dir / "run.json", json.dumps(status, indent=1))

@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from medflow.kinds.base import TaskKind
+from medflow.runs import save_npz_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -320,6 +321,6 @@ def _explain(model_path: str, loader, df: pd.DataFrame, run_dir: Path) -> None:
         return
     meta = [{k: (c[k].item() if hasattr(c[k], "item") else c[k]) for k in
              ("series_key", "label_name", "prediction_name", "confidence", "z")} for c in cases]
-    np.savez_compressed(run_dir / "explain.npz", images=np.stack([c["image"] for c in cases]),
+    save_npz_atomic(run_dir / "explain.npz", images=np.stack([c["image"] for c in cases]),
                         cams=np.stack([c["cam"] for c in cases]), meta=np.array(json.dumps(meta)))
     logger.info("Grad-CAM for %d test case(s)", len(cases))

@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 
 from medflow.kinds.base import TaskKind
+from medflow.runs import save_npz_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -166,7 +167,7 @@ class Segmentation(TaskKind):
         write_text_atomic(run_dir / "predictions.csv", per_case.to_csv(index=False))
         examples = example_slices(per_case, slices)
         if examples:
-            np.savez_compressed(run_dir / "seg_examples.npz", images=examples["images"], truths=examples["truths"],
+            save_npz_atomic(run_dir / "seg_examples.npz", images=examples["images"], truths=examples["truths"],
                                 preds=examples["preds"], meta=np.array(json.dumps(examples["meta"])))
         write_text_atomic(run_dir / "metrics.json", json.dumps(result, indent=1, default=float))
         t = result["test"]
