@@ -79,12 +79,11 @@ def augment_pair(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator, 
         image = ndimage.rotate(image, angle, axes=(1, 2), reshape=False, order=1, mode="nearest")
         mask = ndimage.rotate(mask, angle, axes=(1, 2), reshape=False, order=0, mode="constant", cval=0)
     if zoom:
+        from models.training import zoom_plane
+
         factor = float(rng.uniform(1.0 - zoom, 1.0 + zoom))
-        centre = (np.asarray(image.shape[1:], dtype=float) - 1) / 2
-        matrix = np.diag([1.0, 1.0 / factor, 1.0 / factor])
-        offset = np.concatenate([[0.0], centre - centre / factor])
-        image = ndimage.affine_transform(image, matrix, offset=offset, order=1, mode="nearest")
-        mask = ndimage.affine_transform(mask, matrix, offset=offset, order=0, mode="constant", cval=0)
+        image = zoom_plane(image, factor, order=1)
+        mask = zoom_plane(mask, factor, order=0, mode="constant")
     if contrast:
         mean = float(image.mean())
         image = (image - mean) * (1.0 + float(rng.uniform(-contrast, contrast))) + mean

@@ -26,6 +26,21 @@ def _keras():
 
 
 # -------------------------------------------------------------------- augmentation
+def zoom_plane(volume: np.ndarray, factor: float, *, order: int, mode: str = "nearest", cval: float = 0.0
+               ) -> np.ndarray:
+    """Scale every (Y, X) plane of a (Z, Y, X) volume by ``factor`` about its centre, keeping the shape.
+
+    >>> zoom_plane(np.eye(5)[None], 1.0, order=0).tolist() == np.eye(5)[None].tolist()
+    True
+    """
+    from scipy import ndimage
+
+    centre = (np.asarray(volume.shape[1:], dtype=float) - 1) / 2
+    matrix = np.diag([1.0, 1.0 / factor, 1.0 / factor])
+    offset = np.concatenate([[0.0], centre - centre / factor])
+    return ndimage.affine_transform(volume, matrix, offset=offset, order=order, mode=mode, cval=cval)
+
+
 def augment_volume(volume: np.ndarray, rng: np.random.Generator, *, flip=(), shift: int = 0,
                    rotate_deg: float = 0.0, zoom: float = 0.0, intensity_jitter: float = 0.0,
                    contrast: float = 0.0) -> np.ndarray:
@@ -51,11 +66,7 @@ def augment_volume(volume: np.ndarray, rng: np.random.Generator, *, flip=(), shi
         angle = float(rng.uniform(-rotate_deg, rotate_deg))
         out = ndimage.rotate(out, angle, axes=(1, 2), reshape=False, order=1, mode="nearest")
     if zoom:
-        factor = float(rng.uniform(1.0 - zoom, 1.0 + zoom))
-        centre = (np.asarray(out.shape[1:], dtype=float) - 1) / 2
-        matrix = np.diag([1.0, 1.0 / factor, 1.0 / factor])
-        offset = np.concatenate([[0.0], centre - centre / factor])
-        out = ndimage.affine_transform(out, matrix, offset=offset, order=1, mode="nearest")
+        out = zoom_plane(out, float(rng.uniform(1.0 - zoom, 1.0 + zoom)), order=1)
     if shift:
         dy, dx = (int(v) for v in rng.integers(-shift, shift + 1, size=2))
         out = ndimage.shift(out, (0, dy, dx), order=0, mode="nearest")

@@ -83,3 +83,18 @@ def test_segmentation_training_resumes_from_its_checkpoint(tmp_path, monkeypatch
     monkeypatch.delenv(FAULT_ENV)
     result = train_segmenter(**kwargs)  # the Dice + CE loss loads back with the checkpoint
     assert result["resumed_from_epoch"] == 2 and result["epochs_trained"] == 1 and result["epochs_run"] == 3
+
+
+def test_paired_zoom_keeps_the_mask_on_the_image():
+    from models.segmentation import augment_pair
+
+    image = np.zeros((1, 32, 32), np.float32)
+    image[0, 20:26, 6:12] = 1.0
+    mask = (image > 0).astype(np.uint8)
+    for seed in range(5):
+        x, y = augment_pair(image, mask, np.random.default_rng(seed), zoom=0.3)
+        assert set(np.unique(y)) <= {0, 1}
+        assert y.sum() > 0
+        centre_mask = np.argwhere(y[0] > 0).mean(axis=0)
+        centre_image = np.argwhere(x[0] > 0.5).mean(axis=0)
+        assert np.abs(centre_mask - centre_image).max() < 0.6, (seed, centre_mask, centre_image)
