@@ -98,46 +98,33 @@ def multiclass_metrics(y_true, proba, class_names: list[str]) -> dict:
     ``recall``, ``specificity``, ``f1``, ``auc``: one-vs-rest ROC AUC), micro averages with a
     ``_micro`` suffix, one row per class in ``per_class``, and the K x K confusion matrix
     (rows: truth, columns: prediction). A class absent from ``y_true`` has no AUC; the macro
-    AUC then averages the others.
+    AUC then averages the others. The summary numbers are ``multiclass_summary``'s, the ones
+    the bootstrap resamples.
 
     >>> m = multiclass_metrics([0, 1, 2, 2], [[.8, .1, .1], [.2, .7, .1], [.1, .2, .7], [.5, .1, .4]], ["a", "b", "c"])
     >>> m["accuracy"], m["confusion_matrix"][2], m["per_class"][2]["recall"]
     (0.75, [1, 0, 1], 0.5)
     """
-    from sklearn.preprocessing import label_binarize
-
     y = np.asarray(y_true).astype(int)
     p = np.asarray(proba, dtype=float)
-    k = len(class_names)
-    labels = list(range(k))
+    labels = list(range(len(class_names)))
     pred = p.argmax(axis=1)
     cm = confusion_matrix(y, pred, labels=labels)
     prec, rec, f1, support = precision_recall_fscore_support(y, pred, labels=labels, zero_division=0)
-    onehot = label_binarize(y, classes=labels)
     per_class = []
     for c in labels:
-        tp = cm[c, c]
-        fp = cm[:, c].sum() - tp
+        fp = cm[:, c].sum() - cm[c, c]
         tn = cm.sum() - cm[c, :].sum() - fp
-        present = 0 < onehot[:, c].sum() < len(y)
         per_class.append({
             "class": class_names[c], "support": int(support[c]), "precision": float(prec[c]), "recall": float(rec[c]),
             "specificity": float(tn / (tn + fp)) if tn + fp else float("nan"), "f1": float(f1[c]),
-            "auc": float(roc_auc_score(onehot[:, c], p[:, c])) if present else float("nan"),
+            "auc": rank_auc(y == c, p[:, c]),
         })
-    aucs = [r["auc"] for r in per_class if not np.isnan(r["auc"])]
     micro_p, micro_r, micro_f1, _ = precision_recall_fscore_support(y, pred, labels=labels, average="micro",
                                                                      zero_division=0)
     return {
         "n": int(len(y)),
-        "accuracy": float((pred == y).mean()) if len(y) else float("nan"),
-        "precision": float(np.mean(prec)),
-        "recall": float(np.mean(rec)),
-        "specificity": float(np.nanmean([r["specificity"] for r in per_class])),
-        "f1": float(np.mean(f1)),
-        "auc": float(np.mean(aucs)) if aucs else float("nan"),
-        "auc_micro": float(roc_auc_score(onehot.ravel(), p.ravel())) if 0 < onehot.sum() < onehot.size
-        else float("nan"),
+        **multiclass_summary(y, p),
         "precision_micro": float(micro_p), "recall_micro": float(micro_r), "f1_micro": float(micro_f1),
         "per_class": per_class,
         "classes": list(class_names),

@@ -41,6 +41,10 @@ class TaskKind:
         (``label`` an integer class index used to stratify the split) and ``label_name``."""
         raise NotImplementedError
 
+    def class_names(self, evaluation: dict) -> list[str]:
+        """The names of the label indices of a run (from its ``metrics.json``), for cohort tables."""
+        raise NotImplementedError
+
     # --------------------------------------------------------------- train
     def train(self, spec, store, prep_key: str, cases: pd.DataFrame, run_dir: Path, on_epoch: OnEpoch | None
               ) -> dict:

@@ -322,5 +322,5 @@ def _explain(model_path: str, loader, df: pd.DataFrame, run_dir: Path) -> None:
     meta = [{k: (c[k].item() if hasattr(c[k], "item") else c[k]) for k in
              ("series_key", "label_name", "prediction_name", "confidence", "z")} for c in cases]
     save_npz_atomic(run_dir / "explain.npz", images=np.stack([c["image"] for c in cases]),
-                        cams=np.stack([c["cam"] for c in cases]), meta=np.array(json.dumps(meta)))
+                    cams=np.stack([c["cam"] for c in cases]), meta=np.array(json.dumps(meta)))
     logger.info("Grad-CAM for %d test case(s)", len(cases))

@@ -108,7 +108,7 @@ class Segmentation(TaskKind):
         df["label_name"] = np.where(df["label"] == 1, "lesion", "no lesion")
         return df
 
-    def class_names(self, evaluation: dict | None = None) -> list[str]:
+    def class_names(self, evaluation: dict) -> list[str]:
         return ["no lesion", "lesion"]
 
     def train(self, spec, store, prep_key, cases, run_dir, on_epoch) -> dict:
@@ -168,7 +168,7 @@ class Segmentation(TaskKind):
         examples = example_slices(per_case, slices)
         if examples:
             save_npz_atomic(run_dir / "seg_examples.npz", images=examples["images"], truths=examples["truths"],
-                                preds=examples["preds"], meta=np.array(json.dumps(examples["meta"])))
+                            preds=examples["preds"], meta=np.array(json.dumps(examples["meta"])))
         write_text_atomic(run_dir / "metrics.json", json.dumps(result, indent=1, default=float))
         t = result["test"]
         logger.info("test: Dice %.3f (median %.3f), IoU %.3f, HD95 %.1f mm on %d lesion case(s); %d of %d empty "

@@ -53,10 +53,12 @@ def test_bootstrap_interval_brackets_the_estimate_and_is_seeded():
 
 
 # ------------------------------------------------------------------ multi-class
-def _three_class_predictions(seed=0, n=60):
+def _three_class_predictions(seed=0, n=60, *, ties=False):
     rng = np.random.default_rng(seed)
     y = np.arange(n) % 3
     logits = rng.normal(size=(n, 3)) + 1.5 * np.eye(3)[y]
+    if ties:  # whole-number logits: equal scores in several cases, as the rank AUC must handle
+        logits = np.round(logits)
     proba = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
     return y, proba
 
@@ -67,7 +69,8 @@ def test_multiclass_metrics_equal_scikit_learns():
 
     from medflow.metrics import multiclass_metrics
 
-    y, proba = _three_class_predictions()
+    y, proba = _three_class_predictions(ties=True)
+    assert len(np.unique(proba[:, 0])) < len(proba)
     pred = proba.argmax(axis=1)
     m = multiclass_metrics(y, proba, ["normal", "pneumonia", "effusion"])
     assert m["accuracy"] == pytest.approx(float((pred == y).mean()))
@@ -112,16 +115,3 @@ def test_one_feature_baseline_is_at_chance_on_a_feature_without_signal():
     assert roc_auc_score(y[400:], proba, multi_class="ovr") < 0.6
     informative = one_feature_logistic(y[:400] + 0.1 * x[:400], y[:400], y[400:] + 0.1 * x[400:], 3)
     assert roc_auc_score(y[400:], informative, multi_class="ovr") > 0.95
-
-
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_the_bootstraps_fast_summary_equals_the_full_metrics(seed):
-    from medflow.metrics import multiclass_metrics, multiclass_summary
-
-    y, proba = _three_class_predictions(seed=seed, n=45)
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, 45, 45)
-    y, proba = y[idx], np.round(proba[idx], 2)  # resampled, with ties
-    full, fast = multiclass_metrics(y, proba, ["a", "b", "c"]), multiclass_summary(y, proba)
-    for name, value in fast.items():
-        assert value == pytest.approx(full[name]), name
