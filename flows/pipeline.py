@@ -29,6 +29,7 @@ from flows.train import train_flow
 from medflow.runs import open_run, write_status, write_text_atomic
 from tasks.report import publish_artifacts_task
 from medflow.spec import load_spec
+from storage.store import Store
 
 
 @flow(name="pipeline")
@@ -64,8 +65,10 @@ def _stages(spec, run_dir: Path, log) -> dict:
         log.info("stage %s: %.1f s", stage, seconds[stage])
         return out
 
-    ingested = timed("ingest", ingest_flow, spec)
-    prep = timed("preprocess", preprocess_flow, spec)
+    # one writer from the scan to the last prepared array: no other run can slip in between stages
+    with Store(spec.data.store).writer_lock(purpose="pipeline (ingest and preprocessing)"):
+        ingested = timed("ingest", ingest_flow, spec)
+        prep = timed("preprocess", preprocess_flow, spec)
     trained = timed("train", train_flow, spec, str(run_dir), prep["prep_key"])
     evaluation = timed("evaluate", evaluate_flow, spec, str(run_dir), prep["prep_key"], trained["split_csv"],
                        trained["model"])

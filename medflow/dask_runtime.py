@@ -150,13 +150,15 @@ def worker_memory(client: Client) -> list[int]:
 
 
 def run_all(client: Client, func: Callable, args: list[tuple], *, on_result: Callable | None = None,
-            weights: list[int] | None = None, budget: int | None = None) -> list:
+            weights: list[int] | None = None, budget: int | None = None, on_error: Callable | None = None) -> list:
     """Submit ``func(*a)`` for every ``a`` and gather results as they complete (order of completion).
 
     With ``weights`` (e.g. estimated bytes) and a ``budget``, work is submitted only while the
     weights in flight fit the budget (one item is always allowed), so that large series do
     not run side by side and exhaust the workers' memory. ``on_result(done, total, result)``
-    is called after each one, e.g. to report progress.
+    is called after each one, e.g. to report progress. ``on_error(i, exc)``, if given, turns an
+    item's failure into its result (or re-raises): e.g. ``KilledWorker`` after a decoder crashed
+    the worker on one series.
     """
     weights = weights or [0] * len(args)
     budget = budget if budget else None
@@ -178,7 +180,12 @@ def run_all(client: Client, func: Callable, args: list[tuple], *, on_result: Cal
 
     fill()
     for fut in queue:
-        results.append(fut.result())
+        try:
+            results.append(fut.result())
+        except Exception as exc:
+            if on_error is None:
+                raise
+            results.append(on_error(in_flight[fut], exc))
         del in_flight[fut]
         if on_result:
             on_result(len(results), len(args), results[-1])

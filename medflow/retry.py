@@ -2,20 +2,33 @@
 
 from __future__ import annotations
 
-from medflow.errors import SpecError
-from storage.errors import InvalidSeriesError, StoreLockedError
+import errno
 
-PERMANENT = (SpecError, InvalidSeriesError, StoreLockedError, ValueError, TypeError, KeyError, FileNotFoundError, PermissionError)
+from medflow.errors import SpecError
+from storage.errors import IngestError, InvalidSeriesError, SourceError, StoreLockedError
+
+PERMANENT = (SpecError, IngestError, InvalidSeriesError, SourceError, StoreLockedError, ValueError, TypeError,
+             KeyError, NotImplementedError, MemoryError, FileNotFoundError, PermissionError, NotADirectoryError,
+             IsADirectoryError)
 TRANSIENT = (OSError, TimeoutError, ConnectionError)
+# OS errors that describe a path or its content, not a passing fault: the same call fails the same way
+PERMANENT_ERRNOS = frozenset({errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.EACCES, errno.EPERM, errno.ELOOP,
+                              errno.ENAMETOOLONG, errno.EINVAL, errno.EROFS})
 
 
 def is_transient(exc: BaseException) -> bool:
-    """True for I/O and connection faults; False for bad specs, bad data and programming errors.
+    """True for I/O and connection faults; False for bad specs, bad data, bad paths and programming errors.
 
     >>> is_transient(ConnectionResetError()), is_transient(InvalidSeriesError("gap")), is_transient(FileNotFoundError())
     (True, False, False)
+    >>> import errno; is_transient(OSError(errno.ELOOP, "Too many levels of symbolic links"))
+    False
     """
-    return isinstance(exc, TRANSIENT) and not isinstance(exc, PERMANENT)
+    if isinstance(exc, PERMANENT):
+        return False
+    if isinstance(exc, OSError) and exc.errno in PERMANENT_ERRNOS:
+        return False
+    return isinstance(exc, TRANSIENT)
 
 
 def retry_transient(task, task_run, state) -> bool:

@@ -13,27 +13,14 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
+from storage.files import write_bytes_atomic
+
 logger = logging.getLogger(__name__)
 
 
 def _status(run_dir: Path) -> dict:
     path = run_dir / "run.json"
     return json.loads(path.read_text()) if path.exists() else {}
-
-
-def write_bytes_atomic(path: str | Path, data: bytes) -> Path:
-    """Write a run file whole or not at all: a temporary file in the same folder, fsync, rename.
-
-    A kill at any point leaves either the old file or the new one, never a partial one.
-    """
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    return path
 
 
 def write_text_atomic(path: str | Path, text: str) -> Path:

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import struct
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pydicom
+import pydicom.config
 from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
@@ -25,10 +28,40 @@ from pydicom.tag import BaseTag, Tag
 from pydicom.valuerep import EXPLICIT_VR_LENGTH_32, VR
 
 from storage.deid import Pseudonymizer
-from storage.errors import InvalidSeriesError, UnreadableFileError
+from storage.errors import InvalidSeriesError, SourceError, UnreadableFileError, reason_for
 from storage.masks import SEG_SOP_CLASS
 
 logger = logging.getLogger(__name__)
+
+
+class ScrubQuotedValues(logging.Filter):
+    """pydicom's messages quote header values ("Invalid value for VR UI: '1.2.840...'"): a UID or a
+    name would reach the logs and the Prefect UI. Quoted values become '…'.
+
+    >>> r = logging.LogRecord("pydicom", 30, "", 0, "Invalid value for VR UI: '1.2.3'. See %s", ("x",), None)
+    >>> ScrubQuotedValues().filter(r), r.getMessage()
+    (True, "Invalid value for VR UI: '…'. See x")
+    """
+
+    _QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg = self._QUOTED.sub("'…'", str(record.msg))
+        record.args = tuple(self._QUOTED.sub("'…'", a) if isinstance(a, str) else a for a in record.args or ())
+        return True
+
+
+def _quiet_pydicom() -> None:
+    # ingest checks every value it uses and quarantines with the reason; pydicom's own validation of
+    # values it reads only repeats them in warnings that quote the value
+    pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
+    pydicom_logger = logging.getLogger("pydicom")
+    if not any(isinstance(f, ScrubQuotedValues) for f in pydicom_logger.filters):
+        pydicom_logger.addFilter(ScrubQuotedValues())
+    warnings.filterwarnings("ignore", module="pydicom")  # the same messages, logged (scrubbed) as well
+
+
+_quiet_pydicom()
 
 # Header attributes read by the scan (pixels are skipped).
 SCAN_TAGS = [
@@ -55,23 +88,76 @@ _SCAN_READ_TAGS = [Tag(keyword) for keyword in SCAN_READ_TAGS]
 _WALK_TAGS = frozenset(int(t) for t in [*_SCAN_READ_TAGS, Tag("SpecificCharacterSet")])
 
 
-def list_source(root: str | Path) -> list[tuple[str, int, int]]:
-    """Every regular file under ``root`` as ``(relative path, size, mtime_ns)``, sorted; hidden entries skipped."""
+def list_source(root: str | Path, problems: list[tuple[str, str]] | None = None) -> list[tuple[str, int, int]]:
+    """Every regular file under ``root`` as ``(relative path, size, mtime_ns)``, sorted; hidden entries skipped.
+
+    Symbolic links are followed, each real folder once. What cannot be listed (an unreadable
+    folder, a link loop or a dangling link, a FIFO, socket or device) is appended to
+    ``problems`` as ``(relative path, reason)``: one entry never stops the listing.
+
+    Raises:
+        SourceError: ``root`` is missing or not a folder.
+    """
+    root = Path(root)
+    if not root.exists():
+        raise SourceError(f"data.source {str(root)!r} does not exist")
+    if not root.is_dir():
+        raise SourceError(f"data.source {str(root)!r} is not a folder")
+    problems = problems if problems is not None else []
     out = []
+    seen = {_identity(root)}
     folders = [(str(root), "")]
     while folders:  # os.scandir: one stat per file, no Path objects (1600 files: 0.035 -> 0.01 s)
         folder, prefix = folders.pop()
-        with os.scandir(folder) as entries:
-            for entry in entries:
-                if entry.name.startswith("."):
-                    continue
-                if entry.is_dir(follow_symlinks=False):
-                    folders.append((entry.path, f"{prefix}{entry.name}/"))
+        try:
+            with os.scandir(folder) as entries:
+                entries = list(entries)
+        except OSError as exc:
+            problems.append((prefix.rstrip("/") or ".", f"folder not readable: {type(exc).__name__}: "
+                             f"{os.strerror(exc.errno) if exc.errno else exc}"))
+            continue
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            relpath = prefix + entry.name
+            try:
+                if entry.is_dir():  # follows links: a linked folder is listed once, a loop is reported
+                    identity = _identity(entry)
+                    if identity in seen:
+                        problems.append((relpath, "symbolic link to a folder already listed (a link loop or a "
+                                         "second path to it): not followed"))
+                        continue
+                    seen.add(identity)
+                    folders.append((entry.path, relpath + "/"))
                 elif entry.is_file():
                     st = entry.stat()
-                    out.append((prefix + entry.name, st.st_size, st.st_mtime_ns))
+                    out.append((relpath, st.st_size, st.st_mtime_ns))
+                elif entry.is_symlink():
+                    problems.append((relpath, "symbolic link to nothing (dangling)"))
+                else:
+                    problems.append((relpath, f"not a regular file ({_file_type(entry)})"))
+            except OSError as exc:  # ELOOP, EACCES, a file removed while listing
+                problems.append((relpath, f"cannot be listed: {type(exc).__name__}: "
+                                 f"{os.strerror(exc.errno) if exc.errno else exc}"))
     out.sort()
+    problems.sort()
     return out
+
+
+def _identity(entry) -> tuple[int, int]:
+    st = entry.stat() if isinstance(entry, os.DirEntry) else os.stat(entry)
+    return st.st_dev, st.st_ino
+
+
+def _file_type(entry: os.DirEntry) -> str:
+    import stat
+
+    mode = entry.stat().st_mode
+    for test, name in ((stat.S_ISFIFO, "FIFO"), (stat.S_ISSOCK, "socket"), (stat.S_ISCHR, "character device"),
+                       (stat.S_ISBLK, "block device")):
+        if test(mode):
+            return name
+    return "unknown type"
 
 
 class ScanHeader:
@@ -285,41 +371,72 @@ def scan_file(root: str | Path, relpath: str, pseudo: Pseudonymizer) -> dict:
     """Read one file's header and return a pseudonymous record.
 
     The record has ``series_key``, ``patient_key``, ``study_key``, ``accession_key``,
-    ``sop_key`` and ``modality``, or ``reason`` when the file cannot be used. No UID or
-    identifier leaves this function.
+    ``sop_key`` and ``modality``, or ``reason`` when the file cannot be used. Never raises:
+    whatever one file does (pydicom raises many types on damaged files) becomes its
+    ``reason``; an I/O failure also sets ``retry``, so that the next scan reads it again.
+    No UID or identifier leaves this function.
     """
     path = Path(root) / relpath
     try:
-        with open(path, "rb") as fp:
-            walked = _walk_file(fp)
-            if walked is not None:
-                header, pixel_at, pixel_head = walked
-            else:
-                fp.seek(0)
-                header = ScanHeader(pydicom.dcmread(fp, stop_before_pixels=True, specific_tags=_SCAN_READ_TAGS))
-                pixel_at = fp.tell()  # the reader stops at the pixel data element's tag
-                pixel_head = fp.read(12)
+        return _scan(path, relpath, pseudo)
     except InvalidDicomError as exc:
-        return {"reason": f"not a DICOM file ({exc})".replace(str(path), relpath)}
-    except Exception as exc:  # pydicom raises many types on damaged files
-        return {"reason": f"unreadable DICOM header: {type(exc).__name__}: {exc}".replace(str(path), relpath)}
-    series_uid = str(header.get("SeriesInstanceUID", "") or "")
-    sop_class = header.get("SOPClassUID", None)
-    if pixel_head[:4] not in PIXEL_TAGS:
-        sop_name = UID(str(sop_class)).name if sop_class else "unknown SOP class"
-        return {"reason": f"no pixel data ({sop_name})"}
-    if not series_uid:
-        return {"reason": "no SeriesInstanceUID"}
+        return {"reason": f"not a DICOM file ({reason_for(exc)})".replace(str(path), relpath)}
+    except Exception as exc:
+        record = {"reason": f"unreadable DICOM header: {reason_for(exc)}".replace(str(path), relpath)}
+        if isinstance(exc, OSError):
+            record["retry"] = True
+        return record
+
+
+def _scan(path: Path, relpath: str, pseudo: Pseudonymizer) -> dict:
+    with open(path, "rb") as fp:
+        walked = _walk_file(fp)
+        if walked is not None:
+            header, pixel_at, pixel_head = walked
+        else:
+            fp.seek(0)
+            header = ScanHeader(pydicom.dcmread(fp, stop_before_pixels=True, specific_tags=_SCAN_READ_TAGS))
+            pixel_at = fp.tell()  # the reader stops at the pixel data element's tag
+            pixel_head = fp.read(12)
     try:
+        series_uid = str(header.get("SeriesInstanceUID", "") or "")
+        sop_class = header.get("SOPClassUID", None)
+        if pixel_head[:4] not in PIXEL_TAGS:
+            sop_name = UID(str(sop_class)).name if sop_class else "unknown SOP class"
+            return {"reason": f"no pixel data ({sop_name})"}
+        if not series_uid:
+            return {"reason": "no SeriesInstanceUID"}
         if str(sop_class) == SEG_SOP_CLASS:
             return _seg_record(header, relpath, series_uid, pseudo)
         record = _scan_record(header, relpath, series_uid, pseudo)
+        implausible = _implausible_size(header, record["pixels"], path.stat().st_size)
+        if implausible:
+            return {"reason": implausible}
         raw = raw_pixel_header(header, pixel_at, pixel_head)
         if raw is not None:
             record["raw"] = raw
         return record
-    except (ValueError, TypeError, AttributeError, KeyError) as exc:  # a malformed header value
-        return {"reason": f"invalid header value: {type(exc).__name__}: {exc}"}
+    except Exception as exc:  # a malformed header value (any type: pydicom converts values lazily)
+        return {"reason": f"invalid header value: {reason_for(exc)}"}
+
+
+# Decoded bytes a compressed file may expand to, per byte of file: far above any real codec's ratio on
+# images (lossless 2-4, lossy up to ~50), low enough that a damaged size is caught at the scan.
+MAX_EXPANSION = 1000
+
+
+def _implausible_size(ds: ScanHeader, pixels: int, file_size: int) -> str | None:
+    """Why the header's image size cannot be true of this file, or None. A damaged Rows, Columns,
+    NumberOfFrames or BitsAllocated would otherwise be planned (and its memory reserved) as a
+    volume of that size."""
+    allocated = int(ds.get("BitsAllocated", 16) or 16)
+    claimed = pixels * max(allocated, 1) // 8
+    native = ds.syntax in (*NATIVE_SYNTAXES, "1.2.840.10008.1.2.2")
+    limit = file_size if native else MAX_EXPANSION * file_size
+    if claimed > limit:
+        return (f"damaged header: Rows, Columns, NumberOfFrames and BitsAllocated claim {claimed} bytes of pixel "
+                f"data, the file has {file_size} bytes{'' if native else ' (compressed)'}")
+    return None
 
 
 def _seg_record(ds: ScanHeader, relpath: str, series_uid: str, pseudo: Pseudonymizer) -> dict:

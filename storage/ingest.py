@@ -32,7 +32,7 @@ from storage.dicom import (
     to_physical,
     volume_dtype,
 )
-from storage.errors import IngestError, InvalidSeriesError
+from storage.errors import IngestError, InvalidSeriesError, belongs_to_run, reason_for
 from storage.masks import MaskError, load_mask
 from storage.qc import StackQC, deshear, group_mixed, measure, positions_along, resample_along_normal, split_duplicates
 from storage.store import Store
@@ -74,6 +74,9 @@ class SeriesPlan:
     masks: list[str] = field(default_factory=list)  # SEG files (relative to the source) or NIfTI files (absolute)
     mask_kind: str | None = None  # "seg" or "nifti"
     raw: dict[str, dict] | None = None  # per file: where its pixels are (``raw_pixel_header``), for a direct read
+    # files that hold the same SOP instance (exported twice, or in two transfer syntaxes); each group's
+    # first file is kept if the others have the same pixels, all are quarantined if not
+    repeats: list[list[str]] = field(default_factory=list)
 
 
 # Peak bytes per decoded pixel while a series is ingested: the decoded frames (up to float64
@@ -112,11 +115,11 @@ def scan_files(source: str, files: list[tuple[str, int, int]], secret: bytes) ->
 
 
 def stale_files(listing: list[tuple[str, int, int]], index: dict[str, dict]) -> list[tuple[str, int, int]]:
-    """Files that are new or changed (size or mtime) since the cached scan."""
+    """Files that are new or changed (size or mtime) since the cached scan, or whose read failed on I/O."""
     return [
         (p, s, m)
         for p, s, m in listing
-        if p not in index or index[p].get("size") != s or index[p].get("mtime_ns") != m
+        if p not in index or index[p].get("size") != s or index[p].get("mtime_ns") != m or index[p].get("retry")
     ]
 
 
@@ -161,6 +164,7 @@ def plan_series(
     # a series split into parts is known by its parts' parent key
     stored_digests = {entry.get("parent", k): entry.get("digest") for k, entry in catalog.items()}
     opt = options.digest()
+    images: dict[str, list[str]] = defaultdict(list)  # one plan per SOP instance, whatever its copies' series
     for key, files in sorted(groups.items()):
         first = index[files[0]]
         modality = first["modality"]
@@ -170,16 +174,9 @@ def plan_series(
                 {"path": f, "reason": reason, "stage": "scan", "series_key": key} for f in files
             )
             continue
-        planar = [f for f in files if index[f].get("planar")]
-        for f in planar:  # each planar image is its own one-slice volume, keyed by its instance
-            image_key = "i" + index[f]["sop_key"][:15]
-            image_digest = pseudo.digest([f"{index[f]['sop_key']}:{index[f]['size']}", opt])
-            if stored_digests.get(image_key) == image_digest or (image_key, image_digest) in quarantined_digests:
-                result.unchanged.append(image_key)
-                result.quarantine.extend(r for r in previous_quarantine if r.get("series_key") == image_key)
-            else:
-                result.todo.append(SeriesPlan(image_key, [f], image_digest, modality, kind="image",
-                                              memory=estimate_memory(index, [f])))
+        for f in files:  # each planar image is its own one-slice volume, keyed by its instance
+            if index[f].get("planar"):
+                images["i" + index[f]["sop_key"][:15]].append(f)  # files are sorted: so are the copies
         files = [f for f in files if not index[f].get("planar")]
         if not files:
             continue
@@ -199,8 +196,26 @@ def plan_series(
         else:
             raw = {f: index[f]["raw"] for f in files} if all("raw" in index[f] for f in files) else None
             result.todo.append(SeriesPlan(key, files, digest, modality, memory=estimate_memory(index, files),
-                                          masks=masks, mask_kind=mask_kind, raw=raw))
+                                          masks=masks, mask_kind=mask_kind, raw=raw,
+                                          repeats=_repeated_instances(index, files)))
+    for image_key, copies in sorted(images.items()):
+        image_digest = pseudo.digest(sorted(f"{index[f]['sop_key']}:{index[f]['size']}" for f in copies) + [opt])
+        if stored_digests.get(image_key) == image_digest or (image_key, image_digest) in quarantined_digests:
+            result.unchanged.append(image_key)
+            result.quarantine.extend(r for r in previous_quarantine if r.get("series_key") == image_key)
+        else:
+            result.todo.append(SeriesPlan(image_key, copies, image_digest, index[copies[0]]["modality"],
+                                          kind="image", memory=estimate_memory(index, copies[:1]),
+                                          repeats=[copies] if len(copies) > 1 else []))
     return result
+
+
+def _repeated_instances(index: dict[str, dict], files: list[str]) -> list[list[str]]:
+    """Groups of ``files`` that hold the same SOP instance."""
+    by_sop: dict[str, list[str]] = defaultdict(list)
+    for f in files:
+        by_sop[index[f]["sop_key"]].append(f)
+    return [group for group in by_sop.values() if len(group) > 1]
 
 
 def ingest_series(store_root: str, source: str, plan: SeriesPlan, options: IngestOptions) -> dict:
@@ -212,9 +227,28 @@ def ingest_series(store_root: str, source: str, plan: SeriesPlan, options: Inges
 
     Returns a small summary: ``{"series_key", "status": "ingested"|"quarantined", "parts",
     "shape", "reason", "quarantine": [rows], "seconds"}``. Never raises for bad data:
-    unusable files and series become quarantine rows.
+    unusable files and series become quarantine rows (``storage.errors.reason_for``); only a
+    failure of the run itself (``belongs_to_run``: the store, the process) propagates.
     """
     t0 = time.perf_counter()
+    try:
+        return _ingest_series(store_root, source, plan, options, t0)
+    except Exception as exc:
+        if belongs_to_run(exc):
+            raise
+        # the per-series boundary: whatever escaped the per-file checks is this series' fault
+        Store(store_root).withdraw_series(plan.series_key)  # no part of a failed series stays
+        reason = f"series could not be ingested: {reason_for(exc)}"
+        logger.warning("ingest: %s quarantined: %s", plan.series_key, reason)
+        # a series too large for memory is tried again by a later run (perhaps with bigger workers)
+        digest = {} if isinstance(exc, MemoryError) else {"digest": plan.digest}
+        rows = [{"path": f, "reason": reason, "stage": "ingest", "series_key": plan.series_key, **digest}
+                for f in plan.files]
+        return {"series_key": plan.series_key, "status": "quarantined", "parts": 0, "shape": None,
+                "reason": reason, "quarantine": rows, "seconds": time.perf_counter() - t0}
+
+
+def _ingest_series(store_root: str, source: str, plan: SeriesPlan, options: IngestOptions, t0: float) -> dict:
     store = Store(store_root)
     key = plan.series_key
     rows: list[dict] = []
@@ -224,7 +258,19 @@ def ingest_series(store_root: str, source: str, plan: SeriesPlan, options: Inges
             {"path": f, "reason": reason, "stage": "ingest", "series_key": key, "digest": plan.digest} for f in files
         )
 
+    copies: dict[str, str] = {}  # file dropped as an exact copy -> the file kept in its place
+
     def summary(shapes: list[list[int]]) -> dict:
+        # every file is accounted for: a copy shares its kept file's fate; a series not stored
+        # quarantines each of its files that has no row yet
+        recorded = {r["path"]: r["reason"] for r in rows}
+        for copy, kept in copies.items():
+            if kept in recorded and copy not in recorded:
+                reject(recorded[kept], [copy])
+        if not shapes:
+            recorded = {r["path"] for r in rows}
+            reason = rows[-1]["reason"] if rows else "no readable image in the series"
+            reject(reason, [f for f in plan.files if f not in recorded])
         return {"series_key": key, "status": "ingested" if shapes else "quarantined", "parts": len(shapes),
                 "shape": shapes[0] if shapes else None, "reason": None if shapes or not rows else rows[-1]["reason"],
                 "quarantine": rows, "seconds": time.perf_counter() - t0}
@@ -267,29 +313,24 @@ def ingest_series(store_root: str, source: str, plan: SeriesPlan, options: Inges
                 continue
             check_image(ds, planar=plan.kind == "image")
             pixels = to_physical(ds, color=options.color, pixels=decoded)
-        except (ValueError, TypeError, AttributeError, KeyError) as exc:  # malformed header values
-            if isinstance(exc, InvalidSeriesError):
-                recorded = {r["path"] for r in rows}
-                reject(str(exc), [f for f in plan.files if f not in recorded])
-                return summary([])
-            reject(f"invalid header value: {type(exc).__name__}: {exc}", [relpath])
-            continue
-        except IngestError as exc:
+        except Exception as exc:  # the per-file boundary
+            if belongs_to_run(exc):
+                raise
             if isinstance(exc, InvalidSeriesError):  # e.g. a multi-frame or colour image: the series goes
                 recorded = {r["path"] for r in rows}
                 reject(str(exc), [f for f in plan.files if f not in recorded])
                 return summary([])
-            reject(str(exc), [relpath])
+            reject(reason_for(exc) if isinstance(exc, IngestError) else f"invalid header value: {reason_for(exc)}",
+                   [relpath])
             continue
         del ds.PixelData  # the decoded frame is kept; free the raw bytes
         slices.append(_Slice(relpath, ds, pixels))
         template = template if template is not None else ds
+    slices, copies = _resolve_repeats(slices, plan.repeats, reject)
     if not slices:
-        if not rows:
-            reject("no readable image in the series", plan.files)
         return summary([])
 
-    writer = _StackWriter(store, plan, options, source=source, quarantine=rows)
+    writer = _StackWriter(store, plan, options, source=source, quarantine=rows, repeats_dropped=len(copies))
     if plan.kind == "image":
         try:
             return summary([writer.write_image(slices[0])])
@@ -312,6 +353,42 @@ def ingest_series(store_root: str, source: str, plan: SeriesPlan, options: Inges
             reason = str(exc) if isinstance(exc, InvalidSeriesError) else f"invalid geometry: {exc}"
             reject(reason, [slices[i].relpath for i in idx])
     return summary(shapes)
+
+
+def _resolve_repeats(slices: list[_Slice], repeats: list[list[str]], reject) -> tuple[list[_Slice], dict[str, str]]:
+    """Copies of one SOP instance: drop the copies of an exact duplicate (same frames, same
+    positions), reject every copy of one whose pixels or positions differ. Returns the slices
+    kept, and each file dropped as a copy with the file kept in its place."""
+    copies: dict[str, str] = {}
+    if not repeats:
+        return slices, copies
+    by_file: dict[str, list[_Slice]] = defaultdict(list)
+    for item in slices:
+        by_file[item.relpath].append(item)
+    drop: set[str] = set()
+    for group in repeats:
+        read = [f for f in group if f in by_file]  # unreadable copies were rejected on their own
+        if len(read) < 2:
+            continue
+        first = by_file[read[0]]
+        if all(_same_frames(first, by_file[f]) for f in read[1:]):
+            drop.update(read[1:])
+            copies.update((f, read[0]) for f in read[1:])
+        else:
+            reject(f"{len(read)} files hold the same SOP instance with different pixels or positions; "
+                   "none of them is used", read)
+            drop.update(read)
+    return [s for s in slices if s.relpath not in drop], copies
+
+
+def _same_frames(a: list[_Slice], b: list[_Slice]) -> bool:
+    def position(item: _Slice):
+        value = item.ds.get("ImagePositionPatient")
+        return None if value is None else [float(v) for v in value]
+
+    return len(a) == len(b) and all(
+        x.pixels.shape == y.pixels.shape and np.array_equal(x.pixels, y.pixels) and position(x) == position(y)
+        for x, y in zip(a, b))
 
 
 def _spatially_first(plan: SeriesPlan) -> str | None:
@@ -422,8 +499,9 @@ class _StackWriter:
     """Turns groups of decoded slices into stored volumes, applying the QC policies."""
 
     def __init__(self, store: Store, plan: SeriesPlan, options: IngestOptions, *, source: str = "",
-                 quarantine: list[dict] | None = None):
+                 quarantine: list[dict] | None = None, repeats_dropped: int = 0):
         self.store, self.plan, self.options, self.source = store, plan, options, source
+        self.repeats_dropped = repeats_dropped
         self.pseudo = store.pseudonymizer()
         self.quarantine = quarantine if quarantine is not None else []
 
@@ -567,6 +645,8 @@ class _StackWriter:
             # only allow-listed, non-identifying acquisition facts
             "acquisition": header_values(first, SAFE_ATTRIBUTES),
         }
+        if self.repeats_dropped:
+            entry["duplicate_files_dropped"] = self.repeats_dropped  # exact copies of instances kept once
         if not opts.deidentify:
             entry["identifiers"] = header_values(first, IDENTIFYING_ATTRIBUTES)
         return entry
@@ -646,10 +726,13 @@ def scan_source(source: str, store: Store, *, map_fn=None, n_chunks: int = 8) ->
         map_fn: ``map_fn(func, list_of_args) -> list_of_results``, e.g. a Dask client's
             map-and-gather; serial when None.
     """
-    listing = list_source(source)
+    problems: list[tuple[str, str]] = []
+    listing = list_source(source, problems)
     index = store.scan_index()
     todo = stale_files(listing, index)
     present = {p for p, _, _ in listing}
+    unlisted = {p: {"reason": reason, "retry": True} for p, reason in problems}
+    changed = bool(todo) or any(index.get(p) != rec for p, rec in unlisted.items()) or len(index) != len(present) + len(unlisted)
     index = {p: rec for p, rec in index.items() if p in present}
     if todo:
         secret = store.secret
@@ -658,8 +741,10 @@ def scan_source(source: str, store: Store, *, map_fn=None, n_chunks: int = 8) ->
         results = map_fn(scan_files, args) if map_fn else [scan_files(*a) for a in args]
         for part in results:
             index.update(part)
+    index.update(unlisted)  # entries the listing could not read: quarantined with the reason, looked at again
+    if changed:
         store.write_scan_index(index)
-    logger.info("scan: %d files, %d new or changed", len(listing), len(todo))
+    logger.info("scan: %d files, %d new or changed, %d entries not listable", len(listing), len(todo), len(problems))
     return index
 
 

@@ -44,8 +44,12 @@ from zarr.codecs import BloscCodec
 
 from storage.deid import Pseudonymizer
 from storage.errors import SeriesNotFoundError, StoreError, StoreLockedError
+from storage.files import write_bytes_atomic
 
 logger = logging.getLogger(__name__)
+
+# writer locks this process holds (path -> depth): a pipeline's stages nest inside its lock
+_HELD: dict[str, int] = {}
 
 # lz4 with byte shuffle. On a 200x512x512 int16 CT (make bench): zstd-3 compresses to 2.3x at
 # about 420 MB/s; lz4 with bit-shuffle to 2.1x at 1.4 GB/s, reading back at 3.3 GB/s; lz4 with
@@ -83,9 +87,7 @@ def _json(data: Any) -> bytes:
 
 def _write_json_atomic(path: Path, data: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    tmp.write_bytes(_json(data))
-    os.replace(tmp, path)
+    write_bytes_atomic(path, _json(data))
 
 
 def _json_default(value: Any) -> Any:
@@ -148,16 +150,14 @@ class Store:
             return
         path = self.root / rel
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
+        write_bytes_atomic(path, data)
 
     def _remove(self, rel: str) -> None:
         if self.remote:
             if self.fs.exists(f"{self.url}/{rel}"):
                 self.fs.rm(f"{self.url}/{rel}", recursive=True)
         elif (self.root / rel).is_dir():
-            shutil.rmtree(self.root / rel)
+            shutil.rmtree(self.root / rel, ignore_errors=True)
         else:
             (self.root / rel).unlink(missing_ok=True)
 
@@ -172,7 +172,9 @@ class Store:
     def writer_lock(self, *, purpose: str = "write") -> Iterator[None]:
         """Hold the store's single-writer lock, or raise StoreLockedError at once.
 
-        One writer per store: ingest and preprocessing take this lock for their whole stage.
+        One writer per store: a pipeline takes this lock from ingest to the end of preprocessing
+        (its stages take it again, which in the same process just nests), a stage run on its
+        own for its whole stage. Taking it clears what killed writers left under ``.tmp/``.
         Series writes are atomic on their own, but a scan index, a quarantine table and a
         plan computed by one run would be overwritten by another; refusing the second writer
         with a clear message is simpler and safer than merging. The lock is an OS file lock,
@@ -181,7 +183,15 @@ class Store:
         if self.remote:  # object stores have no locks: per-series writes are safe, see the module doc
             yield
             return
-        lock = FileLock(str(self.root / ".medflow" / "writer.lock"), thread_local=False)
+        lock_path = str((self.root / ".medflow" / "writer.lock").resolve())
+        if _HELD.get(lock_path):  # this process holds it already (a pipeline around its stages)
+            _HELD[lock_path] += 1
+            try:
+                yield
+            finally:
+                _HELD[lock_path] -= 1
+            return
+        lock = FileLock(lock_path, thread_local=False)
         holder = self.root / ".medflow" / "writer.json"
         try:
             lock.acquire(timeout=0)
@@ -192,13 +202,32 @@ class Store:
                 f"(pid {info.get('pid', '?')} on {info.get('host', '?')}, {info.get('purpose', '?')}, "
                 f"since {info.get('since', '?')}); wait for it to finish, or point data.store elsewhere"
             ) from None
+        _HELD[lock_path] = 1
         try:
             _write_json_atomic(holder, {"pid": os.getpid(), "host": socket.gethostname(), "purpose": purpose,
                                         "since": time.strftime("%Y-%m-%d %H:%M:%S")})
+            self._clear_leftovers()
             yield
         finally:
+            _HELD.pop(lock_path, None)
             holder.unlink(missing_ok=True)
             lock.release()
+
+    def _clear_leftovers(self) -> None:
+        """Remove what killed writers left under ``.tmp/`` (half-written series, swapped-out old ones).
+        Called holding the writer lock, so no live writer is using them."""
+        tmp = self.root / ".tmp"
+        if not tmp.is_dir():
+            return
+        removed = 0
+        for entry in tmp.iterdir():
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+            removed += 1
+        if removed:
+            logger.info("store: removed %d leftover(s) of an interrupted write", removed)
 
     # ------------------------------------------------------------------ secret
     @property
@@ -212,16 +241,25 @@ class Store:
                 raise StoreError(f"store secret of {self.url!r} is damaged ({len(data)} bytes)")
             return data
         path = self.root / ".medflow" / "secret"
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:
-            data = path.read_bytes()
-            if len(data) < 16:
-                raise StoreError(f"store secret {str(path)!r} is damaged ({len(data)} bytes)") from None
-            return data
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(secrets.token_bytes(32))
-        return path.read_bytes()
+        if not path.exists():
+            # written whole, then linked into place: a kill never leaves a short secret, and of two
+            # processes creating it at once, the first link wins and both read the same bytes
+            tmp = path.with_name(f".secret.{uuid.uuid4().hex}.tmp")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(secrets.token_bytes(32))
+                fh.flush()
+                os.fsync(fh.fileno())
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                pass
+            finally:
+                tmp.unlink()
+        data = path.read_bytes()
+        if len(data) < 16:
+            raise StoreError(f"store secret {str(path)!r} is damaged ({len(data)} bytes)")
+        return data
 
     def pseudonymizer(self) -> Pseudonymizer:
         return Pseudonymizer(self.secret)

@@ -93,7 +93,8 @@ def ingest_series_task(source: str, store_root: str, plans: list[SeriesPlan], op
         for res in results:
             log.warning("ingest: %s quarantined: %s", res["series_key"], res["reason"])
         results += run_all(client, ingest_series, [(store_root, source, p, options) for p in plans],
-                           on_result=on_result, weights=[p.memory for p in plans], budget=budget)
+                           on_result=on_result, weights=[p.memory for p in plans], budget=budget,
+                           on_error=lambda i, exc: worker_died(plans[i], exc))
     n_ok = sum(r["status"] == "ingested" for r in results)
     log.info("ingest: %d series ingested, %d quarantined", n_ok, len(results) - n_ok)
     return results
@@ -105,6 +106,20 @@ def split_by_memory(plans: list[SeriesPlan], limits: list[int]) -> tuple[list[Se
         return plans, []
     ceiling = 0.8 * max(limits)
     return [p for p in plans if p.memory <= ceiling], [p for p in plans if p.memory > ceiling]
+
+
+def worker_died(plan: SeriesPlan, exc: Exception) -> dict:
+    """A series whose ingest killed its Dask workers (a decoder crash, or the memory limit):
+    quarantined, so that one series cannot stop the ingest. Without a digest: tried again next run."""
+    from distributed import KilledWorker
+
+    if not isinstance(exc, KilledWorker):
+        raise exc
+    reason = ("the Dask worker died while ingesting this series (a decoder crash, or over its memory "
+              "limit); it is tried again by the next ingest")
+    rows = [{"path": f, "reason": reason, "stage": "ingest", "series_key": plan.series_key} for f in plan.files]
+    return {"series_key": plan.series_key, "status": "quarantined", "parts": 0, "shape": None, "reason": reason,
+            "quarantine": rows, "seconds": 0.0}
 
 
 def too_large(plan: SeriesPlan, worker_limit: int) -> dict:

@@ -33,11 +33,22 @@ def ingest_serial(source, store_root, options: IngestOptions | None = None, nift
 def ingested_files(store: Store) -> set[str]:
     """Source files that are part of a series (or are a planar image) in the store's catalog."""
     catalog = store.catalog()
+    keys = set(catalog) | {e["parent"] for e in catalog.values() if "parent" in e}  # parts name their series
     out = set()
     for path, rec in store.scan_index().items():
-        if rec.get("series_key") in catalog or ("sop_key" in rec and "i" + rec["sop_key"][:15] in catalog):
+        if rec.get("series_key") in keys or ("sop_key" in rec and "i" + rec["sop_key"][:15] in keys):
             out.add(path)
     return out
+
+
+def unaccounted(store: Store, source) -> set[str]:
+    """Entries of ``source`` (files, and what could not be listed) neither in a stored series nor in
+    the quarantine table."""
+    from storage.dicom import list_source
+
+    problems: list = []
+    listed = {p for p, _, _ in list_source(source, problems)} | {p for p, _ in problems}
+    return listed - ingested_files(store) - {r["path"] for r in store.quarantine()}
 
 
 def new_instance(sop_class: str) -> Dataset:

@@ -126,9 +126,14 @@ def test_every_pydicom_test_file_is_ingested_or_quarantined(pydicom_test_files, 
     # real CT slices among them are ingested, not just quarantined
     assert "CT_small.dcm" in in_series
     assert len(store.catalog()) >= 5
-    # MR_small.dcm in eight transfer syntaxes: one SeriesInstanceUID, one position -> duplicates
+    # MR_small.dcm in eight lossless transfer syntaxes: one SOP instance with the same pixels, so one
+    # slice is kept and the 7 copies are dropped; the truncated copy is quarantined on its own
     reasons = {row["path"]: row["reason"] for row in store.quarantine()}
-    assert "duplicate slice position" in reasons["MR_small.dcm"]
+    mr_key = store.scan_index()["MR_small.dcm"]["series_key"]
+    entry = store.catalog()[mr_key]
+    assert entry["shape"] == [1, 64, 64] and entry["duplicate_files_dropped"] == 7
+    assert "MR_small_RLE.dcm" in in_series and "MR_small_jp2klossless.dcm" in in_series
+    assert "cannot decode pixel data" in reasons["MR_truncated.dcm"]
 
 
 def test_dicomdir_tree_groups_series_by_uid(pydicom_test_files, tmp_path):

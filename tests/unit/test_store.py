@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import multiprocessing as mp
 import time
 
@@ -9,7 +10,9 @@ import pytest
 from prefect import task
 
 from medflow.errors import SpecError
-from storage.errors import InvalidSeriesError, StoreLockedError
+from filelock import FileLock, Timeout
+
+from storage.errors import InvalidSeriesError, StoreLockedError, UnreadableFileError
 from storage.store import Store
 from medflow.retry import retry_transient
 
@@ -76,7 +79,10 @@ def test_lock_is_released_when_a_holder_with_dask_workers_is_killed(tmp_path):
 @pytest.mark.parametrize(
     "error, expected_calls",
     [(ConnectionResetError("peer reset"), 3), (TimeoutError("slow disk"), 3),
-     (InvalidSeriesError("gap in slices"), 1), (SpecError("bad spec"), 1), (StoreLockedError("busy"), 1)],
+     (InvalidSeriesError("gap in slices"), 1), (SpecError("bad spec"), 1), (StoreLockedError("busy"), 1),
+     # file-content and path errors are permanent, whatever OSError they are
+     (UnreadableFileError("cannot decode pixel data"), 1), (OSError(errno.ELOOP, "Too many levels of symbolic links"), 1),
+     (PermissionError(errno.EACCES, "Permission denied"), 1), (NotImplementedError("Unknown VR"), 1)],
 )
 def test_transient_errors_are_retried_and_permanent_ones_are_not(error, expected_calls, prefect_harness):
     calls = []
@@ -102,3 +108,48 @@ def test_transient_error_then_success(prefect_harness):
         return "ok"
 
     assert recovers() == "ok" and len(calls) == 2
+
+
+def test_a_pipeline_holds_the_lock_across_its_stages(tmp_path):
+    # the stages take the lock again inside the pipeline's: that nests, and leaving a stage
+    # must not open a gap for another writer before the next one
+    root = tmp_path / "store.zarr"
+    store = Store(root)
+    other = FileLock(str(root / ".medflow" / "writer.lock"), thread_local=False)
+    with store.writer_lock(purpose="pipeline"):
+        with Store(root).writer_lock(purpose="ingest"):
+            pass
+        with pytest.raises(Timeout):  # still held between the stages
+            other.acquire(timeout=0)
+        with Store(root).writer_lock(purpose="preprocess"):
+            pass
+    other.acquire(timeout=0)  # and free after the pipeline's block
+    other.release()
+
+
+def test_taking_the_lock_removes_what_killed_writers_left(tmp_path):
+    root = tmp_path / "store.zarr"
+    store = Store(root)
+    half = root / ".tmp" / "0123abcd"
+    (half / "image").mkdir(parents=True)
+    (half / "image" / "c0").write_bytes(b"partial")
+    (root / ".tmp" / "stray.tmp").write_bytes(b"x")
+    with store.writer_lock():
+        assert list((root / ".tmp").iterdir()) == []
+
+
+def test_a_store_secret_is_never_left_short(tmp_path, monkeypatch):
+    # a kill between creating the secret and writing it used to leave a 0-byte secret for ever
+    root = tmp_path / "store.zarr"
+    store = Store(root)
+    import os as _os
+
+    def killed(*args):
+        raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(_os, "link", killed)
+    with pytest.raises(KeyboardInterrupt):
+        store.secret
+    monkeypatch.undo()
+    assert not (root / ".medflow" / "secret").exists()
+    assert len(Store(root).secret) == 32 and Store(root).secret == store.secret
