@@ -10,6 +10,7 @@ from prefect.artifacts import create_table_artifact
 from prefect.logging import get_run_logger
 
 from medflow import kinds
+from medflow.access import check_allowed
 from medflow.predicting import input_folder, load_run, write_outputs
 from tasks.predict import predict_series_task, read_studies_task
 
@@ -19,6 +20,8 @@ def predict_flow(model: str, input: str, output: str) -> dict:  # noqa: A002 (th
     """Apply the run at ``model`` to the DICOM studies at ``input`` (a folder, or a spec's data.source);
     write DICOM SEGs or scores, ``predictions.csv`` and ``predictions.json`` into ``output``."""
     log = get_run_logger()
+    for what, path in (("model run", model), ("input", input), ("output", output)):
+        check_allowed(path, what)
     run = load_run(model)
     source = input_folder(input)
     out = Path(output).expanduser().resolve()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
@@ -91,27 +92,54 @@ DEMOS = {
 
 
 def _fail_spec(exc) -> None:
-    err.print(f"[bold red]{exc.args[0].splitlines()[0]}[/]")
-    for line in exc.problems:
-        err.print(f"  • {line}")
+    if exc.problems == [exc.args[0]]:  # one problem: its message alone
+        err.print(f"[bold red]{exc.args[0]}[/]")
+    else:
+        err.print(f"[bold red]{exc.args[0].splitlines()[0]}[/]")
+        for line in exc.problems:
+            err.print(f"  • {line}")
     raise typer.Exit(2)
 
 
-def _run_pipeline(spec_path: Path) -> dict:
+def _load_checked(spec_path: Path):
+    """The spec, validated and checked against its files and store (``medflow.preflight``), or exit 2."""
     from medflow.errors import SpecError
+    from medflow.preflight import preflight
     from medflow.spec import load_spec
 
     try:
         spec = load_spec(spec_path)
     except SpecError as exc:
         _fail_spec(exc)
+    problems = preflight(spec)
+    if problems:
+        _fail_spec(SpecError(f"{spec_path}: cannot run as it stands", problems))
+    return spec
+
+
+def _run_pipeline(spec_path: Path) -> dict:
+    spec = _load_checked(spec_path)
     settings.configure(Path(spec.runs_dir).parent)
     from medflow.dask_runtime import prepare_local_workers
 
     prepare_local_workers(spec.run.dask.model_dump(), spec.data.store)  # in the background, while Prefect starts
     from flows.pipeline import pipeline
 
-    return pipeline(str(spec_path))
+    with _expected_errors():
+        return pipeline(str(spec_path))
+
+
+@contextmanager
+def _expected_errors():
+    """A failure with a clear cause (``settings.expected_errors``: a bad spec or labels, a busy store, a
+    missing source) ends the command with its message, once, and exit status 1; Prefect's log lines
+    for it carry no traceback (``settings.quiet_expected_errors``). Anything else keeps its traceback."""
+    settings.quiet_expected_errors()
+    try:
+        yield
+    except settings.expected_errors() as exc:
+        err.print(f"[bold red]{type(exc).__name__}:[/] {exc}")
+        raise typer.Exit(1) from None
 
 
 def _print_result(result: dict, t0: float) -> None:
@@ -133,16 +161,52 @@ def run(spec: Annotated[Path, typer.Argument(help="Pipeline spec (YAML).")]) -> 
 
 
 @app.command()
-def validate(spec: Annotated[Path, typer.Argument(help="Pipeline spec (YAML).")]) -> None:
-    """Check SPEC; print every problem with its field, value and what is allowed."""
+def ingest(spec: Annotated[Path, typer.Argument(help="Pipeline spec (YAML); its data and ingest sections are used.")]) -> None:
+    """Ingest SPEC's source into its store, alone: new and changed series only, de-identified."""
+    from collections import Counter
+
     from medflow.errors import SpecError
+    from medflow.preflight import store_problems
     from medflow.spec import load_spec
 
     try:
         s = load_spec(spec)
     except SpecError as exc:
         _fail_spec(exc)
-    console.print(f"[green]ok[/]: {s.name} ({len(s.preprocess)} preprocessing steps, model {s.model.arch})")
+    if store_problems(s):
+        _fail_spec(SpecError(f"{spec}: cannot ingest now", store_problems(s)))
+    settings.configure(Path(s.runs_dir).parent)
+    from flows.ingest import ingest_flow
+    from storage.store import Store
+
+    t0 = time.perf_counter()
+    with _expected_errors():
+        result = ingest_flow(s)
+    rows = Store(s.data.store).quarantine()
+    console.print(f"[bold]Ingest[/] of {result.get('files', '?')} files in {time.perf_counter() - t0:.1f} s: "
+                  f"{result.get('ingested', 0)} series ingested, {result.get('unchanged', 0)} unchanged, "
+                  f"{result.get('quarantined_series', 0)} quarantined; {len({r['path'] for r in rows})} file(s) "
+                  "in quarantine")
+    for reason, n in Counter(_reason_kind(r["reason"]) for r in rows).most_common(12):
+        console.print(f"  {n:6d}  {reason}")
+
+
+def _reason_kind(reason: str) -> str:
+    """A quarantine reason without its per-file details, to count files by reason."""
+    import re
+
+    return re.sub(r"\d+", "N", reason.split(" (")[0].split(": ")[0])[:100]
+
+
+@app.command()
+def validate(spec: Annotated[Path, typer.Argument(help="Pipeline spec (YAML).")]) -> None:
+    """Check SPEC; print every problem with its field, value and what is allowed."""
+    from medflow.errors import SpecError
+    from medflow.spec import load_spec
+
+    s = _load_checked(spec)
+    console.print(f"[green]ok[/]: {s.name} ({len(s.preprocess)} preprocessing steps, model {s.model.arch}); "
+                  "labels, store and prepared-array memory checked")
 
 
 @app.command()
@@ -299,43 +363,89 @@ def server(
 ) -> None:
     """Start a standing Prefect server (UI and API) on 127.0.0.1 with medflow's settings.
 
-    Point runs at it with PREFECT_API_URL=http://127.0.0.1:PORT/api so that every task run,
-    log and artifact is recorded (the embedded server can lose records at exit).
+    The API asks for credentials (Prefect's basic auth string, made once and kept in
+    HOME/api-auth) and answers cross-origin requests only from its own UI: any web page the
+    user visits could otherwise start runs on it. Clients read HOME/client.env.
     """
     import os
 
     home.mkdir(parents=True, exist_ok=True)
+    auth = api_auth_string(home)
+    url = f"http://127.0.0.1:{port}"
+    client_env = home.resolve() / "client.env"
+    write_private(client_env, f"export PREFECT_API_URL={url}/api\nexport PREFECT_API_AUTH_STRING='{auth}'\n")
     env = {**os.environ, "PREFECT_HOME": str(home.resolve()), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-           "DO_NOT_TRACK": "1", "PREFECT_SERVER_UI_API_URL": f"http://127.0.0.1:{port}/api"}
+           "DO_NOT_TRACK": "1", "PREFECT_SERVER_UI_API_URL": f"{url}/api",
+           "PREFECT_SERVER_API_AUTH_STRING": auth, "PREFECT_SERVER_API_CORS_ALLOWED_ORIGINS": url}
     env.pop("PREFECT_API_URL", None)
-    console.print(f"Prefect UI: http://127.0.0.1:{port}  ·  for runs: export PREFECT_API_URL=http://127.0.0.1:{port}/api")
+    console.print(f"Prefect UI: {url} (its login asks for the auth string in {home / 'api-auth'})")
+    console.print(f"For runs, deployments and the prefect CLI: source {client_env}")
     prefect = Path(sys.executable).with_name("prefect")
     os.execve(str(prefect), [str(prefect), "server", "start", "--host", "127.0.0.1", "--port", str(port)], env)
+
+
+def api_auth_string(home: Path) -> str:
+    """The server's ``user:password`` auth string: PREFECT_SERVER_API_AUTH_STRING if set, else the one
+    kept in HOME/api-auth (made on first use, readable by its owner only)."""
+    import os
+    import secrets
+
+    given = os.environ.get("PREFECT_SERVER_API_AUTH_STRING")
+    if given:
+        return given
+    path = home / "api-auth"
+    if not path.exists():
+        write_private(path, f"medflow:{secrets.token_urlsafe(24)}")
+    return path.read_text().strip()
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write a file only its owner can read (credentials)."""
+    import os
+
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+    os.chmod(path, 0o600)
 
 
 @app.command()
 def serve(
     spec: Annotated[Path | None, typer.Option(help="Spec for every deployment (default: each deployment's own).")] = None,
     file: Annotated[Path, typer.Option(help="Deployments file.")] = Path("deployments/prefect.yaml"),
+    allow: Annotated[list[Path] | None, typer.Option(
+        help="A folder that runs started through the API may use (specs, their data, predict input and output); "
+        "repeat for more. Default: this folder and the folders of the deployments' specs.")] = None,
 ) -> None:
     """Serve the deployments of deployments/prefect.yaml from this process, on their schedules.
 
-    Needs a standing server (`medflow server`) and PREFECT_API_URL pointing at it, so that
-    `prefect deployment run 'pipeline/adhoc' --param spec=...` from anywhere reaches it.
+    Needs a standing server (`medflow server`) and PREFECT_API_URL pointing at it (source the
+    server's client.env), so that `prefect deployment run 'pipeline/adhoc' --param spec=...`
+    from anywhere reaches it. Runs it starts may only use the allowed folders (--allow).
     """
     import os
 
+    from medflow.access import ENV as ALLOWED_ENV
     from medflow.errors import SpecError
 
     if not os.environ.get("PREFECT_API_URL"):
         err.print("[bold red]PREFECT_API_URL is not set.[/] Start a server with `medflow server` and "
-                  "export PREFECT_API_URL=http://127.0.0.1:4200/api")
+                  "source the client.env it names (work/.prefect/client.env by default)")
         raise typer.Exit(2)
     settings.configure(None)
     from medflow.deploy import DEFAULT_FILE, read_deployments, to_runner_deployments
 
+    deployments_file = file if file.exists() else DEFAULT_FILE
     try:
-        defs = read_deployments(file if file.exists() else DEFAULT_FILE, spec=spec)
+        defs = read_deployments(deployments_file, spec=spec)
+    except SpecError as exc:
+        _fail_spec(exc)
+    roots = [Path.cwd(), *(allow or []), *(Path(d.spec).parent for d in defs if d.spec)]
+    os.environ[ALLOWED_ENV] = os.pathsep.join(dict.fromkeys(str(r.expanduser().resolve()) for r in roots))
+    console.print(f"runs through the API may use: {', '.join(os.environ[ALLOWED_ENV].split(os.pathsep))}")
+    try:
+        with _expected_errors():  # again, now that the folders are restricted: a spec's data outside is refused
+            defs = read_deployments(deployments_file, spec=spec)
     except SpecError as exc:
         _fail_spec(exc)
     for d in defs:

@@ -11,3 +11,7 @@ class SpecError(MedflowError, ValueError):
     def __init__(self, message: str, problems: list[str] | None = None):
         super().__init__(message)
         self.problems = problems or [message]
+
+
+class LabelError(MedflowError, ValueError):
+    """The labels CSV does not fit the spec or the store (a missing column, an unknown class, too few)."""

@@ -34,3 +34,43 @@ def enable_project_logs(level: int = logging.INFO) -> None:
     """Let the project's own loggers through at ``level`` (Prefect forwards them to the API)."""
     for name in PROJECT_LOGGERS.split(","):
         logging.getLogger(name).setLevel(level)
+
+
+def expected_errors() -> tuple[type[BaseException], ...]:
+    """Failures whose message says all a user needs: a bad spec or labels, a busy store, a missing source."""
+    from medflow.errors import MedflowError
+    from storage.errors import SourceError, StoreLockedError
+
+    return MedflowError, StoreLockedError, SourceError
+
+
+class QuietExpectedErrors(logging.Filter):
+    """Log lines about an expected error keep its message and lose the traceback (hundreds of lines for
+    one refused lock); the same error logged again by each enclosing flow is logged once."""
+
+    def __init__(self):
+        super().__init__()
+        self._seen: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is None or not isinstance(exc, expected_errors()):
+            return True
+        record.exc_info, record.exc_text = None, None
+        text = f"{type(exc).__name__}: {exc}"
+        if text in self._seen:
+            return False
+        self._seen.add(text)
+        return True
+
+
+def quiet_expected_errors() -> None:
+    """Install ``QuietExpectedErrors`` on every handler of the root and Prefect loggers (call after
+    Prefect has set up its logging)."""
+    quiet = QuietExpectedErrors()
+    loggers = [logging.getLogger()] + [logging.getLogger(name) for name in list(logging.root.manager.loggerDict)
+                                       if name.startswith("prefect")]
+    for lg in loggers:
+        for handler in lg.handlers:
+            if not any(isinstance(f, QuietExpectedErrors) for f in handler.filters):
+                handler.addFilter(quiet)

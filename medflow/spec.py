@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal, Union
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Discriminator,
@@ -31,6 +32,33 @@ from pydantic import (
 from medflow.errors import SpecError
 
 LABEL_KEYS = ("StudyInstanceUID", "PatientID", "AccessionNumber", "path")
+MAX_SPEC_BYTES = 1_000_000  # a spec is a page of YAML; anything larger is not one
+
+
+def at_most(limit: float, why: str) -> AfterValidator:
+    """An upper bound that says why it is there (a value past it is a typo, or exhausts the machine)."""
+
+    def check(value):
+        if value is not None and value > limit:
+            raise ValueError(f"must be at most {limit:,} ({why})")
+        return value
+
+    return AfterValidator(check)
+
+
+def at_least(limit: float, why: str) -> AfterValidator:
+    def check(value):
+        if value is not None and value < limit:
+            raise ValueError(f"must be at least {limit:,} ({why})")
+        return value
+
+    return AfterValidator(check)
+
+
+# bounds shared by several fields
+MAX_EPOCHS = at_most(10_000, "early stopping ends real runs long before; more is a typo")
+MAX_DIM = at_most(4096, "one axis of a prepared array; larger arrays do not fit a worker")
+MAX_VOXELS = 2**30  # 4 GiB as float32: one prepared array must fit in a worker's memory
 
 
 class _Model(BaseModel):
@@ -142,19 +170,36 @@ class IngestSpec(_Model):
         "Turning this off stores patient/study/series identifiers in the store.",
     )
     modalities: list[str] | None = Field(None, description="Modalities to ingest (e.g. [CT]); others are quarantined.")
-    min_slices: PositiveInt = Field(1, description="Series with fewer slices are quarantined.")
+    min_slices: Annotated[PositiveInt, at_most(100_000, "more slices than any series has")] = Field(1, description="Series with fewer slices are quarantined.")
     spacing_tolerance: float = Field(
         0.1, ge=0, description="Largest relative deviation of slice spacing from its median before a series is quarantined."
     )
     color: Literal["quarantine", "grayscale"] = Field(
         "quarantine", description="Colour (RGB/YBR) images: quarantine them, or convert them to grayscale luminance."
     )
+    fallback_spacing: Annotated[PositiveFloat, at_most(100, "no image has pixels 10 cm wide")] | None = Field(
+        None, description="Pixel spacing (mm) for planar images (X-rays, secondary captures) whose PixelSpacing or "
+        "ImagerPixelSpacing is impossible (zero, negative, not a number); recorded in the catalog's "
+        "spacing_source. Null: such images are quarantined. Volumes with an impossible geometry are always "
+        "quarantined.")
     qc: QCSpec = QCSpec()
 
 
 # --------------------------------------------------------------------- preprocess
-Vec3 = tuple[PositiveFloat, PositiveFloat, PositiveFloat]
-Shape3 = tuple[PositiveInt, PositiveInt, PositiveInt]
+Spacing = Annotated[PositiveFloat, at_least(0.01, "finer than any scanner; the resampled array would not fit"),
+                    at_most(1000, "a voxel a metre wide holds no image")]
+Dim = Annotated[PositiveInt, MAX_DIM]
+Vec3 = tuple[Spacing, Spacing, Spacing]
+Shape3 = tuple[Dim, Dim, Dim]
+
+
+def _check_voxels(shape) -> None:
+    n = 1
+    for v in shape:
+        n *= int(v)
+    if n > MAX_VOXELS:
+        raise ValueError(f"shape {list(shape)} has {n:,} voxels; at most {MAX_VOXELS:,} (4 GiB as float32: one "
+                         "prepared array must fit in a worker's memory)")
 
 
 class ResampleArgs(_Model):
@@ -186,20 +231,32 @@ class ResizeArgs(_Model):
     shape: Shape3 = Field(description="Output shape (z, y, x).")
     order: int = Field(1, ge=0, le=3, description="Spline order (0 = nearest, 1 = linear).")
 
+    @model_validator(mode="after")
+    def _fits(self) -> ResizeArgs:
+        _check_voxels(self.shape)
+        return self
+
 
 class CropPadArgs(_Model):
     shape: Shape3 = Field(description="Output shape (z, y, x), centred crop or pad.")
     value: float | None = Field(None, description="Pad value (default: the image minimum).")
 
+    @model_validator(mode="after")
+    def _fits(self) -> CropPadArgs:
+        _check_voxels(self.shape)
+        return self
+
 
 class LungMaskArgs(_Model):
     threshold: float = Field(-400.0, description="HU below which a voxel counts as air or lung.")
     fill: float = Field(-1000.0, description="Value outside the lung fields (HU).")
-    dilate_mm: float = Field(0.0, ge=0, description="Dilation of the lung mask in mm.")
+    dilate_mm: Annotated[float, at_most(1000, "wider than any body")] = Field(0.0, ge=0, description="Dilation of the lung mask in mm.")
 
 
 class Resize2DArgs(_Model):
-    shape: tuple[PositiveInt, PositiveInt] = Field(description="Output size (height, width) of each slice.")
+    shape: tuple[Annotated[PositiveInt, at_most(16384, "larger than any detector")],
+                 Annotated[PositiveInt, at_most(16384, "larger than any detector")]] = Field(
+        description="Output size (height, width) of each slice.")
     aspect: Literal["pad", "stretch"] = Field(
         "pad", description="`pad`: scale to fit, keeping the aspect ratio, and pad the rest with the image "
         "minimum; `stretch`: scale each axis to the size.")
@@ -216,7 +273,7 @@ class EqualizeArgs(_Model):
     method: Literal["clahe", "histogram"] = Field(
         "clahe", description="`clahe`: contrast-limited adaptive histogram equalisation; `histogram`: global.")
     clip_limit: float = Field(0.01, gt=0, le=1, description="CLAHE clip limit (higher: more contrast).")
-    kernel_size: PositiveInt | None = Field(None, description="CLAHE tile size in pixels (default: 1/8 of the image).")
+    kernel_size: Annotated[PositiveInt, MAX_DIM] | None = Field(None, description="CLAHE tile size in pixels (default: 1/8 of the image).")
 
 
 class AxialSliceArgs(_Model):
@@ -314,7 +371,7 @@ def step_items(steps: list[Any]) -> list[tuple[str, dict]]:
 # -------------------------------------------------------------------------- model
 class AugmentSpec(_Model):
     flip: list[Literal["z", "y", "x"]] = Field(default_factory=list, description="Axes flipped at random.")
-    shift: int = Field(0, ge=0, description="Largest random shift in voxels along y and x.")
+    shift: Annotated[int, at_most(1000, "a shift past the image leaves nothing of it")] = Field(0, ge=0, description="Largest random shift in voxels along y and x.")
     rotate_deg: float = Field(0.0, ge=0, le=180, description="Largest random in-plane rotation (degrees).")
     zoom: float = Field(0.0, ge=0, lt=1, description="Largest random in-plane zoom, as a fraction (0.1: 0.9-1.1x).")
     intensity_jitter: float = Field(0.0, ge=0, description="Scale and offset jitter of intensities, brightness "
@@ -361,23 +418,23 @@ class ModelSpec(_Model):
 
 
 class TrainSpec(_Model):
-    epochs: PositiveInt = Field(30, description="Most epochs to train (early stopping may end sooner).")
-    batch_size: PositiveInt = Field(8, description="Volumes per batch.")
+    epochs: Annotated[PositiveInt, MAX_EPOCHS] = Field(30, description="Most epochs to train (early stopping may end sooner).")
+    batch_size: Annotated[PositiveInt, at_most(4096, "a batch must fit in memory with its activations")] = Field(8, description="Volumes per batch.")
     optimizer: Literal["adam", "adamw", "sgd"] = Field("adam", description="Keras optimizer.")
     learning_rate: PositiveFloat = Field(1e-3, description="Initial learning rate.")
-    early_stopping: PositiveInt | None = Field(8, description="Patience in epochs on validation loss; null turns it off.")
-    reduce_lr: PositiveInt | None = Field(4, description="Halve the learning rate after this many epochs without improvement.")
+    early_stopping: Annotated[PositiveInt, MAX_EPOCHS] | None = Field(8, description="Patience in epochs on validation loss; null turns it off.")
+    reduce_lr: Annotated[PositiveInt, MAX_EPOCHS] | None = Field(4, description="Halve the learning rate after this many epochs without improvement.")
     class_weight: Literal["balanced", "none"] = Field(
         "balanced", description="`balanced` weights classes by inverse frequency (class imbalance).")
     seed: int = Field(0, description="Seed of weights, data order and augmentation.")
     mixed_precision: bool = Field(False, description="float16 compute on GPUs that support it.")
-    patch_size: list[PositiveInt] | None = Field(
+    patch_size: list[Annotated[PositiveInt, MAX_DIM]] | None = Field(
         None, min_length=2, max_length=3, description="Segmentation: training patch, (y, x) for unet2d or (z, y, x) "
         "for unet3d; null takes whole slices (unet2d) or whole volumes (unet3d).")
     foreground_ratio: float = Field(
         0.5, ge=0, le=1, description="Segmentation: fraction of patches centred on a foreground voxel (the rest at "
         "random), against the imbalance of small lesions.")
-    samples_per_volume: PositiveInt = Field(4, description="Segmentation: patches drawn from each volume per epoch.")
+    samples_per_volume: Annotated[PositiveInt, at_most(4096, "patches per volume per epoch; more only repeats them")] = Field(4, description="Segmentation: patches drawn from each volume per epoch.")
 
 
 class EvaluateSpec(_Model):
@@ -385,7 +442,7 @@ class EvaluateSpec(_Model):
         default=None, description="Metrics reported on the test split (with bootstrap intervals); default: all of "
         "the task kind's (auc, accuracy, precision, recall, specificity, f1 for classification, as macro averages "
         "with more than two classes; dice, iou, hd95, assd, volume_error for segmentation).")
-    bootstrap: int = Field(1000, ge=0, description="Bootstrap resamples for confidence intervals (0: none).")
+    bootstrap: Annotated[int, at_most(100_000, "each resample scores the test split again; 10,000 already gives stable intervals")] = Field(1000, ge=0, description="Bootstrap resamples for confidence intervals (0: none).")
     threshold: Literal["youden", "f1"] | float = Field(
         "youden", description="How the decision threshold is chosen on the validation split, or a fixed value."
     )
@@ -394,15 +451,15 @@ class EvaluateSpec(_Model):
 # ---------------------------------------------------------------------------- run
 class DaskSpec(_Model):
     address: str | None = Field(None, description="Existing scheduler (tcp://host:8786); null starts a local cluster.")
-    n_workers: PositiveInt = Field(2, description="Worker processes of the local cluster.")
-    threads_per_worker: PositiveInt = Field(1, description="Threads per local worker.")
+    n_workers: Annotated[PositiveInt, at_most(512, "local workers are processes of one machine")] = Field(2, description="Worker processes of the local cluster.")
+    threads_per_worker: Annotated[PositiveInt, at_most(512, "more threads than any machine has cores")] = Field(1, description="Threads per local worker.")
     start_method: Literal["forkserver", "spawn"] | None = Field(
         None, description="How local workers start; null: forkserver on Linux (workers forked from a server "
         "process that has imported medflow once: about 0.15 s per cluster), spawn elsewhere.")
 
 
 class RunSpec(_Model):
-    retries: int = Field(2, ge=0, description="Retries of I/O tasks.")
+    retries: Annotated[int, at_most(10, "retries are for passing faults; past a few the fault is not passing")] = Field(2, ge=0, description="Retries of I/O tasks.")
     dask: DaskSpec = DaskSpec()
 
 
@@ -563,18 +620,46 @@ def parse_spec(data: Any, *, base_dir: str | Path = ".", check_paths: bool = Tru
     return spec
 
 
+class _SpecLoader(yaml.SafeLoader):
+    """YAML without aliases: ``*name`` can build a loop (``x: &a [*a]``) or a billion-element
+    document from a kilobyte (nested aliases), and a spec has no use for either."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(None, None, f"YAML aliases (*{event.anchor}) are not accepted in a "
+                                              "spec; write the value out", event.start_mark)
+        return super().compose_node(parent, index)
+
+
 def load_spec(path: str | Path, *, check_paths: bool = True) -> PipelineSpec:
-    """Read and validate a YAML spec file."""
+    """Read and validate a YAML spec file.
+
+    Under ``medflow serve`` (``medflow.access``), the file and every path it names must lie in
+    the allowed folders; AccessRefused otherwise.
+    """
+    from medflow.access import check_allowed
+
     path = Path(path)
+    check_allowed(path, "spec")
     try:
         text = path.read_text()
     except OSError as exc:
         raise SpecError(f"cannot read spec {str(path)!r}: {exc.strerror}") from exc
+    if len(text) > MAX_SPEC_BYTES:
+        raise SpecError(f"spec {str(path)!r} is {len(text):,} bytes; a spec is at most {MAX_SPEC_BYTES:,}")
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_SpecLoader)  # noqa: S506 - a SafeLoader without aliases
     except yaml.YAMLError as exc:
         raise SpecError(f"spec {str(path)!r} is not valid YAML: {exc}") from exc
-    return parse_spec(data, base_dir=path.resolve().parent, check_paths=check_paths)
+    spec = parse_spec(data, base_dir=path.resolve().parent, check_paths=check_paths)
+    for field, value in (("data.source", spec.data.source), ("data.store", spec.data.store),
+                         ("data.runs", spec.data.runs),
+                         ("data.labels.path", spec.data.labels.path if spec.data.labels else None),
+                         ("data.masks.table", spec.data.masks.table if spec.data.masks else None)):
+        if value:
+            check_allowed(value, field)
+    return spec
 
 
 def json_schema() -> dict:

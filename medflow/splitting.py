@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import train_test_split
 
+from medflow.errors import LabelError
 from storage.deid import Pseudonymizer
 
 logger = logging.getLogger(__name__)
@@ -35,11 +36,11 @@ def join_labels(catalog: dict[str, dict], labels: pd.DataFrame, *, key: str, key
     number); rows with an empty label and series without a label are left out.
 
     Raises:
-        ValueError: a missing column.
+        LabelError: a missing column.
     """
     for col in (key_column, label_column):
         if col not in labels.columns:
-            raise ValueError(f"labels CSV has no column {col!r}; its columns are {list(labels.columns)}")
+            raise LabelError(f"labels CSV has no column {col!r}; its columns are {list(labels.columns)}")
     given = labels[labels[label_column].notna() & (labels[label_column].astype(str).str.strip() != "")]
     if len(given) < len(labels):
         logger.warning("labels: %d row(s) with an empty %r left out", len(labels) - len(given), label_column)
@@ -72,7 +73,7 @@ def class_order(names, classes: list[str] | None = None) -> list[str]:
     (['2', '10'], ['effusion', 'normal'], ['b', 'a'])
 
     Raises:
-        ValueError: a label that is not among ``classes``.
+        LabelError: a label that is not among ``classes``.
     """
     present = sorted(set(names), key=lambda v: (0, float(v), v) if _is_number(v) else (1, 0.0, v))
     if classes is None:
@@ -80,7 +81,7 @@ def class_order(names, classes: list[str] | None = None) -> list[str]:
     classes = [label_text(c) for c in classes]
     unknown = [v for v in present if v not in classes]
     if unknown:
-        raise ValueError(f"labels {unknown[:5]} are not among data.labels.classes {classes}; add them or fix the "
+        raise LabelError(f"labels {unknown[:5]} are not among data.labels.classes {classes}; add them or fix the "
                          "labels")
     return classes
 
@@ -126,7 +127,7 @@ def patient_split(df: pd.DataFrame, *, val: float, test: float, stratify: bool =
     patients = df.groupby("patient_key")["label"].max()
     keys, labs = patients.index.to_numpy(), patients.to_numpy()
     if len(keys) < 3:
-        raise ValueError(f"Received {len(keys)} labelled patient(s), expected at least 3 for a train/val/test split.")
+        raise LabelError(f"Received {len(keys)} labelled patient(s), expected at least 3 for a train/val/test split.")
 
     def can_stratify(y, n_take):
         counts = np.bincount(y.astype(int), minlength=2)

@@ -80,7 +80,7 @@ SCAN_TAGS = [
 
 # Everything the scan looks at (``scan_file``, ``raw_pixel_header``); other elements are skipped unread
 # (the scan is about 25% faster than with every element parsed).
-SCAN_READ_TAGS = [*SCAN_TAGS, "SamplesPerPixel", "PhotometricInterpretation", "BitsAllocated", "BitsStored",
+SCAN_READ_TAGS = [*SCAN_TAGS, "ImageType", "SamplesPerPixel", "PhotometricInterpretation", "BitsAllocated", "BitsStored",
                   "PixelRepresentation", "ModalityLUTSequence", "ImagePositionPatient", "ImageOrientationPatient",
                   "PixelSpacing", "InstanceNumber", "RescaleSlope", "RescaleIntercept", "ReferencedSeriesSequence"]
 # as tags: pydicom otherwise turns each keyword into a tag on every read (scan 0.47 -> 0.43 ms a file)
@@ -398,6 +398,10 @@ def _scan(path: Path, relpath: str, pseudo: Pseudonymizer) -> dict:
             header = ScanHeader(pydicom.dcmread(fp, stop_before_pixels=True, specific_tags=_SCAN_READ_TAGS))
             pixel_at = fp.tell()  # the reader stops at the pixel data element's tag
             pixel_head = fp.read(12)
+            if header.syntax == DEFLATED:  # the file position is in the compressed stream: look in the dataset
+                fp.seek(0)
+                inflated = pydicom.dcmread(fp, specific_tags=[Tag(0x7FE0, 0x0010)])
+                pixel_head = PIXEL_TAGS[0] if "PixelData" in inflated else b""
     try:
         series_uid = str(header.get("SeriesInstanceUID", "") or "")
         sop_class = header.get("SOPClassUID", None)
@@ -412,7 +416,7 @@ def _scan(path: Path, relpath: str, pseudo: Pseudonymizer) -> dict:
         implausible = _implausible_size(header, record["pixels"], path.stat().st_size)
         if implausible:
             return {"reason": implausible}
-        raw = raw_pixel_header(header, pixel_at, pixel_head)
+        raw = None if record.get("mosaic") else raw_pixel_header(header, pixel_at, pixel_head)
         if raw is not None:
             record["raw"] = raw
         return record
@@ -471,12 +475,22 @@ def _scan_record(ds: ScanHeader, relpath: str, series_uid: str, pseudo: Pseudony
         "planar": int(ds.get("NumberOfFrames", 1) or 1) <= 1
         and ("ImagePositionPatient" not in ds or "ImageOrientationPatient" not in ds),
     }
+    if is_mosaic(ds):
+        record["mosaic"] = True  # many slices in one frame: read in full and unpacked, never raw
     return record
+
+
+def is_mosaic(ds) -> bool:
+    """A Siemens mosaic: ImageType has MOSAIC (many slices tiled in one frame)."""
+    value = ds.get("ImageType", None)
+    values = [value] if isinstance(value, str) else list(value or [])
+    return any(str(v).strip().upper() == "MOSAIC" for v in values) or "\\MOSAIC" in str(value).upper()
 
 
 # Pixel data tags (PixelData, FloatPixelData, DoubleFloatPixelData) as they appear in a file, little and big endian.
 PIXEL_TAGS = (b"\xe0\x7f\x10\x00", b"\xe0\x7f\x08\x00", b"\xe0\x7f\x09\x00",
               b"\x7f\xe0\x00\x10", b"\x7f\xe0\x00\x08", b"\x7f\xe0\x00\x09")
+DEFLATED = "1.2.840.10008.1.2.1.99"  # Deflated Explicit VR Little Endian: the whole dataset is zlib-compressed
 # Native (uncompressed) little-endian transfer syntaxes: pixels can be read straight from the file.
 NATIVE_SYNTAXES = ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1")
 # Per-slice header values a raw read needs; geometry and rescale only (nothing identifying).
@@ -604,6 +618,42 @@ def slice_normal(orientation) -> np.ndarray:
     return n / norm
 
 
+# Physical limits of the values a stack's geometry is built from: a pixel or slice spacing
+# outside them, or direction cosines that are not unit and orthogonal, are damaged values.
+SPACING_RANGE_MM = (1e-4, 100.0)
+COSINE_TOLERANCE = 1e-2
+
+
+def check_spacing(values, what: str) -> list[float]:
+    """``values`` as floats, or InvalidSeriesError naming them if any is zero, negative, not finite or absurd.
+
+    >>> check_spacing(["0.7", "0.7"], "PixelSpacing")
+    [0.7, 0.7]
+    >>> check_spacing(["0", "0"], "PixelSpacing")
+    Traceback (most recent call last):
+    ...
+    storage.errors.InvalidSeriesError: impossible PixelSpacing [0.0, 0.0]: each must be finite, in (0.0001, 100] mm
+    """
+    floats = [float(v) for v in values]
+    lo, hi = SPACING_RANGE_MM
+    if not floats or not all(np.isfinite(v) and lo <= v <= hi for v in floats):
+        raise InvalidSeriesError(f"impossible {what} {floats}: each must be finite, in ({lo:g}, {hi:g}] mm")
+    return floats
+
+
+def check_orientation(orientation) -> list[float]:
+    """ImageOrientationPatient as 6 floats, or InvalidSeriesError unless both vectors are unit and orthogonal."""
+    iop = [float(v) for v in orientation]
+    if len(iop) != 6 or not all(np.isfinite(iop)):
+        raise InvalidSeriesError(f"impossible ImageOrientationPatient {iop}: 6 finite direction cosines expected")
+    row, col = np.asarray(iop[:3]), np.asarray(iop[3:])
+    if (abs(np.linalg.norm(row) - 1) > COSINE_TOLERANCE or abs(np.linalg.norm(col) - 1) > COSINE_TOLERANCE
+            or abs(float(row @ col)) > COSINE_TOLERANCE):
+        raise InvalidSeriesError(f"impossible ImageOrientationPatient {iop}: row and column directions must be "
+                                 "unit vectors at right angles")
+    return iop
+
+
 # -------------------------------------------------------------------------- pixels
 def read_slice(path: str | Path) -> tuple[pydicom.Dataset, np.ndarray]:
     """Read one file and decode its pixels (once); raise UnreadableFileError with the decoder's reason."""
@@ -626,7 +676,8 @@ def read_header(path: str | Path) -> pydicom.Dataset:
 def to_physical(ds: pydicom.Dataset, *, color: str = "quarantine", pixels: np.ndarray | None = None) -> np.ndarray:
     """The frame's pixels in physical units (RescaleSlope/RescaleIntercept or a modality LUT).
 
-    MONOCHROME1 is inverted so that, as in MONOCHROME2, higher values are brighter. Colour
+    MONOCHROME1 is inverted so that, as in MONOCHROME2, higher values are brighter. PALETTE COLOR
+    indices become the colours of their palette first (never stored as indices). Colour
     images (RGB, or YBR which pydicom converts to RGB) become luminance with
     ``skimage.color.rgb2gray`` in the stored value range when ``color="grayscale"``; with
     ``color="quarantine"`` they raise InvalidSeriesError. Integer data with slope 1 and an
@@ -636,6 +687,8 @@ def to_physical(ds: pydicom.Dataset, *, color: str = "quarantine", pixels: np.nd
     arr = ds.pixel_array if pixels is None else pixels
     if int(ds.get("SamplesPerPixel", 1) or 1) > 1:
         return to_gray(arr, str(ds.get("PhotometricInterpretation", "RGB")), color=color)
+    if str(ds.get("PhotometricInterpretation", "")) == "PALETTE COLOR":  # indices into a colour table
+        return to_gray(_palette_rgb(arr, ds), "PALETTE COLOR", color=color)
     if "ModalityLUTSequence" in ds:
         return np.asarray(apply_rescale(arr, ds), dtype=np.float64)
     return rescale_frame(
@@ -643,6 +696,16 @@ def to_physical(ds: pydicom.Dataset, *, color: str = "quarantine", pixels: np.nd
         bits=int(ds.get("BitsStored", arr.dtype.itemsize * 8) or 16),
         photometric=str(ds.get("PhotometricInterpretation", "MONOCHROME2")),
     )
+
+
+def _palette_rgb(indices: np.ndarray, ds) -> np.ndarray:
+    """The RGB colours a PALETTE COLOR image's indices stand for (its palette, applied by pydicom)."""
+    from pydicom.pixels import apply_color_lut
+
+    try:
+        return apply_color_lut(indices, ds)
+    except Exception as exc:  # a missing or damaged palette: the indices mean nothing on their own
+        raise InvalidSeriesError(f"PALETTE COLOR image whose palette cannot be applied: {reason_for(exc)}") from exc
 
 
 def to_gray(arr: np.ndarray, photometric: str, *, color: str) -> np.ndarray:
@@ -734,9 +797,69 @@ def split_frames(ds: pydicom.Dataset, *, color: str = "quarantine",
             frame.RescaleSlope, frame.RescaleIntercept = slope, intercept
         if pixels.ndim == 4:
             values = to_gray(pixels[i], photometric, color=color)
+        elif photometric == "PALETTE COLOR":
+            values = to_gray(_palette_rgb(pixels[i], ds), photometric, color=color)
         else:
             values = rescale_frame(pixels[i], slope=slope, intercept=intercept, bits=bits, photometric=photometric)
         out.append((frame, values))
+    return out
+
+
+def split_mosaic(ds: pydicom.Dataset, values: np.ndarray) -> list[tuple[pydicom.Dataset, np.ndarray]]:
+    """The slices of a Siemens mosaic, each ``(header, pixels)`` with its own ImagePositionPatient.
+
+    ``values``: the whole mosaic frame in physical units. The number of tiles comes from the
+    CSA header or the private NumberOfImagesInMosaic (0019,100A); the corner ImagePositionPatient
+    of the mosaic is moved to the first tile and each slice is stepped along the CSA slice
+    normal by the slice spacing, as dcm2niix does (nibabel's ``MosaicWrapper`` reads the CSA
+    header and computes them; tests compare with dcm2niix).
+
+    Raises:
+        InvalidSeriesError: a fact needed to place the slices is missing; never one big slice.
+    """
+    import warnings as _warnings
+
+    from nibabel.nicom import dicomwrappers
+
+    with _warnings.catch_warnings():
+        _warnings.simplefilter("ignore")  # nibabel's notice that its DICOM readers are experimental
+        missing = ("Siemens mosaic without the CSA header and NumberOfImagesInMosaic that place its slices "
+                   "(never stored as one slice)")
+        try:
+            wrapper = dicomwrappers.wrapper_from_data(ds)
+        except Exception as exc:  # noqa: BLE001
+            raise InvalidSeriesError(f"{missing}: {reason_for(exc)}") from exc
+        if not isinstance(wrapper, dicomwrappers.MosaicWrapper):
+            raise InvalidSeriesError(missing)
+        try:
+            n = int(wrapper.n_mosaic)
+            rows, cols = (int(v) for v in wrapper.image_shape[:2])
+            first = np.asarray(wrapper.image_position, dtype=float)
+            normal = np.asarray(wrapper.slice_normal, dtype=float)
+            dz = float(wrapper.voxel_sizes[2])
+        except Exception as exc:  # noqa: BLE001 - nibabel raises several types for what is missing
+            raise InvalidSeriesError(f"Siemens mosaic whose slices cannot be placed: {reason_for(exc)} (the CSA "
+                                     "header or NumberOfImagesInMosaic is missing or damaged)") from exc
+    if normal.shape != (3,) or not np.isfinite(normal).all() or abs(np.linalg.norm(normal) - 1) > COSINE_TOLERANCE:
+        raise InvalidSeriesError(f"Siemens mosaic whose slice normal {normal.tolist()} is not a unit vector: its "
+                                 "slices cannot be placed")
+    side = int(np.ceil(np.sqrt(n)))
+    if values.shape != (rows * side, cols * side):
+        raise InvalidSeriesError(f"Siemens mosaic of {n} tiles of {rows}x{cols} does not fit its {values.shape} frame")
+    dz = check_spacing([dz], "mosaic slice spacing")[0]
+    out = []
+    for k in range(n):
+        r, c = divmod(k, side)
+        frame = pydicom.Dataset()
+        for keyword in FRAME_KEYWORDS:
+            if keyword in ds:
+                setattr(frame, keyword, ds[keyword].value)
+        frame.ImagePositionPatient = [float(v) for v in first + k * dz * normal]
+        frame.ImageOrientationPatient = list(ds.ImageOrientationPatient)
+        frame.PixelSpacing = list(ds.PixelSpacing)
+        frame.SliceThickness = ds.get("SliceThickness", dz)
+        frame.InstanceNumber = int(ds.get("InstanceNumber", 0) or 0)
+        out.append((frame, np.ascontiguousarray(values[r * rows:(r + 1) * rows, c * cols:(c + 1) * cols])))
     return out
 
 
@@ -749,16 +872,26 @@ def check_image(ds: pydicom.Dataset, *, planar: bool = False) -> None:
         raise InvalidSeriesError(f"no {', '.join(missing)}: cannot place the image in patient space")
 
 
-def planar_geometry(ds: pydicom.Dataset) -> tuple[Geometry, str]:
+def planar_geometry(ds: pydicom.Dataset, *, fallback: float | None = None) -> tuple[Geometry, str]:
     """A one-slice geometry for an image without patient position, and where its spacing came from.
 
     Pixel spacing is PixelSpacing, else ImagerPixelSpacing (projection radiography, at the
-    detector), else 1 mm (recorded as unknown).
+    detector), else 1 mm (recorded as unknown). An impossible spacing (zero, negative, not
+    finite, absurd) raises InvalidSeriesError, or, given ``fallback`` (``ingest.fallback_spacing``),
+    becomes that spacing, recorded with the values it replaced.
     """
     for keyword in ("PixelSpacing", "ImagerPixelSpacing"):
         if keyword in ds and ds.get(keyword):
-            row, col = (float(v) for v in ds.get(keyword))
-            source = keyword
+            values = list(ds.get(keyword))
+            try:
+                row, col = check_spacing(values, keyword)
+                source = keyword
+            except (InvalidSeriesError, ValueError, TypeError) as exc:
+                if fallback is None:
+                    raise InvalidSeriesError(f"{exc} (set ingest.fallback_spacing to give planar images with an "
+                                             "impossible spacing a fixed one)") from None
+                row = col = float(fallback)
+                source = f"ingest.fallback_spacing (impossible {keyword} {[str(v) for v in values]})"
             break
     else:
         row, col, source = 1.0, 1.0, "unknown"

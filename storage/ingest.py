@@ -19,8 +19,11 @@ import numpy as np
 from storage.deid import IDENTIFYING_ATTRIBUTES, SAFE_ATTRIBUTES, Pseudonymizer
 from storage.dicom import (
     cast_volume,
+    check_orientation,
+    check_spacing,
     check_image,
     exact_integer_rescale,
+    is_mosaic,
     list_source,
     planar_geometry,
     read_header,
@@ -29,6 +32,7 @@ from storage.dicom import (
     rescale_frame,
     scan_file,
     split_frames,
+    split_mosaic,
     to_physical,
     volume_dtype,
 )
@@ -53,10 +57,13 @@ class IngestOptions:
     qc_tilt: str = "quarantine"
     tilt_tolerance_deg: float = 0.5
     masks: str | None = None  # "seg" or "nifti": map masks onto their series
+    fallback_spacing: float | None = None  # mm, for planar images whose spacing is impossible
 
     def digest(self) -> str:
         # only what changes the stored result (the modality filter acts before reading)
         fields = {k: v for k, v in self.__dict__.items() if k != "modalities"}
+        if fields["fallback_spacing"] is None:  # added later: unset, the digests of existing stores stay valid
+            del fields["fallback_spacing"]
         blob = json.dumps(fields, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
@@ -313,6 +320,10 @@ def _ingest_series(store_root: str, source: str, plan: SeriesPlan, options: Inge
                 continue
             check_image(ds, planar=plan.kind == "image")
             pixels = to_physical(ds, color=options.color, pixels=decoded)
+            if is_mosaic(ds):  # a Siemens mosaic: its tiles are the slices
+                slices.extend(_Slice(relpath, frame, values) for frame, values in split_mosaic(ds, pixels))
+                template = template if template is not None else ds
+                continue
         except Exception as exc:  # the per-file boundary
             if belongs_to_run(exc):
                 raise
@@ -528,7 +539,7 @@ class _StackWriter:
     def write_group(self, group: list[_Slice], part_key: str, *, mixed_groups: int) -> list[list[int]]:
         """One orientation and image size; duplicates per policy; returns the shapes written."""
         opts = self.options
-        iop = group[0].ds.ImageOrientationPatient
+        iop = check_orientation(group[0].ds.ImageOrientationPatient)  # before positions are projected on it
         positions = [s.ds.ImagePositionPatient for s in group]
         qc = measure(positions, iop, tolerance=opts.spacing_tolerance)
         actions = [f"split from {mixed_groups} orientation/size groups"] if mixed_groups > 1 else []
@@ -556,8 +567,11 @@ class _StackWriter:
         opts = self.options
         if len(stack) < opts.min_slices:
             raise InvalidSeriesError(f"{len(stack)} slice(s) < ingest.min_slices={opts.min_slices}")
-        iop = stack[0].ds.ImageOrientationPatient
-        positions = np.asarray([s.ds.ImagePositionPatient for s in stack], dtype=float)
+        iop = check_orientation(stack[0].ds.ImageOrientationPatient)
+        positions = np.asarray([[float(v) for v in s.ds.ImagePositionPatient] for s in stack], dtype=float)
+        if positions.shape[1:] != (3,) or not np.isfinite(positions).all() or np.abs(positions).max() > 1e6:
+            raise InvalidSeriesError("impossible ImagePositionPatient: 3 finite coordinates within 1 km expected")
+        pixel_spacing = check_spacing(stack[0].ds.PixelSpacing, "PixelSpacing")
         along, normal = positions_along(positions, iop)
         order = np.argsort(along, kind="stable")
         s_sorted = along[order]
@@ -584,15 +598,15 @@ class _StackWriter:
             volume = np.empty((len(stack), *stack[0].pixels.shape), dtype=dtype)
             for out_index, in_index in enumerate(order):  # fill in spatial order; no float64 stack
                 volume[out_index] = cast_volume(stack[in_index].pixels, dtype)
-        pixel_spacing = [float(v) for v in first.PixelSpacing]
         if tilted:
             volume = cast_volume(deshear(volume, positions[order], iop, pixel_spacing, fill=float(volume.min())), dtype)
             actions.append(f"de-sheared {qc.tilt_deg:.1f} deg tilt")
         if len(stack) > 1:
             gaps = np.diff(s_sorted)
-            dz = float(np.median(gaps))
-        else:
-            dz = float(first.get("SliceThickness", 0) or 0) or 1.0
+            dz = check_spacing([float(np.median(gaps))], "slice spacing (from ImagePositionPatient)")[0]
+        else:  # one slice: the spacing it declares, else its thickness (1 mm if neither)
+            declared = first.get("SpacingBetweenSlices") or first.get("SliceThickness")
+            dz = check_spacing([declared], "SpacingBetweenSlices/SliceThickness")[0] if declared else 1.0
         if resample:
             volume = cast_volume(resample_along_normal(volume, s_sorted, dz), dtype)
             actions.append(f"resampled to uniform {dz:.3g} mm spacing ({qc.missing_slices} missing slice(s))")
@@ -615,7 +629,7 @@ class _StackWriter:
 
     def write_image(self, item: _Slice) -> list[int]:
         """A planar image (no patient position) as a one-slice volume."""
-        geo, spacing_source = planar_geometry(item.ds)
+        geo, spacing_source = planar_geometry(item.ds, fallback=self.options.fallback_spacing)
         modality = str(item.ds.get("Modality", "") or "OT")
         dtype = volume_dtype(modality, [item.pixels])
         volume = cast_volume(item.pixels, dtype)[None]

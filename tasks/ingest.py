@@ -26,7 +26,8 @@ def ingest_options(spec) -> IngestOptions:
                          min_slices=ing.min_slices, spacing_tolerance=ing.spacing_tolerance, color=ing.color,
                          qc_mixed=ing.qc.mixed, qc_duplicates=ing.qc.duplicates, qc_spacing=ing.qc.spacing,
                          qc_tilt=ing.qc.tilt, tilt_tolerance_deg=ing.qc.tilt_tolerance_deg,
-                         masks=spec.data.masks.source if spec.data.masks else None)
+                         masks=spec.data.masks.source if spec.data.masks else None,
+                         fallback_spacing=ing.fallback_spacing)
 
 
 def masks_table(spec) -> dict | None:

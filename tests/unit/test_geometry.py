@@ -73,3 +73,63 @@ def test_ingest_restores_spatial_order(tmp_path, order):
     np.testing.assert_array_equal(vol[:, 0, 0], 10 * np.arange(n))
     assert entry["spacing"] == [2.5, 0.8, 0.7]
     assert entry["origin"][2] == pytest.approx(-50.0)
+
+
+@pytest.mark.parametrize("pixel_spacing, fragment", [
+    ((0.0, 0.0), "impossible PixelSpacing [0.0, 0.0]"),
+    ((-0.7, 0.7), "impossible PixelSpacing [-0.7, 0.7]"),
+    ((float("nan"), 0.7), "impossible PixelSpacing [nan, 0.7]"),
+    ((1e5, 0.7), "impossible PixelSpacing [100000.0, 0.7]"),
+])
+def test_impossible_pixel_spacing_is_quarantined_with_the_values(tmp_path, pixel_spacing, fragment):
+    vol = np.zeros((3, 4, 4), np.uint16)
+    write_ct_series(tmp_path / "src", vol, positions=[(0, 0, z) for z in (0, 1, 2)], pixel_spacing=pixel_spacing)
+    out = ingest_serial(tmp_path / "src", tmp_path / "store.zarr")
+    assert out["store"].catalog() == {}
+    reasons = {row["reason"] for row in out["store"].quarantine()}
+    assert len(reasons) == 1 and fragment in reasons.pop()
+
+
+@pytest.mark.parametrize("orientation", [(1, 0, 0, 1, 0, 0.001), (1, 0, 0, 0.5, 0.5, 0), (2, 0, 0, 0, 1, 0)])
+def test_orientations_that_are_not_unit_and_orthogonal_are_quarantined(tmp_path, orientation):
+    vol = np.zeros((3, 4, 4), np.uint16)
+    write_ct_series(tmp_path / "src", vol, positions=[(0, 0, z) for z in (0, 1, 2)], orientation=orientation)
+    out = ingest_serial(tmp_path / "src", tmp_path / "store.zarr")
+    assert out["store"].catalog() == {}
+    assert all("impossible ImageOrientationPatient" in row["reason"] for row in out["store"].quarantine())
+
+
+def test_a_single_slice_takes_spacing_between_slices_before_thickness(tmp_path):
+    import pydicom
+
+    paths = write_ct_series(tmp_path / "src", np.zeros((1, 4, 4), np.uint16), positions=[(0, 0, 0)],
+                            slice_thickness=5.0)
+    ds = pydicom.dcmread(paths[0])
+    ds.SpacingBetweenSlices = 2.5
+    ds.save_as(paths[0])
+    out = ingest_serial(tmp_path / "src", tmp_path / "store.zarr")
+    (entry,) = out["store"].catalog().values()
+    assert entry["spacing"][0] == 2.5
+
+
+def test_planar_images_with_impossible_spacing_quarantine_or_take_the_fallback(tmp_path):
+    from tests.fuzz import DX_STORAGE
+    from tests.helpers import new_instance
+
+    src = tmp_path / "src"
+    src.mkdir()
+    ds = new_instance(DX_STORAGE)
+    ds.PatientID, ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.Modality = "P", "1.2.3", "1.2.3.4", "DX"
+    ds.Rows, ds.Columns, ds.ImagerPixelSpacing = 4, 4, ["0", "0"]
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.PixelData = np.arange(16, dtype=np.uint16).tobytes()
+    ds.save_as(src / "dx.dcm", enforce_file_format=True)
+    out = ingest_serial(src, tmp_path / "a.zarr")
+    assert out["store"].catalog() == {}
+    (row,) = out["store"].quarantine()
+    assert "impossible ImagerPixelSpacing [0.0, 0.0]" in row["reason"] and "ingest.fallback_spacing" in row["reason"]
+    out = ingest_serial(src, tmp_path / "b.zarr", IngestOptions(fallback_spacing=0.2))
+    (entry,) = out["store"].catalog().values()
+    assert entry["spacing"] == [1.0, 0.2, 0.2]
+    assert entry["spacing_source"] == "ingest.fallback_spacing (impossible ImagerPixelSpacing ['0', '0'])"

@@ -70,3 +70,23 @@ def test_colour_is_quarantined_unless_the_spec_asks_for_grayscale(pydicom_test_f
     rgb = pydicom.dcmread(src / "rgb.dcm").pixel_array
     np.testing.assert_allclose(out["store"].read_image(key)[0], rgb2gray(rgb) * 255, rtol=1e-6)
     assert entry["dtype"] == "float32"
+
+
+def test_palette_colour_is_never_stored_as_indices(pydicom_test_files, tmp_path):
+    from pydicom.pixels import apply_color_lut
+
+    src = tmp_path / "src"
+    src.mkdir()
+    shutil.copy(pydicom_test_files / "examples_palette.dcm", src)
+    out = ingest_serial(src, tmp_path / "q.zarr")  # colour, by default: quarantined with the reason
+    assert out["store"].catalog() == {}
+    (row,) = out["store"].quarantine()
+    assert row["reason"] == "colour image (PALETTE COLOR); set ingest.color: grayscale to convert it"
+    out = ingest_serial(src, tmp_path / "g.zarr", IngestOptions(color="grayscale"))
+    (key,) = out["store"].catalog()
+    stored = out["store"].read_image(key)[0]
+    ds = pydicom.dcmread(src / "examples_palette.dcm")
+    rgb = apply_color_lut(ds.pixel_array, ds)
+    expected = rgb2gray(rgb) * np.iinfo(rgb.dtype).max
+    np.testing.assert_allclose(stored, expected, rtol=1e-5, atol=1e-3)  # the palette's luminance
+    assert not np.allclose(stored, ds.pixel_array)  # not the indices

@@ -72,10 +72,18 @@ def test_ingest_with_direct_reads_equals_ingest_with_full_parses(small_cohort, t
     assert sorted(map(str, map(strip, direct.values()))) == sorted(map(str, map(strip, parsed.values())))
 
 
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 def _as_plain(value):
     """pydicom's value as the scan's fast reader returns it: str, int, float or a list of floats."""
     if isinstance(value, (list, pydicom.multival.MultiValue)):
-        return [float(v) for v in value]
+        return [_as_plain(v) if isinstance(v, str) and not _is_number(v) else float(v) for v in value]
     if isinstance(value, (float, pydicom.valuerep.DSdecimal)):
         return float(value)
     if isinstance(value, int):

@@ -109,3 +109,125 @@ def test_segmentation_spec_errors(override, fragment):
     with pytest.raises(SpecError) as info:
         parse_spec(_seg_spec(**override), check_paths=False)
     assert fragment in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "override, fragment",
+    [({"train.epochs": 10**9}, "train.epochs: must be at most 10,000 (early stopping"),
+     ({"evaluate.bootstrap": 10**12}, "evaluate.bootstrap: must be at most 100,000"),
+     ({"run.dask.n_workers": 100000}, "run.dask.n_workers: must be at most 512"),
+     ({"preprocess.3.crop_pad.shape": [100000, 100000, 100000]}, "crop_pad.shape[0]: must be at most 4,096"),
+     ({"preprocess.3.crop_pad.shape": [2048, 2048, 2048]}, "8,589,934,592 voxels; at most 1,073,741,824"),
+     ({"preprocess.0.resample.spacing": [0.0001, 1, 1]}, "spacing[0]: must be at least 0.01"),
+     ({"run.retries": 1000}, "run.retries: must be at most 10")],
+)
+def test_numbers_are_bounded_with_the_reason(override, fragment):
+    with pytest.raises(SpecError) as info:
+        parse_spec(_spec(**override), check_paths=False)
+    assert any(fragment in line for line in info.value.problems), info.value.problems
+
+
+@pytest.mark.parametrize("text", ["name: t\nx: &a [*a, *a]\n",  # a loop
+                                  "name: t\na: &a [1, 1, 1, 1, 1, 1, 1, 1, 1]\nb: &b [*a, *a, *a, *a, *a, *a, *a]\n"
+                                  "c: &c [*b, *b, *b, *b, *b, *b, *b]\nd: [*c, *c, *c, *c, *c, *c, *c]\n"])  # a bomb
+def test_yaml_aliases_are_refused_at_once(tmp_path, text):
+    import time
+
+    path = tmp_path / "spec.yaml"
+    path.write_text(text)
+    t0 = time.perf_counter()
+    with pytest.raises(SpecError, match=r"YAML aliases \(\*a\) are not accepted"):
+        load_spec(path)
+    assert time.perf_counter() - t0 < 5  # refused while reading, not after expanding
+
+
+def _checked_spec(tmp_path, labels_csv: str, **over):
+    (tmp_path / "src").mkdir(exist_ok=True)
+    (tmp_path / "labels.csv").write_text(labels_csv)
+    data = _spec(**over)
+    data["data"].update({"source": "src", "labels": {**data["data"]["labels"], "path": "labels.csv"}})
+    return parse_spec(data, base_dir=tmp_path)
+
+
+def test_preflight_reads_the_label_file_and_the_store(tmp_path):
+    from filelock import FileLock
+
+    from medflow.preflight import preflight
+    from storage.store import Store
+
+    good = "StudyInstanceUID,nodule\n1.2.3,1\n1.2.4,0\n"
+    assert preflight(_checked_spec(tmp_path, good)) == []
+    problems = preflight(_checked_spec(tmp_path, "Study,nodule\n1.2.3,1\n"))
+    assert problems == ["data.labels: the CSV has no column 'StudyInstanceUID' (key_column); its columns are "
+                        "['Study', 'nodule']"]
+    problems = preflight(_checked_spec(tmp_path, good, **{"data.labels.classes": ["0", "2"]}))
+    assert problems == ["data.labels.classes: labels ['1'] in the CSV are not among the classes ['0', '2']"]
+    spec = _checked_spec(tmp_path, good)
+    Store(spec.data.store)
+    lock = FileLock(str(tmp_path / "store.zarr" / ".medflow" / "writer.lock"), thread_local=False)
+    with lock:  # another writer
+        problems = preflight(spec)
+    assert len(problems) == 1 and problems[0].startswith("data.store: store ") and "being written" in problems[0]
+
+
+def test_cli_refuses_a_busy_store_in_one_message(tmp_path):
+    from filelock import FileLock
+    from typer.testing import CliRunner
+
+    from medflow.cli import app
+    from storage.store import Store
+
+    spec = _checked_spec(tmp_path, "StudyInstanceUID,nodule\n1.2.3,1\n1.2.4,0\n")
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec.model_dump(mode="json")))
+    Store(spec.data.store)
+    with FileLock(str(tmp_path / "store.zarr" / ".medflow" / "writer.lock"), thread_local=False):
+        result = CliRunner().invoke(app, ["run", str(path)])
+    assert result.exit_code == 2
+    assert "being written by another run" in result.output and "Traceback" not in result.output
+    assert result.output.count("being written") == 1 and len(result.output.splitlines()) < 10
+
+
+def test_expected_errors_are_logged_once_without_a_traceback():
+    import logging
+    import sys
+
+    from medflow.settings import QuietExpectedErrors
+    from storage.errors import StoreLockedError
+
+    quiet = QuietExpectedErrors()
+
+    def record(exc):
+        try:
+            raise exc
+        except Exception:
+            return logging.LogRecord("prefect.flow_runs", logging.ERROR, "", 0, "Encountered exception: %r",
+                                     (exc,), sys.exc_info())
+
+    busy = StoreLockedError("store 's.zarr' is being written by another run")
+    first, again = record(busy), record(busy)
+    assert quiet.filter(first) and first.exc_info is None  # the message stays, the traceback goes
+    assert not quiet.filter(again)  # the enclosing flow's copy of it is dropped
+    bug = record(KeyError("x"))
+    assert quiet.filter(bug) and bug.exc_info is not None  # an unexpected error keeps its traceback
+
+
+def test_preflight_estimates_the_largest_prepared_array_from_the_catalog(tmp_path, monkeypatch):
+    import json as _json
+
+    import medflow.preflight as pf
+    from storage.store import Store
+
+    over = {"preprocess": [{"resample": {"spacing": [0.5, 0.5, 0.5]}}, {"window": {"center": 40, "width": 400}}]}
+    spec = _checked_spec(tmp_path, "StudyInstanceUID,nodule\n1.2.3,1\n1.2.4,0\n", **over)
+    store = Store(spec.data.store)
+    entry = {"series_key": "s1", "shape": [300, 512, 512], "spacing": [2.5, 0.7, 0.7], "patient_key": "p",
+             "study_key": "s"}
+    (store.root / "catalog" / "s1.json").write_text(_json.dumps(entry))
+    monkeypatch.setattr(pf, "_worker_memory", lambda spec: 8 * 2**30)
+    problems = pf.preflight(spec)
+    # 300 x 2.5 / 0.5 = 1500 slices of 717 x 717: 2.9 GiB as float32, more than a quarter of 8 GiB
+    assert len(problems) == 1 and problems[0].startswith("preprocess: the largest prepared array of the store's "
+                                                         "series is [1500, 717, 717] (2.9 GiB as float32)")
+    monkeypatch.setattr(pf, "_worker_memory", lambda spec: 64 * 2**30)
+    assert pf.preflight(spec) == []
