@@ -4,6 +4,7 @@ parallel on Dask)."""
 from __future__ import annotations
 
 import tempfile
+from pathlib import Path
 
 from prefect import flow
 from prefect.utilities.annotations import quote
@@ -20,8 +21,11 @@ from tasks.ingest import (
     record_quarantine_task,
     images_listing,
     masks_table,
+    quarantine_paths_task,
     scan_source_task,
 )
+
+QUARANTINE_PATHS = "quarantine-paths.csv"
 
 
 @flow(name="ingest", log_prints=False)
@@ -33,16 +37,24 @@ def ingest_flow(spec: PipelineSpec | str) -> dict:
     spec = as_spec(spec)
     with Store(spec.data.store).writer_lock(purpose="ingest"):
         if spec.data.format == "images":
-            return ingest_images_task.with_options(retries=spec.run.retries)(
+            result = ingest_images_task.with_options(retries=spec.run.retries)(
                 spec.data.source, spec.data.store, images_listing(spec), spec.ingest.color,
                 spec.run.dask.model_dump())
+            return {**result, "quarantine_paths": _paths_file(spec)}
         if not is_dicomweb(spec.data.source):
-            return _ingest_folder(spec, spec.data.source, merge=False)
+            return {**_ingest_folder(spec, spec.data.source, merge=False), "quarantine_paths": _paths_file(spec)}
         # raw DICOM holds PHI: it is staged outside the store and removed afterwards
         with tempfile.TemporaryDirectory(prefix="medflow-dicomweb-") as staging:
             pulled = pull_dicomweb_task.with_options(retries=spec.run.retries)(spec.data.source, spec.data.store,
                                                                                staging)
             return {**_ingest_folder(spec, staging, merge=True), "dicomweb": pulled}
+
+
+def _paths_file(spec: PipelineSpec) -> str:
+    """The quarantined files with their paths: identifying, so in a folder named so beside the runs folder,
+    outside the store, the runs and everything a report or artifact is made from."""
+    return quarantine_paths_task(spec.data.store, spec.data.source,
+                                 str(Path(spec.runs_dir).parent / "identifying" / QUARANTINE_PATHS))
 
 
 def _ingest_folder(spec: PipelineSpec, source: str, *, merge: bool) -> dict:

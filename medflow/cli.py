@@ -185,10 +185,11 @@ def ingest(spec: Annotated[Path, typer.Argument(help="Pipeline spec (YAML); its 
     rows = Store(s.data.store).quarantine()
     console.print(f"[bold]Ingest[/] of {result.get('files', '?')} files in {time.perf_counter() - t0:.1f} s: "
                   f"{result.get('ingested', 0)} series ingested, {result.get('unchanged', 0)} unchanged, "
-                  f"{result.get('quarantined_series', 0)} quarantined; {len({r['path'] for r in rows})} file(s) "
-                  "in quarantine")
+                  f"{result.get('quarantined_series', 0)} quarantined; {len(rows)} file(s) in quarantine")
     for reason, n in Counter(_reason_kind(r["reason"]) for r in rows).most_common(12):
         console.print(f"  {n:6d}  {reason}")
+    if result.get("quarantine_paths"):
+        console.print(f"Quarantined files with their paths (identifying: keep it private): {result['quarantine_paths']}")
 
 
 def _reason_kind(reason: str) -> str:

@@ -126,10 +126,12 @@ def predict_store(run: TrainedRun, scratch_root: str, source: Path, output: Path
     from medflow import kinds
     from storage.store import Store
 
+    from storage.ingest import source_index
+
     store = Store(scratch_root)
     files_of: dict[str, list[str]] = {}
     catalog = store.catalog()
-    for relpath, rec in store.scan_index().items():
+    for relpath, rec in source_index(store, str(source)).items():
         if "series_key" in rec and "reason" not in rec and "mask_for" not in rec:
             files_of.setdefault(rec["series_key"], []).append(relpath)
             image_key = "i" + rec.get("sop_key", "")[:15]  # a planar image is stored under its instance's key

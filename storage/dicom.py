@@ -380,9 +380,9 @@ def scan_file(root: str | Path, relpath: str, pseudo: Pseudonymizer) -> dict:
     try:
         return _scan(path, relpath, pseudo)
     except InvalidDicomError as exc:
-        return {"reason": f"not a DICOM file ({reason_for(exc)})".replace(str(path), relpath)}
+        return {"reason": f"not a DICOM file ({reason_for(exc)})".replace(str(path), "the file")}
     except Exception as exc:
-        record = {"reason": f"unreadable DICOM header: {reason_for(exc)}".replace(str(path), relpath)}
+        record = {"reason": f"unreadable DICOM header: {reason_for(exc)}".replace(str(path), "the file")}
         if isinstance(exc, OSError):
             record["retry"] = True
         return record

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -525,8 +526,11 @@ class _StackWriter:
                                    spacing=entry["spacing"], origin=entry["origin"], direction=entry["direction"],
                                    frame_of_reference=str(first.get("FrameOfReferenceUID", "") or "") or None)
         except MaskError as exc:
+            reason = str(exc)
+            for m in self.plan.masks:  # the user's own mask paths may name the patient
+                reason = reason.replace(str(m), "the mask file")
             self.quarantine.extend(
-                {"path": self._mask_name(m), "reason": str(exc), "stage": "ingest-mask",
+                {"path": self._mask_name(m), "reason": reason, "stage": "ingest-mask",
                  "series_key": self.plan.series_key, "digest": self.plan.digest} for m in self.plan.masks)
             return None
         entry["mask"] = info
@@ -736,18 +740,20 @@ def chunk_files(files: list, n_chunks: int) -> list[list]:
 def scan_source(source: str, store: Store, *, map_fn=None, n_chunks: int = 8) -> dict[str, dict]:
     """Refresh the store's scan index for ``source``: only new or changed files are read.
 
+    Returns the index by path relative to the source. The store keeps it by path key
+    (``Store.path_key``): file and folder names can carry UIDs and names.
+
     Args:
         map_fn: ``map_fn(func, list_of_args) -> list_of_results``, e.g. a Dask client's
             map-and-gather; serial when None.
     """
     problems: list[tuple[str, str]] = []
     listing = list_source(source, problems)
-    index = store.scan_index()
+    keys = {p: store.path_key(p) for p in [*(p for p, _, _ in listing), *(p for p, _ in problems)]}
+    stored = store.scan_index()
+    index = {p: stored[keys[p]] for p, _, _ in listing if keys[p] in stored}
     todo = stale_files(listing, index)
-    present = {p for p, _, _ in listing}
     unlisted = {p: {"reason": reason, "retry": True} for p, reason in problems}
-    changed = bool(todo) or any(index.get(p) != rec for p, rec in unlisted.items()) or len(index) != len(present) + len(unlisted)
-    index = {p: rec for p, rec in index.items() if p in present}
     if todo:
         secret = store.secret
         chunks = chunk_files(todo, n_chunks)
@@ -756,10 +762,33 @@ def scan_source(source: str, store: Store, *, map_fn=None, n_chunks: int = 8) ->
         for part in results:
             index.update(part)
     index.update(unlisted)  # entries the listing could not read: quarantined with the reason, looked at again
-    if changed:
-        store.write_scan_index(index)
+    keyed = {keys[p]: rec for p, rec in index.items()}
+    if keyed != stored:
+        store.write_scan_index(keyed)
     logger.info("scan: %d files, %d new or changed, %d entries not listable", len(listing), len(todo), len(problems))
     return index
+
+
+def source_index(store: Store, source: str) -> dict[str, dict]:
+    """The store's scan index by path relative to ``source`` (files no longer there are left out)."""
+    problems: list[tuple[str, str]] = []
+    paths = [p for p, _, _ in list_source(source, problems)] + [p for p, _ in problems]
+    stored = store.scan_index()
+    return {p: stored[k] for p in paths if (k := store.path_key(p)) in stored}
+
+
+def with_paths(rows: list[dict], store: Store, source: str) -> list[dict]:
+    """Quarantine rows with the ``path`` of their file in ``source`` (None for a file no longer there).
+
+    The paths are identifying (file and folder names carry UIDs and names): they are for the
+    user's eyes, never for the store, the logs or a report."""
+    problems: list[tuple[str, str]] = []
+    paths = [p for p, _, _ in list_source(source, problems)] + [p for p, _ in problems]
+    for folder, dirs, _ in os.walk(source):  # folders too: an empty class folder is quarantined as "name/"
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        paths += [os.path.relpath(os.path.join(folder, d), source) + "/" for d in dirs]
+    by_key = {store.path_key(p): p for p in paths}
+    return [{**row, "path": by_key.get(row.get("file"))} for row in rows]
 
 
 __all__ = [
@@ -771,5 +800,7 @@ __all__ = [
     "plan_series",
     "scan_files",
     "scan_source",
+    "source_index",
     "stale_files",
+    "with_paths",
 ]

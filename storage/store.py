@@ -262,7 +262,14 @@ class Store:
         return data
 
     def pseudonymizer(self) -> Pseudonymizer:
-        return Pseudonymizer(self.secret)
+        if getattr(self, "_pseudo", None) is None:
+            self._pseudo = Pseudonymizer(self.secret)
+        return self._pseudo
+
+    def path_key(self, relpath: str) -> str:
+        """The keyed pseudonym the store knows a source file by: file and folder names carry UIDs and
+        patient names, so the store never holds them (``storage.ingest.with_paths`` maps back)."""
+        return "f" + self.pseudonymizer().key(relpath, kind="path")[:19]
 
     # ------------------------------------------------------------------ series
     def _tmp_dir(self) -> Path:
@@ -376,15 +383,25 @@ class Store:
 
     # -------------------------------------------------------------- quarantine
     def quarantine(self) -> list[dict]:
+        """The quarantine table: one row per file, ``{"file": path key, "reason", "stage", ...}``."""
         data = self._read("quarantine.json")
         return json.loads(data) if data is not None else []
 
     def write_quarantine(self, rows: list[dict]) -> None:
-        rows = sorted(rows, key=lambda r: (r.get("path", ""), r.get("reason", "")))
-        self._write("quarantine.json", _json(rows))
+        """Replace the quarantine table. Rows name their file by ``path`` (relative to the source: turned
+        into its path key here) or by ``file`` (a key already); one row per file, the first one given."""
+        out: dict[str, dict] = {}
+        for row in rows:
+            row = dict(row)
+            path = row.pop("path", None)
+            if path is not None:
+                row["file"] = self.path_key(path)
+            out.setdefault(row["file"], row)
+        self._write("quarantine.json", _json(sorted(out.values(), key=lambda r: (r["file"], r.get("reason", "")))))
 
     # -------------------------------------------------------------- scan index
     def scan_index(self) -> dict[str, dict]:
+        """What the last scan read of each file, by path key (``path_key``)."""
         data = self._read(".medflow/scan_index.json.gz")
         return json.loads(gzip.decompress(data)) if data is not None else {}
 

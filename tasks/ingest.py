@@ -148,11 +148,12 @@ def record_quarantine_task(store_root: str, scan: ScanResult, results: list[dict
         rows.extend(res["quarantine"])
     if merge:
         touched_keys = {p.series_key for p in scan.todo}
-        touched_paths = {r["path"] for r in rows} | {f for p in scan.todo for f in p.files}
+        touched_files = {store.path_key(r["path"]) for r in rows} | {store.path_key(f) for p in scan.todo
+                                                                    for f in p.files}
         rows += [r for r in store.quarantine()
-                 if r.get("series_key") not in touched_keys and r["path"] not in touched_paths]
+                 if r.get("series_key") not in touched_keys and r["file"] not in touched_files]
     store.write_quarantine(rows)
-    return len(rows)
+    return len(store.quarantine())  # files: one row each
 
 
 @task(name="pull_dicomweb", retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=retry_transient)
@@ -217,3 +218,27 @@ def ingest_images_task(source: str, store_root: str, listing: dict | None, color
     log.info("images: %(ingested)d ingested, %(unchanged)d unchanged, %(quarantined_files)d quarantined, "
              "%(withdrawn)d withdrawn", summary)
     return summary
+
+
+@task(name="list_quarantine")
+def quarantine_paths_task(store_root: str, source: str, out: str) -> str:
+    """Write the quarantine table with each file's path to ``out`` (a CSV outside the store).
+
+    The store names files by path key only; this file is where a user finds them. It is
+    identifying (file and folder names carry UIDs and names): never a Prefect artifact."""
+    import io
+    from pathlib import Path
+
+    import pandas as pd
+
+    from medflow.runs import write_text_atomic
+    from storage.ingest import with_paths
+
+    store = Store(store_root)
+    rows = with_paths(store.quarantine(), store, source)
+    table = pd.DataFrame(rows, columns=["path", "reason", "stage", "series_key", "file"])
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    buf = io.StringIO()
+    table.to_csv(buf, index=False)
+    write_text_atomic(out, buf.getvalue())
+    return out

@@ -8,7 +8,15 @@ import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
-from storage.ingest import IngestOptions, ingest_series, nifti_mask_files, plan_series, scan_source
+from storage.ingest import (
+    IngestOptions,
+    ingest_series,
+    nifti_mask_files,
+    plan_series,
+    scan_source,
+    source_index,
+    with_paths,
+)
 from storage.store import Store
 
 
@@ -27,15 +35,25 @@ def ingest_serial(source, store_root, options: IngestOptions | None = None, nift
     results = [ingest_series(str(store.root), str(source), p, options) for p in plan.todo]
     rows = list(plan.quarantine) + [r for res in results for r in res["quarantine"]]
     store.write_quarantine(rows)
-    return {"plan": plan, "results": results, "store": store}
+    return {"plan": plan, "results": results, "store": store, "source": str(source)}
 
 
-def ingested_files(store: Store) -> set[str]:
+def quarantine(out: dict) -> list[dict]:
+    """The quarantine table of an ``ingest_serial`` result, each row with its file's ``path``."""
+    return with_paths(out["store"].quarantine(), out["store"], out["source"])
+
+
+def quarantine_reasons(out: dict) -> dict[str, str]:
+    """Path -> quarantine reason of an ``ingest_serial`` result."""
+    return {row["path"]: row["reason"] for row in quarantine(out)}
+
+
+def ingested_files(store: Store, source) -> set[str]:
     """Source files that are part of a series (or are a planar image) in the store's catalog."""
     catalog = store.catalog()
     keys = set(catalog) | {e["parent"] for e in catalog.values() if "parent" in e}  # parts name their series
     out = set()
-    for path, rec in store.scan_index().items():
+    for path, rec in source_index(store, str(source)).items():
         if rec.get("series_key") in keys or ("sop_key" in rec and "i" + rec["sop_key"][:15] in keys):
             out.add(path)
     return out
@@ -48,7 +66,8 @@ def unaccounted(store: Store, source) -> set[str]:
 
     problems: list = []
     listed = {p for p, _, _ in list_source(source, problems)} | {p for p, _ in problems}
-    return listed - ingested_files(store) - {r["path"] for r in store.quarantine()}
+    quarantined = {r["path"] for r in with_paths(store.quarantine(), store, str(source))}
+    return listed - ingested_files(store, source) - quarantined
 
 
 def new_instance(sop_class: str) -> Dataset:

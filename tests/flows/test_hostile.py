@@ -16,9 +16,10 @@ import yaml
 from flows.ingest import ingest_flow
 from medflow.cli import DEMO_SPEC
 from medflow.spec import load_spec
+from storage.ingest import with_paths
 from storage.store import Store
 from tests.fuzz import DX_STORAGE, fuzz_source, unlock
-from tests.helpers import ingested_files, new_instance, unaccounted
+from tests.helpers import ingested_files, new_instance, quarantine, quarantine_reasons, unaccounted
 
 pytestmark = pytest.mark.slow
 
@@ -50,18 +51,18 @@ def test_fuzzed_files_never_stop_an_ingest(tmp_path, pydicom_test_files, prefect
         spec = load_spec(_ingest_spec(tmp_path, tmp_path / "src"))
         first = ingest_flow(spec)  # completes: no file and no series raises out of it
         store = Store(spec.data.store)
-        reasons = {row["path"]: row["reason"] for row in store.quarantine()}
-        stored = ingested_files(store)
+        why = {row["path"]: row["reason"] for row in with_paths(store.quarantine(), store, str(tmp_path / "src"))}
+        stored = ingested_files(store, tmp_path / "src")
         assert unaccounted(store, tmp_path / "src") == set()  # every entry: in the store or quarantined
-        assert all(reasons.values())
-        assert "src" not in " ".join(reasons.values())  # reasons name files relative to the source
-        assert reasons["special/loop"].startswith("symbolic link to a folder already listed")
-        assert reasons["special/pipe.dcm"] == "not a regular file (FIFO)"
-        assert reasons["special/dangling.dcm"] == "symbolic link to nothing (dangling)"
-        assert reasons["special/locked"].startswith("folder not readable: PermissionError")
-        assert "special/folder.dcm/" not in reasons  # an empty folder with a file's name holds nothing
+        assert all(why.values())
+        assert "src" not in " ".join(why.values())  # reasons name files relative to the source
+        assert why["special/loop"].startswith("symbolic link to a folder already listed")
+        assert why["special/pipe.dcm"] == "not a regular file (FIFO)"
+        assert why["special/dangling.dcm"] == "symbolic link to nothing (dangling)"
+        assert why["special/locked"].startswith("folder not readable: PermissionError")
+        assert "special/folder.dcm/" not in why  # an empty folder with a file's name holds nothing
         # the causes the issue found, each a row now instead of a failed batch
-        text = "\n".join(reasons.values())
+        text = "\n".join(why.values())
         assert "NotImplementedError: Unknown Value Representation" in text
         assert "Use force=True" not in text
         assert len(stored) >= 6 and first["ingested"] >= 2  # the untouched seeds and exact copies still land
@@ -73,7 +74,7 @@ def test_fuzzed_files_never_stop_an_ingest(tmp_path, pydicom_test_files, prefect
         assert sorted(map(str, store.quarantine())) == quarantine_before
         assert store.catalog() == catalog_before
         print("fuzz:", made["kinds"], "files", len(list((tmp_path / "src").rglob("*.dcm"))), "stored", len(stored),
-              "quarantined", len(reasons), Counter(r.split(":")[0][:40] for r in reasons.values()).most_common(8))
+              "quarantined", len(why), Counter(r.split(":")[0][:40] for r in why.values()).most_common(8))
     finally:
         unlock(tmp_path / "src")
 
@@ -122,8 +123,8 @@ def test_copies_of_one_instance_with_different_pixels_are_all_quarantined(tmp_pa
     _write_dx(src / "a.dcm", pixels, sop="1.2.3.9", series="1.2.3.10")
     _write_dx(src / "b.dcm", pixels + 1, sop="1.2.3.9", series="1.2.3.10")
     out = ingest_serial(src, tmp_path / "store.zarr")
-    reasons = {row["path"]: row["reason"] for row in out["store"].quarantine()}
+    why = quarantine_reasons(out)
     assert out["store"].catalog() == {}
-    assert set(reasons) == {"a.dcm", "b.dcm"}
-    assert all("same SOP instance with different pixels" in r for r in reasons.values())
+    assert set(why) == {"a.dcm", "b.dcm"}
+    assert all("same SOP instance with different pixels" in r for r in why.values())
     assert pydicom.dcmread(src / "a.dcm").SOPInstanceUID == pydicom.dcmread(src / "b.dcm").SOPInstanceUID

@@ -6,6 +6,7 @@ import asyncio
 import gzip
 import json
 import re
+from pathlib import Path
 
 import keras
 import numpy as np
@@ -92,6 +93,16 @@ def test_no_phi_in_store_runs_logs_or_artifacts(tiny, prefect_harness, caplog):
                 checked += 1
     assert checked > 20
     assert "ZQXCANARY" not in caplog.text
+    # the Prefect database: flow and task run parameters, logs, artifacts, states
+    from prefect.settings import PREFECT_API_DATABASE_CONNECTION_URL
+
+    url = PREFECT_API_DATABASE_CONNECTION_URL.value() or ""
+    assert url.startswith("sqlite"), url  # the test harness's database: a file to search
+    database = Path(url.split("///", 1)[-1])
+    searched = list(database.parent.glob(database.name + "*"))  # with its -wal and -shm files
+    assert database in searched
+    for path in searched:
+        assert canary not in path.read_bytes(), path
 
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey

@@ -10,7 +10,8 @@ import pytest
 from pydicom.errors import InvalidDicomError
 
 from storage.dicom import list_source
-from tests.helpers import ingest_serial
+from storage.ingest import source_index
+from tests.helpers import ingest_serial, quarantine
 
 # MR_small.dcm in other transfer syntaxes (all lossless)
 VARIANTS = ["MR_small_RLE.dcm", "MR_small_jp2klossless.dcm", "MR_small_jpeg_ls_lossless.dcm",
@@ -44,8 +45,8 @@ def test_jpeg2000_ct_is_ingested(pydicom_test_files, tmp_path):
 def test_undecodable_files_are_quarantined_with_the_decoders_reason(pydicom_test_files, tmp_path):
     out = ingest_serial(pydicom_test_files, tmp_path / "store.zarr")
     # files that reached the ingest stage (scan-stage rejects never get to decoding)
-    reasons = {row["path"]: row["reason"] for row in out["store"].quarantine() if row["stage"] == "ingest"}
-    index = out["store"].scan_index()
+    reasons = {row["path"]: row["reason"] for row in quarantine(out) if row["stage"] == "ingest"}
+    index = source_index(out["store"], out["source"])
     checked = 0
     for path, _, _ in list_source(pydicom_test_files):
         try:

@@ -13,7 +13,7 @@ import nibabel
 import numpy as np
 import pydicom
 
-from tests.helpers import ingest_serial
+from tests.helpers import ingest_serial, quarantine, quarantine_reasons
 
 NIBABEL_DATA = Path(nibabel.__file__).parent / "nicom" / "tests" / "data"
 # The centre of the unpacked volume in DICOM patient coordinates (LPS, mm), from dcm2niix
@@ -59,7 +59,7 @@ def test_a_mosaic_whose_slices_cannot_be_placed_is_quarantined_not_stored_as_one
     ds.save_as(path)
     out = ingest_serial(tmp_path / "src", tmp_path / "store.zarr")
     assert out["store"].catalog() == {}
-    (row,) = out["store"].quarantine()
+    (row,) = quarantine(out)
     assert row["path"] == "dwi.dcm" and row["reason"].startswith("Siemens mosaic without the CSA header and "
                                                                  "NumberOfImagesInMosaic that place its slices")
 
@@ -82,5 +82,48 @@ def test_quarantine_reasons_carry_no_advice_meant_for_pydicom_users(tmp_path):
     src = tmp_path / "src"
     src.mkdir()
     (src / "notes.dcm").write_bytes(b"not a dicom file at all" * 10)
-    (row,) = ingest_serial(src, tmp_path / "store.zarr")["store"].quarantine()
+    (row,) = quarantine(ingest_serial(src, tmp_path / "store.zarr"))
     assert row["reason"].startswith("not a DICOM file") and "force" not in row["reason"]
+
+
+def _series_with_repeats(src: Path) -> list[Path]:
+    import shutil
+
+    from tests.helpers import write_ct_series
+
+    rng = np.random.default_rng(0)
+    paths = write_ct_series(src / "ct", rng.integers(0, 2000, (6, 8, 8)), positions=[(0, 0, 2.0 * k) for k in range(6)])
+    shutil.copy(paths[2], src / "ct" / "again_0002.dcm")  # the same slice exported twice
+    (src / "broken.dcm").write_bytes(paths[0].read_bytes()[:300])  # and a broken file
+    return paths
+
+
+def test_an_exact_copy_of_an_instance_is_dropped_and_its_series_ingested(tmp_path):
+    _series_with_repeats(tmp_path / "src")
+    out = ingest_serial(tmp_path / "src", tmp_path / "store.zarr")
+    (entry,) = out["store"].catalog().values()
+    assert entry["shape"] == [6, 8, 8] and entry["duplicate_files_dropped"] == 1 and entry["n_files"] == 6
+    assert set(quarantine_reasons(out)) == {"broken.dcm"}
+
+
+def test_a_copy_with_other_pixels_quarantines_both_files(tmp_path):
+    paths = _series_with_repeats(tmp_path / "src")
+    ds = pydicom.dcmread(tmp_path / "src" / "ct" / "again_0002.dcm")
+    ds.PixelData = (ds.pixel_array + 1).astype(np.uint16).tobytes()
+    ds.save_as(tmp_path / "src" / "ct" / "again_0002.dcm")
+    why = quarantine_reasons(ingest_serial(tmp_path / "src", tmp_path / "store.zarr"))
+    conflict = "2 files hold the same SOP instance with different pixels or positions"
+    assert why[f"ct/{paths[2].name}"].startswith(conflict) and why["ct/again_0002.dcm"].startswith(conflict)
+
+
+def test_three_ingests_of_one_folder_give_the_same_store(tmp_path):
+    _series_with_repeats(tmp_path / "src")
+    root = tmp_path / "store.zarr"
+    snapshots = []
+    for attempt in range(3):
+        out = ingest_serial(tmp_path / "src", root)
+        assert len(out["results"]) == (1 if attempt == 0 else 0)  # nothing re-ingested after the first
+        files = sorted([*root.glob("catalog/*.json"), root / "quarantine.json"])
+        snapshots.append({f.name: f.read_bytes() for f in files})
+    assert snapshots[0] == snapshots[1] == snapshots[2]
+    assert len(snapshots[0]) == 2 and b"broken" not in snapshots[0]["quarantine.json"]

@@ -7,7 +7,7 @@ import pytest
 
 from storage.dicom import slice_normal, to_physical
 from storage.ingest import IngestOptions
-from tests.helpers import ingest_serial, write_ct_series
+from tests.helpers import ingest_serial, quarantine, write_ct_series
 
 AXIAL = (1, 0, 0, 0, 1, 0)
 
@@ -127,7 +127,7 @@ def test_planar_images_with_impossible_spacing_quarantine_or_take_the_fallback(t
     ds.save_as(src / "dx.dcm", enforce_file_format=True)
     out = ingest_serial(src, tmp_path / "a.zarr")
     assert out["store"].catalog() == {}
-    (row,) = out["store"].quarantine()
+    (row,) = quarantine(out)
     assert "impossible ImagerPixelSpacing [0.0, 0.0]" in row["reason"] and "ingest.fallback_spacing" in row["reason"]
     out = ingest_serial(src, tmp_path / "b.zarr", IngestOptions(fallback_spacing=0.2))
     (entry,) = out["store"].catalog().values()

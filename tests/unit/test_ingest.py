@@ -13,9 +13,9 @@ import pydicom
 import pytest
 
 from storage.dicom import list_source
-from storage.ingest import IngestOptions
+from storage.ingest import IngestOptions, source_index
 from storage.store import Store
-from tests.helpers import ingest_serial, ingested_files
+from tests.helpers import ingest_serial, ingested_files, quarantine, quarantine_reasons
 
 
 def _all_bytes(root: Path):
@@ -32,7 +32,7 @@ def test_synthetic_cohort_ingests_and_quarantines(small_cohort, tmp_path):
     store = out["store"]
     catalog = store.catalog()
     assert len(catalog) == small_cohort.n_patients
-    reasons = {row["path"]: row["reason"] for row in store.quarantine()}
+    reasons = quarantine_reasons(out)
     assert "not a DICOM file" in reasons["misc/README.txt"]
     assert "no pixel data (Basic Text SR Storage)" == reasons["misc/sr_0001.dcm"]
     assert "cannot decode pixel data" in reasons["misc/7f3e91aa02c4"]
@@ -72,6 +72,52 @@ def test_no_phi_reaches_the_store(small_cohort, tmp_path, caplog):
         assert needle.decode() not in caplog.text
 
 
+def _store_bytes(root: Path):
+    """``_all_bytes`` with Zarr chunks decompressed too (Blosc), so that nothing hides in them."""
+    from numcodecs import Blosc
+
+    for path, data in _all_bytes(root):
+        try:
+            data = data + Blosc().decode(data).tobytes() if "/c/" in path.as_posix() else data
+        except Exception:  # not a Blosc frame: searched as it is
+            pass
+        yield path, data
+
+
+def test_file_and_folder_names_never_reach_the_store(small_cohort, tmp_path, caplog):
+    # real exports name files after their SOPInstanceUID and folders after the patient
+    caplog.set_level("DEBUG")
+    src = tmp_path / "export"
+    needles = set()
+    for path in sorted(small_cohort.dicom_dir.rglob("*")):
+        if not path.is_file():
+            continue
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+            sop, name = str(ds.SOPInstanceUID), str(ds.PatientName)
+        except Exception:  # the cohort's broken files
+            continue
+        folder = src / name.replace("^", "_")
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, folder / f"{sop}.dcm")
+        needles |= {sop, name.replace("^", "_")}
+    (src / "Doe_Jane^ZQXFOLDER").mkdir()
+    (src / "Doe_Jane^ZQXFOLDER" / "1.2.826.0.1.3680043.99.1234.dcm").write_bytes(b"not dicom at all")
+    needles |= {"ZQXFOLDER", "1.2.826.0.1.3680043.99.1234"}
+    out = ingest_serial(src, tmp_path / "store.zarr")
+    assert len(out["store"].catalog()) >= 1 and len(out["store"].quarantine()) >= 1
+    checked = 0
+    for path, data in _store_bytes(tmp_path / "store.zarr"):
+        checked += 1
+        for needle in needles:
+            assert needle.encode() not in data, f"{needle!r} found in {path}"
+    assert checked > 10
+    for needle in needles:
+        assert needle not in caplog.text
+    # the user still finds the quarantined file: its path comes back from the source, outside the store
+    assert quarantine_reasons(out)["Doe_Jane^ZQXFOLDER/1.2.826.0.1.3680043.99.1234.dcm"].startswith("not a DICOM file")
+
+
 def test_deidentify_off_keeps_identifiers(small_cohort, tmp_path):
     out = ingest_serial(small_cohort.dicom_dir, tmp_path / "s.zarr", IngestOptions(min_slices=8, deidentify=False))
     entry = next(iter(out["store"].catalog().values()))
@@ -86,10 +132,10 @@ def test_second_ingest_is_incremental(small_cohort, tmp_path):
     assert len(first["results"]) > 0
     second = ingest_serial(src, root, IngestOptions(min_slices=8))
     assert second["results"] == [] and len(second["plan"].unchanged) == len(first["results"])
-    assert {r["path"] for r in second["store"].quarantine()} == {r["path"] for r in first["store"].quarantine()}
+    assert set(quarantine_reasons(second)) == set(quarantine_reasons(first)) and len(quarantine_reasons(second)) > 0
     # drop one slice file of one series: only that series is redone (and now fails the spacing check)
     key = next(iter(first["store"].catalog()))
-    index = first["store"].scan_index()
+    index = source_index(first["store"], str(src))
     victim = sorted(p for p, r in index.items() if r.get("series_key") == key)[3]
     (src / victim).unlink()
     third = ingest_serial(src, root, IngestOptions(min_slices=8))
@@ -119,8 +165,8 @@ def test_every_pydicom_test_file_is_ingested_or_quarantined(pydicom_test_files, 
     out = ingest_serial(pydicom_test_files, tmp_path / "store.zarr")
     store = out["store"]
     listed = {p for p, _, _ in list_source(pydicom_test_files)}
-    in_series = ingested_files(store)
-    quarantined = {row["path"] for row in store.quarantine()}
+    in_series = ingested_files(store, pydicom_test_files)
+    quarantined = set(quarantine_reasons(out))
     assert all(row["reason"] for row in store.quarantine())
     assert listed == in_series | quarantined
     # real CT slices among them are ingested, not just quarantined
@@ -128,8 +174,8 @@ def test_every_pydicom_test_file_is_ingested_or_quarantined(pydicom_test_files, 
     assert len(store.catalog()) >= 5
     # MR_small.dcm in eight lossless transfer syntaxes: one SOP instance with the same pixels, so one
     # slice is kept and the 7 copies are dropped; the truncated copy is quarantined on its own
-    reasons = {row["path"]: row["reason"] for row in store.quarantine()}
-    mr_key = store.scan_index()["MR_small.dcm"]["series_key"]
+    reasons = quarantine_reasons(out)
+    mr_key = source_index(store, str(pydicom_test_files))["MR_small.dcm"]["series_key"]
     entry = store.catalog()[mr_key]
     assert entry["shape"] == [1, 64, 64] and entry["duplicate_files_dropped"] == 7
     assert "MR_small_RLE.dcm" in in_series and "MR_small_jp2klossless.dcm" in in_series
@@ -158,7 +204,7 @@ def test_dicomdir_tree_groups_series_by_uid(pydicom_test_files, tmp_path):
             got[rec["series_key"]] += 1
     assert len(expected) > 3
     assert got == {pseudo.series_key(uid): n for uid, n in expected.items()}
-    reasons = {row["path"]: row["reason"] for row in out["store"].quarantine()}
+    reasons = quarantine_reasons(out)
     assert all(reasons[p].startswith("no pixel data") for p in no_pixels)
     for key, entry in out["store"].catalog().items():
         assert entry["n_files"] == (1 if entry["kind"] == "image" else got[key])

@@ -13,7 +13,7 @@ from pydicom.sr.codedict import codes
 
 from storage.ingest import IngestOptions
 from storage.masks import map_onto, series_affine
-from tests.helpers import ingest_serial, write_ct_series
+from tests.helpers import ingest_serial, quarantine, write_ct_series
 
 SHAPE = (12, 20, 24)  # z, y, x
 SPACING = (2.5, 0.8, 0.7)  # slice gap, row spacing (PixelSpacing[0]), column spacing
@@ -104,8 +104,8 @@ def test_a_mask_outside_its_series_is_quarantined_and_the_series_kept(tmp_path):
     store = out["store"]
     (key,) = store.catalog()
     assert "mask" not in store.catalog_entry(key) and store.read_mask(key) is None
-    (row,) = store.quarantine()
-    assert row["path"] == "nifti:mask.nii.gz" and "does not fit its series" in row["reason"]
+    (row,) = store.quarantine()  # the mask is the user's own file: known by the key of its name only
+    assert row["file"] == store.path_key("nifti:mask.nii.gz") and "does not fit its series" in row["reason"]
 
 
 def test_seg_files_are_quarantined_when_masks_are_not_asked_for(tmp_path):
@@ -114,7 +114,7 @@ def test_seg_files_are_quarantined_when_masks_are_not_asked_for(tmp_path):
     out = ingest_serial(tmp_path / "src", tmp_path / "store.zarr", IngestOptions())
     store = out["store"]
     assert len(store.catalog()) == 1  # the CT only: a SEG is not an image series
-    (row,) = store.quarantine()
+    (row,) = quarantine(out)
     assert row["path"] == "seg.dcm" and "DICOM SEG" in row["reason"]
 
 
@@ -137,7 +137,7 @@ def test_a_seg_whose_series_is_missing_is_quarantined(tmp_path):
     _write_seg(paths, z, _cube(), tmp_path / "src" / "seg.dcm")  # the SEG alone in the source
     out = ingest_serial(tmp_path / "src", tmp_path / "store.zarr", IngestOptions(masks="seg"))
     assert not out["store"].catalog()
-    (row,) = out["store"].quarantine()
+    (row,) = quarantine(out)
     assert row["path"] == "seg.dcm" and "references a series that is not in the source" in row["reason"]
 
 

@@ -10,7 +10,7 @@ from highdicom.legacy import LegacyConvertedEnhancedCTImage
 from pydicom.uid import generate_uid
 
 from storage.ingest import IngestOptions
-from tests.helpers import ingest_serial, write_ct_series
+from tests.helpers import ingest_serial, quarantine, write_ct_series
 
 
 def test_enhanced_ct_ingests_like_its_single_frame_source(tmp_path):
@@ -48,5 +48,5 @@ def test_multiframe_without_functional_groups_is_quarantined(pydicom_test_files,
     src.mkdir()
     shutil.copy(pydicom_test_files / "SC_rgb_rle_2frame.dcm", src / "cine.dcm")
     out = ingest_serial(src, tmp_path / "store.zarr", IngestOptions(color="grayscale"))
-    (row,) = out["store"].quarantine()
+    (row,) = quarantine(out)
     assert "multi-frame image (2 frames) without per-frame functional groups" in row["reason"]

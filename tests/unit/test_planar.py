@@ -10,7 +10,7 @@ from pydicom.uid import generate_uid
 from skimage.color import rgb2gray
 
 from storage.ingest import IngestOptions
-from tests.helpers import ingest_serial, new_instance
+from tests.helpers import ingest_serial, new_instance, quarantine
 
 CR_STORAGE = "1.2.840.10008.5.1.4.1.1.1"
 
@@ -62,7 +62,7 @@ def test_colour_is_quarantined_unless_the_spec_asks_for_grayscale(pydicom_test_f
     src.mkdir()
     shutil.copy(pydicom_test_files / "SC_rgb_small_odd.dcm", src / "rgb.dcm")
     kept = ingest_serial(src, tmp_path / "a.zarr")
-    (row,) = kept["store"].quarantine()
+    (row,) = quarantine(kept)
     assert "colour image (RGB); set ingest.color: grayscale" in row["reason"]
 
     out = ingest_serial(src, tmp_path / "b.zarr", IngestOptions(color="grayscale"))
@@ -80,7 +80,7 @@ def test_palette_colour_is_never_stored_as_indices(pydicom_test_files, tmp_path)
     shutil.copy(pydicom_test_files / "examples_palette.dcm", src)
     out = ingest_serial(src, tmp_path / "q.zarr")  # colour, by default: quarantined with the reason
     assert out["store"].catalog() == {}
-    (row,) = out["store"].quarantine()
+    (row,) = quarantine(out)
     assert row["reason"] == "colour image (PALETTE COLOR); set ingest.color: grayscale to convert it"
     out = ingest_serial(src, tmp_path / "g.zarr", IngestOptions(color="grayscale"))
     (key,) = out["store"].catalog()

@@ -37,8 +37,11 @@ def test_series_round_trip_and_catalog(store_url):
 def test_secret_quarantine_scan_index_and_prep(store_url):
     store = Store(store_url)
     assert Store(store_url).secret == store.secret and len(store.secret) == 32
-    store.write_quarantine([{"path": "b", "reason": "x"}, {"path": "a", "reason": "y"}])
-    assert [r["path"] for r in Store(store_url).quarantine()] == ["a", "b"]
+    store.write_quarantine([{"path": "b", "reason": "x"}, {"path": "a", "reason": "y"}, {"path": "a", "reason": "z"}])
+    rows = Store(store_url).quarantine()  # one row per file, by path key: no file name in the store
+    assert sorted((r["file"], r["reason"]) for r in rows) == sorted([(store.path_key("a"), "y"),
+                                                                    (store.path_key("b"), "x")])
+    assert "path" not in rows[0] and store.path_key("a") != store.path_key("b")
     store.write_scan_index({"f": {"size": 1}})
     assert Store(store_url).scan_index() == {"f": {"size": 1}}
     assert store.prep_attrs("p", "sabc") is None
