@@ -10,7 +10,7 @@ export DO_NOT_TRACK := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export TF_CPP_MIN_LOG_LEVEL := 2
 
-.PHONY: install demo demo-segmentation demo-xray test bench clean system-deps
+.PHONY: install demo demo-segmentation demo-xray demo-ecg test bench clean system-deps
 
 install: $(STAMP)
 
@@ -28,6 +28,9 @@ demo-segmentation: $(STAMP)
 
 demo-xray: $(STAMP)
 	$(BIN)/medflow demo --task xray --workdir work/demo-xray
+
+demo-ecg: $(STAMP)
+	$(BIN)/medflow demo --task ecg --workdir work/demo-ecg
 
 test: $(STAMP) system-deps
 	$(BIN)/python -m pytest -m "not gpu" --timeout=900

@@ -83,11 +83,36 @@ evaluate: {{metrics: [auc, accuracy, precision, recall, specificity, f1], bootst
 run: {{retries: 2, dask: {{n_workers: 2, threads_per_worker: 1}}}}
 """
 
+ECG_DEMO_SPEC = """\
+# The ECG demo: normal sinus rhythm / atrial fibrillation / bundle branch block on synthetic 12-lead ECGs.
+name: demo-ecg
+data:
+  source: cohort/dicom
+  labels: {{path: cohort/labels.csv, key: StudyInstanceUID, label_column: rhythm, classes: [normal, afib, bbb]}}
+  store: store.zarr
+  split: {{val: 0.15, test: 0.2, by: patient, stratify: true, seed: {seed}}}
+ingest: {{deidentify: true, modalities: [ECG]}}
+preprocess:
+  - baseline: {{cutoff: 0.5}}
+  - notch: {{freq: [50, 60]}}
+  - bandpass: {{low: 0.5, high: 40}}
+  - resample_signal: {{rate: 100}}
+  - normalize_leads: {{}}
+  - crop_pad_signal: {{seconds: 10}}
+augment: {{intensity_jitter: 0.05}}
+model: {{task: signal, arch: cnn_gru, params: {{filters: [32, 64, 64], units: 48}}}}
+train: {{epochs: {epochs}, batch_size: 32, optimizer: adam, learning_rate: 0.002, early_stopping: 8, reduce_lr: 3,
+        class_weight: balanced, seed: {seed}}}
+evaluate: {{metrics: [auc, accuracy, precision, recall, specificity, f1], bootstrap: 1000}}
+run: {{retries: 2, dask: {{n_workers: 2, threads_per_worker: 1}}}}
+"""
+
 # task -> (spec template, default cohort size, default work folder, default epochs)
 DEMOS = {
     "classification": (DEMO_SPEC, 100, "work/demo", 30),
     "segmentation": (SEG_DEMO_SPEC, 60, "work/demo-segmentation", 30),
     "xray": (XRAY_DEMO_SPEC, 600, "work/demo-xray", 40),
+    "ecg": (ECG_DEMO_SPEC, 450, "work/demo-ecg", 30),
 }
 
 
@@ -239,6 +264,19 @@ def _synth(out: Path, patients: int, seed: int, matrix: int, **options):
     return cohort
 
 
+def _synth_ecg(out: Path, n: int, seed: int):
+    from rich.progress import Progress
+
+    from medflow.synth_ecg import synthesize_ecg
+
+    with Progress(console=console, transient=True) as progress:
+        bar = progress.add_task(f"synthesising {n} ECGs", total=n)
+        cohort = synthesize_ecg(out, n=n, seed=seed, progress=lambda done, total: progress.update(bar, completed=done))
+    console.print(f"wrote {cohort.n} 12-lead ECGs ({', '.join(f'{k} {v}' for k, v in sorted(cohort.classes.items()))}) "
+                  f"to {cohort.dicom_dir}; labels in {cohort.labels_csv}")
+    return cohort
+
+
 def _synth_xray(out: Path, images: int, seed: int, fmt: str, classes: list[str] | None = None):
     from rich.progress import Progress
 
@@ -259,8 +297,9 @@ def _synth_xray(out: Path, images: int, seed: int, fmt: str, classes: list[str] 
 def synth(
     out: Annotated[Path, typer.Argument(help="Output folder (the images and labels.csv are written there).")],
     kind: Annotated[str, typer.Option(help="ct: chest CT volumes with nodules; xray: chest radiographs, normal / "
-                                      "pneumonia / effusion.")] = "ct",
-    patients: Annotated[int, typer.Option(min=2, help="Number of patients (images for xray).")] = 80,
+                                      "pneumonia / effusion; ecg: 12-lead ECGs, normal / afib / bbb (DICOM "
+                                      "waveforms).")] = "ct",
+    patients: Annotated[int, typer.Option(min=2, help="Number of patients (images for xray, ECGs for ecg).")] = 80,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     matrix: Annotated[int, typer.Option(min=32, help="CT: rows and columns of each slice.")] = 128,
     masks: Annotated[bool, typer.Option(help="CT: also write each nodule as a DICOM SEG.")] = False,
@@ -281,8 +320,10 @@ def synth(
             raise typer.Exit(2) from None
     elif kind == "ct":
         _synth(out, patients, seed, matrix, masks=masks)
+    elif kind == "ecg":
+        _synth_ecg(out, patients, seed)
     else:
-        err.print(f"[bold red]--kind must be ct or xray[/] (received {kind!r})")
+        err.print(f"[bold red]--kind must be ct, xray or ecg[/] (received {kind!r})")
         raise typer.Exit(2)
 
 
@@ -296,8 +337,8 @@ def demo(
     epochs: Annotated[int | None, typer.Option(min=1, help="Most training epochs (early stopping may end sooner); "
                                                "default 30, 40 for xray.")] = None,
     task: Annotated[str, typer.Option(help="classification (nodule present/absent on CT, cnn3d), segmentation "
-                                      "(tumour masks from DICOM SEG, unet2d) or xray (chest X-rays in three "
-                                      "classes, resnet2d).")] = "classification",
+                                      "(tumour masks from DICOM SEG, unet2d), xray (chest X-rays in three "
+                                      "classes, resnet2d) or ecg (12-lead ECG rhythms, cnn_gru).")] = "classification",
 ) -> None:
     """Synthesise a cohort, write a spec, and run the whole pipeline on it."""
     if task not in DEMOS:
@@ -312,6 +353,8 @@ def demo(
     marker = workdir / "cohort" / "cohort.json"
     if task == "xray":
         wanted = {"kind": "xray", "images": patients, "seed": seed}
+    elif task == "ecg":
+        wanted = {"kind": "ecg", "ecgs": patients, "seed": seed}
     else:
         # segmentation: lung tumours of 6-14 mm radius, in 3 of 4 patients, as DICOM SEG
         options = {"masks": True, "nodule_radius": [6.0, 14.0], "positive_fraction": 0.75} \
@@ -322,6 +365,8 @@ def demo(
     else:
         if task == "xray":
             _synth_xray(workdir / "cohort", patients, seed, "dicom")
+        elif task == "ecg":
+            _synth_ecg(workdir / "cohort", patients, seed)
         else:
             _synth(workdir / "cohort", patients, seed, 128, **options)
         marker.write_text(json.dumps(wanted))

@@ -134,9 +134,9 @@ def predict_store(run: TrainedRun, scratch_root: str, source: Path, output: Path
     for relpath, rec in source_index(store, str(source)).items():
         if "series_key" in rec and "reason" not in rec and "mask_for" not in rec:
             files_of.setdefault(rec["series_key"], []).append(relpath)
-            image_key = "i" + rec.get("sop_key", "")[:15]  # a planar image is stored under its instance's key
-            if image_key in catalog:
-                files_of.setdefault(image_key, []).append(relpath)
+            for prefix in "iw":  # a planar image or a waveform is stored under its instance's key
+                if prefix + rec.get("sop_key", "")[:15] in catalog:
+                    files_of.setdefault(prefix + rec["sop_key"][:15], []).append(relpath)
     output.mkdir(parents=True, exist_ok=True)
     rows = kinds.get(run.spec.model.task).predict(run, store, source, output, files_of)
     for row in rows:

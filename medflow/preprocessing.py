@@ -15,6 +15,8 @@ import numpy as np
 from scipy import ndimage
 from skimage.transform import resize as sk_resize
 
+from medflow.signals import SIGNAL_OPS
+
 logger = logging.getLogger(__name__)
 
 Spacing = tuple[float, float, float]
@@ -195,14 +197,19 @@ OPS: dict[str, Callable] = {
 }
 
 
-def apply_steps(image: np.ndarray, spacing: Spacing, steps: list[tuple[str, dict]]) -> tuple[np.ndarray, Spacing]:
-    """Run ``[(name, kwargs), ...]`` in order; returns float32."""
+def apply_steps(image: np.ndarray, spacing: Spacing, steps: list[tuple[str, dict]], *,
+                leads: list[str] | None = None) -> tuple[np.ndarray, Spacing]:
+    """Run ``[(name, kwargs), ...]`` in order; returns float32. ``leads``: a waveform's lead names
+    (the catalog's ``leads``), for ``select_leads``."""
     img, sp = image, tuple(float(s) for s in spacing)
     for name, kwargs in steps:
         try:
             op = OPS[name]
         except KeyError:
             raise ValueError(f"Received an unknown preprocessing step {name!r}; expected one of {sorted(OPS)}.") from None
+        if name == "select_leads":
+            kwargs = {**kwargs, "available": leads}
+            leads = list(kwargs["leads"])
         img, sp = op(img, sp, **kwargs)
     return np.ascontiguousarray(img, dtype=np.float32), sp
 
@@ -341,7 +348,7 @@ def preprocess_series(store_root: str, series_key: str, steps: list[tuple[str, d
         store.write_prep(prep_key, f"{series_key}.mask", prep_mask, {"source_digest": entry["digest"]})
         attrs["mask"] = True
     else:
-        out, spacing = apply_steps(image, entry["spacing"], steps)
+        out, spacing = apply_steps(image, entry["spacing"], steps, leads=entry.get("leads"))
     store.write_prep(prep_key, series_key, out, {**attrs, "spacing": list(spacing)})
     return {"series_key": series_key, "shape": list(out.shape)}
 
@@ -380,3 +387,4 @@ def lung_mask(image: np.ndarray, spacing: Spacing, *, threshold: float = -400.0,
 
 
 OPS["lung_mask"] = lung_mask
+OPS.update(SIGNAL_OPS)  # waveform steps (medflow.signals)

@@ -105,6 +105,33 @@ def plot_gradcam(images: np.ndarray, cams: np.ndarray, meta: list[dict]) -> str:
     return _png(fig)
 
 
+def plot_signal_explanations(traces: np.ndarray, heats: np.ndarray, meta: list[dict], *,
+                             rate: float | None = None, lead: int = 1) -> str:
+    """Each case's trace (one lead of the prepared waveform) with its attribution over time as a heat
+    strip underneath (where in time the model's decision came from)."""
+    n = len(meta)
+    fig, axes = plt.subplots(n, 1, figsize=(11, 1.6 * n), squeeze=False)
+    for ax, trace, heat, case in zip(axes[:, 0], traces, heats, meta):
+        k = min(lead, trace.shape[1] - 1)
+        t = np.arange(trace.shape[0]) / rate if rate else np.arange(trace.shape[0])
+        y = trace[:, k]
+        lo, hi = float(y.min()), float(y.max())
+        band = 0.35 * (hi - lo or 1.0)
+        ax.imshow(heat[None, :], aspect="auto", cmap="inferno", vmin=0, vmax=1,
+                  extent=(t[0], t[-1], lo - 1.1 * band, lo - 0.1 * band))
+        ax.plot(t, y, lw=0.7, color="black")
+        ax.set_xlim(t[0], t[-1])
+        ax.set_ylim(lo - 1.1 * band, hi + 0.05 * band)
+        ax.set_yticks([])
+        verdict = "correct" if case["prediction_name"] == case["label_name"] else "ERROR"
+        ax.set_title(f"truth {case['label_name']}, predicted {case['prediction_name']} "
+                     f"({case['confidence']:.2f}, {verdict})", fontsize=8, loc="left")
+        ax.tick_params(labelsize=7)
+    axes[-1, 0].set_xlabel("seconds" if rate else "sample", fontsize=7)
+    fig.tight_layout()
+    return _png(fig)
+
+
 def quarantine_summary(rows: list[dict]) -> list[dict]:
     """Counts of quarantined files by reason (reasons shortened to their first clause)."""
     counts = Counter(r["reason"].split(" (")[0].split(":")[0] for r in rows)

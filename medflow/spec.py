@@ -324,8 +324,76 @@ class LungMaskStep(_Model):
     lung_mask: LungMaskArgs = LungMaskArgs()
 
 
+# ---- waveform (ECG) steps: the signal is (1, samples, leads), y spacing = ms per sample
+Hz = Annotated[PositiveFloat, at_most(100_000, "above any ECG or physiological sampling rate")]
+
+
+class ResampleSignalArgs(_Model):
+    rate: Hz = Field(description="Target sampling rate (Hz); polyphase, anti-aliased.")
+
+
+class BandpassArgs(_Model):
+    low: Hz | None = Field(0.5, description="Low cut-off (Hz); null: low-pass only.")
+    high: Hz | None = Field(40.0, description="High cut-off (Hz); null: high-pass only.")
+    order: Annotated[PositiveInt, at_most(10, "higher Butterworth orders are numerically unstable")] = Field(
+        4, description="Butterworth order (zero phase: applied forward and backward).")
+
+
+class NotchArgs(_Model):
+    freq: list[Hz] = Field([50.0, 60.0], min_length=1, description="Mains frequencies to remove (Hz).")
+    quality: PositiveFloat = Field(30.0, description="Notch quality factor (higher: narrower).")
+
+
+class BaselineArgs(_Model):
+    cutoff: Annotated[PositiveFloat, at_most(5, "above 5 Hz a high-pass removes the ECG's own waves")] = Field(
+        0.5, description="High-pass cut-off (Hz) that removes baseline wander.")
+
+
+class NormalizeLeadsArgs(_Model):
+    eps: PositiveFloat = Field(1e-6, description="Added to each lead's standard deviation.")
+
+
+class CropPadSignalArgs(_Model):
+    seconds: Annotated[PositiveFloat, at_most(86_400, "a day of signal")] = Field(
+        description="Fixed length: centred crop, or zero padding at both ends.")
+
+
+class SelectLeadsArgs(_Model):
+    leads: list[str] = Field(min_length=1, description="Leads to keep, in order (I, II, III, aVR, aVL, aVF, V1-V6).")
+
+
+class ResampleSignalStep(_Model):
+    resample_signal: ResampleSignalArgs
+
+
+class BandpassStep(_Model):
+    bandpass: BandpassArgs = BandpassArgs()
+
+
+class NotchStep(_Model):
+    notch: NotchArgs = NotchArgs()
+
+
+class BaselineStep(_Model):
+    baseline: BaselineArgs = BaselineArgs()
+
+
+class NormalizeLeadsStep(_Model):
+    normalize_leads: NormalizeLeadsArgs = NormalizeLeadsArgs()
+
+
+class CropPadSignalStep(_Model):
+    crop_pad_signal: CropPadSignalArgs
+
+
+class SelectLeadsStep(_Model):
+    select_leads: SelectLeadsArgs
+
+
+SIGNAL_STEP_NAMES = ("resample_signal", "bandpass", "notch", "baseline", "normalize_leads", "crop_pad_signal",
+                     "select_leads")
 STEP_NAMES = ("resample", "lung_mask", "window", "zscore", "clip", "resize", "crop_pad", "resize2d", "rescale",
-              "equalize", "axial_slice")
+              "equalize", "axial_slice", *SIGNAL_STEP_NAMES)
 
 
 def _step_name(value: Any) -> str | None:
@@ -350,6 +418,13 @@ Step = Annotated[
         Annotated[RescaleStep, Tag("rescale")],
         Annotated[EqualizeStep, Tag("equalize")],
         Annotated[AxialSliceStep, Tag("axial_slice")],
+        Annotated[ResampleSignalStep, Tag("resample_signal")],
+        Annotated[BandpassStep, Tag("bandpass")],
+        Annotated[NotchStep, Tag("notch")],
+        Annotated[BaselineStep, Tag("baseline")],
+        Annotated[NormalizeLeadsStep, Tag("normalize_leads")],
+        Annotated[CropPadSignalStep, Tag("crop_pad_signal")],
+        Annotated[SelectLeadsStep, Tag("select_leads")],
     ],
     Discriminator(
         _step_name,
@@ -382,10 +457,11 @@ class AugmentSpec(_Model):
 class ModelSpec(_Model):
     task: str = Field(
         "classification", description="The task kind: what the model predicts and how it is evaluated (see "
-        "medflow.kinds): classification (a class per series or image) or segmentation (a mask, from data.masks).",
-        json_schema_extra={"enum": ["classification", "segmentation"]})
+        "medflow.kinds): classification (a class per series or image), segmentation (a mask, from data.masks) or "
+        "signal (a class per waveform: DICOM ECG).",
+        json_schema_extra={"enum": ["classification", "segmentation", "signal"]})
     arch: str = Field("cnn3d", description="A model of the registry in models/: cnn3d (3D), seed_cnn, resnet2d, "
-                      "efficientnet_b0 (2D) for classification; unet2d, unet3d for segmentation.")
+                      "efficientnet_b0 (2D) for classification; unet2d, unet3d for segmentation; gru, lstm, cnn_gru for signal.")
     params: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments of the model builder "
                                    "(e.g. filters, norm for the U-Nets).")
 

@@ -26,7 +26,7 @@ class ModelInfo:
 
     target: str
     task: str
-    ndim: int  # spatial dimensions of one input: 2 (H, W) or 3 (Z, Y, X)
+    ndim: int  # dimensions of one input: 1 (samples, leads: a waveform), 2 (H, W) or 3 (Z, Y, X)
     summary: str = ""
 
 
@@ -40,6 +40,10 @@ _REGISTRY: dict[str, ModelInfo] = {
                           "pre-activation ResNet (He et al. 2016) sized for training from scratch"),
     "efficientnet_b0": ModelInfo("models.cnn2d:build_efficientnet_b0", "classification", 2,
                                  "keras.applications EfficientNetB0, weights=None"),
+    "gru": ModelInfo("models.rnn:build_gru", "signal", 1, "GRU over the samples of a waveform"),
+    "lstm": ModelInfo("models.rnn:build_lstm", "signal", 1, "LSTM over the samples (bidirectional option)"),
+    "cnn_gru": ModelInfo("models.rnn:build_cnn_gru", "signal", 1,
+                         "1D CNN front end and a bidirectional GRU: the common ECG architecture"),
     "unet2d": ModelInfo("models.unet:build_unet2d", "segmentation", 2, "2D U-Net on slices"),
     "unet3d": ModelInfo("models.unet:build_unet3d", "segmentation", 3, "3D U-Net on volumes or patches"),
 }

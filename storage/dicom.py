@@ -405,11 +405,14 @@ def _scan(path: Path, relpath: str, pseudo: Pseudonymizer) -> dict:
     try:
         series_uid = str(header.get("SeriesInstanceUID", "") or "")
         sop_class = header.get("SOPClassUID", None)
+        if not series_uid and pixel_head[:4] in PIXEL_TAGS:
+            return {"reason": "no SeriesInstanceUID"}
         if pixel_head[:4] not in PIXEL_TAGS:
+            if str(sop_class).startswith(WAVEFORM_CLASSES) and series_uid:  # an ECG: channels, not pixels
+                return {**_scan_record(header, relpath, series_uid, pseudo), "waveform": True, "planar": False,
+                        "pixels": 0}
             sop_name = UID(str(sop_class)).name if sop_class else "unknown SOP class"
             return {"reason": f"no pixel data ({sop_name})"}
-        if not series_uid:
-            return {"reason": "no SeriesInstanceUID"}
         if str(sop_class) == SEG_SOP_CLASS:
             return _seg_record(header, relpath, series_uid, pseudo)
         record = _scan_record(header, relpath, series_uid, pseudo)
@@ -490,6 +493,8 @@ def is_mosaic(ds) -> bool:
 # Pixel data tags (PixelData, FloatPixelData, DoubleFloatPixelData) as they appear in a file, little and big endian.
 PIXEL_TAGS = (b"\xe0\x7f\x10\x00", b"\xe0\x7f\x08\x00", b"\xe0\x7f\x09\x00",
               b"\x7f\xe0\x00\x10", b"\x7f\xe0\x00\x08", b"\x7f\xe0\x00\x09")
+# Waveform storage SOP classes (12-lead, general and ambulatory ECG, hemodynamic, ...): PS3.4 B.5
+WAVEFORM_CLASSES = "1.2.840.10008.5.1.4.1.1.9."
 DEFLATED = "1.2.840.10008.1.2.1.99"  # Deflated Explicit VR Little Endian: the whole dataset is zlib-compressed
 # Native (uncompressed) little-endian transfer syntaxes: pixels can be read straight from the file.
 NATIVE_SYNTAXES = ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1")

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pydicom
 
 from storage.deid import IDENTIFYING_ATTRIBUTES, SAFE_ATTRIBUTES, Pseudonymizer
 from storage.dicom import (
@@ -182,10 +183,12 @@ def plan_series(
                 {"path": f, "reason": reason, "stage": "scan", "series_key": key} for f in files
             )
             continue
-        for f in files:  # each planar image is its own one-slice volume, keyed by its instance
+        for f in files:  # each planar image (and waveform) is its own volume, keyed by its instance
             if index[f].get("planar"):
                 images["i" + index[f]["sop_key"][:15]].append(f)  # files are sorted: so are the copies
-        files = [f for f in files if not index[f].get("planar")]
+            elif index[f].get("waveform"):
+                images["w" + index[f]["sop_key"][:15]].append(f)
+        files = [f for f in files if not index[f].get("planar") and not index[f].get("waveform")]
         if not files:
             continue
         masks, mask_kind, mask_parts = [], None, []
@@ -213,7 +216,8 @@ def plan_series(
             result.quarantine.extend(r for r in previous_quarantine if r.get("series_key") == image_key)
         else:
             result.todo.append(SeriesPlan(image_key, copies, image_digest, index[copies[0]]["modality"],
-                                          kind="image", memory=estimate_memory(index, copies[:1]),
+                                          kind="waveform" if image_key.startswith("w") else "image",
+                                          memory=estimate_memory(index, copies[:1]),
                                           repeats=[copies] if len(copies) > 1 else []))
     return result
 
@@ -257,6 +261,8 @@ def ingest_series(store_root: str, source: str, plan: SeriesPlan, options: Inges
 
 
 def _ingest_series(store_root: str, source: str, plan: SeriesPlan, options: IngestOptions, t0: float) -> dict:
+    if plan.kind == "waveform":
+        return _ingest_waveform(store_root, source, plan, options, t0)
     store = Store(store_root)
     key = plan.series_key
     rows: list[dict] = []
@@ -365,6 +371,59 @@ def _ingest_series(store_root: str, source: str, plan: SeriesPlan, options: Inge
             reason = str(exc) if isinstance(exc, InvalidSeriesError) else f"invalid geometry: {exc}"
             reject(reason, [slices[i].relpath for i in idx])
     return summary(shapes)
+
+
+def _ingest_waveform(store_root: str, source: str, plan: SeriesPlan, options: IngestOptions, t0: float) -> dict:
+    """A DICOM waveform (ECG) as a (1, samples, leads) float32 array in mV; copies of the instance with the
+    same samples are dropped, copies that differ quarantine every one."""
+    from storage.waveform import read_waveform
+
+    store = Store(store_root)
+    key = plan.series_key
+    store.withdraw_series(key)
+    read, rows = [], []
+    for relpath in plan.files:
+        try:
+            ds = pydicom.dcmread(Path(source) / relpath)
+            read.append((relpath, ds, read_waveform(ds)))
+        except Exception as exc:  # the per-file boundary
+            if belongs_to_run(exc):
+                raise
+            rows.append({"path": relpath, "reason": reason_for(exc), "stage": "ingest", "series_key": key,
+                         "digest": plan.digest})
+
+    def done(status: str, shape=None) -> dict:
+        return {"series_key": key, "status": status, "parts": int(status == "ingested"), "shape": shape,
+                "reason": rows[-1]["reason"] if rows and status != "ingested" else None, "quarantine": rows,
+                "seconds": time.perf_counter() - t0}
+
+    if not read:
+        return done("quarantined")
+    first_path, ds, wave = read[0]
+    if any(w.signal.shape != wave.signal.shape or not np.array_equal(w.signal, wave.signal) for _, _, w in read[1:]):
+        rows += [{"path": f, "reason": f"{len(read)} files hold the same SOP instance with different samples; none "
+                  "of them is used", "stage": "ingest", "series_key": key, "digest": plan.digest} for f, _, _ in read]
+        return done("quarantined")
+    pseudo = store.pseudonymizer()
+    volume = wave.signal[None]  # (1, samples, leads): time runs along y, one lead per column
+    entry = {
+        "patient_key": pseudo.patient_key(str(ds.get("PatientID", "") or "")),
+        "study_key": pseudo.study_key(str(ds.get("StudyInstanceUID", "") or "")),
+        "accession_key": pseudo.accession_key(str(ds.get("AccessionNumber", "") or "")),
+        "modality": str(ds.get("Modality", "") or "ECG"), "kind": "waveform", "shape": list(volume.shape),
+        "dtype": "float32", "n_files": 1, "n_frames": 1, "digest": plan.digest,
+        "spacing": [1.0, 1000.0 / wave.rate, 1.0], "spacing_source": "SamplingFrequency (y: ms per sample)",
+        "origin": [0.0, 0.0, 0.0], "direction": [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]],
+        "spacing_deviation": 0.0, "rescaled": True, "sampling_rate": wave.rate, "leads": list(wave.leads),
+        "units": "mV", "group": wave.group, "seconds": round(volume.shape[1] / wave.rate, 3),
+        "acquisition": header_values(ds, SAFE_ATTRIBUTES),
+    }
+    if len(read) > 1:
+        entry["duplicate_files_dropped"] = len(read) - 1
+    if not options.deidentify:
+        entry["identifiers"] = header_values(ds, IDENTIFYING_ATTRIBUTES)
+    store.write_series(key, volume, entry)
+    return done("ingested", list(volume.shape))
 
 
 def _resolve_repeats(slices: list[_Slice], repeats: list[list[str]], reject) -> tuple[list[_Slice], dict[str, str]]:

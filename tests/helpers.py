@@ -49,12 +49,12 @@ def quarantine_reasons(out: dict) -> dict[str, str]:
 
 
 def ingested_files(store: Store, source) -> set[str]:
-    """Source files that are part of a series (or are a planar image) in the store's catalog."""
+    """Source files that are part of a series (or are a planar image or a waveform) in the store's catalog."""
     catalog = store.catalog()
     keys = set(catalog) | {e["parent"] for e in catalog.values() if "parent" in e}  # parts name their series
     out = set()
     for path, rec in source_index(store, str(source)).items():
-        if rec.get("series_key") in keys or ("sop_key" in rec and "i" + rec["sop_key"][:15] in keys):
+        if rec.get("series_key") in keys or any(prefix + rec.get("sop_key", "")[:15] in keys for prefix in "iw"):
             out.add(path)
     return out
 

@@ -40,10 +40,11 @@ def input_shape(arch: str, prepared_shape: tuple[int, ...]) -> tuple[int, ...]:
     """
     from models import info
 
-    if info(arch).ndim == 2:
+    if info(arch).ndim in (1, 2):  # an image (1, H, W), or a waveform (1, samples, leads)
         if prepared_shape[0] != 1:
-            raise ValueError(f"{arch} is a 2D model, but the prepared arrays have {prepared_shape[0]} slices "
-                             f"(shape {tuple(prepared_shape)}); use planar images (CR, DX, PNG/JPEG) or a 3D model")
+            raise ValueError(f"{arch} is a {info(arch).ndim}D model, but the prepared arrays have {prepared_shape[0]} "
+                             f"slices (shape {tuple(prepared_shape)}); use planar images (CR, DX, PNG/JPEG), "
+                             "waveforms, or a 3D model")
         return (*prepared_shape[1:], 1)
     return (*prepared_shape, 1)
 
@@ -140,14 +141,31 @@ class Classification(TaskKind):
         df["prediction_name"] = [classes[i] for i in df["prediction"]]
         result.update({"task": self.name, "classes": classes, "n_classes": len(classes), "metrics": names,
                        "bootstrap": ev.bootstrap})
-        result["baseline"] = _baseline(df, loader, classes, bootstrap=ev.bootstrap, seed=spec.train.seed)
+        feature = np.array([self.baseline_feature(store, prep_key, k) for k in df["series_key"]])
+        result["baseline"] = _baseline(df, feature, classes, name=self.baseline_name, bootstrap=ev.bootstrap,
+                                       seed=spec.train.seed)
         write_text_atomic(run_dir / "predictions.csv", df.to_csv(index=False))
-        _explain(model_path, loader, df, run_dir)
+        self.explain(model_path, loader, df, run_dir)
         write_text_atomic(run_dir / "metrics.json", json.dumps(result, indent=1, default=float))
         logger.info("test: %s", self.result_line(result))
         if np.isnan(result["test"]["auc"]):
             logger.warning("the test split lacks a class: AUC is undefined; use a larger cohort or split.test")
         return result
+
+    # the declared one-feature baseline, and the explanation of a few test cases
+    @property
+    def baseline_name(self) -> str:
+        from medflow.baselines import CLASSIFICATION_BASELINE
+
+        return CLASSIFICATION_BASELINE
+
+    def baseline_feature(self, store, prep_key: str, key: str) -> float:
+        from medflow.baselines import mean_intensity
+
+        return mean_intensity(store.read_prep(prep_key, key))
+
+    def explain(self, model_path: str, loader, df: pd.DataFrame, run_dir: Path) -> None:
+        _explain(model_path, loader, df, run_dir)
 
     def result_line(self, evaluation: dict) -> str:
         t, b = evaluation["test"], evaluation.get("baseline", {})
@@ -171,7 +189,8 @@ class Classification(TaskKind):
         path = Path(run_dir) / "explain.npz"
         if path.exists():
             with np.load(path) as data:
-                explain = {"images": data["images"], "cams": data["cams"], "meta": json.loads(str(data["meta"]))}
+                if "images" in data:  # Grad-CAM of images (a kind built on this one may save other examples)
+                    explain = {"images": data["images"], "cams": data["cams"], "meta": json.loads(str(data["meta"]))}
         context = {
             "binary": len(classes) == 2,
             "classes": classes,
@@ -232,7 +251,7 @@ class Classification(TaskKind):
         spatial = tuple(model.input_shape[1:-1])
         rows = []
         for key, entry in sorted(store.catalog().items()):
-            image, _ = apply_steps(store.read_image(key), entry["spacing"], run.spec.steps())
+            image, _ = apply_steps(store.read_image(key), entry["spacing"], run.spec.steps(), leads=entry.get("leads"))
             if int(np.prod(image.shape)) != int(np.prod(spatial)):
                 rows.append({"series_key": key, "note": f"prepared shape {image.shape} does not fit the model's "
                              f"input {spatial}"})
@@ -285,13 +304,13 @@ def _multiclass_evaluation(df: pd.DataFrame, proba: np.ndarray, classes: list[st
     return out
 
 
-def _baseline(df: pd.DataFrame, loader, classes: list[str], *, bootstrap: int, seed: int) -> dict:
+def _baseline(df: pd.DataFrame, feature: np.ndarray, classes: list[str], *, name: str, bootstrap: int,
+              seed: int) -> dict:
     """The one-feature baseline fitted on train, scored on test (AUC; macro one-vs-rest for K > 2)."""
-    from medflow.baselines import CLASSIFICATION_BASELINE, mean_intensity, one_feature_logistic
+    from medflow.baselines import one_feature_logistic
     from medflow.metrics import bootstrap_ci, multiclass_ci, multiclass_metrics
     from sklearn.metrics import roc_auc_score
 
-    feature = np.array([mean_intensity(loader(k)) for k in df["series_key"]])
     train, test = (df["split"] == "train").to_numpy(), (df["split"] == "test").to_numpy()
     y = df["label"].to_numpy(int)
     proba = one_feature_logistic(feature[train], y[train], feature[test], len(classes))
@@ -302,8 +321,8 @@ def _baseline(df: pd.DataFrame, loader, classes: list[str], *, bootstrap: int, s
     else:
         auc = multiclass_metrics(yt, proba, classes)["auc"]
         ci = multiclass_ci(yt, proba, classes, metrics=["auc"], n=bootstrap, seed=seed).get("auc")
-    logger.info("baseline (%s): test AUC %.3f", CLASSIFICATION_BASELINE, auc)
-    return {"name": CLASSIFICATION_BASELINE, "auc": auc, "ci": ci}
+    logger.info("baseline (%s): test AUC %.3f", name, auc)
+    return {"name": name, "auc": auc, "ci": ci}
 
 
 def _explain(model_path: str, loader, df: pd.DataFrame, run_dir: Path) -> None:
