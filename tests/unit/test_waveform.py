@@ -124,3 +124,40 @@ def test_the_synthetic_cohort_has_its_classes_and_heart_rates_overlap(tmp_path):
     for k, r in rates.items():  # one number does not separate the rhythms: their heart rates overlap
         assert 50 < np.median(r) < 115, (k, np.median(r))
     assert max(rates["normal"]) > min(rates["afib"]) and max(rates["bbb"]) > min(rates["normal"])
+
+
+def test_a_signal_spec_refuses_image_steps_and_image_augmentation():
+    import yaml
+
+    from medflow.cli import ECG_DEMO_SPEC
+    from medflow.errors import SpecError
+    from medflow.spec import parse_spec
+
+    good = yaml.safe_load(ECG_DEMO_SPEC.format(seed=0, epochs=1))
+    assert parse_spec(good, check_paths=False).model.task == "signal"
+    bad = yaml.safe_load(ECG_DEMO_SPEC.format(seed=0, epochs=1))
+    bad["preprocess"] = [{"window": {"center": 0, "width": 2}}, *bad["preprocess"][:-1]]
+    bad["augment"] = {"flip": ["x"]}
+    with pytest.raises(SpecError) as info:
+        parse_spec(bad, check_paths=False)
+    text = "\n".join(info.value.problems)
+    assert "window are image steps" in text and "augment: flip, shift" in text
+    assert "end with crop_pad_signal" in text
+    wrong_model = yaml.safe_load(ECG_DEMO_SPEC.format(seed=0, epochs=1))
+    wrong_model["model"]["arch"] = "cnn3d"
+    with pytest.raises(SpecError, match="cnn3d' is a classification model; for signal use one of: cnn_gru, gru, lstm"):
+        parse_spec(wrong_model, check_paths=False)
+
+
+@pytest.mark.parametrize("arch, params", [("gru", {"units": [16]}), ("lstm", {"units": [16, 8], "bidirectional": True}),
+                                          ("cnn_gru", {"filters": [8, 8], "units": 8})])
+def test_signal_models_read_samples_by_leads(arch, params):
+    from models import get, info
+
+    assert info(arch).task == "signal" and info(arch).ndim == 1
+    model = get(arch)((200, 4, 1), n_classes=3, **params)
+    x = np.random.default_rng(0).normal(size=(2, 200, 4, 1)).astype(np.float32)
+    out = np.asarray(model(x, training=False))
+    assert out.shape == (2, 3)
+    np.testing.assert_allclose(out.sum(axis=1), 1.0, atol=1e-5)  # softmax over the three classes
+    assert model.get_layer("sequence").output.shape[1:] == (200, 4)  # time along the sequence axis
