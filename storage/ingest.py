@@ -383,14 +383,13 @@ def _ingest_waveform(store_root: str, source: str, plan: SeriesPlan, options: In
     store.withdraw_series(key)
     read, rows = [], []
     for relpath in plan.files:
-        try:
+        try:  # the per-file boundary: reading is the file's fault (never the run's), as for images
             ds = pydicom.dcmread(Path(source) / relpath)
             read.append((relpath, ds, read_waveform(ds)))
-        except Exception as exc:  # the per-file boundary
-            if belongs_to_run(exc):
-                raise
-            rows.append({"path": relpath, "reason": reason_for(exc), "stage": "ingest", "series_key": key,
-                         "digest": plan.digest})
+        except Exception as exc:
+            reason = reason_for(exc) if isinstance(exc, IngestError) else f"unreadable waveform: {reason_for(exc)}"
+            rows.append({"path": relpath, "reason": reason.replace(str(Path(source) / relpath), "the file"),
+                         "stage": "ingest", "series_key": key, "digest": plan.digest})
 
     def done(status: str, shape=None) -> dict:
         return {"series_key": key, "status": status, "parts": int(status == "ingested"), "shape": shape,

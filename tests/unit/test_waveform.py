@@ -161,3 +161,14 @@ def test_signal_models_read_samples_by_leads(arch, params):
     assert out.shape == (2, 3)
     np.testing.assert_allclose(out.sum(axis=1), 1.0, atol=1e-5)  # softmax over the three classes
     assert model.get_layer("sequence").output.shape[1:] == (200, 4)  # time along the sequence axis
+
+
+def test_a_damaged_waveform_file_is_quarantined_and_the_ingest_goes_on(tmp_path):
+    _write(tmp_path / "src" / "good.dcm", np.zeros((500, 12)))
+    _write(tmp_path / "src" / "cut.dcm", np.zeros((500, 12)), sop="1.2.3.9")
+    data = (tmp_path / "src" / "cut.dcm").read_bytes()
+    (tmp_path / "src" / "cut.dcm").write_bytes(data[: len(data) - 4000])  # the samples cut short
+    out = ingest_serial(tmp_path / "src", tmp_path / "store.zarr")
+    assert len(out["store"].catalog()) == 1
+    why = quarantine_reasons(out)
+    assert set(why) == {"cut.dcm"} and "src" not in why["cut.dcm"]
