@@ -60,8 +60,8 @@ def store_problems(spec: PipelineSpec) -> list[str]:
     if "://" in spec.data.store or not os.path.isdir(spec.data.store):
         return []
     try:
-        with Store(spec.data.store, create=False).writer_lock(purpose="preflight"):
-            return []
+        Store(spec.data.store, create=False).check_writable()
+        return []
     except StoreLockedError as exc:
         return [f"data.store: {exc}"]
     except Exception:  # noqa: BLE001 - a store that cannot be opened is reported by the run itself

@@ -173,7 +173,7 @@ def plan_series(
     # a series split into parts is known by its parts' parent key
     stored_digests = {entry.get("parent", k): entry.get("digest") for k, entry in catalog.items()}
     opt = options.digest()
-    images: dict[str, list[str]] = defaultdict(list)  # one plan per SOP instance, whatever its copies' series
+    instances: dict[str, list[str]] = defaultdict(list)  # planar images and waveforms: one plan per SOP instance
     for key, files in sorted(groups.items()):
         first = index[files[0]]
         modality = first["modality"]
@@ -185,9 +185,9 @@ def plan_series(
             continue
         for f in files:  # each planar image (and waveform) is its own volume, keyed by its instance
             if index[f].get("planar"):
-                images["i" + index[f]["sop_key"][:15]].append(f)  # files are sorted: so are the copies
+                instances["i" + index[f]["sop_key"][:15]].append(f)  # files are sorted: so are the copies
             elif index[f].get("waveform"):
-                images["w" + index[f]["sop_key"][:15]].append(f)
+                instances["w" + index[f]["sop_key"][:15]].append(f)
         files = [f for f in files if not index[f].get("planar") and not index[f].get("waveform")]
         if not files:
             continue
@@ -209,7 +209,7 @@ def plan_series(
             result.todo.append(SeriesPlan(key, files, digest, modality, memory=estimate_memory(index, files),
                                           masks=masks, mask_kind=mask_kind, raw=raw,
                                           repeats=_repeated_instances(index, files)))
-    for image_key, copies in sorted(images.items()):
+    for image_key, copies in sorted(instances.items()):
         image_digest = pseudo.digest(sorted(f"{index[f]['sop_key']}:{index[f]['size']}" for f in copies) + [opt])
         if stored_digests.get(image_key) == image_digest or (image_key, image_digest) in quarantined_digests:
             result.unchanged.append(image_key)

@@ -191,17 +191,8 @@ class Store:
             finally:
                 _HELD[lock_path] -= 1
             return
-        lock = FileLock(lock_path, thread_local=False)
+        lock = self._acquire(lock_path)
         holder = self.root / ".medflow" / "writer.json"
-        try:
-            lock.acquire(timeout=0)
-        except Timeout:
-            info = json.loads(holder.read_text()) if holder.exists() else {}
-            raise StoreLockedError(
-                f"store {str(self.root)!r} is being written by another run "
-                f"(pid {info.get('pid', '?')} on {info.get('host', '?')}, {info.get('purpose', '?')}, "
-                f"since {info.get('since', '?')}); wait for it to finish, or point data.store elsewhere"
-            ) from None
         _HELD[lock_path] = 1
         try:
             _write_json_atomic(holder, {"pid": os.getpid(), "host": socket.gethostname(), "purpose": purpose,
@@ -212,6 +203,29 @@ class Store:
             _HELD.pop(lock_path, None)
             holder.unlink(missing_ok=True)
             lock.release()
+
+    def _acquire(self, lock_path: str) -> FileLock:
+        lock = FileLock(lock_path, thread_local=False)
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            holder = self.root / ".medflow" / "writer.json"
+            info = json.loads(holder.read_text()) if holder.exists() else {}
+            raise StoreLockedError(
+                f"store {str(self.root)!r} is being written by another run "
+                f"(pid {info.get('pid', '?')} on {info.get('host', '?')}, {info.get('purpose', '?')}, "
+                f"since {info.get('since', '?')}); wait for it to finish, or point data.store elsewhere"
+            ) from None
+        return lock
+
+    def check_writable(self) -> None:
+        """Raise StoreLockedError if another process holds the writer lock; takes nothing, changes nothing
+        (``medflow validate`` must not write to the store it checks)."""
+        if self.remote:
+            return
+        lock_path = str((self.root / ".medflow" / "writer.lock").resolve())
+        if not _HELD.get(lock_path):
+            self._acquire(lock_path).release()
 
     def _clear_leftovers(self) -> None:
         """Remove what killed writers left under ``.tmp/`` (half-written series, swapped-out old ones).

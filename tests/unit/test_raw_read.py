@@ -8,6 +8,7 @@ import numpy as np
 import pydicom
 import pytest
 
+from medflow.splitting import _is_number
 from storage.dicom import SCAN_READ_TAGS, ScanHeader, raw_pixel_header, read_raw, rescale_frame, to_physical
 from storage.errors import UnreadableFileError
 from storage.ingest import IngestOptions, ingest_series, plan_series, scan_source
@@ -70,14 +71,6 @@ def test_ingest_with_direct_reads_equals_ingest_with_full_parses(small_cohort, t
     assert volumes(stores["direct"]) == volumes(stores["parsed"])
     strip = lambda e: {k: v for k, v in e.items() if not k.endswith("_key") and k != "digest"}  # noqa: E731
     assert sorted(map(str, map(strip, direct.values()))) == sorted(map(str, map(strip, parsed.values())))
-
-
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
 
 
 def _as_plain(value):

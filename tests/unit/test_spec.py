@@ -168,6 +168,9 @@ def test_preflight_reads_the_label_file_and_the_store(tmp_path):
     with lock:  # another writer
         problems = preflight(spec)
     assert len(problems) == 1 and problems[0].startswith("data.store: store ") and "being written" in problems[0]
+    (tmp_path / "store.zarr" / ".tmp" / "left").mkdir()
+    assert preflight(spec) == []  # free again; and checking it wrote nothing (a writer's leftovers stay)
+    assert (tmp_path / "store.zarr" / ".tmp" / "left").exists()
 
 
 def test_cli_refuses_a_busy_store_in_one_message(tmp_path):
@@ -226,7 +229,7 @@ def test_preflight_estimates_the_largest_prepared_array_from_the_catalog(tmp_pat
     (store.root / "catalog" / "s1.json").write_text(_json.dumps(entry))
     monkeypatch.setattr(pf, "_worker_memory", lambda spec: 8 * 2**30)
     problems = pf.preflight(spec)
-    # 300 x 2.5 / 0.5 = 1500 slices of 717 x 717: 2.9 GiB as float32, more than a quarter of 8 GiB
+    # resampled to 0.5 mm the series needs more than a quarter of an 8 GiB worker, not of a 64 GiB one
     assert len(problems) == 1 and problems[0].startswith("preprocess: the largest prepared array of the store's "
                                                          "series is [1500, 717, 717] (2.9 GiB as float32)")
     monkeypatch.setattr(pf, "_worker_memory", lambda spec: 64 * 2**30)
