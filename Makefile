@@ -51,6 +51,7 @@ system-deps:
 bench: $(STAMP)
 	$(BIN)/python -m pip install --quiet -e ".[cpu,dev,bench]"
 	$(BIN)/python bench/ingest_bench.py
+	$(BIN)/python bench/preprocess_bench.py
 	$(BIN)/python bench/train_bench.py
 
 clean:

@@ -62,6 +62,26 @@ def binary_metrics(y_true, score, threshold: float) -> dict:
     }
 
 
+def binary_summary(y: np.ndarray, score: np.ndarray, threshold: float) -> dict[str, float]:
+    """The numbers of ``binary_metrics`` with numpy alone (no confusion matrix, no input checks):
+    the bootstrap calls it a thousand times, where scikit-learn's checks cost milliseconds a call.
+
+    >>> binary_summary(np.array([0, 0, 1, 1]), np.array([0.1, 0.7, 0.6, 0.9]), 0.5)["specificity"]
+    0.5
+    """
+    pred = score >= threshold
+    pos = y == 1
+    tp, fp = float(np.sum(pred & pos)), float(np.sum(pred & ~pos))
+    fn, tn = float(np.sum(~pred & pos)), float(np.sum(~pred & ~pos))
+
+    def ratio(a, b):
+        return a / b if b else float("nan")
+
+    return {"accuracy": ratio(tp + tn, len(y)), "precision": ratio(tp, tp + fp), "recall": ratio(tp, tp + fn),
+            "specificity": ratio(tn, tn + fp), "f1": ratio(2 * tp, 2 * tp + fp + fn) if tp + fp + fn else 0.0,
+            "auc": rank_auc(pos, score)}
+
+
 def bootstrap_ci(y_true, score, threshold: float, *, metrics: list[str], n: int = 1000, seed: int = 0,
                  level: float = 0.95) -> dict[str, list[float]]:
     """Percentile bootstrap intervals ``{metric: [low, high]}`` over resampled cases.
@@ -78,7 +98,7 @@ def bootstrap_ci(y_true, score, threshold: float, *, metrics: list[str], n: int 
         idx = rng.integers(0, len(y), len(y))
         if len(np.unique(y[idx])) < 2:
             continue
-        m = binary_metrics(y[idx], s[idx], threshold)
+        m = binary_summary(y[idx], s[idx], threshold)
         for name in metrics:
             if not np.isnan(m[name]):
                 samples[name].append(m[name])

@@ -15,6 +15,7 @@ import numpy as np
 from scipy import ndimage
 from skimage.transform import resize as sk_resize
 
+from medflow.resampling import linear_zoom
 from medflow.signals import SIGNAL_OPS
 
 logger = logging.getLogger(__name__)
@@ -23,7 +24,11 @@ Spacing = tuple[float, float, float]
 
 
 def resample(image: np.ndarray, spacing: Spacing, *, target: Spacing, order: int = 1) -> tuple[np.ndarray, Spacing]:
-    """Resample to ``target`` spacing (mm) with a spline of ``order`` (scipy.ndimage.zoom).
+    """Resample to ``target`` spacing (mm) with a spline of ``order``.
+
+    Linear (``order=1``, the default) runs separably on threads (``medflow.resampling``);
+    other orders use ``scipy.ndimage.zoom``, whose result the linear path equals up to float32
+    rounding. Both return float32.
 
     >>> img, sp = resample(np.zeros((10, 20, 20)), (2.0, 1.0, 1.0), target=(4.0, 2.0, 2.0))
     >>> img.shape, sp
@@ -31,6 +36,9 @@ def resample(image: np.ndarray, spacing: Spacing, *, target: Spacing, order: int
     """
     factors = np.asarray(spacing, dtype=float) / np.asarray(target, dtype=float)
     new_shape = np.maximum(1, np.round(np.asarray(image.shape) * factors)).astype(int)
+    if order == 1:
+        out = linear_zoom(image, tuple(int(n) for n in new_shape))
+        return out, tuple(float(s * image.shape[i] / out.shape[i]) for i, s in enumerate(spacing))
     zoom = new_shape / np.asarray(image.shape)
     out = ndimage.zoom(image.astype(np.float32, copy=False), zoom, order=order, mode="nearest", grid_mode=True)
     actual = tuple(float(s * image.shape[i] / out.shape[i]) for i, s in enumerate(spacing))
@@ -44,7 +52,10 @@ def window(image: np.ndarray, spacing: Spacing, *, center: float, width: float) 
     [0.0, 0.5, 1.0]
     """
     lo = center - width / 2.0
-    out = (np.clip(image.astype(np.float32), lo, lo + width) - lo) / np.float32(width)
+    out = image.astype(np.float32)  # one copy; the rest runs in place on it
+    np.clip(out, lo, lo + width, out=out)
+    out -= np.float32(lo)
+    out /= np.float32(width)
     return out, spacing
 
 

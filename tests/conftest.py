@@ -8,6 +8,7 @@ from pathlib import Path
 
 _SCRATCH = Path(tempfile.mkdtemp(prefix="medflow-tests-"))
 os.environ.setdefault("PREFECT_HOME", str(_SCRATCH / "prefect"))
+os.environ.setdefault("MEDFLOW_CACHE", str(_SCRATCH / "cache"))  # never the user's own cache
 
 from medflow import settings  # noqa: E402
 

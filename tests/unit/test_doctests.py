@@ -10,7 +10,7 @@ import pytest
 MODULES = [
     "medflow.baselines", "medflow.kinds", "medflow.metrics", "medflow.preprocessing", "medflow.splitting",
     "models", "models.explain", "models.segmentation", "models.training", "medflow.kinds.classification",
-    "medflow.signals", "medflow.retry", "storage.errors", "storage.dicom", "storage.ingest",
+    "medflow.signals", "medflow.resampling", "medflow.retry", "storage.errors", "storage.dicom", "storage.ingest",
 ]
 
 

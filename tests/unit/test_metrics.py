@@ -52,6 +52,21 @@ def test_bootstrap_interval_brackets_the_estimate_and_is_seeded():
     assert ci == bootstrap_ci(y, s, 0.5, metrics=["auc", "accuracy"], n=300, seed=4)
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_the_bootstraps_numpy_summary_equals_the_scikit_learn_metrics(seed):
+    """The bootstrap's fast path, on draws with tied scores, one class missing or no predicted positive."""
+    from medflow.metrics import binary_summary
+
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(3, 30))
+    y = rng.integers(0, 2, n) if seed else np.zeros(n, int)
+    s = np.round(rng.random(n), 1)  # ties
+    thr = 0.5 if seed % 3 else 2.0  # 2.0: nothing predicted positive
+    fast, ref = binary_summary(y, s, thr), binary_metrics(y, s, thr)
+    for name, value in fast.items():
+        np.testing.assert_allclose(value, ref[name], rtol=1e-12, err_msg=name)  # NaN equals NaN
+
+
 # ------------------------------------------------------------------ multi-class
 def _three_class_predictions(seed=0, n=60, *, ties=False):
     rng = np.random.default_rng(seed)
