@@ -204,7 +204,8 @@ def _check_voxels(shape) -> None:
 
 class ResampleArgs(_Model):
     spacing: Vec3 = Field(description="Target spacing (z, y, x) in mm.")
-    order: int = Field(1, ge=0, le=3, description="Spline order (1 = linear).")
+    order: int = Field(1, ge=0, le=3, description="Spline order: 1 (linear, one axis at a time on threads) "
+                                                   "or 0, 2, 3 (scipy.ndimage.zoom).")
 
 
 class WindowArgs(_Model):
@@ -504,6 +505,8 @@ class TrainSpec(_Model):
         "balanced", description="`balanced` weights classes by inverse frequency (class imbalance).")
     seed: int = Field(0, description="Seed of weights, data order and augmentation.")
     mixed_precision: bool = Field(False, description="float16 compute on GPUs that support it.")
+    deterministic: bool = Field(False, description="Deterministic ops (TensorFlow op determinism): the same spec "
+                                "and data give the same model and predictions; somewhat slower.")
     patch_size: list[Annotated[PositiveInt, MAX_DIM]] | None = Field(
         None, min_length=2, max_length=3, description="Segmentation: training patch, (y, x) for unet2d or (z, y, x) "
         "for unet3d; null takes whole slices (unet2d) or whole volumes (unet3d).")

@@ -114,10 +114,15 @@ def mask_cohort(catalog: dict[str, dict], *, missing: str) -> pd.DataFrame:
     return df
 
 
-def patient_split(df: pd.DataFrame, *, val: float, test: float, stratify: bool = True, seed: int = 0) -> pd.Series:
+def patient_split(df: pd.DataFrame, *, val: float, test: float, stratify: bool = True, seed: int = 0,
+                  order: pd.Series | None = None) -> pd.Series:
     """``train``/``val``/``test`` for each row, with every patient in exactly one split.
 
-    Patients are stratified by their label (a patient is positive if any series is).
+    Patients are stratified by their label (a patient is positive if any series is). The
+    seeded shuffle starts from the patients in a fixed order: by ``order`` (one value per row,
+    e.g. the store's ``content`` key of each series; a patient takes its smallest), so that the
+    seed alone fixes the split whatever the pseudonyms are; without it, by pseudonym (which
+    depends on the store's secret).
 
     >>> df = pd.DataFrame({"patient_key": list("aabbccddeeffgghhiijj"), "label": [0, 0, 1, 1] * 5})
     >>> s = patient_split(df, val=0.2, test=0.2, seed=1)
@@ -125,6 +130,10 @@ def patient_split(df: pd.DataFrame, *, val: float, test: float, stratify: bool =
     [('test', 4), ('train', 12), ('val', 4)]
     """
     patients = df.groupby("patient_key")["label"].max()
+    if order is not None:
+        first = pd.Series(order.to_numpy(), index=df.index).groupby(df["patient_key"]).min()
+        ranked = pd.DataFrame({"first": first, "key": first.index}).sort_values(["first", "key"])
+        patients = patients.loc[ranked.index]
     keys, labs = patients.index.to_numpy(), patients.to_numpy()
     if len(keys) < 3:
         raise LabelError(f"Received {len(keys)} labelled patient(s), expected at least 3 for a train/val/test split.")

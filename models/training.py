@@ -381,6 +381,8 @@ def fit_model(
         logger.info("training already complete in %s; reusing model.keras", run_dir)
         return {**json.loads(done.read_text()), "epochs_trained": 0}
     keras.utils.set_random_seed(int(train["seed"]))
+    if train.get("deterministic"):
+        deterministic_ops()
     device = accelerator()
     if train.get("mixed_precision") and "GPU" in device:
         keras.mixed_precision.set_global_policy("mixed_float16")
@@ -458,6 +460,22 @@ def save_model_atomic(model, path: Path) -> Path:
     model.save(tmp)
     os.replace(tmp, path)
     return path
+
+
+def deterministic_ops() -> None:
+    """Make the backend's ops deterministic (same inputs, same bits), for ``train.deterministic``."""
+    keras = _keras()
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        tf.config.experimental.enable_op_determinism()
+    elif backend == "torch":
+        import torch
+
+        torch.use_deterministic_algorithms(True)
+    # JAX on CPU is deterministic already
+    logger.info("deterministic ops on (%s)", backend)
 
 
 def predict(model_path: str | Path, loader: Callable[[str], np.ndarray], keys: list[str], *, batch_size: int = 8

@@ -22,6 +22,7 @@ absent. Either way a crash never leaves half a series visible.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import logging
 import os
@@ -79,6 +80,24 @@ class VolumeRef:
 
     def read(self) -> np.ndarray:
         return self.open()[...]
+
+
+def content_key(image: np.ndarray) -> str:
+    """A key of a stored array's values that does not depend on the store's secret: the same
+    image ingested into any store gets the same key, so it can order patients reproducibly
+    (``medflow.splitting``). It hashes the shape, the type and a regular sample of the voxels
+    (every 4th slice, every 8th row and column): enough to tell real images apart, and
+    microseconds where hashing every voxel would add a tenth of the ingest time.
+
+    >>> a = np.arange(4 * 16 * 16, dtype=np.int16).reshape(4, 16, 16)
+    >>> content_key(a) == content_key(a.copy()), content_key(a) == content_key(a + 1)
+    (True, False)
+    """
+    sample = np.ascontiguousarray(image[::4, ::8, ::8])
+    h = hashlib.blake2b(digest_size=10)
+    h.update(f"{image.shape}|{image.dtype.str}|".encode())
+    h.update(sample.tobytes())
+    return h.hexdigest()
 
 
 def _json(data: Any) -> bytes:
@@ -326,7 +345,7 @@ class Store:
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise
-        self._write(f"catalog/{key}.json", _json({**entry, "series_key": key}))
+        self._write(f"catalog/{key}.json", _json({**entry, "series_key": key, "content": content_key(image)}))
         return VolumeRef(self.url, f"series/{key}/image")
 
     def _write_series_group(self, where: str, key: str, image: np.ndarray, entry: dict,

@@ -20,9 +20,11 @@ def split_cohort_task(spec, run_dir: str) -> str:
     """The kind's cohort (labels or masks joined to the catalog by pseudonym), split by patient into
     ``split.csv``; returns its path."""
     log = get_run_logger()
-    df = kinds.get(spec.model.task).cohort(spec, Store(spec.data.store))
+    store = Store(spec.data.store)
+    df = kinds.get(spec.model.task).cohort(spec, store)
     sp = spec.data.split
-    df["split"] = patient_split(df, val=sp.val, test=sp.test, stratify=sp.stratify, seed=sp.seed)
+    df["split"] = patient_split(df, val=sp.val, test=sp.test, stratify=sp.stratify, seed=sp.seed,
+                                order=split_order(store, df, log))
     path = Path(run_dir) / "split.csv"
     write_text_atomic(path, df.to_csv(index=False))
     for name, part in df.groupby("split"):
@@ -30,6 +32,18 @@ def split_cohort_task(spec, run_dir: str) -> str:
         log.info("split %s: %d series, %d patients; %s", name, len(part), part["patient_key"].nunique(),
                  ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
     return str(path)
+
+
+def split_order(store: Store, df: pd.DataFrame, log) -> pd.Series | None:
+    """Each series' ``content`` key (the same in any store), which makes the split depend on the
+    seed alone; None, with a warning, when the store holds series ingested before it had them."""
+    catalog = store.catalog()
+    content = df["series_key"].map(lambda k: catalog.get(k, {}).get("content"))
+    if content.isna().any():
+        log.warning("%d series in the store predate content keys: the split follows the store's pseudonyms "
+                    "(re-ingest into a new store for a split that the seed alone fixes)", int(content.isna().sum()))
+        return None
+    return content
 
 
 @task(name="train_model")

@@ -112,3 +112,16 @@ def write_ct_series(folder: Path, volume_stored: np.ndarray, *, positions, orien
         ds.save_as(path, enforce_file_format=True)
         paths.append(path)
     return paths
+
+
+def study_uids(store: Store, source) -> dict[str, str]:
+    """Series key -> the StudyInstanceUID of its source files (read back from the files: the store
+    holds pseudonyms only), to compare what two stores with different secrets did."""
+    import pydicom
+
+    out = {}
+    for path, rec in source_index(store, str(source)).items():
+        key = rec.get("series_key")
+        if key and key not in out:
+            out[key] = str(pydicom.dcmread(Path(source) / path, stop_before_pixels=True).StudyInstanceUID)
+    return out

@@ -62,3 +62,27 @@ def test_join_labels_takes_class_names_and_leaves_out_empty_labels():
     with pytest.raises(ValueError, match="no column 'label'"):
         join_labels({}, pd.DataFrame({"k": ["a"]}), key="StudyInstanceUID", key_column="k", label_column="label",
                     pseudo=pseudo)
+
+
+@pytest.mark.slow
+def test_the_seed_alone_fixes_the_split_whatever_the_store_secret(tmp_path, small_cohort):
+    """Two stores of one cohort have different secrets, so different pseudonyms; ordered by the
+    series' content keys, the same seed puts the same studies in each split."""
+    from tests.helpers import ingest_serial, study_uids
+
+    labels = pd.read_csv(small_cohort.labels_csv, dtype=str)
+    by_study, pseudonyms = [], []
+    for name in ("a", "b"):
+        store = ingest_serial(small_cohort.dicom_dir, tmp_path / f"{name}.zarr")["store"]
+        catalog = store.catalog()
+        df = join_labels(catalog, labels, key="StudyInstanceUID", key_column="StudyInstanceUID",
+                         label_column="nodule", pseudo=store.pseudonymizer())
+        df["label"] = df["label_name"].astype(int)
+        content = df["series_key"].map(lambda k: catalog[k]["content"])
+        split = patient_split(df, val=0.25, test=0.25, seed=5, order=content)
+        study = df["series_key"].map(study_uids(store, small_cohort.dicom_dir))
+        by_study.append(dict(zip(study, split)))
+        pseudonyms.append(set(df["patient_key"]))
+    assert pseudonyms[0].isdisjoint(pseudonyms[1])  # the secrets differ
+    assert len(by_study[0]) >= 6 and set(by_study[0].values()) == {"train", "val", "test"}
+    assert by_study[0] == by_study[1]  # by pseudonym, the two splits agree only by chance
