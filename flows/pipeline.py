@@ -16,7 +16,8 @@ import time
 from pathlib import Path
 
 import yaml
-from prefect import flow
+from prefect import flow, get_client
+from prefect import tags as prefect_tags
 from prefect.logging import get_run_logger
 from prefect.runtime import flow_run
 from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
@@ -45,13 +46,27 @@ def pipeline(spec: str) -> dict:
     with open_run(pipeline_spec.runs_dir, pipeline_spec.digest()) as run_dir:
         write_text_atomic(run_dir / "spec.yaml", yaml.safe_dump(pipeline_spec.model_dump(mode="json"), sort_keys=False))
         log.info("run %s of %s", run_dir.name, pipeline_spec.name)
+        tags = run_tags(pipeline_spec, run_dir)
+        _tag_flow_run(tags)
         try:
-            result = _stages(pipeline_spec, run_dir, log)
+            with prefect_tags(*tags):  # every stage's flow and task runs carry them too
+                result = _stages(pipeline_spec, run_dir, log)
         except BaseException as exc:
             write_status(run_dir, state="failed", error=f"{type(exc).__name__}: {exc}"[:500])
             raise
         write_status(run_dir, state="completed", finished_at=time.strftime("%Y-%m-%d %H:%M:%S"))
         return result
+
+
+def run_tags(spec, run_dir: Path) -> list[str]:
+    """The tags that find one pipeline's flow runs together in the UI (filter by tag) and the API."""
+    return [f"medflow-run:{run_dir.name}", f"spec:{spec.name}"]
+
+
+def _tag_flow_run(tags: list[str]) -> None:
+    """Add ``tags`` to this flow run (known only once the run folder exists, after the run began)."""
+    with get_client(sync_client=True) as client:
+        client.update_flow_run(flow_run.get_id(), tags=sorted(set(flow_run.get_tags()) | set(tags)))
 
 
 def _stages(spec, run_dir: Path, log) -> dict:

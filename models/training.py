@@ -149,7 +149,7 @@ def make_dataset(loader: Callable[[str], np.ndarray], keys: list[str], labels: n
             vols = [self._get(keys[i]) for i in sel]
             if augment:
                 vols = [augment_volume(v, self.rng, **augment) for v in vols]
-            x = np.stack(vols).astype(np.float32)
+            x = np.stack(vols).astype(np.float32, copy=False)  # a store array is float32 already
             if input_shape is not None:
                 x = x.reshape((len(vols), *input_shape[:-1]))
             x = x[..., None]

@@ -39,6 +39,14 @@ def tiny(tmp_path_factory):
     return path
 
 
+def _flow_runs_tagged(tag: str) -> list:
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
+
+    with get_client(sync_client=True) as client:
+        return client.read_flow_runs(flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=[tag])))
+
+
 def test_pipeline_end_to_end_then_rerun_reuses_everything(tiny, prefect_harness):
     first = pipeline(str(tiny))
     run = first["run_dir"]
@@ -71,6 +79,8 @@ def test_pipeline_end_to_end_then_rerun_reuses_everything(tiny, prefect_harness)
     assert "ZQXCANARY" not in html
 
     assert first["ingest"]["ingested"] == 16 and first["preprocess"]["computed"] == 16
+    assert len(_flow_runs_tagged(f"medflow-run:{Path(run).name}")) == 6  # the pipeline and its five stages
+    assert len(_flow_runs_tagged(f"spec:{load_spec(tiny).name}")) >= 6
 
     second = pipeline(str(tiny))
     assert second["ingest"]["ingested"] == 0 and second["ingest"]["unchanged"] == (
