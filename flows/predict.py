@@ -27,6 +27,8 @@ def predict_flow(model: str, input: str, output: str) -> dict:  # noqa: A002 (th
     out = Path(output).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
     log.info("predict with run %s (%s, %s)", run.run_id, run.spec.model.task, run.spec.model.arch)
+    for warning in run.metrics.get("warnings", []):
+        log.warning("the model's evaluation warned: %s", warning)
     # the scratch store holds decoded images of the new studies: a private temp folder, removed afterwards
     with tempfile.TemporaryDirectory(prefix="medflow-predict-") as scratch:
         quarantine = read_studies_task(run, str(source), scratch)

@@ -244,6 +244,56 @@ def _reason_kind(reason: str) -> str:
 
 
 @app.command()
+def runs(
+    folder: Annotated[Path, typer.Argument(help="A runs folder (e.g. work/demo/runs), or a spec whose runs to list.")],
+) -> None:
+    """List the runs in FOLDER, newest first: spec name, state, finish time, data digest, test metric."""
+    from medflow.compare import list_runs
+
+    if folder.is_file():
+        from medflow.spec import load_spec
+
+        folder = Path(load_spec(folder).runs_dir)
+    if not folder.is_dir():
+        err.print(f"[bold red]{folder} is not a folder of runs[/] (a spec's data.runs, by default runs/ beside its store)")
+        raise typer.Exit(2)
+    df = list_runs(folder)
+    if df.empty:
+        console.print(f"no runs in {folder}")
+        return
+    for r in df.itertuples():
+        value = "" if pd_isna(r.value) else f"{r.metric} {r.value:.3f}"
+        base = "" if pd_isna(r.baseline_auc) else f" (baseline {r.baseline_auc:.3f})"
+        console.print(f"{r.run}  {r.spec:20} {r.state:9} {r.finished:19}  data {r.data:12}  {value}{base}",
+                      soft_wrap=True)
+
+
+def pd_isna(value) -> bool:
+    return value is None or (isinstance(value, float) and value != value)
+
+
+@app.command()
+def compare(
+    run_a: Annotated[Path, typer.Argument(help="A finished classification run folder.")],
+    run_b: Annotated[Path, typer.Argument(help="Another, on the same store and split seed.")],
+) -> None:
+    """Test whether two runs' test AUCs differ (DeLong's paired test on the test cases both scored)."""
+    from medflow.compare import compare_runs
+
+    try:
+        r = compare_runs(run_a, run_b)
+    except (FileNotFoundError, ValueError) as exc:
+        err.print(f"[bold red]cannot compare:[/] {exc}")
+        raise typer.Exit(2) from None
+    console.print(f"shared test cases: {r['shared']} ({r['n_positive']} positive, {r['n_negative']} negative)"
+                  + (f"; only in A {r['only_a']}, only in B {r['only_b']}" if r["only_a"] or r["only_b"] else ""))
+    console.print(f"A {run_a.name}: AUC {r['auc_a']:.3f}")
+    console.print(f"B {run_b.name}: AUC {r['auc_b']:.3f}")
+    console.print(f"difference A − B: {r['difference']:+.3f} (95% CI {r['ci'][0]:+.3f} to {r['ci'][1]:+.3f})")
+    console.print(f"DeLong's paired test: p = {r['p_value']:.3g}")
+
+
+@app.command()
 def validate(spec: Annotated[Path, typer.Argument(help="Pipeline spec (YAML).")]) -> None:
     """Check SPEC; print every problem with its field, value and what is allowed."""
     from medflow.errors import SpecError
@@ -432,6 +482,9 @@ def predict(
     console.print(f"[bold]Predicted[/] {result['series']} series with run {result['run_id']} in "
                   f"{time.perf_counter() - t0:.1f}s; {result['not_used']} file(s) not used")
     console.print(f"[bold green]Output:[/] {result['output']} (predictions.csv, predictions.json)")
+    metrics = run_dir / "metrics.json"
+    for warning in json.loads(metrics.read_text()).get("warnings", []) if metrics.exists() else []:
+        err.print(f"[bold yellow]Warning about this model:[/] {warning}")
 
 
 @app.command()

@@ -82,32 +82,107 @@ def binary_summary(y: np.ndarray, score: np.ndarray, threshold: float) -> dict[s
             "auc": rank_auc(pos, score)}
 
 
-def bootstrap_ci(y_true, score, threshold: float, *, metrics: list[str], n: int = 1000, seed: int = 0,
-                 level: float = 0.95) -> dict[str, list[float]]:
-    """Percentile bootstrap intervals ``{metric: [low, high]}`` over resampled cases.
+def binary_intervals(y_true, score, threshold: float, groups, *, metrics: list[str], n: int = 1000, seed: int = 0,
+                     level: float = 0.95) -> tuple[dict[str, list[float]], dict[str, str]]:
+    """Intervals of the binary metrics, and the method that made each (``medflow.intervals``).
 
-    Resamples with a single class are skipped for AUC.
+    Patients (``groups``, one per case) are resampled, BCa. A metric at a bound (0 or 1) gets
+    a score interval instead, with its patients as the cases: Wilson for accuracy, recall,
+    specificity and precision, Newcombe for the AUC, and for F1 the harmonic mean of precision's
+    and recall's Wilson bounds. A metric the resamples never move off one value gets none.
     """
+    from medflow import intervals as iv
+
     y = np.asarray(y_true).astype(int)
     s = np.asarray(score, dtype=float)
+    g = np.asarray(groups)
     if n <= 0 or len(y) < 2:
-        return {}
-    rng = np.random.default_rng(seed)
-    samples: dict[str, list[float]] = {m: [] for m in metrics}
-    for _ in range(n):
-        idx = rng.integers(0, len(y), len(y))
-        if len(np.unique(y[idx])) < 2:
+        return {}, {}
+    point = binary_summary(y, s, threshold)
+    boot = iv.patient_bootstrap(lambda rows: binary_summary(y[rows], s[rows], threshold), g, metrics, n=n,
+                                seed=seed, level=level)
+    pred = s >= threshold
+
+    def patients(mask) -> int:
+        return len(np.unique(g[mask]))
+
+    ci, method = {}, {}
+    for name in metrics:
+        value = point.get(name, float("nan"))
+        if np.isnan(value):
             continue
-        m = binary_summary(y[idx], s[idx], threshold)
-        for name in metrics:
-            if not np.isnan(m[name]):
-                samples[name].append(m[name])
-    alpha = (1 - level) / 2
-    return {
-        name: [float(np.quantile(v, alpha)), float(np.quantile(v, 1 - alpha))]
-        for name, v in samples.items()
-        if v
-    }
+        if value in (0.0, 1.0):
+            interval, how = _at_bound(name, value, y, pred, patients, level), iv.NEWCOMBE if name == "auc" else iv.WILSON
+        else:
+            interval, how = boot.get(name), iv.BCA
+        if interval is not None and not any(np.isnan(interval)):
+            ci[name], method[name] = [float(interval[0]), float(interval[1])], how
+    return ci, method
+
+
+def _at_bound(name: str, value: float, y, pred, patients, level: float) -> tuple[float, float] | None:
+    from medflow.intervals import newcombe_auc, wilson
+
+    def proportion(mask) -> tuple[float, float]:
+        n = patients(mask)
+        return wilson(round(value * n), n, level)
+
+    if name == "auc":
+        return newcombe_auc(value, patients(y == 1), patients(y == 0), level)
+    if name == "accuracy":
+        return proportion(np.ones_like(y, bool))
+    if name == "recall":
+        return proportion(y == 1)
+    if name == "specificity":
+        return proportion(y == 0)
+    if name == "precision":
+        return proportion(pred)
+    if name == "f1":  # 1 only with precision and recall both 1; 0 only with no true positive
+        p = wilson(patients(pred) if value else 0, patients(pred), level)
+        r = wilson(patients(y == 1) if value else 0, patients(y == 1), level)
+        hm = [2 * a * b / (a + b) if a + b else 0.0 for a, b in zip(p, r)]
+        return hm[0], hm[1]
+    return None
+
+
+MIN_TEST_PATIENTS = 30  # below this, a test split's intervals are too wide to rank models
+MIN_SCORE_SPREAD = 0.05  # scores that span less than this barely depend on the image
+
+
+def classification_warnings(df, n_classes: int, val_auc: float) -> list[str]:
+    """What a reader must know before trusting a classifier's test figures: a small test split, a
+    model not distinguishable from chance on validation, scores that barely vary. ``df``: one row per case
+    with ``split``, ``patient_key``, ``label`` and ``score`` (binary) or ``p_<class>`` columns.
+
+    >>> import pandas as pd
+    >>> df = pd.DataFrame({"split": ["val"] * 4 + ["test"] * 4, "patient_key": list("abcdefgh"),
+    ...                    "label": [0, 1] * 4, "score": [.50, .51, .50, .51, .509, .51, .508, .511]})
+    >>> [w.split(":")[0] for w in classification_warnings(df, 2, 1.0)]  # 4 validation patients prove nothing
+    ['only 4 test patients', 'not distinguishable from chance on validation', 'the scores barely vary']
+    """
+    from medflow.intervals import newcombe_auc
+
+    out = []
+    test, val = df[df["split"] == "test"], df[df["split"] == "val"]
+    n_test = test["patient_key"].nunique()
+    if n_test < MIN_TEST_PATIENTS:
+        out.append(f"only {n_test} test patients: the intervals are wide and a few cases decide the metrics; "
+                   "test on more patients before comparing models")
+    if n_classes == 2 and not np.isnan(val_auc):
+        pos = val.loc[val["label"] == 1, "patient_key"].nunique()
+        neg = val.loc[val["label"] == 0, "patient_key"].nunique()
+        lo, hi = newcombe_auc(val_auc, pos, neg)
+        if lo <= 0.5:
+            out.append(f"not distinguishable from chance on validation: AUC {val_auc:.3f} (95% CI {lo:.3f} – "
+                       f"{hi:.3f}) on {pos + neg} patients; the test figures may be luck")
+    elif n_classes > 2 and not np.isnan(val_auc) and val_auc < 0.6:
+        out.append(f"close to chance on validation: macro AUC {val_auc:.3f}; the test figures may be luck")
+    score = df["score"] if "score" in df else df[[c for c in df if c.startswith("p_")]].max(axis=1)
+    spread = float(score.max() - score.min()) if len(score) else 0.0
+    if spread < MIN_SCORE_SPREAD:
+        out.append(f"the scores barely vary: every case scored between {score.min():.3f} and {score.max():.3f}; "
+                   "the model has probably learnt nothing from the images (train longer, or check the labels)")
+    return out
 
 
 # ------------------------------------------------------------------ multi-class

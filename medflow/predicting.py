@@ -166,7 +166,7 @@ def write_outputs(rows: list[dict], output: Path, run: TrainedRun, quarantine: l
 
     write_text_atomic(output / "predictions.csv", pd.DataFrame(rows).to_csv(index=False))
     summary = {"run_id": run.run_id, "pipeline": run.spec.name, "task": run.spec.model.task,
-               "arch": run.spec.model.arch, "series": rows,
+               "arch": run.spec.model.arch, "model_warnings": run.metrics.get("warnings", []), "series": rows,
                "not_used": [{"path": r["path"], "reason": r["reason"]} for r in quarantine]}
     write_text_atomic(output / "predictions.json", json.dumps(summary, indent=1, default=str))
     return summary

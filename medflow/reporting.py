@@ -159,6 +159,18 @@ def qc_summary(catalog: dict[str, dict], quarantine: list[dict]) -> list[dict]:
     return rows
 
 
+def interval_methods(methods: dict[str, str]) -> str:
+    """Which method made which metric's interval, in one line for the report.
+
+    >>> interval_methods({"auc": "patient bootstrap, BCa", "accuracy": "Wilson score (at a bound)"})
+    'ROC AUC: patient bootstrap, BCa; Accuracy: Wilson score (at a bound)'
+    """
+    by_method: dict[str, list[str]] = {}
+    for name, how in methods.items():
+        by_method.setdefault(how, []).append(METRIC_LABELS.get(name, name))
+    return "; ".join(f"{', '.join(names)}: {how}" for how, names in by_method.items())
+
+
 def metrics_rows(metrics: dict, ci: dict, names: list[str], *, macro: bool = False) -> list[dict]:
     rows = []
     for name in names + (["auc_micro"] if macro else []):
@@ -200,8 +212,9 @@ def build_context(*, kind, section: dict, name: str, run_id: str, cohort: dict, 
 
 def markdown_summary(context: dict, kind_lines: list[str]) -> str:
     """A short markdown version of the report (for a Prefect artifact)."""
-    lines = [f"# {context['name']} — run `{context['run_id']}`", "", "## Test metrics", "",
-             "| metric | value | 95% CI |", "|---|---|---|"]
+    lines = [f"# {context['name']} — run `{context['run_id']}`", ""]
+    lines += [f"> **Warning**: {w}" for w in context.get("warnings", [])]
+    lines += ["", "## Test metrics", "", "| metric | value | 95% CI |", "|---|---|---|"]
     lines += [f"| {r['metric']} | {r['value']} | {r['ci95']} |" for r in context["metrics"]]
     lines += [""] + kind_lines
     columns = context["split_columns"]

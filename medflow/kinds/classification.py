@@ -115,6 +115,7 @@ class Classification(TaskKind):
     def evaluate(self, spec, store, prep_key, cases, model_path, run_dir) -> dict:
         """Predict every split; choose the threshold (binary) on validation; score the test split, with
         bootstrap intervals, beside the one-feature baseline; Grad-CAM for a few test cases."""
+        from medflow.metrics import classification_warnings
         from medflow.runs import write_text_atomic
         from models.training import predict
 
@@ -144,10 +145,13 @@ class Classification(TaskKind):
         feature = np.array([self.baseline_feature(store, prep_key, k) for k in df["series_key"]])
         result["baseline"] = _baseline(df, feature, classes, name=self.baseline_name, bootstrap=ev.bootstrap,
                                        seed=spec.train.seed)
+        result["warnings"] = classification_warnings(df, len(classes), result["val"]["auc"])
         write_text_atomic(run_dir / "predictions.csv", df.to_csv(index=False))
         self.explain(model_path, loader, df, run_dir)
         write_text_atomic(run_dir / "metrics.json", json.dumps(result, indent=1, default=float))
         logger.info("test: %s", self.result_line(result))
+        for warning in result["warnings"]:
+            logger.warning("%s", warning)
         if np.isnan(result["test"]["auc"]):
             logger.warning("the test split lacks a class: AUC is undefined; use a larger cohort or split.test")
         return result
@@ -199,6 +203,8 @@ class Classification(TaskKind):
             "baseline": evaluation.get("baseline"),
             "model_auc": m["auc"],
             "model_auc_ci": evaluation.get("ci", {}).get("auc"),
+            "ci_methods": r.interval_methods(evaluation.get("ci_method", {})),
+            "warnings": evaluation.get("warnings", []),
             "val": evaluation.get("val", {}),
             "plots": {"gradcam": r.plot_gradcam(explain["images"], explain["cams"], explain["meta"])
                       if explain else None},
@@ -277,16 +283,19 @@ class Classification(TaskKind):
 def _binary_evaluation(df: pd.DataFrame, *, threshold_method, metric_names: list[str], bootstrap: int,
                        seed: int) -> dict:
     """Threshold from the validation rows; metrics and bootstrap intervals on the test rows."""
-    from medflow.metrics import binary_metrics, bootstrap_ci, choose_threshold
+    from medflow.metrics import binary_intervals, binary_metrics, choose_threshold
 
     val, test = df[df["split"] == "val"], df[df["split"] == "test"]
     thr = choose_threshold(val["label"], val["score"], threshold_method)
+    ci, method = binary_intervals(test["label"], test["score"], thr, test["patient_key"], metrics=metric_names,
+                                  n=bootstrap, seed=seed)
     return {
         "threshold": thr,
         "threshold_method": threshold_method,
         "val": binary_metrics(val["label"], val["score"], thr),
         "test": binary_metrics(test["label"], test["score"], thr),
-        "ci": bootstrap_ci(test["label"], test["score"], thr, metrics=metric_names, n=bootstrap, seed=seed),
+        "ci": ci,
+        "ci_method": method,
     }
 
 
@@ -301,6 +310,7 @@ def _multiclass_evaluation(df: pd.DataFrame, proba: np.ndarray, classes: list[st
     rows = (df["split"] == "test").to_numpy()
     out["ci"] = multiclass_ci(df["label"].to_numpy()[rows], proba[rows], classes,
                               metrics=[*metric_names, "auc_micro"], n=bootstrap, seed=seed)
+    out["ci_method"] = {name: "case bootstrap, percentile" for name in out["ci"]}
     return out
 
 
@@ -308,7 +318,7 @@ def _baseline(df: pd.DataFrame, feature: np.ndarray, classes: list[str], *, name
               seed: int) -> dict:
     """The one-feature baseline fitted on train, scored on test (AUC; macro one-vs-rest for K > 2)."""
     from medflow.baselines import one_feature_logistic
-    from medflow.metrics import bootstrap_ci, multiclass_ci, multiclass_metrics
+    from medflow.metrics import binary_intervals, multiclass_ci, multiclass_metrics
     from sklearn.metrics import roc_auc_score
 
     train, test = (df["split"] == "train").to_numpy(), (df["split"] == "test").to_numpy()
@@ -317,12 +327,15 @@ def _baseline(df: pd.DataFrame, feature: np.ndarray, classes: list[str], *, name
     yt = y[test]
     if len(classes) == 2:
         auc = float(roc_auc_score(yt, proba[:, 1])) if len(np.unique(yt)) == 2 else float("nan")
-        ci = bootstrap_ci(yt, proba[:, 1], 0.5, metrics=["auc"], n=bootstrap, seed=seed).get("auc")
+        ci_all, how = binary_intervals(yt, proba[:, 1], 0.5, df["patient_key"].to_numpy()[test], metrics=["auc"],
+                                       n=bootstrap, seed=seed)
+        ci, method = ci_all.get("auc"), how.get("auc")
     else:
         auc = multiclass_metrics(yt, proba, classes)["auc"]
         ci = multiclass_ci(yt, proba, classes, metrics=["auc"], n=bootstrap, seed=seed).get("auc")
+        method = "case bootstrap, percentile"
     logger.info("baseline (%s): test AUC %.3f", name, auc)
-    return {"name": name, "auc": auc, "ci": ci}
+    return {"name": name, "auc": auc, "ci": ci, "ci_method": method}
 
 
 def _explain(model_path: str, loader, df: pd.DataFrame, run_dir: Path) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from medflow.metrics import binary_metrics, bootstrap_ci, choose_threshold
+from medflow.metrics import binary_intervals, binary_metrics, choose_threshold
 
 Y = [0, 0, 0, 0, 1, 1, 1]
 S = [0.1, 0.4, 0.35, 0.8, 0.7, 0.9, 0.3]
@@ -44,12 +44,13 @@ def test_bootstrap_interval_brackets_the_estimate_and_is_seeded():
     rng = np.random.default_rng(1)
     y = rng.integers(0, 2, 60)
     s = np.clip(y * 0.3 + rng.normal(0.35, 0.2, 60), 0, 1)
-    ci = bootstrap_ci(y, s, 0.5, metrics=["auc", "accuracy"], n=300, seed=4)
+    patients = np.arange(60)
+    ci, _ = binary_intervals(y, s, 0.5, patients, metrics=["auc", "accuracy"], n=300, seed=4)
     point = binary_metrics(y, s, 0.5)
     for name in ("auc", "accuracy"):
         lo, hi = ci[name]
         assert lo < point[name] < hi and hi - lo < 0.5
-    assert ci == bootstrap_ci(y, s, 0.5, metrics=["auc", "accuracy"], n=300, seed=4)
+    assert ci == binary_intervals(y, s, 0.5, patients, metrics=["auc", "accuracy"], n=300, seed=4)[0]
 
 
 @pytest.mark.parametrize("seed", range(6))

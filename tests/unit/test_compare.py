@@ -1,0 +1,95 @@
+"""Two runs compared: DeLong's paired test, and the runs listing."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from medflow.compare import compare_runs, delong_test, list_runs
+
+
+def _scores(n=200, seed=0):
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 2, n)
+    good = y * 1.2 + rng.normal(0, 1, n)
+    weak = y * 0.4 + rng.normal(0, 1, n)
+    return y, good, weak
+
+
+def test_delong_aucs_equal_scikit_learns_and_its_se_matches_a_paired_bootstrap():
+    y, a, b = _scores()
+    r = delong_test(y, a, b)
+    assert r["auc_a"] == pytest.approx(roc_auc_score(y, a)) and r["auc_b"] == pytest.approx(roc_auc_score(y, b))
+    rng = np.random.default_rng(1)
+    diffs = []
+    for _ in range(2000):
+        i = rng.integers(0, len(y), len(y))
+        if len(np.unique(y[i])) == 2:
+            diffs.append(roc_auc_score(y[i], a[i]) - roc_auc_score(y[i], b[i]))
+    assert r["se"] == pytest.approx(np.std(diffs), rel=0.15)
+    assert r["p_value"] < 0.01 and r["ci"][0] > 0
+
+
+def test_delong_p_values_are_uniform_under_the_null():
+    """Two equally good models (independent noise): about 5% of tests reject at 0.05."""
+    rng = np.random.default_rng(2)
+    p = []
+    for _ in range(300):
+        y = rng.integers(0, 2, 60)
+        p.append(delong_test(y, y + rng.normal(0, 1, 60), y + rng.normal(0, 1, 60))["p_value"])
+    assert 0.02 < np.mean(np.array(p) < 0.05) < 0.10
+
+
+def _run(folder, name, scores, y, split, auc=None):
+    run = folder / name
+    run.mkdir()
+    pd.DataFrame({"series_key": [f"s{i}" for i in range(len(y))], "label": y, "score": scores,
+                  "split": split}).to_csv(run / "predictions.csv", index=False)
+    (run / "run.json").write_text(json.dumps({"state": "completed", "finished_at": "2026-12-01 10:00:00"}))
+    (run / "spec.yaml").write_text("name: demo-nodules\nmodel: {task: classification}\n")
+    (run / "metrics.json").write_text(json.dumps({"task": "classification", "test": {"auc": auc, "n": 5},
+                                                  "baseline": {"auc": 0.6}}))
+    return run
+
+
+def test_compare_pairs_the_shared_test_cases_and_listing_shows_each_run(tmp_path):
+    y, a, b = _scores(120, seed=3)
+    split = np.where(np.arange(120) < 80, "train", "test")
+    ra = _run(tmp_path, "20261201-100000-aaaaaa-0001", a, y, split, auc=0.8)
+    rb = _run(tmp_path, "20261201-110000-bbbbbb-0002", b, y, split, auc=0.6)
+    r = compare_runs(ra, rb)
+    test = split == "test"
+    assert r["shared"] == 40 and r["auc_a"] == pytest.approx(roc_auc_score(y[test], a[test]))
+    assert r["difference"] == pytest.approx(r["auc_a"] - r["auc_b"])
+    listed = list_runs(tmp_path)
+    assert list(listed["run"]) == [rb.name, ra.name]  # newest first
+    assert list(listed["value"]) == [0.6, 0.8] and set(listed["spec"]) == {"demo-nodules"}
+
+
+def test_runs_with_no_shared_test_case_are_refused(tmp_path):
+    y, a, b = _scores(20, seed=4)
+    ra = _run(tmp_path, "a", a, y, ["test"] * 10 + ["train"] * 10)
+    rb = _run(tmp_path, "b", b, y, ["train"] * 10 + ["test"] * 10)
+    with pytest.raises(ValueError, match="share no test case"):
+        compare_runs(ra, rb)
+
+
+def test_the_commands_print_the_runs_and_the_test(tmp_path):
+    from typer.testing import CliRunner
+
+    from medflow.cli import app
+
+    y, a, b = _scores(120, seed=3)
+    split = np.where(np.arange(120) < 80, "train", "test")
+    ra, rb = _run(tmp_path, "r1", a, y, split, auc=0.8), _run(tmp_path, "r2", b, y, split, auc=0.6)
+    out = CliRunner().invoke(app, ["compare", str(ra), str(rb)])
+    assert out.exit_code == 0, out.output
+    r = compare_runs(ra, rb)
+    assert f"AUC {r['auc_a']:.3f}" in out.output and f"AUC {r['auc_b']:.3f}" in out.output
+    assert f"difference A − B: {r['difference']:+.3f}" in out.output and f"p = {r['p_value']:.3g}" in out.output
+    listed = CliRunner().invoke(app, ["runs", str(tmp_path)])
+    assert listed.exit_code == 0 and "r1" in listed.output and "auc 0.800 (baseline 0.600)" in listed.output
