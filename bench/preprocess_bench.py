@@ -25,13 +25,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from common import cpu_name  # bench/ is this script's first path entry
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPE = (200, 512, 512)
@@ -157,7 +158,7 @@ def main() -> None:
            for t in tools}
     vox = runs[tools[0]][0]["voxels"]
     print(f"\nPreprocessing: resample {SHAPE[0]}×{SHAPE[1]}×{SHAPE[2]} int16 at {SPACING} mm to 1 mm + window "
-          f"(median of {args.repeat}; CPU: {_cpu()})")
+          f"(median of {args.repeat}; CPU: {cpu_name()})")
     print(f"{'tool':8} {'volumes/s':>9} {'Mvox/s':>8} {'wall s':>7} {'CPU s':>6} {'peak RSS':>9} {'above base':>10}  output")
     for t in tools:
         m = med[t]
@@ -171,16 +172,6 @@ def main() -> None:
               f"{(mf['peak_rss'] - mf['base_rss']) / (mo['peak_rss'] - mo['base_rss']):.2f} above base")
     for name, diff in agree.items():
         print(f"{name}: largest difference {diff} (outputs in [0, 1])")
-
-
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip() + f", {os.cpu_count()} cores"
-    except OSError:
-        pass
-    return f"{os.cpu_count()} cores"
 
 
 if __name__ == "__main__":
