@@ -27,6 +27,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from common import cpu_name  # bench/ is this script's first path entry
+
 ROOT = Path(__file__).resolve().parents[1]
 # resnet2d's 256 images make 16 steps an epoch: with fewer, an epoch is a handful of sub-second
 # steps and the machine's noise decides the ratio.
@@ -119,7 +121,7 @@ def main() -> None:
                 rows.append((arch, m, med[m], statistics.median(r["cpu_s_per_epoch"] for r in results[m]),
                              results[m][0]["onednn"]))
             rows.append((arch, "ratios", med["project"] / med["in-memory"], med["project"] / med["onednn-off"], None))
-    print(f"\nTraining throughput ({args.epochs} epochs after a warm-up, median of {args.repeat}; CPU: {_cpu()})")
+    print(f"\nTraining throughput ({args.epochs} epochs after a warm-up, median of {args.repeat}; CPU: {cpu_name()})")
     print(f"{'model':10} {'configuration':18} {'images/s':>9} {'CPU s/epoch':>12}  oneDNN")
     for arch, mode, a, b, onednn in rows:
         if mode == "ratios":
@@ -127,16 +129,6 @@ def main() -> None:
             print(f"{arch:10} {'store / oneDNN off':18} {b:9.2f}")
         else:
             print(f"{arch:10} {mode:18} {a:9.1f} {b:12.1f}  {onednn}")
-
-
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip() + f", {os.cpu_count()} cores"
-    except OSError:
-        pass
-    return f"{os.cpu_count()} cores"
 
 
 if __name__ == "__main__":
