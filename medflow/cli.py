@@ -491,20 +491,27 @@ def predict(
 def server(
     port: Annotated[int, typer.Option(help="Port on 127.0.0.1.")] = 4200,
     home: Annotated[Path, typer.Option(help="PREFECT_HOME: where the server keeps its database.")] = Path("work/.prefect"),
+    reports_port: Annotated[int, typer.Option(help="Port on 127.0.0.1 of the read-only report server (0: none).")] = 4201,
 ) -> None:
-    """Start a standing Prefect server (UI and API) on 127.0.0.1 with medflow's settings.
+    """Start a standing Prefect server (UI and API) on 127.0.0.1 with medflow's settings, and the
+    read-only report server that the UI's report links open.
 
     The API asks for credentials (Prefect's basic auth string, made once and kept in
     HOME/api-auth) and answers cross-origin requests only from its own UI: any web page the
     user visits could otherwise start runs on it. Clients read HOME/client.env.
     """
     import os
+    import subprocess
+
+    from medflow import report_server
 
     home.mkdir(parents=True, exist_ok=True)
     auth = api_auth_string(home)
     url = f"http://127.0.0.1:{port}"
     client_env = home.resolve() / "client.env"
-    write_private(client_env, f"export PREFECT_API_URL={url}/api\nexport PREFECT_API_AUTH_STRING='{auth}'\n")
+    reports = f"http://127.0.0.1:{reports_port}"
+    write_private(client_env, f"export PREFECT_API_URL={url}/api\nexport PREFECT_API_AUTH_STRING='{auth}'\n"
+                  + (f"export MEDFLOW_REPORTS_URL={reports}\n" if reports_port else ""))
     env = {**os.environ, "PREFECT_HOME": str(home.resolve()), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
            "DO_NOT_TRACK": "1", "PREFECT_SERVER_UI_API_URL": f"{url}/api",
            "PREFECT_SERVER_API_AUTH_STRING": auth, "PREFECT_SERVER_API_CORS_ALLOWED_ORIGINS": url}
@@ -512,7 +519,35 @@ def server(
     console.print(f"Prefect UI: {url} (its login asks for the auth string in {home / 'api-auth'})")
     console.print(f"For runs, deployments and the prefect CLI: source {client_env}")
     prefect = Path(sys.executable).with_name("prefect")
-    os.execve(str(prefect), [str(prefect), "server", "start", "--host", "127.0.0.1", "--port", str(port)], env)
+    if not reports_port:
+        os.execve(str(prefect), [str(prefect), "server", "start", "--host", "127.0.0.1", "--port", str(port)], env)
+    report_server.start(reports_port)
+    console.print(f"Reports: {reports} (read-only; the report links of runs whose clients sourced client.env)")
+    proc = subprocess.Popen([str(prefect), "server", "start", "--host", "127.0.0.1", "--port", str(port)], env=env)
+    try:
+        raise typer.Exit(proc.wait())
+    except KeyboardInterrupt:
+        proc.terminate()
+        raise typer.Exit(proc.wait()) from None
+
+
+@app.command()
+def reports(
+    port: Annotated[int, typer.Option(help="Port on 127.0.0.1.")] = 4201,
+) -> None:
+    """Serve run reports read-only on 127.0.0.1 (what `medflow server` also does), so that the report links
+    in the Prefect UI open; runs link here when MEDFLOW_REPORTS_URL points here (default port 4201)."""
+    import time
+
+    from medflow import report_server
+
+    report_server.start(port)
+    console.print(f"Reports: http://127.0.0.1:{port} (read-only). Ctrl-C stops.")
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
 
 
 def api_auth_string(home: Path) -> str:

@@ -299,16 +299,52 @@ def multiclass_ci(y_true, proba, class_names: list[str], *, metrics: list[str], 
 
 # ------------------------------------------------------------------ segmentation
 SEG_LABELS = {"dice": "Dice", "iou": "IoU (Jaccard)", "hd95": "HD95 (mm)", "assd": "Average surface distance (mm)",
-              "volume_error": "Volume error (mL, predicted − true)"}
+              "volume_error": "Volume error (mL, predicted − true)", "hd95_monai": "HD95, MONAI convention (mm)",
+              "assd_monai": "ASSD, MONAI convention (mm)"}
+#: how each distance is measured (the report names it: published tables use either convention)
+DISTANCE_CONVENTIONS = {
+    "surface": "DeepMind surface-distance: surface elements weighted by their area; HD95 is the larger of the two "
+               "directed 95th percentiles, ASSD the mean of the two directed means",
+    "monai": "MONAI HausdorffDistanceMetric(percentile=95) / SurfaceDistanceMetric(symmetric=True): border voxels "
+             "(mask XOR its erosion), Euclidean distance in mm to the nearest border voxel of the other mask; HD95 is "
+             "the larger of the two directed 95th percentiles, ASSD the mean over both directions' voxels together",
+}
+MISSED_LESION = ("a lesion case with an empty prediction gets the image diagonal (mm) as its HD95 and ASSD, so a "
+                 "miss can only worsen the means; the miss rate is reported beside them")
+
+
+def border_voxels(mask: np.ndarray) -> np.ndarray:
+    """Foreground voxels with a background face-neighbour (or at the array's edge): MONAI's edges.
+
+    >>> m = np.zeros((3, 5, 5), bool); m[:, 1:4, 1:4] = True  # a 3x3x3 cube touching the top and bottom
+    >>> int(border_voxels(m).sum())  # all but its centre
+    26
+    """
+    from scipy.ndimage import binary_erosion
+
+    return mask & ~binary_erosion(mask)
+
+
+def monai_surface_distances(truth: np.ndarray, pred: np.ndarray, spacing) -> tuple[np.ndarray, np.ndarray]:
+    """Directed border-voxel distances (pred → truth, truth → pred) in mm, as MONAI computes them."""
+    from scipy.spatial import KDTree
+
+    scale = np.asarray(spacing, dtype=float)
+    pts_t = np.argwhere(border_voxels(truth)) * scale
+    pts_p = np.argwhere(border_voxels(pred)) * scale
+    return KDTree(pts_t, leafsize=32).query(pts_p, k=1)[0], KDTree(pts_p, leafsize=32).query(pts_t, k=1)[0]
 
 
 def segmentation_metrics(truth: np.ndarray, pred: np.ndarray, spacing) -> dict:
     """Per-case overlap and distance metrics of two binary volumes on the same grid.
 
-    Dice and IoU; HD95 (95th percentile of the symmetric surface distances) and the average
-    symmetric surface distance in mm, with surfaces measured by DeepMind's ``surface-distance``
-    at the given ``spacing``; volumes and the volume error in mL. When both are empty, Dice and
-    IoU are 1 and the distances 0; when exactly one is empty the distances are undefined (NaN).
+    Dice and IoU; volumes and the volume error in mL; HD95 and ASSD in mm at the given
+    ``spacing`` in two conventions (``DISTANCE_CONVENTIONS``): ``hd95``/``assd`` with DeepMind's
+    ``surface-distance`` (area-weighted surface elements), ``hd95_monai``/``assd_monai`` as MONAI
+    computes them (border voxels), for comparison with published tables. When both are empty,
+    Dice and IoU are 1 and the distances 0. A lesion missed (truth, no prediction) gets the
+    image diagonal as its distances and ``missed`` 1 (``MISSED_LESION``); a prediction on an
+    empty truth has undefined distances (NaN) and is counted as a false positive instead.
 
     >>> t = np.zeros((1, 4, 4), bool); t[0, :2, :2] = True
     >>> p = np.zeros((1, 4, 4), bool); p[0, :2, :] = True
@@ -328,15 +364,22 @@ def segmentation_metrics(truth: np.ndarray, pred: np.ndarray, spacing) -> dict:
         "volume_pred_ml": n_p * voxel_ml,
         "volume_error": (n_p - n_t) * voxel_ml,
     }
+    out["missed"] = int(bool(n_t) and not n_p)
     if n_t and n_p:
         distances = surface_distance.compute_surface_distances(t, p, tuple(float(s) for s in spacing))
         out["hd95"] = float(surface_distance.compute_robust_hausdorff(distances, 95))
         gt_to_pred, pred_to_gt = surface_distance.compute_average_surface_distance(distances)
         out["assd"] = float((gt_to_pred + pred_to_gt) / 2.0)
+        d_pt, d_tp = monai_surface_distances(t, p, spacing)
+        out["hd95_monai"] = float(max(np.percentile(d_pt, 95), np.percentile(d_tp, 95)))
+        out["assd_monai"] = float(np.concatenate([d_pt, d_tp]).mean())
     elif not n_t and not n_p:
-        out["hd95"] = out["assd"] = 0.0
+        out["hd95"] = out["assd"] = out["hd95_monai"] = out["assd_monai"] = 0.0
+    elif n_t:  # missed: the largest distance the image allows
+        diagonal = float(np.linalg.norm(np.asarray(t.shape, dtype=float) * np.asarray(spacing, dtype=float)))
+        out["hd95"] = out["assd"] = out["hd95_monai"] = out["assd_monai"] = diagonal
     else:
-        out["hd95"] = out["assd"] = float("nan")
+        out["hd95"] = out["assd"] = out["hd95_monai"] = out["assd_monai"] = float("nan")
     return out
 
 
@@ -364,6 +407,13 @@ def summarize_segmentation(cases, names: list[str], *, n_boot: int = 1000, seed:
     empty = cases[cases["label"] == 0]
     summary = {"n": int(len(cases)), "n_lesion": int(len(lesion)), "n_empty": int(len(empty)),
                "empty_with_false_positive": int((empty["volume_pred_ml"] > 0).sum()) if len(empty) else 0}
+    if "missed" in lesion:
+        summary["missed"] = int(lesion["missed"].sum())
+        summary["miss_rate"] = float(lesion["missed"].mean()) if len(lesion) else float("nan")
+        detected = lesion[lesion["missed"] == 0]
+        for name in ("hd95", "assd", "hd95_monai", "assd_monai"):
+            if name in names and len(detected):
+                summary[f"{name}_detected"] = float(np.nanmean(detected[name].to_numpy(dtype=float)))
     ci = {}
     for name in names:
         values = lesion[name].to_numpy(dtype=float) if len(lesion) else np.array([])

@@ -24,6 +24,7 @@ import numpy as np
 import pydicom
 import yaml
 
+from medflow.runs import read_metrics
 from medflow.spec import PipelineSpec, parse_spec
 
 logger = logging.getLogger(__name__)
@@ -57,7 +58,7 @@ def load_run(run_dir: str | Path) -> TrainedRun:
                                 "run folder that `medflow run` printed")
     spec = parse_spec(yaml.safe_load(spec_file.read_text()), base_dir=run_dir, check_paths=False)
     metrics = run_dir / "metrics.json"
-    return TrainedRun(run_dir, spec, model, json.loads(metrics.read_text()) if metrics.exists() else {})
+    return TrainedRun(run_dir, spec, model, read_metrics(metrics) if metrics.exists() else {})
 
 
 def input_folder(value: str | Path) -> Path:

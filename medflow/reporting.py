@@ -14,6 +14,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from jinja2 import Environment, FileSystemLoader, select_autoescape  # noqa: E402
+
+from medflow.runs import is_interval  # noqa: E402
 from sklearn.metrics import ConfusionMatrixDisplay, RocCurveDisplay  # noqa: E402
 
 logger = logging.getLogger(__name__)
@@ -75,6 +77,48 @@ def plot_roc_ovr(y_true, proba, class_names: list[str]) -> str:
     ax.plot([0, 1], [0, 1], ":", color="grey")
     ax.set_title("ROC curves (one vs rest), test split", fontsize=9)
     return _png(fig)
+
+
+def plot_reliability(curves: dict[str, list[dict]], *, binary: bool) -> str:
+    """Reliability diagram: mean probability against observed frequency per bin (dot size: cases)."""
+    fig, ax = plt.subplots(figsize=(4, 4))
+    ax.plot([0, 1], [0, 1], ":", color="grey", label="perfectly calibrated")
+    for (name, bins), marker in zip(curves.items(), ("o-", "s--")):
+        if bins:
+            n = np.array([b["n"] for b in bins], dtype=float)
+            ax.plot([b["mean_p"] for b in bins], [b["observed"] for b in bins], marker, label=name,
+                    markersize=3)
+            ax.scatter([b["mean_p"] for b in bins], [b["observed"] for b in bins], s=10 + 80 * n / n.max(), alpha=0.4)
+    ax.set_xlabel("mean score in bin" if binary else "mean confidence (most probable class)")
+    ax.set_ylabel("fraction positive" if binary else "fraction correct")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_title("Reliability diagram, test split", fontsize=9)
+    ax.legend(fontsize=7, loc="upper left")
+    return _png(fig)
+
+
+def calibration_rows(calibration: dict) -> list[dict]:
+    """Brier score and ECE on validation and test, before and after the calibration map.
+
+    >>> c = {"method": "none", "bins": 10, "before": {"val": {"brier": 0.1, "ece": 0.05, "n": 9},
+    ...      "test": {"brier": 0.2, "ece": 0.1, "n": 10}}}
+    >>> c["after"] = c["before"]
+    >>> calibration_rows(c)[1]
+    {'split': 'test', 'n': 10, 'brier': '0.200', 'ece': '0.100'}
+    """
+    rows = []
+    for split in ("val", "test"):
+        before, after = calibration["before"][split], calibration["after"][split]
+        row = {"split": split, "n": before["n"], "brier": _num(before["brier"]), "ece": _num(before["ece"])}
+        if calibration["method"] != "none":
+            row.update({"brier_calibrated": _num(after["brier"]), "ece_calibrated": _num(after["ece"])})
+        rows.append(row)
+    return rows
+
+
+def _num(value, digits: int = 3) -> str:
+    return "–" if value is None or value != value else f"{value:.{digits}f}"
 
 
 def plot_scores(y_true, score, threshold: float) -> str:
@@ -180,7 +224,7 @@ def metrics_rows(metrics: dict, ci: dict, names: list[str], *, macro: bool = Fal
             "metric": (f"{label}, macro average" if name != "accuracy" else label) if macro and name != "auc_micro"
             else label,
             "value": f"{metrics[name]:.3f}",
-            "ci95": f"{lo_hi[0]:.3f} – {lo_hi[1]:.3f}" if lo_hi else "",
+            "ci95": f"{lo_hi[0]:.3f} – {lo_hi[1]:.3f}" if is_interval(lo_hi) else "",
         })
     return rows
 
@@ -237,7 +281,7 @@ def seg_metrics_rows(summary: dict, ci: dict, names: list[str]) -> list[dict]:
         lo_hi = ci.get(name)
         digits = 3 if name in ("dice", "iou") else 2
         rows.append({"metric": SEG_LABELS.get(name, name), "value": f"{summary[name]:.{digits}f}",
-                     "ci95": f"{lo_hi[0]:.{digits}f} – {lo_hi[1]:.{digits}f}" if lo_hi else ""})
+                     "ci95": f"{lo_hi[0]:.{digits}f} – {lo_hi[1]:.{digits}f}" if is_interval(lo_hi) else ""})
     return rows
 
 

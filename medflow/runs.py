@@ -28,6 +28,67 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
     return write_bytes_atomic(path, text.encode())
 
 
+def finite_or_none(obj):
+    """``obj`` with every NaN or infinite float as None and numpy scalars and arrays as Python values
+    (what strict JSON can hold; RFC 8259 has no NaN).
+
+    >>> finite_or_none({"auc": float("nan"), "ci": [0.5, float("inf")], "n": 3})
+    {'auc': None, 'ci': [0.5, None], 'n': 3}
+    """
+    import math
+
+    import numpy as np
+
+    if isinstance(obj, dict):
+        return {str(k): finite_or_none(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_or_none(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return finite_or_none(obj.tolist())
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def write_json_atomic(path: str | Path, obj) -> Path:
+    """Strict JSON (undefined numbers as ``null``), written atomically."""
+    return write_text_atomic(path, json.dumps(finite_or_none(obj), indent=1, allow_nan=False))
+
+
+_NOT_NUMBERS = frozenset({"map", "best_epoch", "warnings", "classes"})
+
+
+def read_metrics(path: str | Path) -> dict:
+    """A run's ``metrics.json`` with ``null`` numbers back as NaN (how the code computes with them).
+
+    An interval that was undefined reads as NaN too: test intervals with ``is_interval``. Fields
+    that are absent rather than undefined numbers (``map``: no calibration map) stay None.
+
+    >>> import tempfile; p = Path(tempfile.mkdtemp()) / "m.json"
+    >>> _ = write_json_atomic(p, {"auc": float("nan"), "ci": [float("nan"), 1.0], "calibration": {"map": None}})
+    >>> read_metrics(p)
+    {'auc': nan, 'ci': [nan, 1.0], 'calibration': {'map': None}}
+    """
+    def undefined_as_nan(d: dict) -> dict:
+        return {k: v if k in _NOT_NUMBERS else float("nan") if v is None
+                else [float("nan") if x is None else x for x in v] if isinstance(v, list) else v
+                for k, v in d.items()}
+
+    return json.loads(Path(path).read_text(), object_hook=undefined_as_nan)
+
+
+def is_interval(value) -> bool:
+    """Whether ``value`` is a (low, high) pair of numbers (not None, NaN or a NaN pair).
+
+    >>> is_interval([0.8, 1.0]), is_interval(float("nan")), is_interval(None), is_interval([None, None])
+    (True, False, False, False)
+    """
+    return (isinstance(value, (list, tuple)) and len(value) == 2
+            and all(isinstance(v, (int, float)) and v == v for v in value))
+
+
 def save_npz_atomic(path: str | Path, **arrays) -> Path:
     """``numpy.savez_compressed`` through ``write_bytes_atomic``."""
     import io

@@ -92,6 +92,11 @@ class SplitSpec(_Model):
     by: Literal["patient"] = Field("patient", description="Grouping unit: no patient is in two splits.")
     stratify: bool = Field(True, description="Keep the label balance in every split.")
     seed: int = Field(0, description="Seed of the split.")
+    folds: Annotated[int, at_most(20, "each fold trains a model; past 10 folds the estimates change little")] | None = Field(
+        None, ge=2, description="k-fold cross-validation: the patients outside the test split go into K patient-grouped, "
+        "stratified folds; fold k trains on the others and validates on it (each a Prefect task); the test split is "
+        "scored by the ensemble of the K models (mean probability), and `medflow predict` uses it. null: one model "
+        "with the `val` split.")
 
     @model_validator(mode="after")
     def _fractions(self) -> SplitSpec:
@@ -513,6 +518,9 @@ class TrainSpec(_Model):
     foreground_ratio: float = Field(
         0.5, ge=0, le=1, description="Segmentation: fraction of patches centred on a foreground voxel (the rest at "
         "random), against the imbalance of small lesions.")
+    fold_workers: Annotated[PositiveInt, at_most(64, "each fold worker trains a model in memory")] = Field(
+        1, description="With data.split.folds: how many folds train at once (threads of the train flow's task "
+        "runner; each model is a separate Keras model). 1 trains them one after another.")
     samples_per_volume: Annotated[PositiveInt, at_most(4096, "patches per volume per epoch; more only repeats them")] = Field(4, description="Segmentation: patches drawn from each volume per epoch.")
 
 
@@ -525,6 +533,13 @@ class EvaluateSpec(_Model):
     threshold: Literal["youden", "f1"] | float = Field(
         "youden", description="How the decision threshold is chosen on the validation split, or a fixed value."
     )
+    calibrate: Literal["none", "platt", "temperature"] = Field(
+        "none", description="Classification: recalibrate scores with a map fitted on the validation split (`platt`: "
+        "logistic regression on the logit, two classes; `temperature`: one temperature on the logits, any number "
+        "of classes). The report shows Brier score, ECE and a reliability diagram before and after; the threshold, "
+        "the test metrics and `medflow predict` use the calibrated scores.")
+    calibration_bins: Annotated[PositiveInt, at_most(100, "bins need cases")] = Field(
+        10, ge=2, description="Equal-width bins of the expected calibration error and the reliability diagram.")
 
 
 # ---------------------------------------------------------------------------- run

@@ -150,3 +150,38 @@ def patient_split(df: pd.DataFrame, *, val: float, test: float, stratify: bool =
     train_k, val_k = train_test_split(rest_k, test_size=n_val, random_state=seed + 1, stratify=strat)
     which = {**{k: "train" for k in train_k}, **{k: "val" for k in val_k}, **{k: "test" for k in test_k}}
     return df["patient_key"].map(which).rename("split")
+
+
+def patient_folds(df: pd.DataFrame, split: pd.Series, *, k: int, seed: int = 0, stratify: bool = True,
+                  order: pd.Series | None = None) -> pd.Series:
+    """Fold index 0..k-1 of each row outside the test split (-1 for test rows), every patient in one fold.
+
+    Patients (a patient is positive if any series is) are dealt into ``k`` folds by
+    scikit-learn's ``StratifiedKFold`` over patients, so each fold keeps the label balance and
+    no patient is in two folds; the seeded shuffle starts from the same fixed patient order as
+    ``patient_split`` (``order``), so the seed alone fixes the folds.
+
+    >>> df = pd.DataFrame({"patient_key": list("aabbccddeeffgghhiijj"), "label": [0, 0, 1, 1] * 5})
+    >>> split = pd.Series(["val"] * 16 + ["test"] * 4)
+    >>> f = patient_folds(df, split, k=4, seed=0)
+    >>> sorted(f.value_counts().to_dict().items()), bool((f.groupby(df["patient_key"]).nunique() == 1).all())
+    ([(-1, 4), (0, 4), (1, 4), (2, 4), (3, 4)], True)
+    """
+    from sklearn.model_selection import KFold, StratifiedKFold
+
+    dev = df[split != "test"]
+    patients = dev.groupby("patient_key")["label"].max()
+    if order is not None:
+        first = pd.Series(order.to_numpy(), index=df.index)[dev.index].groupby(dev["patient_key"]).min()
+        ranked = pd.DataFrame({"first": first, "key": first.index}).sort_values(["first", "key"])
+        patients = patients.loc[ranked.index]
+    keys, labs = patients.index.to_numpy(), patients.to_numpy().astype(int)
+    if len(keys) < k:
+        raise LabelError(f"data.split.folds: {k} folds need at least {k} patients outside the test split; "
+                         f"there are {len(keys)}")
+    can_stratify = stratify and np.bincount(labs).min(initial=len(labs)) >= k
+    splitter = (StratifiedKFold if can_stratify else KFold)(n_splits=k, shuffle=True, random_state=seed)
+    fold_of = {}
+    for fold, (_, held) in enumerate(splitter.split(keys, labs if can_stratify else None)):
+        fold_of.update({keys[i]: fold for i in held})
+    return df["patient_key"].map(fold_of).fillna(-1).astype(int).rename("fold")

@@ -99,10 +99,12 @@ def select_cases(rows: list[dict], *, n_errors: int = 2) -> list[dict]:
 
 def explain_cases(model_path: str, loader: Callable[[str], np.ndarray], cases: list[dict]) -> list[dict]:
     """For each case: the image (a 2D image, or a volume's axial slice where Grad-CAM peaks) with its
-    heat map, for the predicted class."""
+    heat map, for the predicted class (of a k-fold ensemble: fold 0's model)."""
     import keras
 
-    model = keras.models.load_model(model_path, compile=False)
+    from models.ensemble import member_for_explanations
+
+    model = keras.models.load_model(member_for_explanations(model_path), compile=False)
     spatial = tuple(model.input_shape[1:-1])
     out = []
     for case in cases:

@@ -481,9 +481,33 @@ def deterministic_ops() -> None:
 def predict(model_path: str | Path, loader: Callable[[str], np.ndarray], keys: list[str], *, batch_size: int = 8
             ) -> np.ndarray:
     """Scores of the saved classifier for ``keys``: (N,) positive-class scores for a sigmoid output,
-    (N, K) class probabilities for a softmax one."""
+    (N, K) class probabilities for a softmax one.
+
+    A k-fold run's ``model.keras`` is the ensemble (``models.ensemble``): a series that a fold
+    held out is scored by that fold's model alone (out of fold), every other one by the ensemble.
+    """
+    from models.ensemble import manifest_of
+
     keras = _keras()
-    model = keras.models.load_model(model_path, compile=False)
-    ds = make_dataset(loader, keys, None, batch_size=batch_size, input_shape=tuple(model.input_shape[1:]))
-    out = np.asarray(model.predict(ds, verbose=0), dtype=float)
+
+    def scores(path, subset):
+        model = keras.models.load_model(path, compile=False)
+        ds = make_dataset(loader, subset, None, batch_size=batch_size, input_shape=tuple(model.input_shape[1:]))
+        return np.asarray(model.predict(ds, verbose=0), dtype=float)
+
+    manifest = manifest_of(model_path)
+    if manifest is None:
+        out = scores(model_path, keys)
+    else:
+        held = {key: fold for fold, members in enumerate(manifest["held_out"]) for key in members}
+        groups: dict[int, list[int]] = {}
+        for i, key in enumerate(keys):
+            groups.setdefault(held.get(key, -1), []).append(i)
+        out = None
+        for fold, rows in sorted(groups.items()):
+            path = model_path if fold < 0 else Path(model_path).parent / manifest["models"][fold]
+            part = scores(path, [keys[i] for i in rows])
+            if out is None:
+                out = np.zeros((len(keys), *part.shape[1:]))
+            out[rows] = part
     return out.reshape(-1) if out.shape[-1] == 1 else out

@@ -15,8 +15,9 @@ from prefect.logging import get_run_logger
 
 from medflow import kinds
 from medflow.kinds.base import split_counts
+from medflow.report_server import report_link
 from medflow.reporting import build_context, markdown_summary, qc_summary, quarantine_summary, render_html
-from medflow.runs import write_text_atomic
+from medflow.runs import read_metrics, write_text_atomic
 from storage.store import Store
 
 PACKAGES = ("medflow", "prefect", "keras", "tensorflow-cpu", "tensorflow", "dask", "distributed", "zarr",
@@ -53,7 +54,7 @@ def render_report_task(spec, run_dir: str, prep_key: str, stage_seconds: dict[st
     store = Store(spec.data.store)
     catalog = store.catalog()
     preds = pd.read_csv(run_dir / "predictions.csv", dtype={"label_name": str, "prediction_name": str})
-    evaluation = json.loads((run_dir / "metrics.json").read_text())
+    evaluation = read_metrics(run_dir / "metrics.json")
     training = json.loads((run_dir / "training.json").read_text())
     quarantine = store.quarantine()
     provenance = {
@@ -106,6 +107,6 @@ def publish_artifacts_task(run_dir: str) -> list[str]:
     create_table_artifact(summary["qc"], key=f"{key}-qc", description="geometry QC: series quarantined and corrected")
     for name, table in summary.get("tables", {}).items():
         create_table_artifact(table["rows"], key=f"{key}-{_artifact_key(name)}", description=table["description"])
-    create_link_artifact(Path(summary["report"]).as_uri(), link_text="report.html", key=f"{key}-report-file",
-                         description="the full HTML report")
+    link, description = report_link(summary["report"])
+    create_link_artifact(link, link_text="report.html", key=f"{key}-report-file", description=description)
     return [f"{key}-{suffix}" for suffix in ("report", "metrics", "cohort", "quarantine", "qc", "report-file")]

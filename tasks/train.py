@@ -4,14 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 from prefect import task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.logging import get_run_logger
 
 from medflow import kinds
-from medflow.runs import write_text_atomic
-from medflow.splitting import patient_split
+from medflow.runs import write_json_atomic, write_text_atomic
+from medflow.splitting import patient_folds, patient_split
 from storage.store import Store
 
 
@@ -23,8 +24,13 @@ def split_cohort_task(spec, run_dir: str) -> str:
     store = Store(spec.data.store)
     df = kinds.get(spec.model.task).cohort(spec, store)
     sp = spec.data.split
-    df["split"] = patient_split(df, val=sp.val, test=sp.test, stratify=sp.stratify, seed=sp.seed,
-                                order=split_order(store, df, log))
+    order = split_order(store, df, log)
+    df["split"] = patient_split(df, val=sp.val, test=sp.test, stratify=sp.stratify, seed=sp.seed, order=order)
+    if sp.folds:  # the same test split; every other patient is validated once, out of fold
+        df["fold"] = patient_folds(df, df["split"], k=sp.folds, seed=sp.seed, stratify=sp.stratify, order=order)
+        df.loc[df["split"] != "test", "split"] = "val"
+        log.info("%d folds: %s patients each", sp.folds, "/".join(
+            str(df[df["fold"] == k]["patient_key"].nunique()) for k in range(sp.folds)))
     path = Path(run_dir) / "split.csv"
     write_text_atomic(path, df.to_csv(index=False))
     for name, part in df.groupby("split"):
@@ -62,3 +68,70 @@ def train_model_task(spec, run_dir: str, prep_key: str, split_csv: str) -> dict:
     log.info("trained %d epochs in %.1f s on %s; best epoch %s", result["epochs_run"], result["seconds"],
              result["device"], result["best_epoch"])
     return {k: v for k, v in result.items() if k != "history"}
+
+
+def fold_cases(cases: pd.DataFrame, fold: int) -> pd.DataFrame:
+    """The cases as fold ``fold`` sees them: its held-out patients are ``val``, the other folds ``train``.
+
+    >>> c = pd.DataFrame({"split": ["val", "val", "val", "test"], "fold": [0, 1, 1, -1]})
+    >>> fold_cases(c, 1)["split"].tolist()
+    ['train', 'val', 'val', 'test']
+    """
+    out = cases.copy()
+    dev = out["split"] != "test"
+    out.loc[dev, "split"] = (out.loc[dev, "fold"] == fold).map({True: "val", False: "train"})
+    return out
+
+
+@task(name="train_fold", task_run_name="train_fold-{fold}")
+def train_fold_task(spec, run_dir: str, prep_key: str, split_csv: str, fold: int) -> dict:
+    """Train fold ``fold``'s model in ``folds/<fold>/`` of the run folder (it resumes there too)."""
+    log = get_run_logger()
+    folds = spec.data.split.folds
+    progress = create_progress_artifact(0.0, key=f"train-progress-fold-{fold}", description=f"fold {fold}")
+
+    def on_epoch(epoch, total, logs):
+        update_progress_artifact(progress, 100.0 * epoch / total, description=f"fold {fold}/{folds}: epoch "
+                                 f"{epoch}/{total}, val_loss {logs.get('val_loss', float('nan')):.4f}")
+
+    cases = fold_cases(pd.read_csv(split_csv, dtype={"label_name": str}), fold)
+    fold_dir = Path(run_dir) / "folds" / str(fold)
+    fold_dir.mkdir(parents=True, exist_ok=True)
+    result = kinds.get(spec.model.task).train(spec, Store(spec.data.store), prep_key, cases, fold_dir, on_epoch)
+    log.info("fold %d/%d: %d epochs in %.1f s; best epoch %s, best val_loss %.4f", fold + 1, folds,
+             result["epochs_run"], result["seconds"], result["best_epoch"], min(result["history"].get("val_loss",
+                                                                                                      [float("nan")])))
+    return {**{k: v for k, v in result.items() if k != "history"}, "fold": fold,
+            "held_out": cases.loc[cases["split"] == "val", "series_key"].tolist(),
+            "best_val_loss": float(min(result["history"].get("val_loss", [float("nan")])))}
+
+
+@task(name="combine_folds")
+def combine_folds_task(run_dir: str, results: list[dict]) -> dict:
+    """The ensemble ``model.keras`` (mean of the fold models), ``folds.json`` and the run's ``training.json``."""
+    from models.ensemble import MANIFEST, build_ensemble
+    from models.training import read_history
+
+    log = get_run_logger()
+    run = Path(run_dir)
+    results = sorted(results, key=lambda r: r["fold"])
+    members = [f"folds/{r['fold']}/model.keras" for r in results]
+    model = build_ensemble([run / m for m in members], run / "model.keras")
+    losses = [r["best_val_loss"] for r in results]
+    manifest = {"folds": len(results), "models": members, "held_out": [r["held_out"] for r in results],
+                "per_fold": [{k: r[k] for k in ("fold", "epochs_run", "best_epoch", "best_val_loss", "seconds")}
+                             for r in results],
+                "best_val_loss_mean": float(np.mean(losses)), "best_val_loss_sd": float(np.std(losses, ddof=1))}
+    write_json_atomic(run / MANIFEST, manifest)
+    first = results[0]
+    training = {"model": str(model), "history": read_history(run / members[0].replace("model.keras", "history.csv")),
+                "history_of": "fold 0", "epochs_run": sum(r["epochs_run"] for r in results),
+                "epochs_trained": sum(r["epochs_trained"] for r in results),
+                "resumed_from_epoch": min(r["resumed_from_epoch"] for r in results),
+                "best_epoch": [r["best_epoch"] for r in results], "device": first["device"],
+                "seconds": sum(r["seconds"] for r in results), "params": first["params"] * len(results),
+                "folds": manifest["per_fold"]}
+    write_json_atomic(run / "training.json", training)
+    log.info("ensemble of %d folds: best val_loss %.4f ± %.4f (mean ± SD over folds)", len(results),
+             manifest["best_val_loss_mean"], manifest["best_val_loss_sd"])
+    return {k: v for k, v in training.items() if k != "history"}

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from medflow.kinds.base import TaskKind
-from medflow.runs import save_npz_atomic
+from medflow.runs import is_interval, save_npz_atomic, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -126,6 +126,7 @@ class Classification(TaskKind):
         scores = predict(model_path, loader, df["series_key"].tolist(), batch_size=spec.train.batch_size)
         ev = spec.evaluate
         names = spec.metric_names()
+        scores, calibration = _calibrate(df, scores, ev.calibrate, bins=ev.calibration_bins)
         if len(classes) == 2:
             df["score"] = scores
             result = _binary_evaluation(df, threshold_method=ev.threshold, metric_names=names,
@@ -141,14 +142,23 @@ class Classification(TaskKind):
             df["confidence"] = scores.max(axis=1)
         df["prediction_name"] = [classes[i] for i in df["prediction"]]
         result.update({"task": self.name, "classes": classes, "n_classes": len(classes), "metrics": names,
-                       "bootstrap": ev.bootstrap})
+                       "bootstrap": ev.bootstrap, "calibration": calibration})
         feature = np.array([self.baseline_feature(store, prep_key, k) for k in df["series_key"]])
         result["baseline"] = _baseline(df, feature, classes, name=self.baseline_name, bootstrap=ev.bootstrap,
                                        seed=spec.train.seed)
         result["warnings"] = classification_warnings(df, len(classes), result["val"]["auc"])
+        from models.ensemble import manifest_of
+
+        manifest = manifest_of(model_path)
+        if manifest:
+            result["folds"] = _fold_metrics(manifest, Path(model_path).parent, loader, df, classes,
+                                            batch_size=spec.train.batch_size, calibrator=calibration["map"])
+            f = result["folds"]
+            logger.info("%d folds: test AUC %.3f ± %.3f (mean ± SD of the fold models); the ensemble's %.3f",
+                        len(f["per_fold"]), f["test_auc_mean"], f["test_auc_sd"], result["test"]["auc"])
         write_text_atomic(run_dir / "predictions.csv", df.to_csv(index=False))
         self.explain(model_path, loader, df, run_dir)
-        write_text_atomic(run_dir / "metrics.json", json.dumps(result, indent=1, default=float))
+        write_json_atomic(run_dir / "metrics.json", result)
         logger.info("test: %s", self.result_line(result))
         for warning in result["warnings"]:
             logger.warning("%s", warning)
@@ -200,15 +210,20 @@ class Classification(TaskKind):
             "classes": classes,
             "metrics": r.metrics_rows(m, evaluation.get("ci", {}), evaluation["metrics"],
                                       macro=len(classes) > 2),
-            "baseline": evaluation.get("baseline"),
+            "baseline": _with_interval(evaluation.get("baseline")),
             "model_auc": m["auc"],
-            "model_auc_ci": evaluation.get("ci", {}).get("auc"),
+            "model_auc_ci": _interval_or_none(evaluation.get("ci", {}).get("auc")),
             "ci_methods": r.interval_methods(evaluation.get("ci_method", {})),
             "warnings": evaluation.get("warnings", []),
             "val": evaluation.get("val", {}),
+            "calibration": _calibration_context(evaluation.get("calibration"), binary=len(classes) == 2),
+            "folds": _folds_context(evaluation.get("folds")),
             "plots": {"gradcam": r.plot_gradcam(explain["images"], explain["cams"], explain["meta"])
                       if explain else None},
         }
+        if context["folds"]:
+            context.setdefault("tables", {})["folds"] = {"rows": context["folds"]["rows"], "description":
+                                                         "each fold model on its held-out fold and on the test split"}
         if len(classes) == 2:
             s, thr = test["score"].to_numpy(), evaluation["threshold"]
             context.update({"threshold": thr, "confusion": m["confusion"]})
@@ -220,8 +235,8 @@ class Classification(TaskKind):
         else:
             proba = test[[f"p_{c}" for c in classes]].to_numpy()
             context.update({"per_class": r.per_class_rows(m["per_class"]), "auc_micro": m["auc_micro"]})
-            context["tables"] = {"per-class": {"rows": context["per_class"], "description": "test metrics per class "
-                                               "(one vs rest)"}}
+            context.setdefault("tables", {})["per-class"] = {"rows": context["per_class"], "description":
+                                                             "test metrics per class (one vs rest)"}
             context["plots"].update({
                 "roc": r.plot_roc_ovr(y, proba, classes),
                 "confusion": r.plot_confusion(y, proba.argmax(axis=1), classes, title="most probable class"),
@@ -233,7 +248,16 @@ class Classification(TaskKind):
         b = context.get("baseline")
         if b:
             lines.append(f"Baseline ({b['name']}): AUC {b['auc']:.3f}"
-                         + (f" (95% CI {b['ci'][0]:.3f} – {b['ci'][1]:.3f})" if b.get("ci") else "") + ".")
+                         + (f" (95% CI {b['ci'][0]:.3f} – {b['ci'][1]:.3f})" if is_interval(b.get("ci")) else "") + ".")
+        if context.get("folds"):
+            lines.append(f"k-fold: {context['folds']['summary']}; the test metrics above are the ensemble's "
+                         "(mean probability of the fold models).")
+        cal = context.get("calibration")
+        if cal:
+            test = next(r for r in cal["rows"] if r["split"] == "test")
+            lines.append(f"Calibration on test: Brier {test['brier']}, ECE {test['ece']}"
+                         + (f"; after {cal['method']} scaling (fitted on validation): Brier {test['brier_calibrated']}, "
+                            f"ECE {test['ece_calibrated']}" if cal["method"] != "none" else "") + ".")
         if context["binary"]:
             c = context["confusion"]
             lines.append(f"Threshold {context['threshold']:.3f} (chosen on validation). "
@@ -252,7 +276,10 @@ class Classification(TaskKind):
 
         from medflow.preprocessing import apply_steps
 
+        from medflow.calibration import apply_calibrator
+
         classes = self.class_names(run.metrics)
+        calibrator = (run.metrics.get("calibration") or {}).get("map")
         model = keras.models.load_model(run.model_path, compile=False)
         spatial = tuple(model.input_shape[1:-1])
         rows = []
@@ -263,6 +290,8 @@ class Classification(TaskKind):
                              f"input {spatial}"})
                 continue
             out = np.asarray(model.predict(image.reshape(spatial)[None, ..., None], verbose=0), dtype=float)[0]
+            if calibrator:  # the map the run fitted on its validation split
+                out = apply_calibrator(calibrator, out[:1] if len(classes) == 2 else out[None]).reshape(-1)
             row = {"series_key": key}
             if len(classes) == 2:
                 threshold = run.metrics.get("threshold", 0.5)
@@ -280,6 +309,94 @@ class Classification(TaskKind):
 
 
 # ----------------------------------------------------------------- helpers
+def _fold_metrics(manifest: dict, run_dir: Path, loader, df: pd.DataFrame, classes: list[str], *, batch_size: int,
+                  calibrator: dict | None) -> dict:
+    """Each fold model's AUC on its own held-out fold and on the test split, and their mean ± SD."""
+    from medflow.calibration import apply_calibrator
+    from medflow.metrics import binary_summary, multiclass_metrics
+    from models.training import predict
+
+    test = df[df["split"] == "test"]
+    y_test = test["label"].to_numpy(int)
+    rows = []
+
+    def auc(y, s):
+        if len(np.unique(y)) < 2:
+            return float("nan")
+        return binary_summary(y, s, 0.5)["auc"] if len(classes) == 2 else multiclass_metrics(y, s, classes)["auc"]
+
+    for fold, member in enumerate(manifest["models"]):
+        scores = apply_calibrator(calibrator, predict(run_dir / member, loader, test["series_key"].tolist(),
+                                                      batch_size=batch_size))
+        held = df[df["series_key"].isin(set(manifest["held_out"][fold]))]
+        held_scores = held["score"].to_numpy() if len(classes) == 2 else held[[f"p_{c}" for c in classes]].to_numpy()
+        rows.append({"fold": fold, "n_held_out": int(len(held)), "held_out_auc": auc(held["label"].to_numpy(int),
+                                                                                    held_scores),
+                     "test_auc": auc(y_test, scores), **manifest["per_fold"][fold]})
+    test_aucs = np.array([r["test_auc"] for r in rows], dtype=float)
+    held_aucs = np.array([r["held_out_auc"] for r in rows], dtype=float)
+    return {"per_fold": rows, "test_auc_mean": float(np.nanmean(test_aucs)),
+            "test_auc_sd": float(np.nanstd(test_aucs, ddof=1)), "held_out_auc_mean": float(np.nanmean(held_aucs)),
+            "held_out_auc_sd": float(np.nanstd(held_aucs, ddof=1))}
+
+
+def _calibrate(df: pd.DataFrame, scores: np.ndarray, method: str, *, bins: int) -> tuple[np.ndarray, dict]:
+    """Scores through the calibration map fitted on the validation rows (``method`` none: unchanged),
+    with Brier score, ECE and reliability bins on validation and test, before and after."""
+    from medflow.calibration import apply_calibrator, calibration_summary, fit_calibrator
+
+    y = df["label"].to_numpy(int)
+    binary = scores.ndim == 1 or scores.shape[1] == 1
+    raw = scores.reshape(-1) if binary else scores
+    val, test = (df["split"] == "val").to_numpy(), (df["split"] == "test").to_numpy()
+    out = {"method": method, "bins": bins,
+           "before": {name: calibration_summary(y[rows], raw[rows], bins=bins)
+                      for name, rows in (("val", val), ("test", test))}}
+    if method == "none":
+        return scores, {**out, "map": None, "after": out["before"]}
+    calibrator = fit_calibrator(method, y[val], raw[val])
+    calibrated = apply_calibrator(calibrator, raw)
+    out.update({"map": calibrator, "after": {name: calibration_summary(y[rows], calibrated[rows], bins=bins)
+                                               for name, rows in (("val", val), ("test", test))}})
+    t0, t1 = out["before"]["test"], out["after"]["test"]
+    logger.info("calibration (%s, fitted on validation): test Brier %.3f -> %.3f, ECE %.3f -> %.3f", method,
+                t0["brier"], t1["brier"], t0["ece"], t1["ece"])
+    df["score_uncalibrated" if binary else "top_uncalibrated"] = raw if binary else raw.max(axis=1)
+    return calibrated, out
+
+
+def _folds_context(folds: dict | None) -> dict | None:
+    if not folds:
+        return None
+    fmt = lambda v: "–" if v is None or v != v else f"{v:.3f}"  # noqa: E731
+    rows = [{"fold": r["fold"] + 1, "held out": r["n_held_out"], "epochs": r["epochs_run"],
+             "best val_loss": fmt(r["best_val_loss"]), "held-out AUC": fmt(r["held_out_auc"]),
+             "test AUC": fmt(r["test_auc"])} for r in folds["per_fold"]]
+    return {"rows": rows, "summary": f"test AUC {fmt(folds['test_auc_mean'])} ± {fmt(folds['test_auc_sd'])}, "
+            f"held-out AUC {fmt(folds['held_out_auc_mean'])} ± {fmt(folds['held_out_auc_sd'])} (mean ± SD over "
+            f"{len(rows)} fold models)"}
+
+
+def _calibration_context(calibration: dict | None, *, binary: bool) -> dict | None:
+    from medflow import reporting as r
+
+    if not calibration:
+        return None
+    curves = {"model scores": calibration["before"]["test"]["bins"]}
+    if calibration["method"] != "none":
+        curves = {"before": curves["model scores"], f"after {calibration['method']}": calibration["after"]["test"]["bins"]}
+    return {"method": calibration["method"], "bins": calibration["bins"], "map": calibration.get("map"),
+            "rows": r.calibration_rows(calibration), "plot": r.plot_reliability(curves, binary=binary)}
+
+
+def _interval_or_none(value):
+    return value if is_interval(value) else None
+
+
+def _with_interval(baseline: dict | None) -> dict | None:
+    return {**baseline, "ci": _interval_or_none(baseline.get("ci"))} if baseline else None
+
+
 def _binary_evaluation(df: pd.DataFrame, *, threshold_method, metric_names: list[str], bootstrap: int,
                        seed: int) -> dict:
     """Threshold from the validation rows; metrics and bootstrap intervals on the test rows."""
@@ -321,7 +438,8 @@ def _baseline(df: pd.DataFrame, feature: np.ndarray, classes: list[str], *, name
     from medflow.metrics import binary_intervals, multiclass_ci, multiclass_metrics
     from sklearn.metrics import roc_auc_score
 
-    train, test = (df["split"] == "train").to_numpy(), (df["split"] == "test").to_numpy()
+    # fitted on every case outside the test split (a baseline has nothing to select on validation)
+    train, test = (df["split"] != "test").to_numpy(), (df["split"] == "test").to_numpy()
     y = df["label"].to_numpy(int)
     proba = one_feature_logistic(feature[train], y[train], feature[test], len(classes))
     yt = y[test]

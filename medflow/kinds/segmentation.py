@@ -11,11 +11,11 @@ import numpy as np
 import pandas as pd
 
 from medflow.kinds.base import TaskKind
-from medflow.runs import save_npz_atomic
+from medflow.runs import save_npz_atomic, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
-SEG_METRICS = ("dice", "iou", "hd95", "assd", "volume_error")
+SEG_METRICS = ("dice", "iou", "hd95", "assd", "hd95_monai", "assd_monai", "volume_error")
 
 
 def _ndim(spec) -> int:
@@ -92,6 +92,12 @@ class Segmentation(TaskKind):
         problems = super().check_spec(spec)
         if spec.data.masks is None:
             problems.append("data.masks: model.task segmentation needs data.masks (DICOM SEG or NIfTI masks)")
+        if spec.data.split.folds:
+            problems.append(f"data.split.folds: k-fold ensembles are built for classification and signal runs; "
+                            f"segmentation trains one model on the val split (received folds: {spec.data.split.folds})")
+        if spec.evaluate.calibrate != "none":
+            problems.append(f"evaluate.calibrate: calibrates class scores; segmentation has none (received "
+                            f"{spec.evaluate.calibrate!r})")
         if spec.train.patch_size is not None:
             want = _ndim(spec)
             if len(spec.train.patch_size) != want:
@@ -169,7 +175,7 @@ class Segmentation(TaskKind):
         if examples:
             save_npz_atomic(run_dir / "seg_examples.npz", images=examples["images"], truths=examples["truths"],
                             preds=examples["preds"], meta=np.array(json.dumps(examples["meta"])))
-        write_text_atomic(run_dir / "metrics.json", json.dumps(result, indent=1, default=float))
+        write_json_atomic(run_dir / "metrics.json", result)
         t = result["test"]
         logger.info("test: Dice %.3f (median %.3f), IoU %.3f, HD95 %.1f mm on %d lesion case(s); %d of %d empty "
                     "case(s) with a false positive", t["dice"], t["dice_median"], t.get("iou", float("nan")),
@@ -179,10 +185,12 @@ class Segmentation(TaskKind):
     def result_line(self, evaluation: dict) -> str:
         t = evaluation["test"]
         return (f"Dice {t['dice']:.3f} (median {t['dice_median']:.3f}) · IoU {t['iou']:.3f} · HD95 {t['hd95']:.1f} mm "
+                f"({t.get('missed', 0)} missed) "
                 f"on {t['n_lesion']} case(s) with a lesion · false positives on {t['empty_with_false_positive']} of "
                 f"{t['n_empty']} without")
 
     def report_context(self, spec, run_dir, predictions, evaluation) -> dict:
+        from medflow.metrics import DISTANCE_CONVENTIONS, MISSED_LESION
         from medflow.reporting import plot_overlays, plot_seg_distribution, seg_metrics_rows
 
         examples = None
@@ -192,13 +200,15 @@ class Segmentation(TaskKind):
                 examples = {"images": data["images"], "truths": data["truths"], "preds": data["preds"],
                             "meta": json.loads(str(data["meta"]))}
         test = predictions[predictions["split"] == "test"]
-        columns = ["series_key", "label", "dice", "iou", "hd95", "assd", "volume_true_ml", "volume_pred_ml"]
+        columns = ["series_key", "label", "dice", "iou", "hd95", "assd", "hd95_monai", "assd_monai", "missed",
+                   "volume_true_ml", "volume_pred_ml"]
         table = [{c: (round(float(r[c]), 3) if isinstance(r[c], float) else r[c]) for c in columns if c in r}
                  for r in test.sort_values("dice").to_dict("records")]
         return {
             "metrics": seg_metrics_rows(evaluation["test"], evaluation.get("ci", {}), evaluation["metrics"]),
             "seg": evaluation["test"],
             "seg_val": evaluation.get("val", {}),
+            "conventions": DISTANCE_CONVENTIONS, "missed_rule": MISSED_LESION,
             "cases": table,
             "plots": {
                 "distribution": plot_seg_distribution(predictions),
@@ -209,8 +219,11 @@ class Segmentation(TaskKind):
 
     def markdown(self, context: dict) -> list[str]:
         t = context["seg"]
+        from medflow.metrics import MISSED_LESION
+
         return [f"Means over {t['n_lesion']} test case(s) with a lesion (median Dice {t['dice_median']:.3f}); "
-                f"{t['empty_with_false_positive']} of {t['n_empty']} case(s) without one got a false positive."]
+                f"{t['empty_with_false_positive']} of {t['n_empty']} case(s) without one got a false positive.",
+                f"Missed lesions: {t.get('missed', 0)} of {t['n_lesion']} ({MISSED_LESION})."]
 
     def predict(self, run, store, source, output, files_of) -> list[dict]:
         """A mask per series mapped onto its source slices, as a DICOM SEG (or ``.mask.npy`` where a SEG

@@ -7,8 +7,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import socket
+from contextlib import contextmanager
+from types import SimpleNamespace
+
 import httpx
 import pytest
+
+from medflow import report_server
 
 from tests.conftest import server_env
 
@@ -18,6 +24,11 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-backg
 STAGES = ("ingest", "preprocess", "train", "evaluate", "report")
 
 
+@contextmanager
+def _same_page(page):
+    yield SimpleNamespace(value=page)
+
+
 def test_ui_shows_run_subflows_and_artifacts(prefect_server, quick_spec, tmp_path):
     chromium = shutil.which("chromium")
     if chromium is None:
@@ -25,8 +36,13 @@ def test_ui_shows_run_subflows_and_artifacts(prefect_server, quick_spec, tmp_pat
     from playwright.sync_api import sync_playwright
 
     api = f"{prefect_server}/api"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        reports_port = s.getsockname()[1]
+    reports = report_server.start(reports_port)  # what `medflow server` runs beside Prefect's
+    env = {**server_env(api, tmp_path / "client-home"), "MEDFLOW_REPORTS_URL": f"http://127.0.0.1:{reports_port}"}
     run = subprocess.run([str(Path(sys.executable).parent / "medflow"), "run", str(quick_spec)],
-                         env=server_env(api, tmp_path / "client-home"), capture_output=True, text=True, timeout=300)
+                         env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     flow_run = httpx.post(f"{api}/flow_runs/filter", timeout=10, json={
         "flows": {"name": {"any_": ["pipeline"]}}, "sort": "START_TIME_DESC", "limit": 1}).json()[0]
@@ -62,6 +78,25 @@ def test_ui_shows_run_subflows_and_artifacts(prefect_server, quick_spec, tmp_pat
         page.wait_for_selector("text=ROC AUC", timeout=30_000)
         assert "Specificity" in page.inner_text("body")
         page.screenshot(path=str(tmp_path / "metrics.png"))
+
+        # one click on the run's page (its first tab, the logs) opens the report, served over HTTP, ROC plot visible
+        page.goto(f"{prefect_server}/runs/flow-run/{flow_run['id']}")
+        link = page.locator(f'a[href^="http://127.0.0.1:{reports_port}/runs/"]').first
+        link.wait_for(timeout=30_000)
+        with page.context.expect_page() if link.get_attribute("target") == "_blank" else _same_page(page) as opened:
+            link.click()
+        report = opened.value
+        report.wait_for_load_state()
+        roc = report.locator('img[alt="ROC curve"]')
+        roc.wait_for(state="visible", timeout=30_000)
+        assert report.evaluate("img => img.naturalWidth > 100 && img.complete", roc.element_handle())
+        assert "Reliability diagram" in report.content()
+        report.screenshot(path=str(tmp_path / "report.png"), full_page=True)
+        # the report-file artifact links to the same served report (not a file:// URL the browser refuses)
+        artifact = httpx.post(f"{api}/artifacts/filter", timeout=10, json={
+            "artifacts": {"key": {"any_": ["quick-nodules-report-file"]}}, "sort": "CREATED_DESC", "limit": 1}).json()[0]
+        assert f"(http://127.0.0.1:{reports_port}/runs/" in artifact["data"]
         browser.close()
-    for name in ("flow-run.png", "artifacts.png", "metrics.png"):
+    reports.shutdown()
+    for name in ("flow-run.png", "artifacts.png", "metrics.png", "report.png"):
         assert (tmp_path / name).stat().st_size > 10_000

@@ -20,7 +20,9 @@ from flows.pipeline import pipeline
 from medflow.cli import DEMO_SPEC
 from medflow.spec import load_spec
 from medflow.synth import synthesize
+from medflow.calibration import apply_calibrator, expected_calibration_error
 from medflow.metrics import binary_metrics
+from medflow.runs import read_metrics
 
 pytestmark = pytest.mark.slow
 
@@ -39,6 +41,10 @@ def tiny(tmp_path_factory):
     return path
 
 
+def _not_strict_json(constant: str):
+    raise AssertionError(f"metrics.json holds {constant}, which strict JSON does not allow")
+
+
 def _flow_runs_tagged(tag: str) -> list:
     from prefect import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
@@ -55,8 +61,15 @@ def test_pipeline_end_to_end_then_rerun_reuses_everything(tiny, prefect_harness)
         assert (tiny.parent / "runs" / run.split("/")[-1] / name).exists(), name
 
     preds = pd.read_csv(f"{run}/predictions.csv")
-    metrics = json.loads(open(f"{run}/metrics.json").read())
+    json.loads(open(f"{run}/metrics.json").read(), parse_constant=_not_strict_json)
+    metrics = read_metrics(f"{run}/metrics.json")  # undefined values (null) back as NaN
     test = preds[preds["split"] == "test"]
+    # calibration of the model's own scores (evaluate.calibrate: none), recomputable from predictions.csv
+    cal = metrics["calibration"]
+    assert cal["method"] == "none" and cal["map"] is None
+    assert cal["before"]["test"]["brier"] == pytest.approx(np.mean((test["score"] - test["label"]) ** 2))
+    assert cal["before"]["test"]["ece"] == pytest.approx(
+        expected_calibration_error(test["label"], test["score"], bins=10)[0])
     again = binary_metrics(test["label"], test["score"], metrics["threshold"])
     for name in ("accuracy", "precision", "recall", "specificity", "f1"):
         assert again[name] == pytest.approx(metrics["test"][name], nan_ok=True)
@@ -69,6 +82,7 @@ def test_pipeline_end_to_end_then_rerun_reuses_everything(tiny, prefect_harness)
 
     html = open(f"{run}/report.html").read()
     assert f"<td>{metrics['test']['accuracy']:.3f}</td>" in html
+    assert 'alt="Reliability diagram"' in html and f"<td>{cal['before']['test']['brier']:.3f}</td>" in html
     assert html.count("data:image/png;base64,") >= 5
     assert 'alt="Grad-CAM examples"' in html
     with np.load(f"{run}/explain.npz") as explained:
@@ -82,7 +96,21 @@ def test_pipeline_end_to_end_then_rerun_reuses_everything(tiny, prefect_harness)
     assert len(_flow_runs_tagged(f"medflow-run:{Path(run).name}")) == 6  # the pipeline and its five stages
     assert len(_flow_runs_tagged(f"spec:{load_spec(tiny).name}")) >= 6
 
-    second = pipeline(str(tiny))
+    # the same spec with temperature scaling fitted on validation (a new run; the store is reused)
+    calibrated = tiny.parent / "spec-calibrated.yaml"
+    spec = yaml.safe_load(tiny.read_text())
+    spec["evaluate"]["calibrate"] = "temperature"
+    calibrated.write_text(yaml.safe_dump(spec))
+    second = pipeline(str(calibrated))
+    metrics2 = json.loads(open(f"{second['run_dir']}/metrics.json").read(), parse_constant=_not_strict_json)
+    preds2 = pd.read_csv(f"{second['run_dir']}/predictions.csv")
+    t = metrics2["calibration"]["map"]["temperature"]
+    assert 0.05 <= t <= 20
+    assert np.allclose(preds2["score"], apply_calibrator(metrics2["calibration"]["map"], preds2["score_uncalibrated"]))
+    test2 = preds2[preds2["split"] == "test"]
+    assert metrics2["calibration"]["after"]["test"]["brier"] == pytest.approx(
+        np.mean((test2["score"] - test2["label"]) ** 2))
+
     assert second["ingest"]["ingested"] == 0 and second["ingest"]["unchanged"] == (
         first["ingest"]["ingested"] + first["ingest"]["quarantined_series"])
     assert second["ingest"]["quarantined_files"] == first["ingest"]["quarantined_files"]
@@ -206,3 +234,62 @@ def test_predict_scores_new_studies_with_a_classifier_run(tiny, prefect_harness,
         image, _ = apply_steps(store.read_image(key), store.catalog_entry(key)["spacing"], spec.steps())
         score = float(model.predict(image[None, ..., None], verbose=0)[0, 0])
         assert score == pytest.approx(row["score"], abs=1e-5)
+
+
+def test_k_fold_trains_each_fold_as_a_task_and_scores_test_with_the_ensemble(tiny, prefect_harness, tmp_path):
+    from flows.predict import predict_flow
+    from models.training import predict
+    from storage.store import Store
+
+    spec = yaml.safe_load(tiny.read_text())
+    spec["data"]["split"]["folds"] = 3
+    spec["train"]["epochs"] = 1
+    path = tiny.parent / "spec-folds.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    result = pipeline(str(path))
+    run = Path(result["run_dir"])
+
+    split = pd.read_csv(run / "split.csv")
+    assert split.groupby("patient_key")["fold"].nunique().max() == 1  # folds never share a patient
+    manifest = json.loads((run / "folds.json").read_text())
+    held = [set(h) for h in manifest["held_out"]]
+    assert len(held) == 3 and all(a.isdisjoint(b) for i, a in enumerate(held) for b in held[i + 1:])
+    assert set().union(*held) == set(split.loc[split["split"] != "test", "series_key"])
+    for fold in range(3):
+        assert (run / "folds" / str(fold) / "model.keras").exists()
+
+    # test rows: the mean of the fold models; every other row: its own fold's model (out of fold)
+    preds = pd.read_csv(run / "predictions.csv")
+    s = load_spec(path)
+    store = Store(s.data.store)
+    prep_key = json.loads((run / "provenance.json").read_text())["prep_key"]
+    loader = lambda k: store.read_prep(prep_key, k)  # noqa: E731
+    test = preds[preds["split"] == "test"]
+    members = np.stack([predict(run / m, loader, test["series_key"].tolist()) for m in manifest["models"]])
+    assert np.allclose(test["score"], members.mean(axis=0), atol=1e-5)
+    oof = preds[preds["series_key"].isin(held[1])]
+    assert np.allclose(oof["score"], predict(run / manifest["models"][1], loader, oof["series_key"].tolist()), atol=1e-5)
+
+    metrics = read_metrics(run / "metrics.json")
+    per_fold = metrics["folds"]["per_fold"]
+    assert [r["fold"] for r in per_fold] == [0, 1, 2]
+    aucs = [r["test_auc"] for r in per_fold]
+    assert metrics["folds"]["test_auc_mean"] == pytest.approx(np.nanmean(aucs), nan_ok=True)
+    html = (run / "report.html").read_text()
+    assert 'id="folds"' in html and "mean ± SD over 3 fold models" in html
+
+    # medflow predict uses the ensemble
+    new = synthesize(tmp_path / "new", patients=2, seed=23, matrix=48)
+    predict_flow(str(run), str(new.dicom_dir), str(tmp_path / "out"))
+    rows = pd.read_csv(tmp_path / "out" / "predictions.csv")
+    from medflow.preprocessing import apply_steps
+    from storage.ingest import IngestOptions
+    from tests.helpers import ingest_serial
+
+    scratch = ingest_serial(new.dicom_dir, tmp_path / "scratch.zarr", IngestOptions(modalities=("CT",), min_slices=8))["store"]
+    models = [keras.models.load_model(run / m, compile=False) for m in manifest["models"]]
+    for row in rows.to_dict("records"):
+        key = scratch.pseudonymizer().series_key(row["SeriesInstanceUID"])
+        image, _ = apply_steps(scratch.read_image(key), scratch.catalog_entry(key)["spacing"], s.steps())
+        mean = np.mean([float(m.predict(image[None, ..., None], verbose=0)[0, 0]) for m in models])
+        assert mean == pytest.approx(row["score"], abs=1e-5)

@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 import pandas as pd
+import pytest
 
 from medflow.metrics import mean_ci, segmentation_metrics, summarize_segmentation
 
@@ -45,11 +46,15 @@ def test_concentric_spheres_are_their_radius_difference_apart_in_mm():
     assert math.isclose(m["volume_error"], 4 / 3 * math.pi * (24**3 - 20**3) / 1000, rel_tol=0.05)
 
 
-def test_one_empty_mask_has_no_distance():
+def test_a_missed_lesion_gets_the_image_diagonal_and_a_false_positive_no_distance():
     truth = np.zeros((5, 5, 5), bool)
     truth[1:3, 1:3, 1:3] = True
-    m = segmentation_metrics(truth, np.zeros_like(truth), (1, 1, 1))
-    assert m["dice"] == 0.0 and math.isnan(m["hd95"]) and math.isnan(m["assd"])
+    m = segmentation_metrics(truth, np.zeros_like(truth), (2, 1, 1))
+    diagonal = math.sqrt(10**2 + 5**2 + 5**2)
+    assert m["dice"] == 0.0 and m["missed"] == 1
+    assert m["hd95"] == m["assd"] == m["hd95_monai"] == m["assd_monai"] == diagonal
+    fp = segmentation_metrics(np.zeros_like(truth), truth, (1, 1, 1))
+    assert fp["missed"] == 0 and math.isnan(fp["hd95"]) and math.isnan(fp["hd95_monai"])
     both_empty = segmentation_metrics(np.zeros_like(truth), np.zeros_like(truth), (1, 1, 1))
     assert both_empty["dice"] == 1.0 and both_empty["hd95"] == 0.0
 
@@ -68,3 +73,51 @@ def test_summary_is_over_lesion_cases_and_counts_false_positives():
     lo, hi = out["ci"]["dice"]
     assert 0.8 <= lo <= hi <= 0.9
     assert mean_ci([1.0]) is None
+
+
+def _offset_spheres():
+    spacing = (2.0, 0.8, 0.8)
+    shape = (24, 64, 64)
+    return _ball(shape, spacing, (22, 25, 25), 10), _ball(shape, spacing, (24, 28.2, 26), 9), spacing
+
+
+# MONAI 1.6.1 (torch 2.13.0 CPU) on _offset_spheres(), computed once with
+#   HausdorffDistanceMetric(percentile=95)(pred[None, None], truth[None, None], spacing=[2.0, 0.8, 0.8])
+#   SurfaceDistanceMetric(symmetric=True)(pred[None, None], truth[None, None], spacing=[2.0, 0.8, 0.8])
+# (float32 tensors of the boolean masks); the live comparison below runs where MONAI is installed (`bench` extra).
+MONAI_HD95, MONAI_ASSD = 4.4721360206604, 1.8730090856552124
+
+
+def test_monai_convention_equals_monais_metrics_on_offset_spheres():
+    truth, pred, spacing = _offset_spheres()
+    m = segmentation_metrics(truth, pred, spacing)
+    assert m["hd95_monai"] == pytest.approx(MONAI_HD95, rel=1e-6)
+    assert m["assd_monai"] == pytest.approx(MONAI_ASSD, rel=1e-6)
+    # the two conventions measure differently: the area-weighted surface gives other values
+    assert abs(m["hd95"] - m["hd95_monai"]) > 0.1 and abs(m["assd"] - m["assd_monai"]) > 0.1
+
+
+def test_monai_convention_live_where_monai_is_installed():
+    monai_metrics = pytest.importorskip("monai.metrics")
+    import torch
+
+    truth, pred, spacing = _offset_spheres()
+    as_tensor = lambda m: torch.as_tensor(m[None, None].astype(np.float32))  # noqa: E731
+    hd = monai_metrics.HausdorffDistanceMetric(percentile=95)(as_tensor(pred), as_tensor(truth), spacing=list(spacing))
+    asd = monai_metrics.SurfaceDistanceMetric(symmetric=True)(as_tensor(pred), as_tensor(truth), spacing=list(spacing))
+    m = segmentation_metrics(truth, pred, spacing)
+    assert m["hd95_monai"] == pytest.approx(hd.item(), rel=1e-5)
+    assert m["assd_monai"] == pytest.approx(asd.item(), rel=1e-5)
+
+
+def test_a_missed_lesion_makes_the_mean_hd95_worse_not_better():
+    truth, pred, spacing = _offset_spheres()
+    found = segmentation_metrics(truth, pred, spacing)
+    missed = segmentation_metrics(truth, np.zeros_like(pred), spacing)
+    names = ["dice", "hd95", "assd", "hd95_monai"]
+    one = summarize_segmentation(pd.DataFrame([{"label": 1, **found}]), names, n_boot=0)["summary"]
+    both = summarize_segmentation(pd.DataFrame([{"label": 1, **found}, {"label": 1, **missed}]), names,
+                                  n_boot=0)["summary"]
+    assert both["hd95"] > one["hd95"] and both["assd"] > one["assd"] and both["hd95_monai"] > one["hd95_monai"]
+    assert both["missed"] == 1 and both["miss_rate"] == 0.5
+    assert both["hd95_detected"] == pytest.approx(one["hd95"])  # the mean over detected lesions is reported too

@@ -6,7 +6,8 @@ import pandas as pd
 import pytest
 
 from storage.deid import Pseudonymizer
-from medflow.splitting import class_order, join_labels, patient_split
+from medflow.splitting import class_order, join_labels, patient_folds, patient_split
+from tasks.train import fold_cases
 
 
 def _cohort(n_patients=40, series_per_patient=2):
@@ -27,6 +28,31 @@ def test_no_patient_in_two_splits_and_stratified():
         part = d[d["split"] == name]
         assert 0.2 < part["label"].mean() < 0.5  # about a third positive everywhere
     assert (split == "test").sum() == 16  # 8 patients x 2 series
+
+
+@pytest.mark.parametrize("k", [2, 3, 5])
+def test_folds_never_share_a_patient_cover_every_patient_outside_test_and_keep_the_balance(k):
+    df = _cohort(n_patients=60, series_per_patient=3)
+    df.loc[df.index % 7 == 0, "series_key"] += "-extra"  # patients with several series stay whole
+    split = patient_split(df, val=0.15, test=0.2, seed=3)
+    folds = patient_folds(df, split, k=k, seed=3, order=df["series_key"])
+    assert ((folds == -1) == (split == "test")).all()
+    assert df.assign(fold=folds).groupby("patient_key")["fold"].nunique().max() == 1  # no patient in two folds
+    patients_per_fold = df.assign(fold=folds)[folds >= 0].groupby("fold")["patient_key"].nunique()
+    assert sorted(patients_per_fold.index) == list(range(k))
+    assert patients_per_fold.max() - patients_per_fold.min() <= 1
+    per_patient = df.assign(fold=folds)[folds >= 0].groupby("patient_key").first()
+    for fold in range(k):
+        assert 0.15 < per_patient[per_patient["fold"] == fold]["label"].mean() < 0.55
+    # each fold's view: its own patients validate, the others train, test untouched
+    cases = df.assign(split=split.where(split == "test", "val"), fold=folds)
+    for fold in range(k):
+        view = fold_cases(cases, fold)
+        assert set(view[view["split"] == "val"]["patient_key"]).isdisjoint(view[view["split"] == "train"]["patient_key"])
+        assert (view["split"] == "test").equals(split == "test")
+        assert set(view.loc[view["split"] == "val", "series_key"]) == set(df.loc[folds == fold, "series_key"])
+    assert patient_folds(df, split, k=k, seed=3, order=df["series_key"]).equals(folds)
+    assert not patient_folds(df, split, k=k, seed=4, order=df["series_key"]).equals(folds)
 
 
 def test_split_is_seeded():
