@@ -34,8 +34,8 @@ preprocess:
   - window: {{center: -600, width: 1500}}
   - crop_pad: {{shape: [48, 80, 80], value: 0}}
 augment: {{flip: [x], shift: 3, intensity_jitter: 0.05}}
-model: {{task: classification, arch: cnn3d, params: {{filters: [8, 16, 32, 64]}}}}
-train: {{epochs: {epochs}, batch_size: 8, optimizer: adam, learning_rate: 0.002, early_stopping: 8, reduce_lr: 4,
+model: {{task: classification, arch: cnn3d, params: {{filters: [8, 16, 32, 64], dropout: 0.3}}}}
+train: {{epochs: {epochs}, batch_size: 8, optimizer: adam, learning_rate: 0.002, early_stopping: 10, reduce_lr: 4,
         class_weight: balanced, seed: {seed}}}
 evaluate: {{metrics: [auc, accuracy, precision, recall, specificity, f1], bootstrap: 1000, threshold: youden}}
 run: {{retries: 2, dask: {{n_workers: 2, threads_per_worker: 1}}}}
@@ -58,7 +58,7 @@ augment: {{flip: [x, y], intensity_jitter: 0.05}}
 model: {{task: segmentation, arch: unet2d, params: {{filters: [16, 32, 64, 128], norm: batch}}}}
 train: {{epochs: {epochs}, batch_size: 16, optimizer: adam, learning_rate: 0.002, early_stopping: 6, reduce_lr: 3,
         samples_per_volume: 8, foreground_ratio: 0.5, seed: {seed}}}
-evaluate: {{metrics: [dice, iou, hd95, assd, volume_error], bootstrap: 1000}}
+evaluate: {{metrics: [dice, iou, hd95, assd, hd95_monai, assd_monai, volume_error], bootstrap: 1000}}
 run: {{retries: 2, dask: {{n_workers: 2, threads_per_worker: 1}}}}
 """
 
@@ -110,7 +110,7 @@ run: {{retries: 2, dask: {{n_workers: 2, threads_per_worker: 1}}}}
 
 # task -> (spec template, default cohort size, default work folder, default epochs)
 DEMOS = {
-    "classification": (DEMO_SPEC, 100, "work/demo", 30),
+    "classification": (DEMO_SPEC, 150, "work/demo", 30),
     "segmentation": (SEG_DEMO_SPEC, 60, "work/demo-segmentation", 30),
     "xray": (XRAY_DEMO_SPEC, 600, "work/demo-xray", 40),
     "ecg": (ECG_DEMO_SPEC, 450, "work/demo-ecg", 30),
@@ -431,8 +431,9 @@ def demo(
     else:
         # segmentation: lung tumours of 6-14 mm radius, in 3 of 4 patients, as DICOM SEG
         options = {"masks": True, "nodule_radius": [6.0, 14.0], "positive_fraction": 0.75} \
-            if task == "segmentation" else {}
-        wanted = {"patients": patients, "seed": seed, "matrix": 128, **options}
+            if task == "segmentation" else {"nodule_radius": [5.0, 10.0]}
+        # "anatomy": the generator's version (vessels, granulomas, ground-glass nodules, blur since 2)
+        wanted = {"patients": patients, "seed": seed, "matrix": 128, "anatomy": 7, **options}
     t_cohort = time.perf_counter()
     if marker.exists() and json.loads(marker.read_text()) == wanted:
         console.print(f"using the cohort in {marker.parent}")

@@ -57,7 +57,7 @@ def write_json_atomic(path: str | Path, obj) -> Path:
     return write_text_atomic(path, json.dumps(finite_or_none(obj), indent=1, allow_nan=False))
 
 
-_NOT_NUMBERS = frozenset({"map", "best_epoch", "warnings", "classes"})
+_NOT_NUMBERS = frozenset({"map", "best_epoch", "warnings", "classes", "dice_ci", "note"})
 
 
 def read_metrics(path: str | Path) -> dict:

@@ -1,8 +1,14 @@
 """A synthetic chest-CT cohort written as real DICOM files (``medflow synth``).
 
 Each patient has one study with an axial CT series: body with a fat layer, two lungs,
-spine, noise, and in about half the patients one solid nodule (a sphere of a few mm) inside
-a lung. With ``masks=True`` each nodule's voxels (centres within its radius) are also
+spine, noise, and in about half the patients one nodule inside a lung. By default
+(``hard=True``) the cohort has what makes nodules hard to find: vessel trees from each
+hilum (bright tubes, their extent varying between patients), benign granulomas in any
+patient (calcified ones brighter than any nodule, soft ones small and nodule-like), nodules
+that are solid, ground-glass (low contrast), juxtapleural or on a vessel, blur along one
+axis (breathing, motion) in a third of the patients and noise from 10 to 40 HU (dose). Intensity
+summaries alone (mean, maximum, percentiles) then barely separate the classes; size and
+shape do. With ``masks=True`` each nodule's voxels (centres within its radius) are also
 written as a DICOM SEG object that references the series' slices. Headers are realistic (UIDs, geometry, rescale with stored values != HU, varied
 slice spacing, some series stored head-first) and carry canary PHI values so that
 de-identification can be tested. File names are shuffled and folder layouts mixed
@@ -56,8 +62,13 @@ def phantom(
     body: dict,
     nodule: dict | None,
     noise: float,
+    anatomy: dict | None = None,
 ) -> np.ndarray:
-    """A chest-like volume in HU, float32 of shape (Z, Y, X), in LPS patient coordinates."""
+    """A chest-like volume in HU, float32 of shape (Z, Y, X), in LPS patient coordinates.
+
+    ``anatomy`` (from ``_hard_anatomy``) adds what makes nodules hard to find: vessel trees,
+    benign granulomas (calcified or not) and a blur (breathing or motion) before the noise.
+    """
     nz, ny, nx = shape
     dz, dy, dx = spacing
     z = origin[2] + dz * np.arange(nz, dtype=np.float32)[:, None, None]
@@ -78,13 +89,100 @@ def phantom(
     vol = np.where(r_spine <= 0.35, 20.0, vol)  # spinal canal
     r_aorta = ((x - 18.0) ** 2 + (y - (yc + 0.3 * b)) ** 2) / 13.0**2
     vol = np.where(r_aorta <= 1.0, 45.0, vol)
+    lung = vol == -860.0
+    if anatomy:
+        for seg in anatomy["vessels"]:
+            _draw_tube(vol, lung, (z, y, x), spacing, seg)
+        for gran in anatomy["granulomas"]:
+            _draw_ball(vol, (z, y, x), gran)
     if nodule:
-        cx, cy, cz = nodule["center"]
-        d = np.sqrt((x - cx) ** 2 + (y - cy) ** 2 + (z - cz) ** 2)
-        frac = np.clip(nodule["radius"] - d + 0.5, 0.0, 1.0)  # ~1 mm partial-volume edge
-        vol = vol + frac * (nodule["hu"] - vol)
+        _draw_ball(vol, (z, y, x), nodule)
+    if anatomy and anatomy["blur_mm"] > 0:
+        from scipy.ndimage import gaussian_filter
+
+        sigma = [anatomy["blur_mm"] * w / s for w, s in zip(anatomy["blur_axes"], spacing)]
+        vol = gaussian_filter(vol, sigma=sigma, mode="nearest").astype(np.float32)
     vol += rng.normal(0.0, noise, size=shape).astype(np.float32)
     return vol
+
+
+def _draw_ball(vol: np.ndarray, grid, ball: dict) -> None:
+    """Blend a sphere (``center`` in mm, ``radius``, ``hu``) into ``vol`` with a ~1 mm partial-volume edge."""
+    z, y, x = grid
+    cx, cy, cz = ball["center"]
+    d = np.sqrt((x - cx) ** 2 + (y - cy) ** 2 + (z - cz) ** 2)
+    frac = np.clip(ball["radius"] - d + 0.5, 0.0, 1.0)
+    vol += frac * (ball["hu"] - vol)
+
+
+def _draw_tube(vol: np.ndarray, lung: np.ndarray, grid, spacing, seg: dict) -> None:
+    """Blend a tapering tube (a vessel segment from ``p0`` to ``p1`` in mm, radius ``r0`` to ``r1``) into the
+    lung voxels of ``vol``, computed in the segment's bounding box only."""
+    z, y, x = (g.reshape(-1) for g in grid)
+    p0, p1 = np.asarray(seg["p0"], dtype=np.float32), np.asarray(seg["p1"], dtype=np.float32)
+    pad = max(seg["r0"], seg["r1"]) + 1.5
+    box = []
+    for axis, coords in ((2, z), (1, y), (0, x)):
+        lo, hi = min(p0[axis], p1[axis]) - pad, max(p0[axis], p1[axis]) + pad
+        idx = np.nonzero((coords >= lo) & (coords <= hi))[0]
+        if len(idx) == 0:
+            return
+        box.append(slice(idx[0], idx[-1] + 1))
+    zz, yy, xx = z[box[0]][:, None, None], y[box[1]][None, :, None], x[box[2]][None, None, :]
+    d = p1 - p0
+    length2 = float(d @ d) or 1.0
+    t = np.clip(((xx - p0[0]) * d[0] + (yy - p0[1]) * d[1] + (zz - p0[2]) * d[2]) / length2, 0.0, 1.0)
+    dist = np.sqrt((xx - p0[0] - t * d[0]) ** 2 + (yy - p0[1] - t * d[1]) ** 2 + (zz - p0[2] - t * d[2]) ** 2)
+    frac = np.clip(seg["r0"] + t * (seg["r1"] - seg["r0"]) - dist + 0.5, 0.0, 1.0) * lung[tuple(box)]
+    sub = vol[tuple(box)]
+    sub += frac * (seg["hu"] - sub)
+
+
+def _point_in_lung(rng: np.random.Generator, body: dict, side: int, shrink: float, *, surface: bool = False):
+    """A point inside one lung's ellipsoid (uniform in it shrunk by ``shrink``; on that shell if ``surface``)."""
+    a, b = body["a"], body["b"]
+    while True:
+        u = rng.uniform(-1, 1, size=3)
+        if 0 < (u**2).sum() <= 1:
+            break
+    if surface:
+        u = u / np.sqrt((u**2).sum())
+    return (float(side * 0.45 * a + u[0] * 0.32 * a * shrink), float(body["yc"] - 0.08 * b + u[1] * 0.62 * b * shrink),
+            float(body["lung_zc"] + u[2] * body["lung_zh"] * shrink))
+
+
+def _hard_anatomy(rng: np.random.Generator, body: dict) -> dict:
+    """Vessel trees from each hilum (their size varies between patients), benign granulomas in any
+    patient (calcified: brighter than any nodule; soft: small and nodule-like), and a blur."""
+    a, b = body["a"], body["b"]
+    vessels = []
+    for side in (-1, 1):
+        hilum = np.array([side * 0.22 * a, body["yc"] - 0.05 * b, body["lung_zc"]])
+        for _ in range(int(rng.integers(2, 6))):
+            target = np.array(_point_in_lung(rng, body, side, 0.85))
+            stack = [(hilum, target - hilum, float(rng.uniform(1.2, 2.2)), 0)]
+            while stack:
+                start, direction, radius, depth = stack.pop()
+                length = float(np.linalg.norm(direction)) or 1.0
+                end = start + direction * float(rng.uniform(0.45, 0.7))
+                vessels.append({"p0": tuple(start), "p1": tuple(end), "r0": radius, "r1": radius * 0.8,
+                                "hu": float(rng.uniform(20, 60))})
+                if depth < 2 and radius > 0.6:
+                    for _ in range(2):
+                        turn = rng.normal(0, 0.6, size=3)
+                        new = direction / length + turn
+                        new = new / np.linalg.norm(new) * length * 0.6
+                        stack.append((end, new, radius * 0.7, depth + 1))
+    granulomas = []
+    for _ in range(int(rng.poisson(2.5))):
+        side = int(rng.choice([-1, 1]))
+        calcified = bool(rng.uniform() < 0.8)
+        granulomas.append({"center": _point_in_lung(rng, body, side, 0.75), "calcified": calcified,
+                           "radius": float(rng.uniform(2.0, 3.5) if calcified else rng.uniform(1.5, 2.5)),
+                           "hu": float(rng.uniform(400, 900) if calcified else rng.uniform(10, 60))})
+    blur = float(rng.uniform(0.5, 1.5)) if rng.uniform() < 0.3 else 0.0
+    axes = [(1.0, 0.3, 0.3), (0.3, 1.0, 0.3)][int(rng.integers(2))]  # breathing along z, motion along y
+    return {"vessels": vessels, "granulomas": granulomas, "blur_mm": blur, "blur_axes": axes}
 
 
 def _patient_geometry(rng: np.random.Generator, matrix: int) -> dict:
@@ -136,6 +234,25 @@ def write_seg(source_paths: list[Path], mask: np.ndarray, out: Path, *, seed: in
     return out
 
 
+def _hard_nodule(rng: np.random.Generator, body: dict, radius_mm: tuple[float, float], vessels: list[dict]) -> dict:
+    """A nodule as screening finds them: solid, or ground-glass (low contrast); some touch the pleura
+    or sit on a vessel."""
+    nodule = _nodule_in_lung(rng, body, radius_mm)
+    kind = rng.choice(["solid", "ground-glass", "juxtapleural", "juxtavascular"], p=[0.55, 0.1, 0.2, 0.15])
+    if kind == "ground-glass":
+        nodule.update(hu=float(rng.uniform(-500, -350)), radius=nodule["radius"] * 1.3)
+    elif kind == "juxtapleural":
+        side = 1 if nodule["center"][0] > 0 else -1
+        nodule["center"] = _point_in_lung(rng, body, side, 0.97, surface=True)
+    elif kind == "juxtavascular" and vessels:
+        v = vessels[int(rng.integers(len(vessels)))]
+        t = float(rng.uniform(0.3, 1.0))
+        on = np.asarray(v["p0"]) + t * (np.asarray(v["p1"]) - np.asarray(v["p0"]))
+        nodule["center"] = tuple(float(c) for c in on + rng.normal(0, 1.0, 3))
+    nodule["kind"] = str(kind)
+    return nodule
+
+
 def _nodule_in_lung(rng: np.random.Generator, body: dict, radius_mm: tuple[float, float] = (4.0, 8.0)) -> dict:
     a, b, yc = body["a"], body["b"], body["yc"]
     radius = float(rng.uniform(*radius_mm))
@@ -167,8 +284,8 @@ def _base_dataset(seed: int, i: int, *, canary: bool) -> Dataset:
     ds.StudyTime = "101500"
     ds.StudyDescription = f"CT CHEST {CANARY} free text"
     ds.StudyInstanceUID = _uid(seed, "study", i)
-    ds.Manufacturer = "MEDFLOW-SYNTH"
-    ds.ManufacturerModelName = "Phantom 1"
+    ds.Manufacturer = ("MEDFLOW-SYNTH", "OTHER-SYNTH", "THIRD-SYNTH")[i % 3]
+    ds.ManufacturerModelName = f"Phantom {1 + i % 3}"
     ds.KVP = 120
     ds.BodyPartExamined = "CHEST"
     return ds
@@ -223,6 +340,7 @@ def _write_series(
 def synthesize(
     out: str | Path, *, patients: int = 80, seed: int = 0, matrix: int = 128, positive_fraction: float = 0.5,
     broken: bool = True, masks: bool = False, nodule_radius: tuple[float, float] = (4.0, 8.0), progress=None,
+    hard: bool = True,
 ) -> Cohort:
     """Write a synthetic cohort to ``out/dicom`` and ``out/labels.csv``.
 
@@ -236,6 +354,8 @@ def synthesize(
         masks: also write each nodule as a DICOM SEG beside its series.
         nodule_radius: range of nodule radii in mm.
         progress: optional callable ``progress(done, total)``.
+        hard: vessels, benign granulomas in any patient, ground-glass, juxtapleural and juxtavascular
+            nodules, blur and a wider spread of noise (dose); False: the plain phantom (solid nodules only).
     """
     if patients < 2:
         raise ValueError(f"Received patients={patients}, expected at least 2.")
@@ -257,9 +377,15 @@ def synthesize(
 
     for i in range(patients):
         geo = _patient_geometry(rng, matrix)
-        nodule = _nodule_in_lung(rng, geo["body"], nodule_radius) if labels[i] else None
+        anatomy = _hard_anatomy(rng, geo["body"]) if hard else None
+        if labels[i]:
+            nodule = (_hard_nodule(rng, geo["body"], nodule_radius, anatomy["vessels"]) if hard
+                      else _nodule_in_lung(rng, geo["body"], nodule_radius))
+        else:
+            nodule = None
+        noise = float(rng.uniform(10, 40) if hard else rng.uniform(12, 25))
         vol = phantom(rng, shape=(geo["nz"], matrix, matrix), spacing=(geo["dz"], geo["ps"], geo["ps"]),
-                      origin=geo["origin"], body=geo["body"], nodule=nodule, noise=float(rng.uniform(12, 25)))
+                      origin=geo["origin"], body=geo["body"], nodule=nodule, noise=noise, anatomy=anatomy)
         layout = ["flat", "patient", "series"][i % 3]
         pfolder = dicom_dir / ("flat" if layout == "flat" else f"case{i:03d}")
         sfolder = pfolder / "ser1" if layout == "series" else pfolder

@@ -281,6 +281,16 @@ def _resume_callback(keras, state_path: Path, early: object | None, plateau: obj
     return ResumeState()
 
 
+def _tensorboard(keras, run_dir: Path) -> list:
+    """Keras' TensorBoard callback writing per-epoch losses and metrics under ``run_dir/tensorboard``
+    (the TensorFlow backend writes event files; other backends skip it with a note)."""
+    if keras.backend.backend() != "tensorflow":
+        logger.info("no TensorBoard curves: the %s backend cannot write them", keras.backend.backend())
+        return []
+    return [keras.callbacks.TensorBoard(log_dir=str(run_dir / "tensorboard"), write_graph=False, histogram_freq=0,
+                                        update_freq="epoch")]
+
+
 def read_history(path: Path) -> dict[str, list[float]]:
     """Per-epoch metrics from ``history.csv`` (all attempts of a resumed run)."""
     import csv
@@ -426,6 +436,7 @@ def fit_model(
                                                     patience=int(train["reduce_lr"]), min_lr=1e-5)
     callbacks = [
         _atomic_checkpoint(keras, ckpt / "best.keras", best_only=True),
+        *_tensorboard(keras, run_dir),
         keras.callbacks.CSVLogger(str(run_dir / "history.csv"), append=True),
         Progress(),
         *(cb for cb in (early, plateau) if cb is not None),

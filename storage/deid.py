@@ -36,6 +36,34 @@ IDENTIFYING_ATTRIBUTES = (
 )
 
 
+def demographics(ds) -> dict:
+    """Sex (M, F or O) and a ten-year age band of a header, for subgroup tables; nothing else of the patient.
+
+    The age comes from PatientAge, else from StudyDate − PatientBirthDate (the dates themselves are
+    not kept); 90 and over is one band, as HIPAA's Safe Harbor asks.
+
+    >>> demographics({"PatientSex": "F", "PatientAge": "063Y"})
+    {'sex': 'F', 'age_band': '60-69'}
+    >>> demographics({"PatientBirthDate": "19300512", "StudyDate": "20240301"})
+    {'age_band': '90+'}
+    """
+    out = {}
+    sex = str(ds.get("PatientSex", "") or "").strip().upper()
+    if sex in ("M", "F", "O"):
+        out["sex"] = sex
+    years = None
+    age = str(ds.get("PatientAge", "") or "").strip().upper()
+    if len(age) == 4 and age[:3].isdigit() and age[3] in "DWMY":
+        years = int(age[:3]) / {"D": 365.25, "W": 52.18, "M": 12.0, "Y": 1.0}[age[3]]
+    else:
+        born, seen = str(ds.get("PatientBirthDate", "") or ""), str(ds.get("StudyDate", "") or "")
+        if len(born) >= 8 and len(seen) >= 8 and born[:8].isdigit() and seen[:8].isdigit():
+            years = int(seen[:4]) - int(born[:4]) - ((seen[4:8]) < (born[4:8]))
+    if years is not None and 0 <= years < 130:
+        out["age_band"] = "90+" if years >= 90 else f"{int(years) // 10 * 10}-{int(years) // 10 * 10 + 9}"
+    return out
+
+
 class Pseudonymizer:
     """Turns identifiers into stable pseudonyms.
 

@@ -745,7 +745,7 @@ def rescale_frame(arr: np.ndarray, *, slope: float, intercept: float, bits: int,
 FRAME_KEYWORDS = ("PatientID", "PatientName", "PatientBirthDate", "StudyInstanceUID", "SeriesInstanceUID",
                   "AccessionNumber", "StudyDate", "InstitutionName", "Modality", "Manufacturer",
                   "ManufacturerModelName", "KVP", "ConvolutionKernel", "BodyPartExamined",
-                  "PhotometricInterpretation", "BitsStored")
+                  "PhotometricInterpretation", "BitsStored", "PatientSex", "PatientAge")
 
 
 def _functional_group(ds: pydicom.Dataset, frame: int, sequence: str):

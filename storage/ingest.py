@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 
-from storage.deid import IDENTIFYING_ATTRIBUTES, SAFE_ATTRIBUTES, Pseudonymizer
+from storage.deid import IDENTIFYING_ATTRIBUTES, SAFE_ATTRIBUTES, Pseudonymizer, demographics
 from storage.dicom import (
     cast_volume,
     check_orientation,
@@ -416,6 +416,7 @@ def _ingest_waveform(store_root: str, source: str, plan: SeriesPlan, options: In
         "spacing_deviation": 0.0, "rescaled": True, "sampling_rate": wave.rate, "leads": list(wave.leads),
         "units": "mV", "group": wave.group, "seconds": round(volume.shape[1] / wave.rate, 3),
         "acquisition": header_values(ds, SAFE_ATTRIBUTES),
+        "demographics": demographics(ds),
     }
     if len(read) > 1:
         entry["duplicate_files_dropped"] = len(read) - 1
@@ -720,6 +721,7 @@ class _StackWriter:
             "rescaled": "RescaleSlope" in first or "RescaleIntercept" in first,
             # only allow-listed, non-identifying acquisition facts
             "acquisition": header_values(first, SAFE_ATTRIBUTES),
+            "demographics": demographics(first),  # sex and an age band, for subgroup tables
         }
         if self.repeats_dropped:
             entry["duplicate_files_dropped"] = self.repeats_dropped  # exact copies of instances kept once

@@ -13,6 +13,7 @@ from prefect.logging import get_run_logger
 from medflow import kinds
 from medflow.runs import write_json_atomic, write_text_atomic
 from medflow.splitting import patient_folds, patient_split
+from medflow.subgroups import subgroup_columns
 from storage.store import Store
 
 
@@ -24,6 +25,8 @@ def split_cohort_task(spec, run_dir: str) -> str:
     store = Store(spec.data.store)
     df = kinds.get(spec.model.task).cohort(spec, store)
     sp = spec.data.split
+    df = pd.concat([df.reset_index(drop=True),
+                    subgroup_columns(store.catalog(), df["series_key"])], axis=1)  # for the report's subgroup tables
     order = split_order(store, df, log)
     df["split"] = patient_split(df, val=sp.val, test=sp.test, stratify=sp.stratify, seed=sp.seed, order=order)
     if sp.folds:  # the same test split; every other patient is validated once, out of fold

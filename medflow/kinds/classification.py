@@ -4,7 +4,7 @@ Two classes keep the binary path: one sigmoid score, a decision threshold chosen
 validation split, sensitivity and specificity. K > 2 classes get softmax probabilities, the
 most probable class as the decision, per-class and macro/micro metrics and a K x K confusion
 matrix. The input is 2D or 3D as the model registry says of ``model.arch``. Every report
-shows a one-feature baseline (``medflow.baselines``) scored on the same test split.
+shows a declared baseline (``medflow.baselines``) scored on the same test split.
 """
 
 from __future__ import annotations
@@ -114,7 +114,7 @@ class Classification(TaskKind):
     # ------------------------------------------------------------ evaluate
     def evaluate(self, spec, store, prep_key, cases, model_path, run_dir) -> dict:
         """Predict every split; choose the threshold (binary) on validation; score the test split, with
-        bootstrap intervals, beside the one-feature baseline; Grad-CAM for a few test cases."""
+        bootstrap intervals, beside the declared baseline; Grad-CAM for a few test cases."""
         from medflow.metrics import classification_warnings
         from medflow.runs import write_text_atomic
         from models.training import predict
@@ -166,17 +166,17 @@ class Classification(TaskKind):
             logger.warning("the test split lacks a class: AUC is undefined; use a larger cohort or split.test")
         return result
 
-    # the declared one-feature baseline, and the explanation of a few test cases
+    # the declared baseline, and the explanation of a few test cases
     @property
     def baseline_name(self) -> str:
         from medflow.baselines import CLASSIFICATION_BASELINE
 
         return CLASSIFICATION_BASELINE
 
-    def baseline_feature(self, store, prep_key: str, key: str) -> float:
-        from medflow.baselines import mean_intensity
+    def baseline_feature(self, store, prep_key: str, key: str) -> np.ndarray | float:
+        from medflow.baselines import intensity_features
 
-        return mean_intensity(store.read_prep(prep_key, key))
+        return intensity_features(store.read_prep(prep_key, key))
 
     def explain(self, model_path: str, loader, df: pd.DataFrame, run_dir: Path) -> None:
         _explain(model_path, loader, df, run_dir)
@@ -194,6 +194,7 @@ class Classification(TaskKind):
     # -------------------------------------------------------------- report
     def report_context(self, spec, run_dir, predictions, evaluation) -> dict:
         from medflow import reporting as r
+        from medflow.subgroups import binary_scores, multiclass_scores, subgroup_rows
 
         classes = self.class_names(evaluation)
         test = predictions[predictions["split"] == "test"]
@@ -221,6 +222,12 @@ class Classification(TaskKind):
             "plots": {"gradcam": r.plot_gradcam(explain["images"], explain["cams"], explain["meta"])
                       if explain else None},
         }
+        context["subgroups"] = subgroup_rows(test, binary_scores(evaluation["threshold"]) if len(classes) == 2
+                                             else multiclass_scores)
+        if context["subgroups"]:
+            context.setdefault("tables", {})["subgroups"] = {"rows": context["subgroups"], "description":
+                                                             "test metrics per manufacturer, slice thickness, sex "
+                                                             "and age band"}
         if context["folds"]:
             context.setdefault("tables", {})["folds"] = {"rows": context["folds"]["rows"], "description":
                                                          "each fold model on its held-out fold and on the test split"}
@@ -433,15 +440,15 @@ def _multiclass_evaluation(df: pd.DataFrame, proba: np.ndarray, classes: list[st
 
 def _baseline(df: pd.DataFrame, feature: np.ndarray, classes: list[str], *, name: str, bootstrap: int,
               seed: int) -> dict:
-    """The one-feature baseline fitted on train, scored on test (AUC; macro one-vs-rest for K > 2)."""
-    from medflow.baselines import one_feature_logistic
+    """The declared baseline fitted outside the test split, scored on test (AUC; macro one-vs-rest for K > 2)."""
+    from medflow.baselines import feature_logistic
     from medflow.metrics import binary_intervals, multiclass_ci, multiclass_metrics
     from sklearn.metrics import roc_auc_score
 
     # fitted on every case outside the test split (a baseline has nothing to select on validation)
     train, test = (df["split"] != "test").to_numpy(), (df["split"] == "test").to_numpy()
     y = df["label"].to_numpy(int)
-    proba = one_feature_logistic(feature[train], y[train], feature[test], len(classes))
+    proba = feature_logistic(feature[train], y[train], feature[test], len(classes))
     yt = y[test]
     if len(classes) == 2:
         auc = float(roc_auc_score(yt, proba[:, 1])) if len(np.unique(yt)) == 2 else float("nan")

@@ -168,6 +168,7 @@ class Segmentation(TaskKind):
             result[split] = part["summary"]
             if split == "test":
                 result["ci"] = part["ci"]
+        result["baseline"] = _baseline(store, cases, per_case, seed=spec.train.seed, n_boot=ev.bootstrap)
         from medflow.runs import write_text_atomic
 
         write_text_atomic(run_dir / "predictions.csv", per_case.to_csv(index=False))
@@ -184,10 +185,12 @@ class Segmentation(TaskKind):
 
     def result_line(self, evaluation: dict) -> str:
         t = evaluation["test"]
+        b = evaluation.get("baseline") or {}
+        base = f" · baseline Dice {b['dice']:.3f}" if isinstance(b.get("dice"), float) and b["dice"] == b["dice"] else ""
         return (f"Dice {t['dice']:.3f} (median {t['dice_median']:.3f}) · IoU {t['iou']:.3f} · HD95 {t['hd95']:.1f} mm "
                 f"({t.get('missed', 0)} missed) "
                 f"on {t['n_lesion']} case(s) with a lesion · false positives on {t['empty_with_false_positive']} of "
-                f"{t['n_empty']} without")
+                f"{t['n_empty']} without{base}")
 
     def report_context(self, spec, run_dir, predictions, evaluation) -> dict:
         from medflow.metrics import DISTANCE_CONVENTIONS, MISSED_LESION
@@ -209,6 +212,7 @@ class Segmentation(TaskKind):
             "seg": evaluation["test"],
             "seg_val": evaluation.get("val", {}),
             "conventions": DISTANCE_CONVENTIONS, "missed_rule": MISSED_LESION,
+            "baseline": evaluation.get("baseline"),
             "cases": table,
             "plots": {
                 "distribution": plot_seg_distribution(predictions),
@@ -221,7 +225,10 @@ class Segmentation(TaskKind):
         t = context["seg"]
         from medflow.metrics import MISSED_LESION
 
-        return [f"Means over {t['n_lesion']} test case(s) with a lesion (median Dice {t['dice_median']:.3f}); "
+        b = context.get("baseline") or {}
+        base = ([f"Baseline ({b['name']}, {b['threshold']:.0f}): Dice {b['dice']:.3f} on the same test cases."]
+                if b.get("dice") is not None and b["dice"] == b["dice"] else [])
+        return base + [f"Means over {t['n_lesion']} test case(s) with a lesion (median Dice {t['dice_median']:.3f}); "
                 f"{t['empty_with_false_positive']} of {t['n_empty']} case(s) without one got a false positive.",
                 f"Missed lesions: {t.get('missed', 0)} of {t['n_lesion']} ({MISSED_LESION})."]
 
@@ -260,3 +267,32 @@ class Segmentation(TaskKind):
 
     def predict_table_columns(self) -> tuple[str, ...]:
         return ("series_key", "seg", "volume_ml", "note")
+
+
+def _baseline(store, cases: pd.DataFrame, per_case: pd.DataFrame, *, seed: int, n_boot: int) -> dict:
+    """The declared rule (``medflow.baselines.threshold_component``): its threshold fitted on up to 24 train
+    cases with a lesion, scored on the test cases with a lesion on their original grid, like the model."""
+    from medflow.baselines import SEGMENTATION_BASELINE, fit_threshold, threshold_component
+    from medflow.metrics import mean_ci, segmentation_metrics
+
+    def case(key):
+        entry = store.catalog_entry(key)
+        truth = store.read_mask(key)
+        return store.read_image(key).astype(np.float32), truth > 0, tuple(entry["spacing"])
+
+    train = cases[(cases["split"] == "train") & (cases["label"] == 1)]["series_key"].tolist()[:24]
+    test = per_case[(per_case["split"] == "test") & (per_case["label"] == 1)]["series_key"].tolist()
+    if not train or not test:
+        return {"name": SEGMENTATION_BASELINE, "dice": float("nan"), "note": "no lesion case in train or test"}
+    threshold = fit_threshold([case(k) for k in train])
+    rows = []
+    for key in test:
+        image, truth, spacing = case(key)
+        rows.append(segmentation_metrics(truth, threshold_component(image, spacing, threshold), spacing))
+    dice = np.array([r["dice"] for r in rows])
+    out = {"name": SEGMENTATION_BASELINE, "threshold": threshold, "n": len(rows), "dice": float(dice.mean()),
+           "dice_ci": mean_ci(dice, n=n_boot, seed=seed), "hd95": float(np.mean([r["hd95"] for r in rows])),
+           "missed": int(sum(r["missed"] for r in rows))}
+    logger.info("baseline (%s at %.0f): test Dice %.3f, HD95 %.1f mm", SEGMENTATION_BASELINE, threshold, out["dice"],
+                out["hd95"])
+    return out

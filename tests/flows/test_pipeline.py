@@ -76,12 +76,37 @@ def test_pipeline_end_to_end_then_rerun_reuses_everything(tiny, prefect_harness)
     assert np.array_equal(test["prediction"], (test["score"] >= metrics["threshold"]).astype(int))
     assert set(preds["patient_key"][preds["split"] == "test"]).isdisjoint(preds["patient_key"][preds["split"] == "train"])
 
+    # the run's TensorBoard events: the training curves per epoch, and the evaluation equal to metrics.json
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    train_events = EventAccumulator(f"{run}/tensorboard/train").Reload()
+    epochs = len(pd.read_csv(f"{run}/history.csv"))
+    assert len(train_events.Tensors("epoch_loss")) == epochs  # TF2 summaries are tensor events
+    evaluate_events = EventAccumulator(f"{run}/tensorboard/evaluate").Reload()
+    assert "test/auc" in evaluate_events.Tags()["tensors"] or "test/auc" in evaluate_events.Tags()["scalars"]
+    from tensorboard.util.tensor_util import make_ndarray
+
+    logged = {e: float(make_ndarray(evaluate_events.Tensors(e)[0].tensor_proto)) for e in evaluate_events.Tags()["tensors"]
+              if e.startswith(("test/", "baseline/"))}
+    assert logged["test/accuracy"] == pytest.approx(metrics["test"]["accuracy"], rel=1e-6)
+    assert logged["baseline/auc"] == pytest.approx(metrics["baseline"]["auc"], rel=1e-6)
+
     # the model in the run folder reproduces the scores
     model = keras.models.load_model(f"{run}/model.keras", compile=False)
     assert model.output_shape == (None, 1)
 
     html = open(f"{run}/report.html").read()
     assert f"<td>{metrics['test']['accuracy']:.3f}</td>" in html
+    # subgroup tables from the catalog's non-identifying attributes, counts adding up to the test split
+    assert {"sg_manufacturer", "sg_thickness", "sg_sex", "sg_age"} <= set(preds.columns)
+    summary = json.loads(open(f"{run}/summary.json").read())
+    subgroups = summary["tables"].get("subgroups", {}).get("rows", [])
+    for attribute in {r["attribute"] for r in subgroups}:
+        assert sum(r["series"] for r in subgroups if r["attribute"] == attribute) == len(test)
+    from medflow.subgroups import ATTRIBUTES
+
+    varying = {label for column, label in ATTRIBUTES.items() if test[column].nunique() > 1}
+    assert {r["attribute"] for r in subgroups} == varying and varying and 'id="subgroups"' in html
     assert 'alt="Reliability diagram"' in html and f"<td>{cal['before']['test']['brier']:.3f}</td>" in html
     assert html.count("data:image/png;base64,") >= 5
     assert 'alt="Grad-CAM examples"' in html

@@ -56,10 +56,24 @@ def test_segmentation_pipeline_scores_and_reports(seg_run):
     cases = pd.read_csv(run / "predictions.csv")
     test = cases[(cases["split"] == "test") & (cases["label"] == 1)]
     assert metrics["test"]["dice"] == pytest.approx(test["dice"].mean())
-    assert set(metrics["test"]) >= {"dice", "iou", "hd95", "assd", "volume_error", "n_lesion"}
+    assert set(metrics["test"]) >= {"dice", "iou", "hd95", "assd", "hd95_monai", "assd_monai", "volume_error",
+                                    "n_lesion", "missed", "miss_rate"}
+    assert metrics["test"]["missed"] == int(test["missed"].sum())
+    # the declared threshold-and-largest-component baseline, recomputed on the same test cases
+    from medflow.baselines import threshold_component
+
+    baseline = metrics["baseline"]
+    assert baseline["n"] == len(test) and -700 <= baseline["threshold"] <= 100
+    dice = []
+    for key in test["series_key"]:
+        truth, image = store.read_mask(key) > 0, store.read_image(key).astype(np.float32)
+        rule = threshold_component(image, tuple(catalog[key]["spacing"]), baseline["threshold"])
+        dice.append(2 * (rule & truth).sum() / (rule.sum() + truth.sum()))
+    assert baseline["dice"] == pytest.approx(np.mean(dice))
     assert (run / "seg_examples.npz").exists()
     html = (run / "report.html").read_text()
-    for fragment in ("Segmentation overlays", "Per-case results", "HD95 (mm)", "Dice"):
+    for fragment in ("Segmentation overlays", "Per-case results", "HD95 (mm)", "Dice", 'id="baseline"',
+                     "HD95, MONAI (mm)", "surface elements weighted by their area", "image diagonal"):
         assert fragment in html
     assert "ZQXCANARY" not in html
     model = keras.models.load_model(run / "model.keras", compile=False)

@@ -11,7 +11,7 @@ MODULES = [
     "medflow.baselines", "medflow.kinds", "medflow.metrics", "medflow.preprocessing", "medflow.splitting",
     "models", "models.explain", "models.segmentation", "models.training", "medflow.kinds.classification",
     "medflow.signals", "medflow.resampling", "medflow.retry", "storage.errors", "storage.dicom", "storage.ingest",
-    "storage.store", "medflow.intervals", "medflow.reporting", "medflow.compare", "medflow.calibration", "medflow.runs", "medflow.report_server", "tasks.train",
+    "storage.store", "medflow.intervals", "medflow.reporting", "medflow.compare", "medflow.calibration", "medflow.runs", "medflow.report_server", "tasks.train", "medflow.tracking", "medflow.subgroups",
 ]
 
 

@@ -41,10 +41,16 @@ def test_synthetic_cohort_ingests_and_quarantines(small_cohort, tmp_path):
     listed = len(list_source(small_cohort.dicom_dir))
     assert sum(e["n_files"] for e in catalog.values()) + len(reasons) == listed
     for key, entry in catalog.items():
-        assert entry["acquisition"] == {"Modality": "CT", "Manufacturer": "MEDFLOW-SYNTH",
-                                        "ManufacturerModelName": "Phantom 1", "KVP": 120.0,
+        vendor = entry["acquisition"]["Manufacturer"]
+        assert vendor in ("MEDFLOW-SYNTH", "OTHER-SYNTH", "THIRD-SYNTH")
+        assert entry["acquisition"] == {"Modality": "CT", "Manufacturer": vendor,
+                                        "ManufacturerModelName": entry["acquisition"]["ManufacturerModelName"],
+                                        "KVP": 120.0,
                                         "SliceThickness": entry["spacing"][0], "BodyPartExamined": "CHEST",
                                         "PhotometricInterpretation": "MONOCHROME2", "BitsStored": 12}
+        # sex and a ten-year age band only (the synthetic birth dates are 1930-1989, studies in 2024)
+        assert set(entry["demographics"]) == {"sex", "age_band"} and entry["demographics"]["sex"] in ("M", "F")
+        assert entry["demographics"]["age_band"] in {"30-39", "40-49", "50-59", "60-69", "70-79", "80-89", "90+"}
         assert "identifiers" not in entry
         vol = store.read_image(key)
         assert vol.shape == tuple(entry["shape"]) and vol.dtype == np.int16
@@ -136,7 +142,9 @@ def test_second_ingest_is_incremental(small_cohort, tmp_path):
     # drop one slice file of one series: only that series is redone (and now fails the spacing check)
     key = next(iter(first["store"].catalog()))
     index = source_index(first["store"], str(src))
-    victim = sorted(p for p, r in index.items() if r.get("series_key") == key)[3]
+    files = [p for p, r in index.items() if r.get("series_key") == key]
+    along = {p: float(pydicom.dcmread(src / p, stop_before_pixels=True).ImagePositionPatient[2]) for p in files}
+    victim = sorted(files, key=along.get)[len(files) // 2]  # a slice in the middle: its loss leaves a gap
     (src / victim).unlink()
     third = ingest_serial(src, root, IngestOptions(min_slices=8))
     assert [r["series_key"] for r in third["results"]] == [key]

@@ -122,12 +122,12 @@ def test_multiclass_intervals_contain_the_estimate_and_narrow_with_more_cases():
 def test_one_feature_baseline_is_at_chance_on_a_feature_without_signal():
     from sklearn.metrics import roc_auc_score
 
-    from medflow.baselines import one_feature_logistic
+    from medflow.baselines import feature_logistic
 
     rng = np.random.default_rng(0)
     x, y = rng.normal(size=600), np.arange(600) % 3
-    proba = one_feature_logistic(x[:400], y[:400], x[400:], 3)
+    proba = feature_logistic(x[:400], y[:400], x[400:], 3)
     assert proba.shape == (200, 3) and np.allclose(proba.sum(axis=1), 1)
     assert roc_auc_score(y[400:], proba, multi_class="ovr") < 0.6
-    informative = one_feature_logistic(y[:400] + 0.1 * x[:400], y[:400], y[400:] + 0.1 * x[400:], 3)
+    informative = feature_logistic(y[:400] + 0.1 * x[:400], y[:400], y[400:] + 0.1 * x[400:], 3)
     assert roc_auc_score(y[400:], informative, multi_class="ovr") > 0.95

@@ -90,7 +90,7 @@ def _seg_spec(**over):
 def test_segmentation_demo_spec_is_valid_with_the_task_metrics(tmp_path):
     spec = parse_spec(_seg_spec(**{"evaluate.metrics": None}), base_dir=tmp_path, check_paths=False)
     assert spec.model.task == "segmentation" and spec.data.masks.source == "seg"
-    assert spec.metric_names() == ["dice", "iou", "hd95", "assd", "volume_error"]
+    assert spec.metric_names() == ["dice", "iou", "hd95", "assd", "hd95_monai", "assd_monai", "volume_error"]
     assert parse_spec(_spec(), check_paths=False).metric_names()[0] == "auc"
 
 
@@ -100,6 +100,8 @@ def test_segmentation_demo_spec_is_valid_with_the_task_metrics(tmp_path):
         ({"data.masks": None}, "segmentation needs data.masks"),
         ({"model.arch": "cnn3d"}, "'cnn3d' is a classification model; for segmentation use one of: unet2d, unet3d"),
         ({"train.patch_size": [16, 64, 64]}, "unet2d takes 2 (y, x)"),
+        ({"data.split.folds": 3}, "k-fold ensembles are built for classification and signal runs"),
+        ({"evaluate.calibrate": "platt"}, "calibrates class scores; segmentation has none"),
         ({"evaluate.metrics": ["dice", "auc"]}, "['auc'] do not apply to segmentation"),
         ({"data.masks": {"source": "nifti"}}, "data.masks.table is required"),
         ({"train.foreground_ratio": 1.5}, "train.foreground_ratio"),

@@ -28,3 +28,43 @@ def test_headers_are_realistic_and_carry_canaries(small_cohort):
         rows = list(csv.DictReader(fh))
     assert len(rows) == small_cohort.n_patients
     assert sum(int(r["nodule"]) for r in rows) == small_cohort.n_positive == len(small_cohort.nodules)
+
+
+def _lungs(seed: int, *, hard: bool, nodule: bool = False):
+    import numpy as np
+
+    from medflow import synth
+
+    rng = np.random.default_rng(seed)
+    geo = synth._patient_geometry(rng, 96)
+    anatomy = synth._hard_anatomy(rng, geo["body"]) if hard else None
+    found = synth._hard_nodule(rng, geo["body"], (5.0, 10.0), anatomy["vessels"]) if nodule else None
+    kw = dict(shape=(geo["nz"], 96, 96), spacing=(geo["dz"], geo["ps"], geo["ps"]), origin=geo["origin"],
+              body=geo["body"], noise=0.0)
+    plain = synth.phantom(rng, nodule=None, anatomy=None, **kw)
+    lung = plain == -860.0
+    vol = synth.phantom(rng, nodule=found, anatomy=anatomy, **kw)
+    return vol, lung, anatomy, found
+
+
+def test_hard_anatomy_puts_vessels_and_granulomas_in_every_lung_not_only_positives():
+    import numpy as np
+
+    with_calcified = 0
+    for seed in range(4):
+        vol, lung, anatomy, _ = _lungs(seed, hard=True)
+        assert len(anatomy["vessels"]) >= 8  # trees from both hila
+        assert (vol[lung] > -400).sum() > 30  # vessels: bright voxels in the lungs of a patient without a nodule
+        if any(g["calcified"] for g in anatomy["granulomas"]):
+            with_calcified += 1
+            assert vol[lung].max() > 150  # brighter than any nodule: the maximum no longer marks a nodule
+    assert with_calcified >= 1
+    plain, lung2, _, _ = _lungs(1, hard=False)
+    assert np.all(plain[lung2] == -860.0)
+
+
+def test_hard_nodules_include_ground_glass_and_juxtapleural_ones():
+    kinds = {_lungs(seed, hard=True, nodule=True)[3]["kind"] for seed in range(40)}
+    assert {"solid", "ground-glass", "juxtapleural", "juxtavascular"} <= kinds
+    ggn = next(n for seed in range(40) if (n := _lungs(seed, hard=True, nodule=True)[3])["kind"] == "ground-glass")
+    assert -500 <= ggn["hu"] <= -350  # low contrast against lung at about -860 HU
