@@ -6,7 +6,7 @@ spine, noise, and in about half the patients one nodule inside a lung. By defaul
 hilum (bright tubes, their extent varying between patients), benign granulomas in any
 patient (calcified ones brighter than any nodule, soft ones small and nodule-like), nodules
 that are solid, ground-glass (low contrast), juxtapleural or on a vessel, blur along one
-axis (breathing, motion) in a third of the patients and noise from 10 to 40 HU (dose). Intensity
+axis (breathing, motion) in half the patients and noise from 10 to 40 HU (dose). Intensity
 summaries alone (mean, maximum, percentiles) then barely separate the classes; size and
 shape do. With ``masks=True`` each nodule's voxels (centres within its radius) are also
 written as a DICOM SEG object that references the series' slices. Headers are realistic (UIDs, geometry, rescale with stored values != HU, varied
@@ -180,7 +180,7 @@ def _hard_anatomy(rng: np.random.Generator, body: dict) -> dict:
         granulomas.append({"center": _point_in_lung(rng, body, side, 0.75), "calcified": calcified,
                            "radius": float(rng.uniform(2.0, 3.5) if calcified else rng.uniform(1.5, 2.5)),
                            "hu": float(rng.uniform(400, 900) if calcified else rng.uniform(10, 60))})
-    blur = float(rng.uniform(0.5, 1.5)) if rng.uniform() < 0.3 else 0.0
+    blur = float(rng.uniform(0.5, 1.5)) if rng.uniform() < 0.5 else 0.0
     axes = [(1.0, 0.3, 0.3), (0.3, 1.0, 0.3)][int(rng.integers(2))]  # breathing along z, motion along y
     return {"vessels": vessels, "granulomas": granulomas, "blur_mm": blur, "blur_axes": axes}
 
@@ -238,7 +238,7 @@ def _hard_nodule(rng: np.random.Generator, body: dict, radius_mm: tuple[float, f
     """A nodule as screening finds them: solid, or ground-glass (low contrast); some touch the pleura
     or sit on a vessel."""
     nodule = _nodule_in_lung(rng, body, radius_mm)
-    kind = rng.choice(["solid", "ground-glass", "juxtapleural", "juxtavascular"], p=[0.55, 0.1, 0.2, 0.15])
+    kind = rng.choice(["solid", "ground-glass", "juxtapleural", "juxtavascular"], p=[0.5, 0.15, 0.2, 0.15])
     if kind == "ground-glass":
         nodule.update(hu=float(rng.uniform(-500, -350)), radius=nodule["radius"] * 1.3)
     elif kind == "juxtapleural":
