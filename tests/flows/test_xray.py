@@ -42,7 +42,7 @@ def test_three_class_pipeline_reports_per_class_metrics_and_the_baseline(xray_ru
     assert [r["class"] for r in test["per_class"]] == ["normal", "pneumonia", "effusion"]
     assert np.array(test["confusion_matrix"]).shape == (3, 3)
     assert np.array(test["confusion_matrix"]).sum() == test["n"]
-    assert 0 <= metrics["baseline"]["auc"] <= 1 and "mean intensity" in metrics["baseline"]["name"]
+    assert 0 <= metrics["baseline"]["auc"] <= 1 and "four intensity features" in metrics["baseline"]["name"]
 
     preds = pd.read_csv(run / "predictions.csv")
     proba = preds[["p_normal", "p_pneumonia", "p_effusion"]].to_numpy()
