@@ -502,6 +502,7 @@ def server(
     user visits could otherwise start runs on it. Clients read HOME/client.env.
     """
     import os
+    import signal
     import subprocess
 
     from medflow import report_server
@@ -511,6 +512,12 @@ def server(
     url = f"http://127.0.0.1:{port}"
     client_env = home.resolve() / "client.env"
     reports = f"http://127.0.0.1:{reports_port}"
+    if reports_port:
+        try:
+            report_server.start(reports_port)
+        except OSError as exc:  # the port is taken: the UI and API still start, report links stay files
+            err.print(f"[yellow]no report server on {reports}: {exc.strerror}[/] (choose another --reports-port)")
+            reports_port = 0
     write_private(client_env, f"export PREFECT_API_URL={url}/api\nexport PREFECT_API_AUTH_STRING='{auth}'\n"
                   + (f"export MEDFLOW_REPORTS_URL={reports}\n" if reports_port else ""))
     env = {**os.environ, "PREFECT_HOME": str(home.resolve()), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
@@ -522,14 +529,20 @@ def server(
     prefect = Path(sys.executable).with_name("prefect")
     if not reports_port:
         os.execve(str(prefect), [str(prefect), "server", "start", "--host", "127.0.0.1", "--port", str(port)], env)
-    report_server.start(reports_port)
     console.print(f"Reports: {reports} (read-only; the report links of runs whose clients sourced client.env)")
     proc = subprocess.Popen([str(prefect), "server", "start", "--host", "127.0.0.1", "--port", str(port)], env=env)
+
+    def stop(signum, frame):  # a stop for this process stops the Prefect server too: no orphaned server
+        proc.terminate()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGHUP, stop)
     try:
-        raise typer.Exit(proc.wait())
+        code = proc.wait()
     except KeyboardInterrupt:
         proc.terminate()
-        raise typer.Exit(proc.wait()) from None
+        code = proc.wait()
+    raise typer.Exit(code)
 
 
 @app.command()

@@ -86,13 +86,13 @@ def test_serve_deployments_and_trigger_adhoc_run(prefect_server, quick_spec, tmp
 def test_medflow_server_refuses_foreign_origins_and_requests_without_credentials(tmp_path):
     from tests.conftest import _free_port
 
-    port = _free_port()
+    port, reports_port = _free_port(), _free_port()
     home = tmp_path / "server-home"
     env = server_env("", tmp_path)
     env.pop("PREFECT_API_URL")
     log = (tmp_path / "server.log").open("w")
-    server = subprocess.Popen([str(BIN / "medflow"), "server", "--port", str(port), "--home", str(home)], env=env,
-                              stdout=log, stderr=subprocess.STDOUT)
+    server = subprocess.Popen([str(BIN / "medflow"), "server", "--port", str(port), "--home", str(home),
+                               "--reports-port", str(reports_port)], env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
         def healthy():
@@ -105,6 +105,9 @@ def test_medflow_server_refuses_foreign_origins_and_requests_without_credentials
         auth = (home / "api-auth").read_text().strip()
         assert oct((home / "api-auth").stat().st_mode & 0o777) == "0o600"
         assert f"PREFECT_API_AUTH_STRING='{auth}'" in (home / "client.env").read_text()
+        # the read-only report server beside it, and the clients told where it is
+        assert f"MEDFLOW_REPORTS_URL=http://127.0.0.1:{reports_port}" in (home / "client.env").read_text()
+        assert httpx.get(f"http://127.0.0.1:{reports_port}/health", timeout=5).text == "medflow reports"
         body = {"limit": 1}
         # what a web page on another origin can send: refused without the credentials it cannot know
         evil = httpx.post(f"{url}/api/flow_runs/filter", json=body, headers={"Origin": "http://evil.example"},
@@ -125,3 +128,13 @@ def test_medflow_server_refuses_foreign_origins_and_requests_without_credentials
     finally:
         stop_process(server)
         log.close()
+    # stopping `medflow server` stops Prefect's server too (no orphan keeps the port)
+    _wait_for(lambda: not _answers(f"{url}/api/health"), 30, "the Prefect server to stop with medflow server")
+
+
+def _answers(url: str) -> bool:
+    try:
+        httpx.get(url, timeout=2)
+    except httpx.HTTPError:
+        return False
+    return True
