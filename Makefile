@@ -10,7 +10,7 @@ export DO_NOT_TRACK := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export TF_CPP_MIN_LOG_LEVEL := 2
 
-.PHONY: install demo demo-segmentation demo-xray demo-ecg test bench clean system-deps
+.PHONY: install demo demo-segmentation demo-detection demo-xray demo-ecg test bench clean system-deps
 
 install: $(STAMP)
 
@@ -25,6 +25,9 @@ demo: $(STAMP)
 
 demo-segmentation: $(STAMP)
 	$(BIN)/medflow demo --task segmentation --workdir work/demo-segmentation
+
+demo-detection: $(STAMP)
+	$(BIN)/medflow demo --task detection --workdir work/demo-detection
 
 demo-xray: $(STAMP)
 	$(BIN)/medflow demo --task xray --workdir work/demo-xray

@@ -63,6 +63,30 @@ run: {{retries: 2, dask: {{n_workers: 2, threads_per_worker: 1}}}}
 """
 
 
+DET_DEMO_SPEC = """\
+# The detection demo: lung nodules on the synthetic chest-CT cohort (vessels, granulomas, ground-glass and
+# juxtapleural nodules), marks from DICOM SR (TID 1500), a CenterNet-style 3D detector, FROC against a baseline.
+name: demo-detection
+data:
+  source: cohort/dicom
+  marks: {{source: sr}}
+  store: store.zarr
+  split: {{val: 0.2, test: 0.2, by: patient, stratify: true, seed: {seed}}}
+ingest: {{deidentify: true, modalities: [CT], min_slices: 8}}
+preprocess:
+  - resample: {{spacing: [4.0, 4.0, 4.0]}}
+  - lung_mask: {{threshold: -400, dilate_mm: 6}}
+  - window: {{center: -600, width: 1500}}
+  - crop_pad: {{shape: [56, 72, 88], value: 0}}
+augment: {{flip: [x, y], intensity_jitter: 0.05}}
+model: {{task: detection, arch: centernet3d, params: {{filters: [8, 16, 32], norm: batch}}}}
+train: {{epochs: {epochs}, batch_size: 8, optimizer: adam, learning_rate: 0.003, early_stopping: 8, reduce_lr: 4,
+        patch_size: [16, 32, 32], samples_per_volume: 4, foreground_ratio: 0.6, seed: {seed}}}
+evaluate: {{bootstrap: 1000}}
+run: {{retries: 2, dask: {{n_workers: 2, threads_per_worker: 1}}}}
+"""
+
+
 XRAY_DEMO_SPEC = """\
 # The chest X-ray demo: normal / pneumonia / pleural effusion on synthetic DX and CR radiographs.
 name: demo-xray
@@ -112,6 +136,7 @@ run: {{retries: 2, dask: {{n_workers: 2, threads_per_worker: 1}}}}
 DEMOS = {
     "classification": (DEMO_SPEC, 150, "work/demo", 30),
     "segmentation": (SEG_DEMO_SPEC, 60, "work/demo-segmentation", 30),
+    "detection": (DET_DEMO_SPEC, 150, "work/demo-detection", 30),
     "xray": (XRAY_DEMO_SPEC, 600, "work/demo-xray", 40),
     "ecg": (ECG_DEMO_SPEC, 450, "work/demo-ecg", 30),
 }
@@ -263,7 +288,7 @@ def runs(
         return
     for r in df.itertuples():
         value = "" if pd_isna(r.value) else f"{r.metric} {r.value:.3f}"
-        base = "" if pd_isna(r.baseline_auc) else f" (baseline {r.baseline_auc:.3f})"
+        base = "" if pd_isna(r.baseline) else f" (baseline {r.baseline:.3f})"
         console.print(f"{r.run}  {r.spec:20} {r.state:9} {r.finished:19}  data {r.data:12}  {value}{base}",
                       soft_wrap=True)
 
@@ -372,6 +397,8 @@ def synth(
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     matrix: Annotated[int, typer.Option(min=32, help="CT: rows and columns of each slice.")] = 128,
     masks: Annotated[bool, typer.Option(help="CT: also write each nodule as a DICOM SEG.")] = False,
+    marks: Annotated[bool, typer.Option(help="CT: also write each nodule's centre and diameter as a DICOM SR "
+                                        "(TID 1500) and a row of marks.csv (LUNA16 layout), for detection.")] = False,
     format: Annotated[str, typer.Option(help="xray: dicom (DX/CR files) or png (8-bit PNG in one folder per "  # noqa: A002
                                         "class).")] = "dicom",
     classes: Annotated[str | None, typer.Option(help="xray: comma-separated subset of normal,pneumonia,effusion "
@@ -388,7 +415,7 @@ def synth(
             err.print(f"[bold red]{exc}[/]")
             raise typer.Exit(2) from None
     elif kind == "ct":
-        _synth(out, patients, seed, matrix, masks=masks)
+        _synth(out, patients, seed, matrix, masks=masks, marks=marks)
     elif kind == "ecg":
         _synth_ecg(out, patients, seed)
     else:
@@ -406,7 +433,8 @@ def demo(
     epochs: Annotated[int | None, typer.Option(min=1, help="Most training epochs (early stopping may end sooner); "
                                                "default 30, 40 for xray.")] = None,
     task: Annotated[str, typer.Option(help="classification (nodule present/absent on CT, cnn3d), segmentation "
-                                      "(tumour masks from DICOM SEG, unet2d), xray (chest X-rays in three "
+                                      "(tumour masks from DICOM SEG, unet2d), detection (nodule centres from "
+                                      "DICOM SR, centernet3d, FROC), xray (chest X-rays in three "
                                       "classes, resnet2d) or ecg (12-lead ECG rhythms, cnn_gru).")] = "classification",
 ) -> None:
     """Synthesise a cohort, write a spec, and run the whole pipeline on it."""
@@ -432,6 +460,8 @@ def demo(
         # segmentation: lung tumours of 6-14 mm radius, in 3 of 4 patients, as DICOM SEG
         options = {"masks": True, "nodule_radius": [6.0, 14.0], "positive_fraction": 0.75} \
             if task == "segmentation" else {"nodule_radius": [5.0, 10.0]}
+        if task == "detection":  # nodules as DICOM SR marks (and marks.csv) in 7 of 10 patients; tubular mimics
+            options = {"marks": True, "mimics": True, "nodule_radius": [5.0, 10.0], "positive_fraction": 0.7}
         # "anatomy": the generator's version (vessels, granulomas, ground-glass nodules, blur since 2)
         wanted = {"patients": patients, "seed": seed, "matrix": 128, "anatomy": 6, **options}
     t_cohort = time.perf_counter()

@@ -17,6 +17,10 @@ import pandas as pd
 import yaml
 from scipy import stats
 
+# the test metric a run is listed by: the first of these its metrics.json has (classification and signal,
+# segmentation, detection)
+HEADLINE_METRICS = ("auc", "dice", "cpm")
+
 
 def list_runs(runs_dir: str | Path) -> pd.DataFrame:
     """One row per run folder under ``runs_dir``: run id, spec name, state, finish time, data
@@ -29,17 +33,18 @@ def list_runs(runs_dir: str | Path) -> pd.DataFrame:
         provenance = _read_json(folder / "provenance.json")
         metrics = _read_json(folder / "metrics.json")
         test = metrics.get("test", {})
+        metric = next((m for m in HEADLINE_METRICS if m in test), "")
         rows.append({
             "run": folder.name, "spec": (spec or {}).get("name", ""), "state": status.get("state", ""),
             "finished": status.get("finished_at", ""), "data": str(provenance.get("data_digest", ""))[:12],
             "task": metrics.get("task", (spec or {}).get("model", {}).get("task", "")),
-            "metric": "auc" if "auc" in test else "dice" if "dice" in test else "",
-            "value": test.get("auc", test.get("dice")),
-            "baseline_auc": metrics.get("baseline", {}).get("auc"),
+            "metric": metric,
+            "value": test.get(metric) if metric else None,
+            "baseline": (metrics.get("baseline") or {}).get(metric) if metric else None,
             "n_test": test.get("n"),
         })
     df = pd.DataFrame(rows, columns=["run", "spec", "state", "finished", "data", "task", "metric", "value",
-                                     "baseline_auc", "n_test"])
+                                     "baseline", "n_test"])
     return df.sort_values("run", ascending=False, kind="stable").reset_index(drop=True)
 
 

@@ -34,9 +34,9 @@ def _png(fig) -> str:
 
 
 def plot_history(history: dict[str, list[float]]) -> str:
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
-    second = "auc" if "auc" in history else "dice"
-    for ax, metric in zip(axes, ("loss", second)):
+    metrics = ["loss", *[m for m in ("auc", "dice") if m in history][:1]]  # a detector has a loss only
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.5 * len(metrics), 3.2), squeeze=False)
+    for ax, metric in zip(axes[0], metrics):
         for prefix, style in (("", "-"), ("val_", "--")):
             vals = history.get(prefix + metric)
             if vals:

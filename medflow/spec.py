@@ -134,6 +134,24 @@ class MasksSpec(_Model):
         return self
 
 
+class MarksSpec(_Model):
+    """Where lesion marks (centre and diameter, for detection) come from; placed on their series' voxel grid at
+    ingest and stored with the series."""
+
+    source: Literal["sr", "csv"] = Field(
+        description="`sr`: DICOM SR measurement reports (TID 1500, 3D coordinates) among the DICOM files, matched "
+        "to the series they reference; `csv`: a table in LUNA16's layout (seriesuid, coordX, coordY, coordZ in "
+        "patient mm, diameter_mm).")
+    table: str | None = Field(None, description="The CSV of marks (for `source: csv`); relative to the spec.")
+
+    @model_validator(mode="after")
+    def _table(self) -> MarksSpec:
+        if self.source == "csv" and not self.table:
+            raise ValueError("data.marks.table is required with source: csv (seriesuid, coordX, coordY, coordZ, "
+                             "diameter_mm)")
+        return self
+
+
 class DataSpec(_Model):
     source: str = Field(description="Folder of DICOM files (any layout, any file names), a DICOMweb server "
                         "(dicomweb://host:port/path, dicomweb+https://host/path), or with format: images a folder "
@@ -144,6 +162,8 @@ class DataSpec(_Model):
     labels: LabelsSpec | None = Field(None, description="Labels for classification (images in class folders need "
                                       "none: the folder names are the classes).")
     masks: MasksSpec | None = Field(None, description="Masks for segmentation (DICOM SEG or NIfTI).")
+    marks: MarksSpec | None = Field(None, description="Lesion marks for detection (DICOM SR or a CSV); a series "
+                                    "without marks has no lesion.")
     store: str = Field(description="Zarr store: a folder, or an fsspec URL (s3://bucket/path, memory://name, "
                        "file:///path); created if missing.")
     runs: str | None = Field(None, description="Folder of run outputs (default: `runs` beside the store).")
@@ -463,11 +483,12 @@ class AugmentSpec(_Model):
 class ModelSpec(_Model):
     task: str = Field(
         "classification", description="The task kind: what the model predicts and how it is evaluated (see "
-        "medflow.kinds): classification (a class per series or image), segmentation (a mask, from data.masks) or "
-        "signal (a class per waveform: DICOM ECG).",
-        json_schema_extra={"enum": ["classification", "segmentation", "signal"]})
+        "medflow.kinds): classification (a class per series or image), segmentation (a mask, from data.masks), "
+        "detection (lesion centres and sizes, from data.marks) or signal (a class per waveform: DICOM ECG).",
+        json_schema_extra={"enum": ["classification", "detection", "segmentation", "signal"]})
     arch: str = Field("cnn3d", description="A model of the registry in models/: cnn3d (3D), seed_cnn, resnet2d, "
-                      "efficientnet_b0 (2D) for classification; unet2d, unet3d for segmentation; gru, lstm, cnn_gru for signal.")
+                      "efficientnet_b0 (2D) for classification; unet2d, unet3d for segmentation; centernet3d for detection; gru, lstm, "
+                      "cnn_gru for signal.")
     params: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments of the model builder "
                                    "(e.g. filters, norm for the U-Nets).")
 
@@ -696,6 +717,8 @@ def parse_spec(data: Any, *, base_dir: str | Path = ".", check_paths: bool = Tru
             "labels": labels.model_copy(update={"path": _resolve(labels.path, base)}) if labels else None,
             "masks": spec.data.masks.model_copy(update={"table": _resolve(spec.data.masks.table, base)})
             if spec.data.masks else None,
+            "marks": spec.data.marks.model_copy(update={"table": _resolve(spec.data.marks.table, base)})
+            if spec.data.marks else None,
         }
     )
     spec = spec.model_copy(update={"data": data_spec})
@@ -709,6 +732,8 @@ def parse_spec(data: Any, *, base_dir: str | Path = ".", check_paths: bool = Tru
             problems.append(f"data.labels.path: file not found (received: {spec.data.labels.path!r})")
         if spec.data.masks and spec.data.masks.table and not Path(spec.data.masks.table).is_file():
             problems.append(f"data.masks.table: file not found (received: {spec.data.masks.table!r})")
+        if spec.data.marks and spec.data.marks.table and not Path(spec.data.marks.table).is_file():
+            problems.append(f"data.marks.table: file not found (received: {spec.data.marks.table!r})")
         if problems:
             raise SpecError("invalid spec:\n  " + "\n  ".join(problems), problems)
     return spec

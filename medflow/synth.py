@@ -47,6 +47,8 @@ class Cohort:
     uids: list[str] = field(default_factory=list)
     nodules: dict[str, dict] = field(default_factory=dict)
     seg_files: list[Path] = field(default_factory=list)
+    sr_files: list[Path] = field(default_factory=list)
+    marks_csv: Path | None = None
 
 
 def _uid(seed: int, *parts) -> str:
@@ -92,6 +94,8 @@ def phantom(
     lung = vol == -860.0
     if anatomy:
         for seg in anatomy["vessels"]:
+            _draw_tube(vol, lung, (z, y, x), spacing, seg)
+        for seg in anatomy.get("mimics", []):
             _draw_tube(vol, lung, (z, y, x), spacing, seg)
         for gran in anatomy["granulomas"]:
             _draw_ball(vol, (z, y, x), gran)
@@ -151,9 +155,12 @@ def _point_in_lung(rng: np.random.Generator, body: dict, side: int, shrink: floa
             float(body["lung_zc"] + u[2] * body["lung_zh"] * shrink))
 
 
-def _hard_anatomy(rng: np.random.Generator, body: dict) -> dict:
+def _hard_anatomy(rng: np.random.Generator, body: dict, *, mimics: bool = False) -> dict:
     """Vessel trees from each hilum (their size varies between patients), benign granulomas in any
-    patient (calcified: brighter than any nodule; soft: small and nodule-like), and a blur."""
+    patient (calcified: brighter than any nodule; soft: small and nodule-like), and a blur. With
+    ``mimics``, thick tubular opacities too (mucus-filled bronchi, scars): soft tissue as dense and
+    as wide as a small nodule, but long; a blob detector that only smooths intensity takes them for
+    nodules, one that sees shape does not."""
     a, b = body["a"], body["b"]
     vessels = []
     for side in (-1, 1):
@@ -182,7 +189,15 @@ def _hard_anatomy(rng: np.random.Generator, body: dict) -> dict:
                            "hu": float(rng.uniform(400, 900) if calcified else rng.uniform(10, 60))})
     blur = float(rng.uniform(0.5, 1.5)) if rng.uniform() < 0.5 else 0.0
     axes = [(1.0, 0.3, 0.3), (0.3, 1.0, 0.3)][int(rng.integers(2))]  # breathing along z, motion along y
-    return {"vessels": vessels, "granulomas": granulomas, "blur_mm": blur, "blur_axes": axes}
+    tubes = []
+    for _ in range(int(rng.poisson(2.5)) if mimics else 0):
+        start = np.array(_point_in_lung(rng, body, int(rng.choice([-1, 1])), 0.75))
+        direction = rng.normal(0, 1, size=3)
+        end = start + direction / np.linalg.norm(direction) * float(rng.uniform(25, 45))
+        radius = float(rng.uniform(3.0, 4.5))
+        tubes.append({"p0": tuple(start), "p1": tuple(end), "r0": radius, "r1": radius * 0.9,
+                      "hu": float(rng.uniform(10, 60))})
+    return {"vessels": vessels, "granulomas": granulomas, "blur_mm": blur, "blur_axes": axes, "mimics": tubes}
 
 
 def _patient_geometry(rng: np.random.Generator, matrix: int) -> dict:
@@ -232,6 +247,17 @@ def write_seg(source_paths: list[Path], mask: np.ndarray, out: Path, *, seed: in
     )
     seg.save_as(out)
     return out
+
+
+def write_marks(source_paths: list[Path], marks: list[dict], out: Path, *, seed: int, i: int) -> Path:
+    """The nodules of a series as a DICOM SR (TID 1500: a 3D point and a diameter each), as an annotator's."""
+    import pydicom
+
+    from storage.marks import write_sr
+
+    return write_sr([pydicom.dcmread(p, stop_before_pixels=True) for p in source_paths], marks, out,
+                    series_uid=_uid(seed, "sr-series", i), sop_uid=_uid(seed, "sr", i), description="nodule marks",
+                    manufacturer="MEDFLOW-SYNTH")
 
 
 def _hard_nodule(rng: np.random.Generator, body: dict, radius_mm: tuple[float, float], vessels: list[dict]) -> dict:
@@ -340,7 +366,7 @@ def _write_series(
 def synthesize(
     out: str | Path, *, patients: int = 80, seed: int = 0, matrix: int = 128, positive_fraction: float = 0.5,
     broken: bool = True, masks: bool = False, nodule_radius: tuple[float, float] = (4.0, 8.0), progress=None,
-    hard: bool = True,
+    hard: bool = True, marks: bool = False, mimics: bool = False,
 ) -> Cohort:
     """Write a synthetic cohort to ``out/dicom`` and ``out/labels.csv``.
 
@@ -356,6 +382,10 @@ def synthesize(
         progress: optional callable ``progress(done, total)``.
         hard: vessels, benign granulomas in any patient, ground-glass, juxtapleural and juxtavascular
             nodules, blur and a wider spread of noise (dose); False: the plain phantom (solid nodules only).
+        marks: also write each nodule's centre and diameter as a DICOM SR (TID 1500, a 3D point) beside its
+            series and as a row of ``out/marks.csv`` (LUNA16's layout), for detection.
+        mimics: (with ``hard``) thick tubular soft-tissue opacities in any patient, which an intensity blob
+            detector mistakes for nodules (the detection demo's cohort).
     """
     if patients < 2:
         raise ValueError(f"Received patients={patients}, expected at least 2.")
@@ -367,7 +397,7 @@ def synthesize(
     labels = np.zeros(patients, dtype=int)
     labels[rng.permutation(patients)[:n_pos]] = 1
     cohort = Cohort(out, dicom_dir, out / "labels.csv", patients, n_pos, 0)
-    rows = []
+    rows, mark_rows = [], []
     name_rng = np.random.default_rng(seed + 1)
 
     def fname(folder: Path) -> Path:
@@ -377,7 +407,7 @@ def synthesize(
 
     for i in range(patients):
         geo = _patient_geometry(rng, matrix)
-        anatomy = _hard_anatomy(rng, geo["body"]) if hard else None
+        anatomy = _hard_anatomy(rng, geo["body"], mimics=mimics) if hard else None
         if labels[i]:
             nodule = (_hard_nodule(rng, geo["body"], nodule_radius, anatomy["vessels"]) if hard
                       else _nodule_in_lung(rng, geo["body"], nodule_radius))
@@ -405,6 +435,14 @@ def synthesize(
                 seg_path = fname(pfolder / "seg" if layout == "series" else pfolder)
                 cohort.seg_files.append(write_seg(paths, truth, seg_path, seed=seed, i=i))
                 cohort.n_files += 1
+            if marks:
+                mark = {"x": nodule["center"][0], "y": nodule["center"][1], "z": nodule["center"][2],
+                        "diameter_mm": 2.0 * nodule["radius"]}
+                mark_rows.append({"seriesuid": series_uid, "coordX": mark["x"], "coordY": mark["y"],
+                                  "coordZ": mark["z"], "diameter_mm": mark["diameter_mm"]})
+                sr_path = fname(pfolder / "sr" if layout == "series" else pfolder)
+                cohort.sr_files.append(write_marks(paths, [mark], sr_path, seed=seed, i=i))
+                cohort.n_files += 1
         if broken and i % 10 == 3:
             # a 3-slice localizer in the same study: too few slices for a 3D model
             loc_geo = {**geo, "nz": 3}
@@ -424,6 +462,12 @@ def synthesize(
         writer = csv.DictWriter(fh, fieldnames=["StudyInstanceUID", "nodule"])
         writer.writeheader()
         writer.writerows(rows)
+    if marks:
+        cohort.marks_csv = out / "marks.csv"
+        with cohort.marks_csv.open("w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=["seriesuid", "coordX", "coordY", "coordZ", "diameter_mm"])
+            writer.writeheader()
+            writer.writerows(mark_rows)
     logger.info("synthesised %d patients (%d with a nodule), %d files", patients, n_pos, cohort.n_files)
     return cohort
 

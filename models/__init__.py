@@ -46,6 +46,8 @@ _REGISTRY: dict[str, ModelInfo] = {
                          "1D CNN front end and a bidirectional GRU: the common ECG architecture"),
     "unet2d": ModelInfo("models.unet:build_unet2d", "segmentation", 2, "2D U-Net on slices"),
     "unet3d": ModelInfo("models.unet:build_unet3d", "segmentation", 3, "3D U-Net on volumes or patches"),
+    "centernet3d": ModelInfo("models.detector:build_centernet3d", "detection", 3,
+                             "CenterNet-style heat map and size heads on a 3D U-Net"),
 }
 
 

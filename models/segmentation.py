@@ -11,7 +11,6 @@ fixed seed, so validation loss is comparable between epochs. No Prefect here.
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable
 from pathlib import Path
 
@@ -96,55 +95,28 @@ def augment_pair(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator, 
 def make_patch_dataset(loader: Callable[[str], tuple[np.ndarray, np.ndarray]], keys: list[str], *, patch,
                        batch_size: int, samples_per_volume: int, foreground_ratio: float, two_d: bool,
                        augment: dict | None = None, seed: int = 0, fixed: bool = False):
-    """A ``keras.utils.PyDataset`` of ``(image patches, foreground patches)``.
+    """A ``keras.utils.PyDataset`` of ``(image patches, foreground patches)`` (``models.training.sampled_dataset``).
 
     ``fixed=True`` draws the patches once (validation); otherwise they are drawn anew every epoch.
     """
-    import keras
+    from models.training import sampled_dataset
 
-    class PatchDataset(keras.utils.PyDataset):
-        def __init__(self):
-            super().__init__(workers=1, use_multiprocessing=False)
-            self.cache: dict[str, tuple] = {}
-            self.rng = np.random.default_rng(seed)
-            self.items = np.repeat(np.arange(len(keys)), samples_per_volume)
-            self.rng.shuffle(self.items)
-            self.frozen: dict[int, tuple] = {}
+    cache: dict[int, tuple] = {}
 
-        def __len__(self):
-            return math.ceil(len(self.items) / batch_size)
+    def draw(i: int, rng: np.random.Generator):
+        if i not in cache:
+            image, mask = loader(keys[i])
+            fg = (mask > 0).astype(np.float32)
+            cache[i] = (image.astype(np.float32), fg, np.argwhere(fg > 0))
+        image, fg, coords = cache[i]
+        x, y = sample_patch(image, fg, patch, rng, foreground=coords, foreground_ratio=foreground_ratio)
+        if augment:
+            x, y = augment_pair(x, y, rng, **augment)
+        x, y = (x[0], y[0]) if two_d else (x, y)
+        return x[..., None].astype(np.float32), y[..., None].astype(np.float32)
 
-        def _get(self, i):
-            key = keys[i]
-            if key not in self.cache:
-                image, mask = loader(key)
-                fg = (mask > 0).astype(np.float32)
-                self.cache[key] = (image.astype(np.float32), fg, np.argwhere(fg > 0))
-            return self.cache[key]
-
-        def _batch(self, idx):
-            xs, ys = [], []
-            for i in self.items[idx * batch_size:(idx + 1) * batch_size]:
-                image, fg, coords = self._get(int(i))
-                x, y = sample_patch(image, fg, patch, self.rng, foreground=coords, foreground_ratio=foreground_ratio)
-                if augment:
-                    x, y = augment_pair(x, y, self.rng, **augment)
-                xs.append(x[0] if two_d else x)
-                ys.append(y[0] if two_d else y)
-            return np.stack(xs)[..., None].astype(np.float32), np.stack(ys)[..., None].astype(np.float32)
-
-        def __getitem__(self, idx):
-            if not fixed:
-                return self._batch(idx)
-            if idx not in self.frozen:
-                self.frozen[idx] = self._batch(idx)
-            return self.frozen[idx]
-
-        def on_epoch_end(self):
-            if not fixed:
-                self.rng.shuffle(self.items)
-
-    return PatchDataset()
+    return sampled_dataset(len(keys), draw, samples_per_item=samples_per_volume, batch_size=batch_size, seed=seed,
+                           fixed=fixed)
 
 
 def train_segmenter(

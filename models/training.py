@@ -165,6 +165,43 @@ def make_dataset(loader: Callable[[str], np.ndarray], keys: list[str], labels: n
     return VolumeDataset()
 
 
+def sampled_dataset(n_items: int, draw: Callable[[int, np.random.Generator], tuple[np.ndarray, np.ndarray]], *,
+                    samples_per_item: int, batch_size: int, seed: int = 0, fixed: bool = False):
+    """A ``keras.utils.PyDataset`` of batches of ``draw(item, rng)`` pairs: each of ``n_items`` items is drawn
+    ``samples_per_item`` times per epoch, in a shuffled order (patches of volumes, for segmentation and
+    detection). ``fixed=True`` draws each batch once and keeps it (validation: comparable between epochs).
+    """
+    keras = _keras()
+
+    class SampledDataset(keras.utils.PyDataset):
+        def __init__(self):
+            super().__init__(workers=1, use_multiprocessing=False)
+            self.rng = np.random.default_rng(seed)
+            self.items = np.repeat(np.arange(n_items), samples_per_item)
+            self.rng.shuffle(self.items)
+            self.frozen: dict[int, tuple] = {}
+
+        def __len__(self):
+            return math.ceil(len(self.items) / batch_size)
+
+        def _batch(self, idx):
+            pairs = [draw(int(i), self.rng) for i in self.items[idx * batch_size:(idx + 1) * batch_size]]
+            return np.stack([x for x, _ in pairs]), np.stack([y for _, y in pairs])
+
+        def __getitem__(self, idx):
+            if not fixed:
+                return self._batch(idx)
+            if idx not in self.frozen:
+                self.frozen[idx] = self._batch(idx)
+            return self.frozen[idx]
+
+        def on_epoch_end(self):
+            if not fixed:
+                self.rng.shuffle(self.items)
+
+    return SampledDataset()
+
+
 def class_weights(labels: np.ndarray, mode: str) -> dict[int, float] | None:
     """``balanced`` weights (scikit-learn) or None.
 

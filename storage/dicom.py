@@ -29,6 +29,7 @@ from pydicom.valuerep import EXPLICIT_VR_LENGTH_32, VR
 
 from storage.deid import Pseudonymizer
 from storage.errors import InvalidSeriesError, SourceError, UnreadableFileError, reason_for
+from storage.marks import SR_CLASSES, MarksError, read_sr
 from storage.masks import SEG_SOP_CLASS
 
 logger = logging.getLogger(__name__)
@@ -411,6 +412,8 @@ def _scan(path: Path, relpath: str, pseudo: Pseudonymizer) -> dict:
             if str(sop_class).startswith(WAVEFORM_CLASSES) and series_uid:  # an ECG: channels, not pixels
                 return {**_scan_record(header, relpath, series_uid, pseudo), "waveform": True, "planar": False,
                         "pixels": 0}
+            if str(sop_class) in SR_CLASSES and series_uid:  # lesion marks for an image series
+                return _sr_record(path, header, relpath, series_uid, pseudo)
             sop_name = UID(str(sop_class)).name if sop_class else "unknown SOP class"
             return {"reason": f"no pixel data ({sop_name})"}
         if str(sop_class) == SEG_SOP_CLASS:
@@ -459,6 +462,26 @@ def _seg_record(ds: ScanHeader, relpath: str, series_uid: str, pseudo: Pseudonym
         "study_key": pseudo.study_key(str(ds.get("StudyInstanceUID", "") or "")),
         "sop_key": pseudo.key(str(ds.get("SOPInstanceUID", "") or relpath), kind="sop"),
         "modality": "SEG",
+        "pixels": 0,
+    }
+
+
+def _sr_record(path: Path, ds: ScanHeader, relpath: str, series_uid: str, pseudo: Pseudonymizer) -> dict:
+    """A DICOM SR with lesion marks (TID 1500, 3D coordinates) for the one series it references."""
+    try:
+        report = read_sr(path)
+    except MarksError as exc:
+        return {"reason": str(exc)}
+    if len(report["series"]) != 1:
+        return {"reason": f"DICOM SR references {len(report['series'])} series (evidence sequences); expected 1"}
+    return {
+        "series_key": pseudo.series_key(series_uid),
+        "marks_for": pseudo.series_key(report["series"][0]),
+        "marks": report["marks"],
+        "patient_key": pseudo.patient_key(str(ds.get("PatientID", "") or "")),
+        "study_key": pseudo.study_key(str(ds.get("StudyInstanceUID", "") or "")),
+        "sop_key": pseudo.key(str(ds.get("SOPInstanceUID", "") or relpath), kind="sop"),
+        "modality": "SR",
         "pixels": 0,
     }
 

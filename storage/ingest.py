@@ -39,6 +39,7 @@ from storage.dicom import (
     volume_dtype,
 )
 from storage.errors import IngestError, InvalidSeriesError, belongs_to_run, reason_for
+from storage.marks import place_marks
 from storage.masks import MaskError, load_mask
 from storage.qc import StackQC, deshear, group_mixed, measure, positions_along, resample_along_normal, split_duplicates
 from storage.store import Store
@@ -60,12 +61,15 @@ class IngestOptions:
     tilt_tolerance_deg: float = 0.5
     masks: str | None = None  # "seg" or "nifti": map masks onto their series
     fallback_spacing: float | None = None  # mm, for planar images whose spacing is impossible
+    marks: str | None = None  # "sr" or "csv": lesion marks placed on their series
+    marks_table: str | None = None  # the CSV of marks (its rows enter each series' digest, not its path)
 
     def digest(self) -> str:
         # only what changes the stored result (the modality filter acts before reading)
-        fields = {k: v for k, v in self.__dict__.items() if k != "modalities"}
-        if fields["fallback_spacing"] is None:  # added later: unset, the digests of existing stores stay valid
-            del fields["fallback_spacing"]
+        fields = {k: v for k, v in self.__dict__.items() if k not in ("modalities", "marks_table")}
+        for later in ("fallback_spacing", "marks"):  # added later: unset, the digests of existing stores stay valid
+            if fields[later] is None:
+                del fields[later]
         blob = json.dumps(fields, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
@@ -86,6 +90,9 @@ class SeriesPlan:
     # files that hold the same SOP instance (exported twice, or in two transfer syntaxes); each group's
     # first file is kept if the others have the same pixels, all are quarantined if not
     repeats: list[list[str]] = field(default_factory=list)
+    # lesion marks in patient mm (``storage.marks``; None: the run reads no marks) and where they came from
+    marks: list[dict] | None = None
+    marks_from: list[str] = field(default_factory=list)
 
 
 # Peak bytes per decoded pixel while a series is ingested: the decoded frames (up to float64
@@ -140,6 +147,7 @@ def plan_series(
     previous_quarantine: list[dict],
     options: IngestOptions,
     nifti_masks: dict[str, tuple[str, int, int]] | None = None,
+    csv_marks: dict[str, list[dict]] | None = None,
 ) -> ScanResult:
     """Group scanned files into series and decide what to ingest.
 
@@ -147,13 +155,22 @@ def plan_series(
     matches the catalog, or a quarantine row from an earlier run, is unchanged and skipped.
     DICOM SEG files are attached to the series they reference (``options.masks == "seg"``);
     ``nifti_masks`` maps series keys to ``(path, size, mtime_ns)`` of their NIfTI masks.
+    Lesion marks come from DICOM SR files that reference the series (``options.marks == "sr"``)
+    or from ``csv_marks`` (series key -> marks, ``options.marks == "csv"``).
     """
     result = ScanResult(n_files=len(index))
     groups: dict[str, list[str]] = defaultdict(list)
     segs: dict[str, list[str]] = defaultdict(list)
+    srs: dict[str, list[str]] = defaultdict(list)
     for relpath, rec in sorted(index.items()):
         if "reason" in rec:
             result.quarantine.append({"path": relpath, "reason": rec["reason"], "stage": "scan"})
+        elif "marks_for" in rec:
+            if options.marks == "sr":
+                srs[rec["marks_for"]].append(relpath)
+            else:
+                result.quarantine.append({"path": relpath, "stage": "scan", "reason": "DICOM SR with lesion marks "
+                                          "(not an image); set data.marks.source: sr to use them"})
         elif "mask_for" in rec:
             if options.masks == "seg":
                 segs[rec["mask_for"]].append(relpath)
@@ -165,6 +182,10 @@ def plan_series(
     for ref, files in sorted(segs.items()):
         if ref not in groups:
             result.quarantine.extend({"path": f, "stage": "scan", "reason": "DICOM SEG references a series that "
+                                      "is not in the source"} for f in files)
+    for ref, files in sorted(srs.items()):
+        if ref not in groups:
+            result.quarantine.extend({"path": f, "stage": "scan", "reason": "DICOM SR references a series that "
                                       "is not in the source"} for f in files)
     nifti_masks = nifti_masks or {}
     quarantined_digests = {
@@ -199,6 +220,14 @@ def plan_series(
             path, size, mtime = nifti_masks[key]
             masks, mask_kind = [path], "nifti"
             mask_parts = [f"nifti:{pseudo.key(path, kind='path')}:{size}:{mtime}"]
+        marks, marks_from = None, []
+        if options.marks == "sr":
+            marks_from = srs.get(key, [])
+            marks = [m for f in marks_from for m in index[f]["marks"]]
+        elif options.marks == "csv":
+            marks, marks_from = (csv_marks or {}).get(key, []), ["marks table"]
+        if marks:
+            mask_parts = mask_parts + [f"marks:{pseudo.digest([json.dumps(marks, sort_keys=True)])}"]
         digest = pseudo.digest(sorted(f"{index[f]['sop_key']}:{index[f]['size']}" for f in files) + mask_parts
                                + [opt])
         if stored_digests.get(key) == digest or (key, digest) in quarantined_digests:
@@ -208,7 +237,8 @@ def plan_series(
             raw = {f: index[f]["raw"] for f in files} if all("raw" in index[f] for f in files) else None
             result.todo.append(SeriesPlan(key, files, digest, modality, memory=estimate_memory(index, files),
                                           masks=masks, mask_kind=mask_kind, raw=raw,
-                                          repeats=_repeated_instances(index, files)))
+                                          repeats=_repeated_instances(index, files), marks=marks,
+                                          marks_from=marks_from))
     for image_key, copies in sorted(instances.items()):
         image_digest = pseudo.digest(sorted(f"{index[f]['sop_key']}:{index[f]['size']}" for f in copies) + [opt])
         if stored_digests.get(image_key) == image_digest or (image_key, image_digest) in quarantined_digests:
@@ -595,6 +625,18 @@ class _StackWriter:
         entry["mask"] = info
         return mask
 
+    def _marks(self, entry: dict, shape) -> None:
+        """The plan's lesion marks on this volume's grid, into ``entry["marks"]``; a mark outside the volume
+        is quarantined with the reason (under the SR file, or the marks table, that gave it)."""
+        if self.plan.marks is None:
+            return
+        placed, reasons = place_marks(self.plan.marks, shape=shape, spacing=entry["spacing"], origin=entry["origin"],
+                                      direction=entry["direction"])
+        entry["marks"] = placed
+        where = self.plan.marks_from[0] if len(self.plan.marks_from) == 1 else "lesion marks"
+        self.quarantine.extend({"path": where, "reason": reason, "stage": "ingest-marks",
+                                "series_key": self.plan.series_key, "digest": self.plan.digest} for reason in reasons)
+
     def _mask_name(self, path: str) -> str:
         # a NIfTI path is the user's own file; keep only its name (folders may carry identifiers)
         return path if self.plan.mask_kind == "seg" else "nifti:" + Path(path).name
@@ -687,6 +729,7 @@ class _StackWriter:
         if stack_key != self.plan.series_key:
             entry["parent"] = self.plan.series_key
         mask = self._mask(first, entry, volume.shape)
+        self._marks(entry, volume.shape)
         self.store.write_series(stack_key, volume, entry, mask=mask)
         return list(volume.shape)
 

@@ -15,6 +15,7 @@ from storage.ingest import (
     plan_series,
     scan_source,
 )
+from storage.marks import read_marks_csv
 from storage.store import Store
 from medflow.dask_runtime import cluster_options, dask_client, map_on, run_all, total_threads, worker_memory
 from medflow.retry import retry_transient
@@ -27,7 +28,9 @@ def ingest_options(spec) -> IngestOptions:
                          qc_mixed=ing.qc.mixed, qc_duplicates=ing.qc.duplicates, qc_spacing=ing.qc.spacing,
                          qc_tilt=ing.qc.tilt, tilt_tolerance_deg=ing.qc.tilt_tolerance_deg,
                          masks=spec.data.masks.source if spec.data.masks else None,
-                         fallback_spacing=ing.fallback_spacing)
+                         fallback_spacing=ing.fallback_spacing,
+                         marks=spec.data.marks.source if spec.data.marks else None,
+                         marks_table=spec.data.marks.table if spec.data.marks else None)
 
 
 def masks_table(spec) -> dict | None:
@@ -63,8 +66,13 @@ def scan_source_task(source: str, store_root: str, options: IngestOptions, nifti
     nifti_masks = nifti_mask_files(**nifti, pseudo=pseudo, index=index) if nifti else None
     if nifti_masks is not None:
         log.info("masks: %d series have a NIfTI mask in the table", len(nifti_masks))
-    result = plan_series(index, pseudo=pseudo, catalog=store.catalog(),
-                         previous_quarantine=store.quarantine(), options=options, nifti_masks=nifti_masks)
+    csv_marks = None
+    if options.marks == "csv":
+        by_uid = read_marks_csv(options.marks_table)
+        csv_marks = {pseudo.series_key(uid): marks for uid, marks in by_uid.items()}
+        log.info("marks: %d lesion(s) on %d series in the marks table", sum(map(len, by_uid.values())), len(by_uid))
+    result = plan_series(index, pseudo=pseudo, catalog=store.catalog(), previous_quarantine=store.quarantine(),
+                         options=options, nifti_masks=nifti_masks, csv_marks=csv_marks)
     log.info("scan: %d files; %d series to ingest, %d unchanged; %d file(s) quarantined at scan",
              result.n_files, len(result.todo), len(result.unchanged),
              sum(1 for r in result.quarantine if r.get("stage") == "scan"))

@@ -24,14 +24,20 @@ def ingest_serial(source, store_root, options: IngestOptions | None = None, nift
     """Scan, plan and ingest without Prefect or Dask; returns a summary.
 
     ``nifti``: keyword arguments of ``nifti_mask_files`` (table, key, key_column, path_column).
+    ``options.marks == "csv"``: the marks come from ``options.marks_table``.
     """
     options = options or IngestOptions()
     store = Store(store_root)
     index = scan_source(str(source), store)
     pseudo = store.pseudonymizer()
     nifti_masks = nifti_mask_files(**nifti, pseudo=pseudo, index=index) if nifti else None
-    plan = plan_series(index, pseudo=pseudo, catalog=store.catalog(),
-                       previous_quarantine=store.quarantine(), options=options, nifti_masks=nifti_masks)
+    csv_marks = None
+    if options.marks == "csv":
+        from storage.marks import read_marks_csv
+
+        csv_marks = {pseudo.series_key(uid): m for uid, m in read_marks_csv(options.marks_table).items()}
+    plan = plan_series(index, pseudo=pseudo, catalog=store.catalog(), previous_quarantine=store.quarantine(),
+                       options=options, nifti_masks=nifti_masks, csv_marks=csv_marks)
     results = [ingest_series(str(store.root), str(source), p, options) for p in plan.todo]
     rows = list(plan.quarantine) + [r for res in results for r in res["quarantine"]]
     store.write_quarantine(rows)

@@ -7,7 +7,7 @@ compare its name. Adding a kind is one module with a ``TaskKind`` subclass and o
 in ``_KINDS`` below (plus its models in ``models._REGISTRY`` and its tests).
 
 >>> available()
-['classification', 'segmentation', 'signal']
+['classification', 'detection', 'segmentation', 'signal']
 >>> get("segmentation").name
 'segmentation'
 """
@@ -22,6 +22,7 @@ from medflow.kinds.base import TaskKind
 # name -> "module:class"; imported on first use (validating a spec imports no Keras).
 _KINDS: dict[str, str] = {
     "classification": "medflow.kinds.classification:Classification",
+    "detection": "medflow.kinds.detection:Detection",
     "segmentation": "medflow.kinds.segmentation:Segmentation",
     "signal": "medflow.kinds.signal:Signal",
 }

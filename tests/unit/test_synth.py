@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 
+import numpy as np
 import pydicom
 
 from medflow.synth import synthesize
@@ -68,3 +69,20 @@ def test_hard_nodules_include_ground_glass_and_juxtapleural_ones():
     assert {"solid", "ground-glass", "juxtapleural", "juxtavascular"} <= kinds
     ggn = next(n for seed in range(40) if (n := _lungs(seed, hard=True, nodule=True)[3])["kind"] == "ground-glass")
     assert -500 <= ggn["hu"] <= -350  # low contrast against lung at about -860 HU
+
+
+def test_mimics_are_long_soft_tissue_tubes_and_leave_the_rest_of_the_cohort_alone():
+    from medflow.synth import _hard_anatomy, _patient_geometry
+
+    plain = _hard_anatomy(np.random.default_rng(3), _patient_geometry(np.random.default_rng(3), 128)["body"])
+    rng = np.random.default_rng(3)
+    body = _patient_geometry(np.random.default_rng(3), 128)["body"]
+    with_mimics = _hard_anatomy(rng, body, mimics=True)
+    assert plain["mimics"] == []
+    assert with_mimics["vessels"] == plain["vessels"] and with_mimics["granulomas"] == plain["granulomas"]
+    tubes = [_hard_anatomy(np.random.default_rng(s), body, mimics=True)["mimics"] for s in range(20)]
+    tubes = [t for ts in tubes for t in ts]
+    assert 20 < len(tubes) < 80  # Poisson 2.5 per patient
+    for t in tubes:
+        length = np.linalg.norm(np.subtract(t["p1"], t["p0"]))
+        assert 25 <= length <= 45 and 3.0 <= t["r0"] <= 4.5 and 10 <= t["hu"] <= 60

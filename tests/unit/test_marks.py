@@ -1,0 +1,90 @@
+"""Lesion marks in (DICOM SR TID 1500, LUNA16-style CSV) and out (SR written by predict, read back)."""
+
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.uid import generate_uid
+
+from storage.ingest import IngestOptions
+from storage.marks import read_marks_csv, read_sr, to_patient, to_voxel, write_sr
+from tests.helpers import ingest_serial, quarantine, write_ct_series
+
+# a series whose geometry is exact in float32 (SR coordinates are 32-bit floats)
+ORIGIN = (-100.0, -50.0, 10.0)
+PIXEL = (0.75, 0.5)  # rows (y), columns (x)
+DZ = 2.5
+KNOWN = (3, 5, 7)  # (z, y, x): the voxel the mark is put on
+
+
+def _series(folder, *, descending: bool = True):
+    rng = np.random.default_rng(0)
+    positions = [(ORIGIN[0], ORIGIN[1], ORIGIN[2] + DZ * k) for k in range(8)]
+    volume = rng.integers(0, 2000, size=(8, 16, 16)).astype(np.uint16)
+    names = [f"{(7 - k if descending else k):04d}.dcm" for k in range(8)]  # file order opposite to space
+    uid = generate_uid()
+    paths = write_ct_series(folder, volume, positions=positions, pixel_spacing=PIXEL, names=names, series_uid=uid)
+    return uid, paths
+
+
+def _known_point():
+    z, y, x = KNOWN
+    return {"x": ORIGIN[0] + x * PIXEL[1], "y": ORIGIN[1] + y * PIXEL[0], "z": ORIGIN[2] + z * DZ}
+
+
+def test_to_voxel_and_back_are_inverse():
+    direction = [[0.0, 0.0, 1.0], [0.0, 0.8, 0.6], [1.0, 0.0, 0.0]]
+    point = to_patient([3.25, 5.5, 7.0], [2.5, 0.75, 0.5], [-100.0, -50.0, 10.0], direction)
+    assert np.allclose(to_voxel(point, [2.5, 0.75, 0.5], [-100.0, -50.0, 10.0], direction), [3.25, 5.5, 7.0])
+
+
+def test_sr_point_lands_on_its_voxel_exactly_and_csv_gives_the_same(tmp_path):
+    uid, paths = _series(tmp_path / "src" / "series")
+    point = {**_known_point(), "diameter_mm": 6.0}
+    outside = {"x": 500.0, "y": 0.0, "z": 20.0, "diameter_mm": 4.0}
+    sources = [pydicom.dcmread(p) for p in paths]
+    sr = write_sr(sources, [point, outside], tmp_path / "src" / "marks.dcm", series_uid=generate_uid(),
+                  sop_uid=generate_uid())
+    report = read_sr(sr)
+    assert report["series"] == [uid]
+    assert [m["diameter_mm"] for m in report["marks"]] == [6.0, 4.0]
+
+    out = ingest_serial(tmp_path / "src", tmp_path / "sr.zarr", IngestOptions(marks="sr"))
+    (entry,) = out["store"].catalog().values()
+    assert entry["marks"] == [{"zyx": [float(v) for v in KNOWN], "diameter_mm": 6.0}]
+    rows = [r for r in quarantine(out) if r.get("stage") == "ingest-marks"]
+    assert len(rows) == 1 and "outside its series" in rows[0]["reason"] and rows[0]["path"] == "marks.dcm"
+
+    table = tmp_path / "marks.csv"
+    with table.open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["seriesuid", "coordX", "coordY", "coordZ", "diameter_mm"])
+        writer.writerow([uid, point["x"], point["y"], point["z"], 6.0])
+    (sr).unlink()
+    out_csv = ingest_serial(tmp_path / "src", tmp_path / "csv.zarr", IngestOptions(marks="csv", marks_table=str(table)))
+    (entry_csv,) = out_csv["store"].catalog().values()
+    assert entry_csv["marks"] == entry["marks"]
+
+
+def test_sr_is_quarantined_with_its_reason_when_marks_are_not_read(tmp_path):
+    _, paths = _series(tmp_path / "src" / "series")
+    write_sr([pydicom.dcmread(p) for p in paths], [{**_known_point(), "diameter_mm": 6.0}],
+             tmp_path / "src" / "marks.dcm", series_uid=generate_uid(), sop_uid=generate_uid())
+    out = ingest_serial(tmp_path / "src", tmp_path / "s.zarr", IngestOptions())
+    reasons = {r["path"]: r["reason"] for r in quarantine(out)}
+    assert "data.marks.source: sr" in reasons["marks.dcm"]
+    (entry,) = out["store"].catalog().values()
+    assert "marks" not in entry
+
+
+def test_marks_csv_names_a_missing_column_and_a_bad_value(tmp_path):
+    bad = tmp_path / "bad.csv"
+    bad.write_text("seriesuid,coordX,coordY,coordZ\n1.2.3,0,0,0\n")
+    with pytest.raises(ValueError, match="diameter_mm"):
+        read_marks_csv(bad)
+    bad.write_text("seriesuid,coordX,coordY,coordZ,diameter_mm\n1.2.3,0,zero,0,5\n")
+    with pytest.raises(ValueError, match="line 2"):
+        read_marks_csv(bad)
