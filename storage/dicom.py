@@ -474,10 +474,12 @@ def _sr_record(path: Path, ds: ScanHeader, relpath: str, series_uid: str, pseudo
         return {"reason": str(exc)}
     if len(report["series"]) != 1:
         return {"reason": f"DICOM SR references {len(report['series'])} series (evidence sequences); expected 1"}
+    marks = [{k: v for k, v in m.items() if k != "sop_uid"} | ({"sop_key": pseudo.key(m["sop_uid"], kind="sop")}
+                                                               if "sop_uid" in m else {}) for m in report["marks"]]
     return {
         "series_key": pseudo.series_key(series_uid),
         "marks_for": pseudo.series_key(report["series"][0]),
-        "marks": report["marks"],
+        "marks": marks,  # no UID: an image region names its instance by its pseudonymous key
         "patient_key": pseudo.patient_key(str(ds.get("PatientID", "") or "")),
         "study_key": pseudo.study_key(str(ds.get("StudyInstanceUID", "") or "")),
         "sop_key": pseudo.key(str(ds.get("SOPInstanceUID", "") or relpath), kind="sop"),

@@ -11,7 +11,7 @@ import json
 import logging
 import os
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,7 +39,7 @@ from storage.dicom import (
     volume_dtype,
 )
 from storage.errors import IngestError, InvalidSeriesError, belongs_to_run, reason_for
-from storage.marks import place_marks
+from storage.marks import place_marks, resolve_image_marks
 from storage.masks import MaskError, load_mask
 from storage.qc import StackQC, deshear, group_mixed, measure, positions_along, resample_along_normal, split_duplicates
 from storage.store import Store
@@ -223,7 +223,7 @@ def plan_series(
         marks, marks_from = None, []
         if options.marks == "sr":
             marks_from = srs.get(key, [])
-            marks = [m for f in marks_from for m in index[f]["marks"]]
+            marks = _image_marks_to_files([m for f in marks_from for m in index[f]["marks"]], index, files)
         elif options.marks == "csv":
             marks, marks_from = (csv_marks or {}).get(key, []), ["marks table"]
         if marks:
@@ -240,7 +240,16 @@ def plan_series(
                                           repeats=_repeated_instances(index, files), marks=marks,
                                           marks_from=marks_from))
     for image_key, copies in sorted(instances.items()):
-        image_digest = pseudo.digest(sorted(f"{index[f]['sop_key']}:{index[f]['size']}" for f in copies) + [opt])
+        marks: dict = {}
+        if options.marks == "sr":  # an SR's regions on this image (a planar image is its own volume)
+            srs_of = srs.get(index[copies[0]]["series_key"], [])
+            own = _image_marks_to_files([m for f in srs_of for m in index[f]["marks"]
+                                         if m.get("sop_key") == index[copies[0]]["sop_key"]], index, copies[:1])
+            marks = {"marks": own, "marks_from": srs_of}
+        marks_part = [f"marks:{pseudo.digest([json.dumps(marks['marks'], sort_keys=True)])}"] if marks.get("marks") \
+            else []
+        image_digest = pseudo.digest(sorted(f"{index[f]['sop_key']}:{index[f]['size']}" for f in copies) + marks_part
+                                     + [opt])
         if stored_digests.get(image_key) == image_digest or (image_key, image_digest) in quarantined_digests:
             result.unchanged.append(image_key)
             result.quarantine.extend(r for r in previous_quarantine if r.get("series_key") == image_key)
@@ -248,8 +257,15 @@ def plan_series(
             result.todo.append(SeriesPlan(image_key, copies, image_digest, index[copies[0]]["modality"],
                                           kind="waveform" if image_key.startswith("w") else "image",
                                           memory=estimate_memory(index, copies[:1]),
-                                          repeats=[copies] if len(copies) > 1 else []))
+                                          repeats=[copies] if len(copies) > 1 else [], **marks))
     return result
+
+
+def _image_marks_to_files(marks: list[dict], index: dict[str, dict], files: list[str]) -> list[dict]:
+    """Marks on an image name their instance by its key; give each the file that holds it (None: not among
+    ``files``), so that ingest finds the slice however the series is read."""
+    by_sop = {index[f]["sop_key"]: f for f in files}
+    return [{**m, "file": by_sop.get(m["sop_key"])} if "sop_key" in m else m for m in marks]
 
 
 def _repeated_instances(index: dict[str, dict], files: list[str]) -> list[list[str]]:
@@ -625,12 +641,16 @@ class _StackWriter:
         entry["mask"] = info
         return mask
 
-    def _marks(self, entry: dict, shape) -> None:
+    def _marks(self, entry: dict, shape, slices: list[_Slice], *, planar: bool = False) -> None:
         """The plan's lesion marks on this volume's grid, into ``entry["marks"]``; a mark outside the volume
-        is quarantined with the reason (under the SR file, or the marks table, that gave it)."""
+        is quarantined with the reason (under the SR file, or the marks table, that gave it). Marks on an
+        image of the series are placed through that slice's own geometry."""
         if self.plan.marks is None:
             return
-        placed, reasons = place_marks(self.plan.marks, shape=shape, spacing=entry["spacing"], origin=entry["origin"],
+        frames = Counter(s.relpath for s in slices)  # a multi-frame file gives several slices
+        by_file = {s.relpath: (s.ds if frames[s.relpath] == 1 else None) for s in slices}
+        marks = resolve_image_marks(self.plan.marks, by_file, planar=planar)
+        placed, reasons = place_marks(marks, shape=shape, spacing=entry["spacing"], origin=entry["origin"],
                                       direction=entry["direction"])
         entry["marks"] = placed
         where = self.plan.marks_from[0] if len(self.plan.marks_from) == 1 else "lesion marks"
@@ -729,7 +749,7 @@ class _StackWriter:
         if stack_key != self.plan.series_key:
             entry["parent"] = self.plan.series_key
         mask = self._mask(first, entry, volume.shape)
-        self._marks(entry, volume.shape)
+        self._marks(entry, volume.shape, stack)
         self.store.write_series(stack_key, volume, entry, mask=mask)
         return list(volume.shape)
 
@@ -744,6 +764,7 @@ class _StackWriter:
                       "direction": [list(r) for r in geo.direction], "spacing_deviation": 0.0,
                       "spacing_source": spacing_source})
         mask = self._mask(item.ds, entry, volume.shape)
+        self._marks(entry, volume.shape, [item], planar=True)
         self.store.write_series(self.plan.series_key, volume, entry, mask=mask)
         return list(volume.shape)
 

@@ -5,10 +5,13 @@ ingest each mark is placed on its series' voxel grid (the inverse of the series'
 no rounding) and stored with the series in the catalog; a mark outside its series raises
 ``MarksError`` for that mark and ingest quarantines it with the reason.
 
-Read from an SR: every image region of a TID 1500 measurement report given in 3D (SCOORD3D:
-a point, or the centre of an ellipsoid, ellipse, polyline or polygon) with the report's
-``Diameter`` measurement when it has one (else the region's largest extent, else 0). Regions
-in 2D pixel coordinates (SCOORD) are not read: the report is quarantined with that reason.
+Read from an SR: every image region of a TID 1500 measurement report, with the group's
+``Diameter`` measurement when it has one (else the region's largest extent, else 0): in 3D
+(SCOORD3D: a point, or the centre of an ellipsoid, ellipse, polyline or polygon) or in 2D
+pixel coordinates on a referenced image (SCOORD: the same shapes). A 2D mark is kept as the
+referenced instance and the pixel position (row, column of the pixel centre: DICOM's SCOORD
+origin is the top left corner of the top left pixel); ingest finds that instance among the
+series' slices and places the mark through the slice's own position and orientation.
 """
 
 from __future__ import annotations
@@ -66,7 +69,11 @@ def place_marks(marks: list[dict], *, shape, spacing, origin, direction) -> tupl
     """
     placed, reasons = [], []
     for i, mark in enumerate(marks):
-        zyx = to_voxel((mark["x"], mark["y"], mark["z"]), spacing, origin, direction)
+        if mark.get("reason"):
+            reasons.append(f"lesion mark {i + 1}: {mark['reason']}")
+            continue
+        zyx = (np.asarray(mark["zyx"], dtype=float) if "zyx" in mark
+               else to_voxel((mark["x"], mark["y"], mark["z"]), spacing, origin, direction))
         if not np.isfinite(zyx).all() or np.any(zyx < -0.5) or np.any(zyx > np.asarray(shape) - 0.5):
             reasons.append(f"lesion mark {i + 1} (diameter {mark.get('diameter_mm', 0):.1f} mm) lies outside its "
                            f"series: voxel index (z, y, x) {np.round(zyx, 1).tolist()} of a {list(shape)} volume")
@@ -78,12 +85,46 @@ def place_marks(marks: list[dict], *, shape, spacing, origin, direction) -> tupl
     return placed, reasons
 
 
+def resolve_image_marks(marks: list[dict], slices: dict[str, object | None], *, planar: bool = False) -> list[dict]:
+    """Marks given on an image (``file``: the file holding the referenced instance, ``row``, ``col``,
+    ``points`` of the region) in patient coordinates, through that slice's ImagePositionPatient, ImageOrientationPatient
+    and PixelSpacing (``slices``: file -> header; None for a multi-frame file); on a planar image (no patient
+    position) directly as the index ``(0, row, col)``. A mark whose image is not among ``slices``, or is a
+    frame of a multi-frame file, gets a ``reason``. Marks in patient coordinates pass unchanged."""
+    out = []
+    for mark in marks:
+        if "sop_key" not in mark:
+            out.append(mark)
+            continue
+        ds = slices.get(mark.get("file"))
+        if ds is None:
+            why = ("its image region is on a frame of a multi-frame image, which is not read; give 3D coordinates"
+                   if mark.get("file") in slices else
+                   "its image region references an instance that is not in this series (or part)")
+            out.append({"reason": why, "diameter_mm": mark.get("diameter_mm") or 0.0})
+            continue
+        spacing = [float(v) for v in ds.get("PixelSpacing") or ds.get("ImagerPixelSpacing") or (1.0, 1.0)]
+        diameter = mark["diameter_mm"]
+        if diameter is None:  # the region's largest extent, in mm
+            _, diameter = _region_mark(np.asarray(mark["points"], dtype=float) * spacing, mark["shape"], dims=2)
+        if planar or "ImagePositionPatient" not in ds:
+            out.append({"zyx": [0.0, mark["row"], mark["col"]], "diameter_mm": diameter})
+            continue
+        iop = np.asarray(ds.ImageOrientationPatient, dtype=float)
+        point = (np.asarray(ds.ImagePositionPatient, dtype=float) + mark["col"] * spacing[1] * iop[:3]
+                 + mark["row"] * spacing[0] * iop[3:])
+        out.append({"x": float(point[0]), "y": float(point[1]), "z": float(point[2]), "diameter_mm": diameter})
+    return out
+
+
 # ------------------------------------------------------------------ SR in
-def _region_mark(points: np.ndarray, graphic_type: str) -> tuple[np.ndarray, float]:
-    """Centre and largest extent (mm) of a 3D region's graphic data."""
-    points = np.asarray(points, dtype=float).reshape(-1, 3)
+def _region_mark(points: np.ndarray, graphic_type: str, dims: int = 3) -> tuple[np.ndarray, float]:
+    """Centre and largest extent of a region's graphic data (in its own units)."""
+    points = np.asarray(points, dtype=float).reshape(-1, dims)
     if graphic_type == "POINT":
         return points[0], 0.0
+    if graphic_type == "CIRCLE":  # the centre, then a point on the circle
+        return points[0], 2.0 * float(np.linalg.norm(points[1] - points[0]))
     if graphic_type in ("ELLIPSOID", "ELLIPSE"):  # pairs of axis end points: the centre is their mean
         extent = max(float(np.linalg.norm(points[i] - points[i + 1])) for i in range(0, len(points) - 1, 2))
         return points.mean(axis=0), extent
@@ -112,7 +153,7 @@ def read_sr(path: str | Path) -> dict:
         groups = sr.content.get_planar_roi_measurement_groups() + sr.content.get_volumetric_roi_measurement_groups()
     except Exception as exc:  # highdicom raises many types on reports that are not TID 1500
         raise MarksError(f"DICOM SR is not a TID 1500 measurement report: {type(exc).__name__}: {exc}") from exc
-    marks, frames, two_d = [], set(), 0
+    marks, frames = [], set()
     for group in groups:
         regions = group.roi if hasattr(group, "roi") and group.roi is not None else None
         regions = regions if isinstance(regions, list) else [regions] if regions is not None else []
@@ -122,19 +163,26 @@ def read_sr(path: str | Path) -> dict:
             if isinstance(region, hd.sr.Scoord3DContentItem):
                 frames.add(str(region.ReferencedFrameOfReferenceUID))
                 centre, extent = _region_mark(region.value, str(region.graphic_type.value))
+                mark = {"x": float(centre[0]), "y": float(centre[1]), "z": float(centre[2]), "diameter_mm": extent}
+            elif isinstance(region, hd.sr.ScoordContentItem):
+                refs = [r for item in region.get("ContentSequence", [])
+                        for r in item.get("ReferencedSOPSequence", [])]
+                if len(refs) != 1:
+                    raise MarksError(f"DICOM SR image region references {len(refs)} images; expected 1")
+                (col, row), _ = _region_mark(region.value, str(region.graphic_type.value), dims=2)
+                points = np.asarray(region.value, dtype=float).reshape(-1, 2)[:, ::-1] - 0.5  # (row, col)
+                mark = {"sop_uid": str(refs[0].ReferencedSOPInstanceUID), "row": float(row) - 0.5,
+                        "col": float(col) - 0.5, "points": points.tolist(), "shape": str(region.graphic_type.value),
+                        "diameter_mm": None}
             else:
-                two_d += 1
                 continue
-            mark = {"x": float(centre[0]), "y": float(centre[1]), "z": float(centre[2]), "diameter_mm": extent}
             for m in group.get_measurements(name=codes.SCT.Diameter):
                 mark["diameter_mm"] = float(m.value)
             for m in group.get_measurements(name=codes.DCM.Probability):
                 mark["score"] = float(m.value)
             marks.append(mark)
     if not marks:
-        why = (f"its {two_d} image region(s) are in 2D pixel coordinates (SCOORD), which are not read; "
-               "give 3D coordinates (SCOORD3D) or a CSV of marks") if two_d else "no image region in 3D (SCOORD3D)"
-        raise MarksError(f"DICOM SR measurement report with no usable lesion mark: {why}")
+        raise MarksError("DICOM SR measurement report with no lesion mark: no image region (SCOORD or SCOORD3D)")
     return {"series": series, "frame_of_reference": sorted(frames), "marks": marks}
 
 

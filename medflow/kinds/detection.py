@@ -144,6 +144,10 @@ class Detection(TaskKind):
         df = pd.DataFrame(rows)
         logger.info("detection cohort: %d series, %d with lesions (%d lesions)", len(df), int(df["label"].sum()),
                     int(df["n_lesions"].sum()))
+        pointless = sum(1 for key in df["series_key"] for m in catalog[key]["marks"] if not m["diameter_mm"] > 0)
+        if pointless:  # a hit is a detection within the lesion's radius: a point mark can never be hit
+            logger.warning("%d lesion mark(s) have no diameter (a point without a Diameter measurement): no "
+                           "detection can hit them, so they count as missed; give each mark its diameter", pointless)
         return df
 
     def class_names(self, evaluation: dict) -> list[str]:

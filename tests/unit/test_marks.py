@@ -88,3 +88,64 @@ def test_marks_csv_names_a_missing_column_and_a_bad_value(tmp_path):
     bad.write_text("seriesuid,coordX,coordY,coordZ,diameter_mm\n1.2.3,0,zero,0,5\n")
     with pytest.raises(ValueError, match="line 2"):
         read_marks_csv(bad)
+
+
+def _sr_on_images(sources, regions, out):
+    """A TID 1500 SR with 2D image regions (SCOORD): ``(dataset, graphic type, (column, row) points, diameter)``."""
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+
+    groups = []
+    for i, (ds, graphic_type, points, diameter) in enumerate(regions):
+        region = hd.sr.ImageRegion(graphic_type=graphic_type, graphic_data=np.asarray(points, dtype=float),
+                                   source_image=hd.sr.SourceImageForRegion(ds.SOPClassUID, ds.SOPInstanceUID))
+        measurements = ([hd.sr.Measurement(name=codes.SCT.Diameter, value=diameter, unit=codes.UCUM.Millimeter)]
+                        if diameter else None)
+        groups.append(hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+            tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(), identifier=f"lesion {i}"),
+            referenced_region=region, finding_type=codes.SCT.Nodule, measurements=measurements))
+    observer = hd.sr.ObserverContext(observer_type=codes.DCM.Person,
+                                     observer_identifying_attributes=hd.sr.PersonObserverIdentifyingAttributes(
+                                         name="Reader^A"))
+    report = hd.sr.MeasurementReport(observation_context=hd.sr.ObservationContext(observer_person_context=observer),
+                                     procedure_reported=codes.LN.CTUnspecifiedBodyRegion, imaging_measurements=groups)
+    hd.sr.Comprehensive3DSR(evidence=sources, content=report, series_instance_uid=generate_uid(), series_number=5,
+                            sop_instance_uid=generate_uid(), instance_number=1).save_as(out)
+
+
+def test_sr_regions_on_an_image_land_on_that_slice_and_pixel(tmp_path):
+    """SCOORD coordinates start at the top left corner of the top left pixel: (7.5, 5.5) is the centre of
+    row 5, column 7. The slice is found by its instance, whatever the file order."""
+    _, paths = _series(tmp_path / "src" / "series")
+    sources = [pydicom.dcmread(p) for p in paths]
+    third = sources[KNOWN[0]]  # paths follow the positions: index 3 is the fourth slice in space
+    missing = sources[0].copy()  # an instance of the series that the export lacks
+    missing.SOPInstanceUID = generate_uid()
+    _sr_on_images([*sources, missing], [
+        (third, "POINT", [[7.5, 5.5]], 6.0),
+        (third, "POLYLINE", [[2.5, 2.5], [6.5, 2.5]], None),  # 4 pixels of 0.5 mm: 2 mm, centre (row 2, col 2.5)
+        (missing, "POINT", [[1.5, 1.5]], 3.0),
+        (sources[1], "CIRCLE", [[8.5, 9.5], [8.5, 13.5]], None),  # centre row 9, col 8; radius 4 rows of 0.75 mm
+    ], tmp_path / "src" / "marks.dcm")
+    out = ingest_serial(tmp_path / "src", tmp_path / "s.zarr", IngestOptions(marks="sr"))
+    (entry,) = out["store"].catalog().values()
+    point, line, circle = entry["marks"]
+    assert point["zyx"] == pytest.approx([3.0, 5.0, 7.0], abs=1e-9) and point["diameter_mm"] == 6.0
+    assert line["zyx"] == pytest.approx([3.0, 2.0, 4.0], abs=1e-9) and line["diameter_mm"] == pytest.approx(2.0)
+    assert circle["zyx"] == pytest.approx([1.0, 9.0, 8.0], abs=1e-9) and circle["diameter_mm"] == pytest.approx(6.0)
+    rows = [r for r in quarantine(out) if r.get("stage") == "ingest-marks"]
+    assert len(rows) == 1 and "not in this series" in rows[0]["reason"]
+
+
+def test_a_real_sr_that_is_not_a_measurement_report_is_quarantined_with_the_reason(tmp_path):
+    import shutil
+
+    from pydicom.data import get_testdata_file
+
+    _series(tmp_path / "src" / "series")
+    shutil.copy(get_testdata_file("test-SR.dcm"), tmp_path / "src" / "report.dcm")  # a Comprehensive SR, not TID 1500
+    out = ingest_serial(tmp_path / "src", tmp_path / "s.zarr", IngestOptions(marks="sr"))
+    reason = {r["path"]: r["reason"] for r in quarantine(out)}["report.dcm"]
+    assert "not a TID 1500 measurement report" in reason
+    (entry,) = out["store"].catalog().values()
+    assert entry["marks"] == []  # the series is in, without lesions
