@@ -133,8 +133,8 @@ def _region_mark(points: np.ndarray, graphic_type: str, dims: int = 3) -> tuple[
 
 
 def read_sr(path: str | Path) -> dict:
-    """The lesion marks of a TID 1500 SR: ``{"series": [referenced SeriesInstanceUIDs], "frame_of_reference",
-    "marks": [{"x", "y", "z", "diameter_mm", "score"?}]}``.
+    """The lesion marks of a TID 1500 SR: ``{"series": [referenced SeriesInstanceUIDs], "marks": [...]}``, each
+    mark ``{"x", "y", "z", "diameter_mm", "score"?}`` (3D) or on an image (``sop_uid``, ``row``, ``col``, ...).
 
     Raises:
         MarksError: not a measurement report, no 3D image region, or regions in 2D pixel coordinates only.
@@ -149,19 +149,16 @@ def read_sr(path: str | Path) -> dict:
                     | {str(s.SeriesInstanceUID) for item in ds.get("PertinentOtherEvidenceSequence", [])
                        for s in item.get("ReferencedSeriesSequence", [])})
     try:
-        sr = hd.sr.srread(path) if hasattr(hd.sr, "srread") else hd.sr.Comprehensive3DSR.from_dataset(ds)
+        sr = hd.sr.srread(path)
         groups = sr.content.get_planar_roi_measurement_groups() + sr.content.get_volumetric_roi_measurement_groups()
     except Exception as exc:  # highdicom raises many types on reports that are not TID 1500
         raise MarksError(f"DICOM SR is not a TID 1500 measurement report: {type(exc).__name__}: {exc}") from exc
-    marks, frames = [], set()
+    marks = []
     for group in groups:
-        regions = group.roi if hasattr(group, "roi") and group.roi is not None else None
-        regions = regions if isinstance(regions, list) else [regions] if regions is not None else []
-        if not regions and hasattr(group, "roi"):
-            regions = []
+        roi = getattr(group, "roi", None)
+        regions = roi if isinstance(roi, list) else [roi] if roi is not None else []
         for region in regions:
             if isinstance(region, hd.sr.Scoord3DContentItem):
-                frames.add(str(region.ReferencedFrameOfReferenceUID))
                 centre, extent = _region_mark(region.value, str(region.graphic_type.value))
                 mark = {"x": float(centre[0]), "y": float(centre[1]), "z": float(centre[2]), "diameter_mm": extent}
             elif isinstance(region, hd.sr.ScoordContentItem):
@@ -183,7 +180,7 @@ def read_sr(path: str | Path) -> dict:
             marks.append(mark)
     if not marks:
         raise MarksError("DICOM SR measurement report with no lesion mark: no image region (SCOORD or SCOORD3D)")
-    return {"series": series, "frame_of_reference": sorted(frames), "marks": marks}
+    return {"series": series, "marks": marks}
 
 
 # ----------------------------------------------------------------- CSV in

@@ -27,6 +27,11 @@ NEARBY_MM = 10.0  # detections closer than this (or than their radius) to a bett
 
 
 # ------------------------------------------------------------------ geometry
+def _crop_offset(before: np.ndarray, after: np.ndarray) -> np.ndarray:
+    """Where ``crop_pad`` puts index 0 of its output on its input, per axis (negative where it pads)."""
+    return np.where(before >= after, (before - after) // 2, -((after - before) // 2))
+
+
 def to_model_grid(zyx, trace) -> np.ndarray:
     """A point (array index on the stored grid) through the geometric preprocessing steps of ``shape_trace``:
     resampling and resizing scale about voxel centres (half-voxel convention of the resamplers), crop/pad shifts.
@@ -38,7 +43,7 @@ def to_model_grid(zyx, trace) -> np.ndarray:
     for name, _kwargs, before, after in trace:
         before, after = np.asarray(before, dtype=float), np.asarray(after, dtype=float)
         if name == "crop_pad":
-            p = p - np.where(before >= after, (before - after) // 2, -((after - before) // 2))
+            p = p - _crop_offset(before, after)
         elif name in ("resample", "resize"):
             p = (p + 0.5) * after / before - 0.5
         else:
@@ -56,7 +61,7 @@ def to_source_grid(zyx, trace) -> np.ndarray:
     for name, _kwargs, before, after in reversed(trace):
         before, after = np.asarray(before, dtype=float), np.asarray(after, dtype=float)
         if name == "crop_pad":
-            p = p + np.where(before >= after, (before - after) // 2, -((after - before) // 2))
+            p = p + _crop_offset(before, after)
         elif name in ("resample", "resize"):
             p = (p + 0.5) * before / after - 0.5
         else:
@@ -182,11 +187,13 @@ class Detection(TaskKind):
         model = keras.models.load_model(model_path, compile=False)
         steps = spec.steps()
         found: dict[str, dict] = {}  # series key -> {"model": detections, sigma: baseline detections}
+        lesions: dict[str, list[dict]] = {}
         slices = {}
         part = cases[cases["split"].isin(["val", "test"])]
         for i, row in enumerate(part.to_dict("records")):
             key = row["series_key"]
             entry = store.catalog_entry(key)
+            lesions[key] = truth_lesions(entry)
             image = store.read_prep(prep_key, key)
             heat, sizes = predict_maps(model, image)
             found[key] = {"model": to_detections(peaks(heat), entry, steps, sizes=sizes)}
@@ -196,7 +203,6 @@ class Detection(TaskKind):
                 slices[key] = (image, heat)
             if (i + 1) % 10 == 0 or i + 1 == len(part):
                 logger.info("detect %d/%d series", i + 1, len(part))
-        lesions = {key: truth_lesions(store.catalog_entry(key)) for key in found}
 
         def scans(source, split):
             rows = part[part["split"] == split]
@@ -309,8 +315,7 @@ class Detection(TaskKind):
             dets = [d for d in to_detections(peaks(heat), entry, steps, sizes=sizes) if d["score"] >= threshold]
             row = {"series_key": key, "detections": len(dets), "threshold": threshold}
             files = files_of.get(entry.get("parent", key), [])
-            slices = [ds for ds in source_slices(source, files, entry["direction"])]
-            out = write_sr(slices, [{"x": d["xyz"][0], "y": d["xyz"][1], "z": d["xyz"][2],
+            out = write_sr(source_slices(source, files, entry["direction"]), [{"x": d["xyz"][0], "y": d["xyz"][1], "z": d["xyz"][2],
                                      "diameter_mm": d["diameter_mm"], "score": d["score"]} for d in dets],
                            output / f"{key}.sr.dcm", series_uid=generate_uid(), sop_uid=generate_uid(),
                            algorithm=algorithm, description=f"medflow detections {spec.name}"[:64])
@@ -381,6 +386,7 @@ def _save_examples(run_dir: Path, per_case: pd.DataFrame, slices: dict, scans: l
     """Best, median and worst test case with a lesion (by the score of its lesion): the model-grid slice through
     the lesion, with truth and detections on that slice, for the report."""
     from medflow.runs import save_npz_atomic
+    from storage.marks import to_voxel
 
     lesion = per_case[(per_case["split"] == "test") & (per_case["n_lesions"] > 0)].sort_values(
         "best_lesion_score", ascending=False)
@@ -396,8 +402,6 @@ def _save_examples(run_dir: Path, per_case: pd.DataFrame, slices: dict, scans: l
         truth = model_lesions(entry, steps)
         z = int(round(truth[0]["zyx"][0])) if truth else image.shape[0] // 2
         z = min(max(z, 0), image.shape[0] - 1)
-        from storage.marks import to_voxel
-
         trace = _trace(entry, steps)
         dets = []
         for d in by_key[key]["detections"][:10]:
