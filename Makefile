@@ -10,7 +10,7 @@ export DO_NOT_TRACK := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export TF_CPP_MIN_LOG_LEVEL := 2
 
-.PHONY: install demo demo-segmentation demo-detection demo-xray demo-ecg test bench clean system-deps
+.PHONY: install demo demo-segmentation demo-detection demo-detection2d demo-xray demo-ecg test bench clean system-deps
 
 install: $(STAMP)
 
@@ -28,6 +28,9 @@ demo-segmentation: $(STAMP)
 
 demo-detection: $(STAMP)
 	$(BIN)/medflow demo --task detection --workdir work/demo-detection
+
+demo-detection2d: $(STAMP)
+	$(BIN)/medflow demo --task detection2d --workdir work/demo-detection2d
 
 demo-xray: $(STAMP)
 	$(BIN)/medflow demo --task xray --workdir work/demo-xray

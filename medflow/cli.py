@@ -108,6 +108,27 @@ evaluate: {{metrics: [auc, accuracy, precision, recall, specificity, f1], bootst
 run: {{retries: 2, dask: {{n_workers: 2, threads_per_worker: 1}}}}
 """
 
+DET2D_DEMO_SPEC = """\
+# The box-detection demo: pneumonia consolidations on synthetic chest X-rays (DX and CR; effusions and normal
+# images have no box), boxes from a CSV, a CenterNet-style 2D detector, COCO average precision against a baseline.
+name: demo-xray-boxes
+data:
+  source: cohort/images
+  marks: {{source: csv, table: cohort/boxes.csv}}
+  store: store.zarr
+  split: {{val: 0.15, test: 0.2, by: patient, stratify: true, seed: {seed}}}
+ingest: {{deidentify: true, modalities: [DX, CR]}}
+preprocess:
+  - resize2d: {{shape: [128, 128], aspect: pad}}
+  - rescale: {{}}
+augment: {{flip: [x], intensity_jitter: 0.05}}
+model: {{task: detection2d, arch: centernet2d, params: {{filters: [16, 32, 64], head: 32}}}}
+train: {{epochs: {epochs}, batch_size: 16, optimizer: adam, learning_rate: 0.002, early_stopping: 8, reduce_lr: 3,
+        seed: {seed}}}
+evaluate: {{bootstrap: 1000}}
+run: {{retries: 2, dask: {{n_workers: 2, threads_per_worker: 1}}}}
+"""
+
 ECG_DEMO_SPEC = """\
 # The ECG demo: normal sinus rhythm / atrial fibrillation / bundle branch block on synthetic 12-lead ECGs.
 name: demo-ecg
@@ -138,6 +159,7 @@ DEMOS = {
     "segmentation": (SEG_DEMO_SPEC, 60, "work/demo-segmentation", 30),
     "detection": (DET_DEMO_SPEC, 150, "work/demo-detection", 30),
     "xray": (XRAY_DEMO_SPEC, 600, "work/demo-xray", 40),
+    "detection2d": (DET2D_DEMO_SPEC, 450, "work/demo-detection2d", 30),
     "ecg": (ECG_DEMO_SPEC, 450, "work/demo-ecg", 30),
 }
 
@@ -371,7 +393,8 @@ def _synth_ecg(out: Path, n: int, seed: int):
     return cohort
 
 
-def _synth_xray(out: Path, images: int, seed: int, fmt: str, classes: list[str] | None = None):
+def _synth_xray(out: Path, images: int, seed: int, fmt: str, classes: list[str] | None = None,
+                marks: bool = False):
     from rich.progress import Progress
 
     from medflow.synth_xray import synthesize_xray
@@ -379,11 +402,11 @@ def _synth_xray(out: Path, images: int, seed: int, fmt: str, classes: list[str] 
     with Progress(console=console, transient=True) as progress:
         bar = progress.add_task(f"synthesising {images} chest X-rays", total=images)
         extra = {"classes": classes} if classes else {}
-        cohort = synthesize_xray(out, images=images, seed=seed, fmt=fmt, **extra,
+        cohort = synthesize_xray(out, images=images, seed=seed, fmt=fmt, **extra, marks=marks,
                                  progress=lambda done, total: progress.update(bar, completed=done))
     counts = ", ".join(f"{k} {v}" for k, v in cohort.counts.items())
     console.print(f"wrote {cohort.n_images} {fmt.upper()} chest X-rays ({counts}) to {cohort.images_dir}; labels in "
-                  f"{cohort.labels_csv}")
+                  f"{cohort.labels_csv}" + (f"; {cohort.n_boxes} boxes in {cohort.boxes_csv}" if marks else ""))
     return cohort
 
 
@@ -398,7 +421,8 @@ def synth(
     matrix: Annotated[int, typer.Option(min=32, help="CT: rows and columns of each slice.")] = 128,
     masks: Annotated[bool, typer.Option(help="CT: also write each nodule as a DICOM SEG.")] = False,
     marks: Annotated[bool, typer.Option(help="CT: also write each nodule's centre and diameter as a DICOM SR "
-                                        "(TID 1500) and a row of marks.csv (LUNA16 layout), for detection.")] = False,
+                                        "(TID 1500) and a row of marks.csv (LUNA16 layout), for detection; xray: "
+                                        "each consolidation's box as a row of boxes.csv, for detection2d.")] = False,
     format: Annotated[str, typer.Option(help="xray: dicom (DX/CR files) or png (8-bit PNG in one folder per "  # noqa: A002
                                         "class).")] = "dicom",
     classes: Annotated[str | None, typer.Option(help="xray: comma-separated subset of normal,pneumonia,effusion "
@@ -410,7 +434,7 @@ def synth(
             err.print(f"[bold red]--format must be dicom or png[/] (received {format!r})")
             raise typer.Exit(2)
         try:
-            _synth_xray(out, patients, seed, format, classes.split(",") if classes else None)
+            _synth_xray(out, patients, seed, format, classes.split(",") if classes else None, marks=marks)
         except ValueError as exc:
             err.print(f"[bold red]{exc}[/]")
             raise typer.Exit(2) from None
@@ -435,7 +459,8 @@ def demo(
     task: Annotated[str, typer.Option(help="classification (nodule present/absent on CT, cnn3d), segmentation "
                                       "(tumour masks from DICOM SEG, unet2d), detection (nodule centres from "
                                       "DICOM SR, centernet3d, FROC), xray (chest X-rays in three "
-                                      "classes, resnet2d) or ecg (12-lead ECG rhythms, cnn_gru).")] = "classification",
+                                      "classes, resnet2d), detection2d (consolidation boxes on chest X-rays, "
+                                      "centernet2d, COCO AP) or ecg (12-lead ECG rhythms, cnn_gru).")] = "classification",
 ) -> None:
     """Synthesise a cohort, write a spec, and run the whole pipeline on it."""
     if task not in DEMOS:
@@ -454,6 +479,8 @@ def demo(
     marker = workdir / "cohort" / "cohort.json"
     if task == "xray":
         wanted = {"kind": "xray", "images": patients, "seed": seed}
+    elif task == "detection2d":
+        wanted = {"kind": "xray", "images": patients, "seed": seed, "marks": True}
     elif task == "ecg":
         wanted = {"kind": "ecg", "ecgs": patients, "seed": seed}
     else:
@@ -470,6 +497,8 @@ def demo(
     else:
         if task == "xray":
             _synth_xray(workdir / "cohort", patients, seed, "dicom")
+        elif task == "detection2d":
+            _synth_xray(workdir / "cohort", patients, seed, "dicom", marks=True)
         elif task == "ecg":
             _synth_ecg(workdir / "cohort", patients, seed)
         else:

@@ -19,7 +19,7 @@ from scipy import stats
 
 # the test metric a run is listed by: the first of these its metrics.json has (classification and signal,
 # segmentation, detection)
-HEADLINE_METRICS = ("auc", "dice", "cpm")
+HEADLINE_METRICS = ("auc", "dice", "cpm", "ap50")
 
 
 def list_runs(runs_dir: str | Path) -> pd.DataFrame:

@@ -139,16 +139,17 @@ class MarksSpec(_Model):
     ingest and stored with the series."""
 
     source: Literal["sr", "csv"] = Field(
-        description="`sr`: DICOM SR measurement reports (TID 1500, 3D coordinates) among the DICOM files, matched "
-        "to the series they reference; `csv`: a table in LUNA16's layout (seriesuid, coordX, coordY, coordZ in "
-        "patient mm, diameter_mm).")
+        description="`sr`: DICOM SR measurement reports (TID 1500: 3D coordinates, or 2D regions on an image) among "
+        "the DICOM files, matched to the series they reference; `csv`: a table in LUNA16's layout (seriesuid, "
+        "coordX, coordY, coordZ in patient mm, diameter_mm), or of boxes on planar images (SOPInstanceUID, x0, y0, "
+        "x1, y1 in pixels, the top left corner of the image at 0, 0).")
     table: str | None = Field(None, description="The CSV of marks (for `source: csv`); relative to the spec.")
 
     @model_validator(mode="after")
     def _table(self) -> MarksSpec:
         if self.source == "csv" and not self.table:
             raise ValueError("data.marks.table is required with source: csv (seriesuid, coordX, coordY, coordZ, "
-                             "diameter_mm)")
+                             "diameter_mm; or SOPInstanceUID, x0, y0, x1, y1)")
         return self
 
 
@@ -484,10 +485,11 @@ class ModelSpec(_Model):
     task: str = Field(
         "classification", description="The task kind: what the model predicts and how it is evaluated (see "
         "medflow.kinds): classification (a class per series or image), segmentation (a mask, from data.masks), "
-        "detection (lesion centres and sizes, from data.marks) or signal (a class per waveform: DICOM ECG).",
-        json_schema_extra={"enum": ["classification", "detection", "segmentation", "signal"]})
+        "detection (lesion centres and sizes, from data.marks), detection2d (lesion boxes on planar images, from "
+        "data.marks) or signal (a class per waveform: DICOM ECG).",
+        json_schema_extra={"enum": ["classification", "detection", "detection2d", "segmentation", "signal"]})
     arch: str = Field("cnn3d", description="A model of the registry in models/: cnn3d (3D), seed_cnn, resnet2d, "
-                      "efficientnet_b0 (2D) for classification; unet2d, unet3d for segmentation; centernet3d for detection; gru, lstm, "
+                      "efficientnet_b0 (2D) for classification; unet2d, unet3d for segmentation; centernet3d for detection; centernet2d for detection2d; gru, lstm, "
                       "cnn_gru for signal.")
     params: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments of the model builder "
                                    "(e.g. filters, norm for the U-Nets).")

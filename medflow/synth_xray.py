@@ -50,6 +50,8 @@ class XrayCohort:
     counts: dict[str, int]
     format: str
     canaries: list[str] = field(default_factory=list)
+    boxes_csv: Path | None = None  # with marks=True: one row per consolidation (SOPInstanceUID, x0, y0, x1, y1)
+    n_boxes: int = 0
 
 
 def _smooth_noise(rng: np.random.Generator, shape, sigma: float) -> np.ndarray:
@@ -58,10 +60,13 @@ def _smooth_noise(rng: np.random.Generator, shape, sigma: float) -> np.ndarray:
     return n / (n.std() + 1e-9)
 
 
-def chest_density(rng: np.random.Generator, shape: tuple[int, int], finding: str) -> np.ndarray:
+def chest_density(rng: np.random.Generator, shape: tuple[int, int], finding: str,
+                  boxes: list | None = None) -> np.ndarray:
     """A projected density map of a chest in [0, ~1.2] (higher: denser), float64 of shape (H, W).
 
     ``finding`` is one of ``CLASSES``. Patient anatomy and positioning are drawn from ``rng``.
+    Each pneumonia consolidation's box (``x0, y0, x1, y1`` in pixels, edges: the part of its core
+    ellipse inside the lung) is appended to ``boxes`` when given.
     """
     h, w = shape
     # positioning: shift, rotation and magnification of the patient in the field
@@ -127,6 +132,9 @@ def chest_density(rng: np.random.Generator, shape: tuple[int, int], finding: str
             patchy = np.clip(_smooth_noise(rng, shape, 4.0) * 0.35 + 0.8, 0, 1)
             opacity = np.exp(-d2 * 1.2) * patchy * rng.uniform(0.28, 0.45)
             dens += opacity * lung
+            rows, cols = np.nonzero((d2 <= 1.0) & lung)
+            if boxes is not None and len(rows) and np.ptp(rows) >= 3 and np.ptp(cols) >= 3:
+                boxes.append([int(cols.min()), int(rows.min()), int(cols.max()) + 1, int(rows.max()) + 1])
     elif finding == "effusion":
         sides = [int(rng.choice([-1, 1]))] if rng.random() < 0.75 else [-1, 1]
         for side in sides:
@@ -198,7 +206,7 @@ def _dicom(rng: np.random.Generator, pixels: np.ndarray, *, bits: int, monochrom
 
 
 def synthesize_xray(out: str | Path, *, images: int = 600, seed: int = 0, fmt: str = "dicom",
-                    classes: tuple[str, ...] | list[str] = CLASSES,
+                    classes: tuple[str, ...] | list[str] = CLASSES, marks: bool = False,
                     progress: Callable[[int, int], None] | None = None) -> XrayCohort:
     """Write a 3-class chest X-ray cohort to ``out/images`` and ``out/labels.csv``.
 
@@ -209,10 +217,14 @@ def synthesize_xray(out: str | Path, *, images: int = 600, seed: int = 0, fmt: s
         fmt: ``dicom`` (DX/CR files, labels.csv keyed by StudyInstanceUID) or ``png`` (8-bit PNG
             files in one folder per class, the flow_from_directory layout; labels.csv keyed by path).
         classes: the classes to draw, a subset of ``CLASSES`` (e.g. normal and pneumonia for a binary task).
+        marks: also write ``out/boxes.csv``, a box per pneumonia consolidation (``SOPInstanceUID, x0, y0,
+            x1, y1`` in pixels; DICOM only), for detection.
         progress: called with (done, total) after each image.
     """
     if fmt not in ("dicom", "png"):
         raise ValueError(f"Received fmt={fmt!r}, expected 'dicom' or 'png'.")
+    if marks and fmt != "dicom":
+        raise ValueError("Received marks=True with fmt='png': boxes name their image by SOPInstanceUID (DICOM only).")
     unknown = [c for c in classes if c not in CLASSES]
     if unknown or len(set(classes)) < 2:
         raise ValueError(f"Received classes={list(classes)}, expected two or more of {', '.join(CLASSES)}.")
@@ -222,11 +234,12 @@ def synthesize_xray(out: str | Path, *, images: int = 600, seed: int = 0, fmt: s
     rng = np.random.default_rng(seed)
     findings = [classes[i % len(classes)] for i in range(images)]
     rng.shuffle(findings)
-    rows, canaries = [], []
+    rows, canaries, box_rows = [], [], []
     for i, finding in enumerate(findings):
         size = SIZES[int(rng.integers(len(SIZES)))]
         bits = int(rng.choice([12, 14, 16]))
-        pixels = radiograph(rng, chest_density(rng, size, finding), bits=bits)
+        boxes: list = []
+        pixels = radiograph(rng, chest_density(rng, size, finding, boxes), bits=bits)
         if fmt == "png":
             from PIL import Image
 
@@ -243,6 +256,8 @@ def synthesize_xray(out: str | Path, *, images: int = 600, seed: int = 0, fmt: s
             path.parent.mkdir(exist_ok=True)
             ds.save_as(path, enforce_file_format=True)
             rows.append({"StudyInstanceUID": ds.StudyInstanceUID, "finding": finding})
+            box_rows += [{"SOPInstanceUID": ds.SOPInstanceUID, "x0": b[0], "y0": b[1], "x1": b[2], "y1": b[3]}
+                         for b in boxes]
         if progress:
             progress(i + 1, images)
     labels = out / "labels.csv"
@@ -250,6 +265,14 @@ def synthesize_xray(out: str | Path, *, images: int = 600, seed: int = 0, fmt: s
         writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
+    boxes_csv = None
+    if marks:
+        boxes_csv = out / "boxes.csv"
+        with boxes_csv.open("w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=["SOPInstanceUID", "x0", "y0", "x1", "y1"])
+            writer.writeheader()
+            writer.writerows(box_rows)
     counts = {c: findings.count(c) for c in classes}
-    logger.info("wrote %d chest X-rays (%s) to %s", images, counts, images_dir)
-    return XrayCohort(out, images_dir, labels, images, counts, fmt, canaries)
+    logger.info("wrote %d chest X-rays (%s) to %s%s", images, counts, images_dir,
+                f", {len(box_rows)} consolidation boxes to {boxes_csv.name}" if marks else "")
+    return XrayCohort(out, images_dir, labels, images, counts, fmt, canaries, boxes_csv, len(box_rows))

@@ -48,6 +48,8 @@ _REGISTRY: dict[str, ModelInfo] = {
     "unet3d": ModelInfo("models.unet:build_unet3d", "segmentation", 3, "3D U-Net on volumes or patches"),
     "centernet3d": ModelInfo("models.detector:build_centernet3d", "detection", 3,
                              "CenterNet-style heat map and size heads on a 3D U-Net"),
+    "centernet2d": ModelInfo("models.detector:build_centernet2d", "detection2d", 2,
+                             "CenterNet-style heat map and box-size heads on a 2D U-Net"),
 }
 
 

@@ -39,7 +39,7 @@ from storage.dicom import (
     volume_dtype,
 )
 from storage.errors import IngestError, InvalidSeriesError, belongs_to_run, reason_for
-from storage.marks import place_marks, resolve_image_marks
+from storage.marks import is_box_table, place_marks, read_boxes_csv, read_marks_csv, resolve_image_marks
 from storage.masks import MaskError, load_mask
 from storage.qc import StackQC, deshear, group_mixed, measure, positions_along, resample_along_normal, split_duplicates
 from storage.store import Store
@@ -148,6 +148,7 @@ def plan_series(
     options: IngestOptions,
     nifti_masks: dict[str, tuple[str, int, int]] | None = None,
     csv_marks: dict[str, list[dict]] | None = None,
+    csv_image_marks: dict[str, list[dict]] | None = None,
 ) -> ScanResult:
     """Group scanned files into series and decide what to ingest.
 
@@ -156,7 +157,9 @@ def plan_series(
     DICOM SEG files are attached to the series they reference (``options.masks == "seg"``);
     ``nifti_masks`` maps series keys to ``(path, size, mtime_ns)`` of their NIfTI masks.
     Lesion marks come from DICOM SR files that reference the series (``options.marks == "sr"``)
-    or from ``csv_marks`` (series key -> marks, ``options.marks == "csv"``).
+    or from ``csv_marks`` (series key -> marks, ``options.marks == "csv"``), or, for planar images,
+    ``csv_image_marks`` (SOP instance key -> boxes); a box whose image is not a planar image of
+    the source is quarantined with its table line.
     """
     result = ScanResult(n_files=len(index))
     groups: dict[str, list[str]] = defaultdict(list)
@@ -195,6 +198,7 @@ def plan_series(
     stored_digests = {entry.get("parent", k): entry.get("digest") for k, entry in catalog.items()}
     opt = options.digest()
     instances: dict[str, list[str]] = defaultdict(list)  # planar images and waveforms: one plan per SOP instance
+    boxed: set[str] = set()  # the instances of csv_image_marks that were found
     for key, files in sorted(groups.items()):
         first = index[files[0]]
         modality = first["modality"]
@@ -246,6 +250,12 @@ def plan_series(
             own = _image_marks_to_files([m for f in srs_of for m in index[f]["marks"]
                                          if m.get("sop_key") == index[copies[0]]["sop_key"]], index, copies[:1])
             marks = {"marks": own, "marks_from": srs_of}
+        elif options.marks == "csv" and csv_image_marks is not None:
+            sop = index[copies[0]]["sop_key"]
+            boxed.add(sop)
+            own = _image_marks_to_files([{**m, "sop_key": sop} for m in csv_image_marks.get(sop, [])], index,
+                                        copies[:1])
+            marks = {"marks": own, "marks_from": ["marks table"]}
         marks_part = [f"marks:{pseudo.digest([json.dumps(marks['marks'], sort_keys=True)])}"] if marks.get("marks") \
             else []
         image_digest = pseudo.digest(sorted(f"{index[f]['sop_key']}:{index[f]['size']}" for f in copies) + marks_part
@@ -258,7 +268,20 @@ def plan_series(
                                           kind="waveform" if image_key.startswith("w") else "image",
                                           memory=estimate_memory(index, copies[:1]),
                                           repeats=[copies] if len(copies) > 1 else [], **marks))
+    lost = sorted(m["line"] for sop, boxes in (csv_image_marks or {}).items() if sop not in boxed for m in boxes)
+    if lost:
+        result.quarantine.append({"path": "marks table", "stage": "ingest-marks", "reason": (
+            f"{len(lost)} box(es) reference an image that is not a planar image of the ingested modalities in the "
+            f"source (table lines {', '.join(map(str, lost[:20]))}{' ...' if len(lost) > 20 else ''})")})
     return result
+
+
+def read_marks_table(table: str, pseudo: Pseudonymizer) -> dict[str, dict[str, list[dict]]]:
+    """A marks CSV as ``plan_series`` keyword arguments: LUNA16-style centres by series key (``csv_marks``) or
+    boxes on planar images by instance key (``csv_image_marks``), told apart by the table's columns."""
+    if is_box_table(table):
+        return {"csv_image_marks": {pseudo.key(uid, kind="sop"): m for uid, m in read_boxes_csv(table).items()}}
+    return {"csv_marks": {pseudo.series_key(uid): m for uid, m in read_marks_csv(table).items()}}
 
 
 def _image_marks_to_files(marks: list[dict], index: dict[str, dict], files: list[str]) -> list[dict]:

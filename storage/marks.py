@@ -12,6 +12,12 @@ pixel coordinates on a referenced image (SCOORD: the same shapes). A 2D mark is 
 referenced instance and the pixel position (row, column of the pixel centre: DICOM's SCOORD
 origin is the top left corner of the top left pixel); ingest finds that instance among the
 series' slices and places the mark through the slice's own position and orientation.
+
+Boxes on planar images (X-rays): a CSV with one row per box (``SOPInstanceUID, x0, y0, x1, y1``
+in pixels, the top left corner of the top left pixel at 0, 0: DICOM's SCOORD and COCO's
+convention), or an SR's 2D regions (a circle, ellipse, polyline or polygon gives its bounding
+box). A stored box is ``[r0, c0, r1, c1]`` on the image's array grid, in the index convention of
+the marks (pixel centres at whole numbers, so its edges sit at half-integers).
 """
 
 from __future__ import annotations
@@ -34,6 +40,8 @@ SR_CLASSES = {
 }
 # LUNA16's annotations.csv columns
 CSV_COLUMNS = {"key": "seriesuid", "x": "coordX", "y": "coordY", "z": "coordZ", "diameter": "diameter_mm"}
+# a table of boxes on planar images (pixels)
+BOX_COLUMNS = ("SOPInstanceUID", "x0", "y0", "x1", "y1")
 
 
 class MarksError(IngestError):
@@ -79,6 +87,11 @@ def place_marks(marks: list[dict], *, shape, spacing, origin, direction) -> tupl
                            f"series: voxel index (z, y, x) {np.round(zyx, 1).tolist()} of a {list(shape)} volume")
             continue
         out = {"zyx": [float(v) for v in zyx], "diameter_mm": float(mark.get("diameter_mm") or 0.0)}
+        if mark.get("box") is not None:  # clipped to the image (a box may reach past its edge)
+            hi = np.asarray(shape[1:], dtype=float) - 0.5
+            r0, c0 = np.clip(mark["box"][:2], -0.5, hi)
+            r1, c1 = np.clip(mark["box"][2:], -0.5, hi)
+            out["box"] = [float(r0), float(c0), float(r1), float(c1)]
         if mark.get("score") is not None:
             out["score"] = float(mark["score"])
         placed.append(out)
@@ -108,7 +121,8 @@ def resolve_image_marks(marks: list[dict], slices: dict[str, object | None], *, 
         if diameter is None:  # the region's largest extent, in mm
             _, diameter = _region_mark(np.asarray(mark["points"], dtype=float) * spacing, mark["shape"], dims=2)
         if planar or "ImagePositionPatient" not in ds:
-            out.append({"zyx": [0.0, mark["row"], mark["col"]], "diameter_mm": diameter})
+            out.append({"zyx": [0.0, mark["row"], mark["col"]], "diameter_mm": diameter}
+                       | ({"box": mark["box"]} if mark.get("box") else {}))
             continue
         iop = np.asarray(ds.ImageOrientationPatient, dtype=float)
         point = (np.asarray(ds.ImagePositionPatient, dtype=float) + mark["col"] * spacing[1] * iop[:3]
@@ -121,6 +135,8 @@ def resolve_image_marks(marks: list[dict], slices: dict[str, object | None], *, 
 def _region_mark(points: np.ndarray, graphic_type: str, dims: int = 3) -> tuple[np.ndarray, float]:
     """Centre and largest extent of a region's graphic data (in its own units)."""
     points = np.asarray(points, dtype=float).reshape(-1, dims)
+    if len(points) > 2 and np.array_equal(points[0], points[-1]):  # a closed polyline repeats its first vertex
+        points = points[:-1]
     if graphic_type == "POINT":
         return points[0], 0.0
     if graphic_type == "CIRCLE":  # the centre, then a point on the circle
@@ -130,6 +146,24 @@ def _region_mark(points: np.ndarray, graphic_type: str, dims: int = 3) -> tuple[
         return points.mean(axis=0), extent
     extent = float(max(np.linalg.norm(a - b) for a in points for b in points)) if len(points) > 1 else 0.0
     return points.mean(axis=0), extent
+
+
+def region_box(points_rc, graphic_type: str) -> list[float] | None:
+    """The bounding box ``[r0, c0, r1, c1]`` of a 2D region's points (row, column): a circle's is its centre
+    plus and minus its radius; an ellipse's the box of its axis end points (exact for an axis-aligned one);
+    a polyline's or polygon's the box of its vertices; a point has none.
+
+    >>> region_box([[10, 20], [10, 25]], "CIRCLE")
+    [5.0, 15.0, 15.0, 25.0]
+    """
+    points = np.asarray(points_rc, dtype=float).reshape(-1, 2)
+    if graphic_type in ("POINT", "MULTIPOINT") or len(points) < 2:
+        return None
+    if graphic_type == "CIRCLE":
+        r = float(np.linalg.norm(points[1] - points[0]))
+        return [float(points[0, 0] - r), float(points[0, 1] - r), float(points[0, 0] + r), float(points[0, 1] + r)]
+    lo, hi = points.min(axis=0), points.max(axis=0)
+    return [float(lo[0]), float(lo[1]), float(hi[0]), float(hi[1])]
 
 
 def read_sr(path: str | Path) -> dict:
@@ -171,6 +205,9 @@ def read_sr(path: str | Path) -> dict:
                 mark = {"sop_uid": str(refs[0].ReferencedSOPInstanceUID), "row": float(row) - 0.5,
                         "col": float(col) - 0.5, "points": points.tolist(), "shape": str(region.graphic_type.value),
                         "diameter_mm": None}
+                box = region_box(points, mark["shape"])
+                if box is not None:
+                    mark["box"] = box
             else:
                 continue
             for m in group.get_measurements(name=codes.SCT.Diameter):
@@ -213,19 +250,60 @@ def read_marks_csv(table: str | Path, *, columns: dict[str, str] | None = None) 
     return out
 
 
+def is_box_table(table: str | Path) -> bool:
+    """Whether a marks CSV holds boxes on images (``BOX_COLUMNS``) rather than LUNA16-style centres."""
+    with open(table, newline="", encoding="utf-8-sig") as fh:
+        header = next(csv.reader(fh), [])
+    return all(c in header for c in BOX_COLUMNS)
+
+
+def read_boxes_csv(table: str | Path) -> dict[str, list[dict]]:
+    """SOPInstanceUID -> box marks, from a CSV with one row per box (``SOPInstanceUID, x0, y0, x1, y1`` in
+    pixels, the top left corner of the top left pixel at 0, 0; an image with no row has no lesion). Each mark is
+    an image mark (``row``, ``col`` of its centre, ``box`` ``[r0, c0, r1, c1]`` in the index convention of the
+    marks, ``line`` of the table).
+
+    Raises:
+        ValueError: a column is missing, a value is not a finite number, or a box is empty (with its line).
+    """
+    name = Path(table).name
+    out: dict[str, list[dict]] = {}
+    with open(table, newline="", encoding="utf-8-sig") as fh:
+        reader = csv.DictReader(fh)
+        missing = [c for c in BOX_COLUMNS if c not in (reader.fieldnames or [])]
+        if missing:
+            raise ValueError(f"boxes table {name!r} has no column(s) {missing}; its columns are {reader.fieldnames}")
+        for line, row in enumerate(reader, start=2):
+            try:
+                x0, y0, x1, y1 = (float(row[c]) for c in BOX_COLUMNS[1:])
+            except (TypeError, ValueError):
+                raise ValueError(f"boxes table {name!r} line {line}: x0, y0, x1 and y1 must be numbers") from None
+            if not all(np.isfinite([x0, y0, x1, y1])) or x1 <= x0 or y1 <= y0:
+                raise ValueError(f"boxes table {name!r} line {line}: a box needs finite corners with x1 > x0 and "
+                                 f"y1 > y0 (received {x0:g}, {y0:g}, {x1:g}, {y1:g})")
+            box = [y0 - 0.5, x0 - 0.5, y1 - 0.5, x1 - 0.5]
+            out.setdefault(row["SOPInstanceUID"].strip(), []).append(
+                {"row": (box[0] + box[2]) / 2, "col": (box[1] + box[3]) / 2, "box": box, "shape": "POLYGON",
+                 "points": [box[:2], [box[0], box[3]], box[2:], [box[2], box[1]]], "diameter_mm": None,
+                 "line": line})
+    return out
+
+
 # ----------------------------------------------------------------- SR out
 def write_sr(source_images: list, marks: list[dict], out: str | Path, *, series_uid: str, sop_uid: str,
              algorithm: dict | None = None, description: str = "lesion marks",
              manufacturer: str = "medflow") -> Path:
-    """A Comprehensive 3D SR (TID 1500) with one planar ROI group per mark: a 3D point at its centre (LPS mm),
-    its diameter and, when the mark has a ``score``, the probability. ``source_images`` (pydicom datasets of
-    the series) become the SR's evidence; ``algorithm`` (``name``, ``version``, optional ``parameters``) marks
-    the report as a detector's output (TID 4019 algorithm identification, a device observer)."""
+    """A Comprehensive 3D SR (TID 1500) with one planar ROI group per mark: a 3D point at its centre (LPS mm)
+    with its diameter, or, for a mark with ``box_px`` (``x0, y0, x1, y1`` in pixels, the image's top left
+    corner at 0, 0), that box as a closed 2D polyline on the first source image; and, when the mark has a
+    ``score``, the probability. ``source_images`` (pydicom datasets of the series) become the SR's evidence;
+    ``algorithm`` (``name``, ``version``, optional ``parameters``) marks the report as a detector's output
+    (TID 4019 algorithm identification, a device observer)."""
     import highdicom as hd
     from pydicom.sr.codedict import codes
 
     first = source_images[0]
-    frame = str(first.FrameOfReferenceUID)
+    frame = str(first.get("FrameOfReferenceUID", "") or "")
     algo = hd.sr.AlgorithmIdentification(**algorithm) if algorithm else None
     if algo is not None:
         observer = hd.sr.ObserverContext(observer_type=codes.DCM.Device,
@@ -236,23 +314,34 @@ def write_sr(source_images: list, marks: list[dict], out: str | Path, *, series_
                                          observer_identifying_attributes=hd.sr.PersonObserverIdentifyingAttributes(
                                              name="Reader^Unknown"))
     groups = []
+    planar = False
     for i, mark in enumerate(marks, start=1):
-        measurements = [hd.sr.Measurement(name=codes.SCT.Diameter, value=float(mark.get("diameter_mm") or 0.0),
-                                          unit=codes.UCUM.Millimeter, algorithm_id=algo)]
+        measurements = []
+        if "box_px" in mark:
+            planar = True
+            x0, y0, x1, y1 = (float(v) for v in mark["box_px"])
+            region = hd.sr.ImageRegion(
+                graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
+                graphic_data=np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]], dtype=float),
+                source_image=hd.sr.SourceImageForRegion(str(first.SOPClassUID), str(first.SOPInstanceUID)))
+        else:
+            measurements.append(hd.sr.Measurement(name=codes.SCT.Diameter, value=float(mark.get("diameter_mm") or 0.0),
+                                                  unit=codes.UCUM.Millimeter, algorithm_id=algo))
+            region = hd.sr.ImageRegion3D(graphic_type=hd.sr.GraphicTypeValues3D.POINT,
+                                         graphic_data=np.array([[mark["x"], mark["y"], mark["z"]]], dtype=float),
+                                         frame_of_reference_uid=frame)
         if mark.get("score") is not None:
             measurements.append(hd.sr.Measurement(name=codes.DCM.Probability, value=float(mark["score"]),
                                                   unit=codes.UCUM.NoUnits, algorithm_id=algo))
-        region = hd.sr.ImageRegion3D(graphic_type=hd.sr.GraphicTypeValues3D.POINT,
-                                     graphic_data=np.array([[mark["x"], mark["y"], mark["z"]]], dtype=float),
-                                     frame_of_reference_uid=frame)
         groups.append(hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
             tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(), identifier=f"lesion {i}"),
-            referenced_region=region, finding_type=codes.SCT.Nodule, algorithm_id=algo,
-            measurements=measurements))
+            referenced_region=region, finding_type=codes.SCT.Lesion if planar else codes.SCT.Nodule,
+            algorithm_id=algo, measurements=measurements or None))
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(
             observer_person_context=None if algo else observer, observer_device_context=observer if algo else None),
-        procedure_reported=codes.LN.CTUnspecifiedBodyRegion, imaging_measurements=groups)
+        procedure_reported=codes.LN.XRUnspecifiedBodyRegion if planar else codes.LN.CTUnspecifiedBodyRegion,
+        imaging_measurements=groups)
     sr = hd.sr.Comprehensive3DSR(
         evidence=source_images, content=report, series_instance_uid=series_uid, series_number=99,
         sop_instance_uid=sop_uid, instance_number=1, manufacturer=manufacturer, series_description=description)

@@ -13,9 +13,9 @@ from storage.ingest import (
     ingest_series,
     nifti_mask_files,
     plan_series,
+    read_marks_table,
     scan_source,
 )
-from storage.marks import read_marks_csv
 from storage.store import Store
 from medflow.dask_runtime import cluster_options, dask_client, map_on, run_all, total_threads, worker_memory
 from medflow.retry import retry_transient
@@ -66,13 +66,13 @@ def scan_source_task(source: str, store_root: str, options: IngestOptions, nifti
     nifti_masks = nifti_mask_files(**nifti, pseudo=pseudo, index=index) if nifti else None
     if nifti_masks is not None:
         log.info("masks: %d series have a NIfTI mask in the table", len(nifti_masks))
-    csv_marks = None
-    if options.marks == "csv":
-        by_uid = read_marks_csv(options.marks_table)
-        csv_marks = {pseudo.series_key(uid): marks for uid, marks in by_uid.items()}
-        log.info("marks: %d lesion(s) on %d series in the marks table", sum(map(len, by_uid.values())), len(by_uid))
+    marks = read_marks_table(options.marks_table, pseudo) if options.marks == "csv" else {}
+    for what, by_key in marks.items():
+        log.info("marks: %d %s on %d %s in the marks table", sum(map(len, by_key.values())),
+                 "box(es)" if what == "csv_image_marks" else "lesion(s)", len(by_key),
+                 "image(s)" if what == "csv_image_marks" else "series")
     result = plan_series(index, pseudo=pseudo, catalog=store.catalog(), previous_quarantine=store.quarantine(),
-                         options=options, nifti_masks=nifti_masks, csv_marks=csv_marks)
+                         options=options, nifti_masks=nifti_masks, **marks)
     log.info("scan: %d files; %d series to ingest, %d unchanged; %d file(s) quarantined at scan",
              result.n_files, len(result.todo), len(result.unchanged),
              sum(1 for r in result.quarantine if r.get("stage") == "scan"))

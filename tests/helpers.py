@@ -13,6 +13,7 @@ from storage.ingest import (
     ingest_series,
     nifti_mask_files,
     plan_series,
+    read_marks_table,
     scan_source,
     source_index,
     with_paths,
@@ -31,13 +32,9 @@ def ingest_serial(source, store_root, options: IngestOptions | None = None, nift
     index = scan_source(str(source), store)
     pseudo = store.pseudonymizer()
     nifti_masks = nifti_mask_files(**nifti, pseudo=pseudo, index=index) if nifti else None
-    csv_marks = None
-    if options.marks == "csv":
-        from storage.marks import read_marks_csv
-
-        csv_marks = {pseudo.series_key(uid): m for uid, m in read_marks_csv(options.marks_table).items()}
+    marks = read_marks_table(options.marks_table, pseudo) if options.marks == "csv" else {}
     plan = plan_series(index, pseudo=pseudo, catalog=store.catalog(), previous_quarantine=store.quarantine(),
-                       options=options, nifti_masks=nifti_masks, csv_marks=csv_marks)
+                       options=options, nifti_masks=nifti_masks, **marks)
     results = [ingest_series(str(store.root), str(source), p, options) for p in plan.todo]
     rows = list(plan.quarantine) + [r for res in results for r in res["quarantine"]]
     store.write_quarantine(rows)

@@ -7,7 +7,7 @@ compare its name. Adding a kind is one module with a ``TaskKind`` subclass and o
 in ``_KINDS`` below (plus its models in ``models._REGISTRY`` and its tests).
 
 >>> available()
-['classification', 'detection', 'segmentation', 'signal']
+['classification', 'detection', 'detection2d', 'segmentation', 'signal']
 >>> get("segmentation").name
 'segmentation'
 """
@@ -23,6 +23,7 @@ from medflow.kinds.base import TaskKind
 _KINDS: dict[str, str] = {
     "classification": "medflow.kinds.classification:Classification",
     "detection": "medflow.kinds.detection:Detection",
+    "detection2d": "medflow.kinds.detection2d:Detection2D",
     "segmentation": "medflow.kinds.segmentation:Segmentation",
     "signal": "medflow.kinds.signal:Signal",
 }

@@ -12,7 +12,8 @@ MODULES = [
     "models", "models.explain", "models.segmentation", "models.training", "medflow.kinds.classification",
     "medflow.signals", "medflow.resampling", "medflow.retry", "storage.errors", "storage.dicom", "storage.ingest",
     "storage.store", "medflow.intervals", "medflow.reporting", "medflow.compare", "medflow.calibration", "medflow.runs", "medflow.report_server", "tasks.train", "medflow.tracking", "medflow.subgroups",
-    "medflow.froc", "medflow.kinds.detection", "models.detector", "storage.marks",
+    "medflow.froc", "medflow.kinds.detection", "models.detector", "storage.marks", "medflow.boxes",
+    "medflow.kinds.detection2d",
 ]
 
 

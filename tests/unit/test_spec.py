@@ -43,7 +43,7 @@ def test_demo_spec_is_valid_and_paths_resolve(tmp_path):
     [
         ({"train.epoch": 3}, "train.epoch", "unknown field; did you mean 'epochs'?"),
         ({"train.epochs": 0}, "train.epochs", "greater than 0"),
-        ({"model.arch": "resnet9000"}, "model.arch", "expected one of: centernet3d, cnn3d"),
+        ({"model.arch": "resnet9000"}, "model.arch", "expected one of: centernet2d, centernet3d, cnn3d"),
         ({"data.split.val": 0.6, "data.split.test": 0.4}, "data.split", "at least 10% for training"),
         ({"schedule": {"cron": "every night"}}, "schedule.cron", "invalid cron expression"),
         ({"evaluate.metrics": ["auc", "vibes"]}, "evaluate.metrics", "['vibes'] do not apply to classification"),
