@@ -24,7 +24,7 @@ HEADLINE_METRICS = ("auc", "dice", "cpm", "ap50")
 
 def list_runs(runs_dir: str | Path) -> pd.DataFrame:
     """One row per run folder under ``runs_dir``: run id, spec name, state, finish time, data
-    digest (short), task, the test AUC (or Dice) and the baseline's AUC; newest first."""
+    digest (short), task, the test AUC (Dice, CPM or AP50 for the other kinds) and the baseline's; newest first."""
     rows = []
     for run in sorted(Path(runs_dir).glob("*/run.json")):
         folder = run.parent

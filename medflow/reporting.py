@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import logging
 from collections import Counter
 from pathlib import Path
@@ -31,6 +32,23 @@ def _png(fig) -> str:
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def plot_example_panels(path: Path, draw, title: str) -> str | None:
+    """The saved examples of a run (``path``: an npz of ``images`` and their JSON ``meta``), one panel each:
+    the image in grey, then ``draw(ax, meta)`` draws its marks and returns the panel's title. None without
+    the file (no example to show)."""
+    if not path.exists():
+        return None
+    with np.load(path) as data:
+        images, meta = data["images"], json.loads(str(data["meta"]))
+    fig, axes = plt.subplots(1, len(images), figsize=(3.4 * len(images), 3.6), squeeze=False)
+    for ax, image, m in zip(axes[0], images, meta):
+        ax.imshow(image, cmap="gray")
+        ax.set_title(draw(ax, m), fontsize=9)
+        ax.axis("off")
+    fig.suptitle(title, fontsize=9)
+    return _png(fig)
 
 
 def plot_history(history: dict[str, list[float]]) -> str:

@@ -146,6 +146,34 @@ def sample_box(shape, size, rng: np.random.Generator, centres: np.ndarray, foreg
     return tuple(slice(int(a), int(a) + int(s)) for a, s in zip(start, size))
 
 
+def _augmented(x: np.ndarray, y: np.ndarray, rng: np.random.Generator, flips: list[int], jitter: float
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """An image (channels added) and its target, each flip axis taken with probability 1/2 by both, and the
+    image's intensity jittered (scale and offset within ``jitter``)."""
+    for ax in flips:
+        if rng.random() < 0.5:
+            x, y = np.flip(x, axis=ax), np.flip(y, axis=ax)
+    if jitter:
+        x = x * (1.0 + rng.uniform(-jitter, jitter)) + rng.uniform(-jitter, jitter)
+    return np.ascontiguousarray(x, dtype=np.float32)[..., None], np.ascontiguousarray(y, dtype=np.float32)
+
+
+def _compiled(arch: str, shape: tuple[int, ...], params: dict, train: dict, *, size_weight: float, what: str):
+    """The registered detector ``arch`` for inputs of ``shape``, compiled with the CenterNet loss; ``what``
+    names the setting that fixes the shape when it is not a multiple of the model's pooling."""
+    from models import get
+    from models.training import make_optimizer
+    from models.unet import size_multiple
+
+    model = get(arch)((*shape, 1), **params)
+    multiple = size_multiple(model)
+    if any(n % multiple for n in shape):
+        raise ValueError(f"{what} {list(shape)} must be a multiple of {multiple} in every axis for {arch} (its "
+                         f"{int(np.log2(multiple))} pooling levels)")
+    model.compile(optimizer=make_optimizer(train), loss=CenterNetLoss(size_weight=size_weight))
+    return model
+
+
 def make_detection_dataset(loader: Callable[[str], tuple[np.ndarray, list[dict], tuple]], keys: list[str], *,
                            patch, batch_size: int, samples_per_volume: int, foreground_ratio: float,
                            augment: dict | None = None, seed: int = 0, fixed: bool = False):
@@ -166,13 +194,7 @@ def make_detection_dataset(loader: Callable[[str], tuple[np.ndarray, list[dict],
             cache[i] = (image.astype(np.float32), np.stack([heat, size], axis=-1), centres)
         image, target, centres = cache[i]
         box = sample_box(image.shape, patch, rng, centres, foreground_ratio)
-        x, y = image[box], target[box]
-        for ax in flips:
-            if rng.random() < 0.5:
-                x, y = np.flip(x, axis=ax), np.flip(y, axis=ax)
-        if jitter:
-            x = x * (1.0 + rng.uniform(-jitter, jitter)) + rng.uniform(-jitter, jitter)
-        return np.ascontiguousarray(x, dtype=np.float32)[..., None], np.ascontiguousarray(y, dtype=np.float32)
+        return _augmented(image[box], target[box], rng, flips, jitter)
 
     return sampled_dataset(len(keys), draw, samples_per_item=samples_per_volume, batch_size=batch_size, seed=seed,
                            fixed=fixed)
@@ -181,20 +203,12 @@ def make_detection_dataset(loader: Callable[[str], tuple[np.ndarray, list[dict],
 def train_detector(*, loader, train_keys: list[str], val_keys: list[str], arch: str, params: dict, train: dict,
                    augment: dict, run_dir: str | Path, on_epoch=None) -> dict:
     """Build, train and save a detector (``fit_model``: checkpoints every epoch, resume, early stopping)."""
-    from models import get
-    from models.training import fit_model, make_optimizer
-    from models.unet import size_multiple
+    from models.training import fit_model
 
     patch = tuple(int(p) for p in train["patch_size"])
 
     def build():
-        model = get(arch)((*patch, 1), **params)
-        multiple = size_multiple(model)
-        if any(p % multiple for p in patch):
-            raise ValueError(f"train.patch_size {list(patch)} must be a multiple of {multiple} in every axis for "
-                             f"{arch} with {len(params.get('filters', (16, 32, 64)))} levels")
-        model.compile(optimizer=make_optimizer(train), loss=CenterNetLoss())
-        return model
+        return _compiled(arch, patch, params, train, size_weight=0.1, what="train.patch_size")
 
     def datasets(initial_epoch: int):
         common = {"patch": patch, "batch_size": int(train["batch_size"]),
@@ -250,13 +264,7 @@ def make_box_dataset(loader: Callable[[str], tuple[np.ndarray, list]], keys: lis
             image, boxes = loader(keys[i])
             image = np.asarray(image, dtype=np.float32)[0]
             cache[i] = (image, box_target(image.shape, boxes))
-        x, y = cache[i]
-        for ax in flips:
-            if rng.random() < 0.5:
-                x, y = np.flip(x, axis=ax), np.flip(y, axis=ax)
-        if jitter:
-            x = x * (1.0 + rng.uniform(-jitter, jitter)) + rng.uniform(-jitter, jitter)
-        return np.ascontiguousarray(x, dtype=np.float32)[..., None], np.ascontiguousarray(y, dtype=np.float32)
+        return _augmented(*cache[i], rng, flips, jitter)
 
     return sampled_dataset(len(keys), draw, samples_per_item=1, batch_size=batch_size, seed=seed, fixed=fixed)
 
@@ -264,21 +272,12 @@ def make_box_dataset(loader: Callable[[str], tuple[np.ndarray, list]], keys: lis
 def train_box_detector(*, loader, train_keys: list[str], val_keys: list[str], arch: str, params: dict, train: dict,
                        augment: dict, run_dir: str | Path, on_epoch=None) -> dict:
     """Build, train and save a 2D box detector on whole images (``fit_model``)."""
-    from models import get
-    from models.training import fit_model, make_optimizer
-    from models.unet import size_multiple
+    from models.training import fit_model
 
     shape = tuple(np.asarray(loader(train_keys[0])[0]).shape[1:])
 
     def build():
-        model = get(arch)((*shape, 1), **params)
-        multiple = size_multiple(model)
-        if any(n % multiple for n in shape):
-            raise ValueError(f"the prepared images are {list(shape)}; {arch} with "
-                             f"{len(params.get('filters', (16, 32, 64, 128)))} levels needs a multiple of {multiple} "
-                             "(set resize2d's shape)")
-        model.compile(optimizer=make_optimizer(train), loss=CenterNetLoss(size_weight=BOX_SIZE_WEIGHT))
-        return model
+        return _compiled(arch, shape, params, train, size_weight=BOX_SIZE_WEIGHT, what="the prepared images (resize2d)")
 
     def datasets(initial_epoch: int):
         batch = int(train["batch_size"])

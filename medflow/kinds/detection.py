@@ -268,16 +268,10 @@ class Detection(TaskKind):
                 f"sensitivity at {name.split('_')[1]} FP/scan"
             rows.append({"metric": label, "value": f"{t[name]:.3f}", "ci95": _ci_text(ci.get(name)),
                          "baseline": f"{b[name]:.3f}" if isinstance(b.get(name), float) else ""})
-        test = predictions[predictions["split"] == "test"]
-        columns = ["series_key", "n_lesions", "hits", "false_positives", "best_lesion_score"]
-        table = [{c: (round(float(r[c]), 3) if isinstance(r[c], float) else r[c]) for c in columns}
-                 for r in test.sort_values("series_key").to_dict("records")]
-        return {"metrics": rows, "det": t, "det_val": evaluation.get("val") or {}, "baseline": b,
-                "operating": evaluation.get("operating") or {}, "threshold": evaluation.get("threshold"),
-                "missed": evaluation.get("missed") or [], "cases": table, "hit_rule": evaluation.get("hit_rule"),
-                "plots": {"froc": plot_froc(evaluation), "examples": plot_examples(Path(run_dir))},
-                "tables": {"missed-lesions": {"rows": evaluation.get("missed") or [],
-                                              "description": "Test lesions missed at the validation threshold"}}}
+        return detection_context(evaluation, predictions, rows,
+                                 ["series_key", "n_lesions", "hits", "false_positives", "best_lesion_score"],
+                                 {"froc": plot_froc(evaluation), "examples": plot_examples(Path(run_dir))},
+                                 ("missed-lesions", "Test lesions missed at the validation threshold"))
 
     def markdown(self, context: dict) -> list[str]:
         o, b = context["operating"], context["baseline"]
@@ -333,6 +327,20 @@ class Detection(TaskKind):
 
 
 # ---------------------------------------------------------------- helpers
+def detection_context(evaluation: dict, predictions: pd.DataFrame, rows: list[dict], columns: list[str],
+                      plots: dict, missed: tuple[str, str]) -> dict:
+    """A detection report's context (both detection kinds): the metric ``rows``, the test cases' ``columns``,
+    the ``plots``, and the missed lesions as a Prefect table (``missed``: its name and description)."""
+    test = predictions[predictions["split"] == "test"]
+    table = [{c: (round(float(r[c]), 3) if isinstance(r[c], float) else r[c]) for c in columns}
+             for r in test.sort_values("series_key").to_dict("records")]
+    return {"metrics": rows, "det": evaluation["test"], "det_val": evaluation.get("val") or {},
+            "baseline": evaluation.get("baseline") or {}, "operating": evaluation.get("operating") or {},
+            "threshold": evaluation.get("threshold"), "missed": evaluation.get("missed") or [], "cases": table,
+            "hit_rule": evaluation.get("hit_rule"), "plots": plots,
+            "tables": {missed[0]: {"rows": evaluation.get("missed") or [], "description": missed[1]}}}
+
+
 def _flat(summary: dict) -> dict:
     out = {"cpm": summary["cpm"], "n_lesions": summary["n_lesions"], "n_scans": summary["n_scans"]}
     for rate, value in summary["sensitivity"].items():
@@ -441,24 +449,17 @@ def plot_froc(evaluation: dict) -> str:
 
 def plot_examples(run_dir: Path) -> str | None:
     """Best, median and worst test case: truth circles (green), detections (red crosses, with their scores)."""
-    path = run_dir / "det_examples.npz"
-    if not path.exists():
-        return None
     import matplotlib.pyplot as plt
 
-    from medflow.reporting import _png
+    from medflow.reporting import plot_example_panels
 
-    with np.load(path) as data:
-        images, meta = data["images"], json.loads(str(data["meta"]))
-    fig, axes = plt.subplots(1, len(images), figsize=(3.4 * len(images), 3.6), squeeze=False)
-    for ax, image, m in zip(axes[0], images, meta):
-        ax.imshow(image, cmap="gray")
+    def draw(ax, m):
         for t in m["truth"]:
             ax.add_patch(plt.Circle((t["yx"][1], t["yx"][0]), max(t["r"], 1.5), fill=False, color="#2ca02c", lw=1.4))
         for d in m["detections"]:
             ax.plot(d["yx"][1], d["yx"][0], "x", color="#d62728", ms=7)
             ax.text(d["yx"][1] + 2, d["yx"][0] - 2, f"{d['score']:.2f}", color="#d62728", fontsize=7)
-        ax.set_title(f"{m['which']}: lesion score {m['score']:.2f} (slice {m['z']})", fontsize=9)
-        ax.axis("off")
-    fig.suptitle("truth (green circles) and detections within 2 slices (red, with scores)", fontsize=9)
-    return _png(fig)
+        return f"{m['which']}: lesion score {m['score']:.2f} (slice {m['z']})"
+
+    return plot_example_panels(run_dir / "det_examples.npz", draw,
+                               "truth (green circles) and detections within 2 slices (red, with scores)")

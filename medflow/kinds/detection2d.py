@@ -19,7 +19,7 @@ import pandas as pd
 
 from medflow.boxes import AP_METRICS
 from medflow.kinds.base import TaskKind
-from medflow.kinds.detection import _ci_text, _trace, to_model_grid, to_source_grid
+from medflow.kinds.detection import _ci_text, _trace, detection_context, to_model_grid, to_source_grid
 from medflow.runs import write_json_atomic, write_text_atomic
 
 logger = logging.getLogger(__name__)
@@ -95,6 +95,9 @@ class Detection2D(TaskKind):
             logger.warning("%d lesion mark(s) are points without a box (an SR point region): detection2d cannot "
                            "use them; give each lesion a box, circle, ellipse or polyline", boxless)
         df = pd.DataFrame(rows)
+        if not df["n_boxes"].any():
+            raise ValueError(f"none of the {len(df)} planar image(s) has a lesion box: check data.marks (the table's "
+                             "SOPInstanceUIDs, or the SRs' references) and the quarantine table")
         logger.info("detection2d cohort: %d images, %d with lesions (%d boxes)", len(df), int(df["label"].sum()),
                     int(df["n_boxes"].sum()))
         return df
@@ -226,16 +229,10 @@ class Detection2D(TaskKind):
         rows = [{"metric": labels[name], "value": f"{t[name]:.3f}", "ci95": _ci_text(ci.get(name)),
                  "baseline": f"{b[name]:.3f}" if isinstance(b.get(name), float) else ""}
                 for name in evaluation["metrics"]]
-        test = predictions[predictions["split"] == "test"]
-        columns = ["series_key", "n_boxes", "hits", "false_positives", "lowest_best_iou"]
-        table = [{c: (round(float(r[c]), 3) if isinstance(r[c], float) else r[c]) for c in columns}
-                 for r in test.sort_values("series_key").to_dict("records")]
-        return {"metrics": rows, "det": t, "det_val": evaluation.get("val") or {}, "baseline": b,
-                "operating": evaluation.get("operating") or {}, "threshold": evaluation.get("threshold"),
-                "missed": evaluation.get("missed") or [], "cases": table, "hit_rule": evaluation.get("hit_rule"),
-                "plots": {"pr": plot_pr(evaluation), "examples": plot_examples(Path(run_dir))},
-                "tables": {"missed-boxes": {"rows": evaluation.get("missed") or [],
-                                            "description": "Test lesion boxes missed at the validation threshold"}}}
+        return detection_context(evaluation, predictions, rows,
+                                 ["series_key", "n_boxes", "hits", "false_positives", "lowest_best_iou"],
+                                 {"pr": plot_pr(evaluation), "examples": plot_examples(Path(run_dir))},
+                                 ("missed-boxes", "Test lesion boxes missed at the validation threshold"))
 
     def markdown(self, context: dict) -> list[str]:
         o, b = context["operating"], context["baseline"]
@@ -341,25 +338,18 @@ def plot_pr(evaluation: dict) -> str:
 
 def plot_examples(run_dir: Path) -> str | None:
     """Best, median and worst test image: truth boxes (green), detections at the threshold (red, with scores)."""
-    path = run_dir / "det_examples.npz"
-    if not path.exists():
-        return None
     import matplotlib.pyplot as plt
 
-    from medflow.reporting import _png
+    from medflow.reporting import plot_example_panels
 
-    with np.load(path) as data:
-        images, meta = data["images"], json.loads(str(data["meta"]))
-    fig, axes = plt.subplots(1, len(images), figsize=(3.4 * len(images), 3.6), squeeze=False)
-    for ax, image, m in zip(axes[0], images, meta):
-        ax.imshow(image, cmap="gray")
+    def draw(ax, m):
         for r0, c0, r1, c1 in m["truth"]:
             ax.add_patch(plt.Rectangle((c0, r0), c1 - c0, r1 - r0, fill=False, color="#2ca02c", lw=1.4))
         for d in m["detections"]:
             r0, c0, r1, c1 = d["box"]
             ax.add_patch(plt.Rectangle((c0, r0), c1 - c0, r1 - r0, fill=False, color="#d62728", lw=1.0, ls="--"))
             ax.text(c0, r0 - 1, f"{d['score']:.2f}", color="#d62728", fontsize=7)
-        ax.set_title(f"{m['which']}: lowest best IoU {m['iou']:.2f}", fontsize=9)
-        ax.axis("off")
-    fig.suptitle("truth boxes (green) and detections at the validation threshold (red, with scores)", fontsize=9)
-    return _png(fig)
+        return f"{m['which']}: lowest best IoU {m['iou']:.2f}"
+
+    return plot_example_panels(run_dir / "det_examples.npz", draw,
+                               "truth boxes (green) and detections at the validation threshold (red, with scores)")
