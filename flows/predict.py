@@ -1,4 +1,5 @@
-"""The predict flow: a trained run on new DICOM studies → DICOM SEG per series, or scores."""
+"""The predict flow: a trained run on new DICOM studies → per series a DICOM SEG, a DICOM SR of detections,
+or scores."""
 
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ from tasks.predict import predict_series_task, read_studies_task
 @flow(name="predict")
 def predict_flow(model: str, input: str, output: str) -> dict:  # noqa: A002 (the CLI's words)
     """Apply the run at ``model`` to the DICOM studies at ``input`` (a folder, or a spec's data.source);
-    write DICOM SEGs or scores, ``predictions.csv`` and ``predictions.json`` into ``output``."""
+    write what the run's task kind writes (DICOM SEGs, SRs of detections, or scores), ``predictions.csv`` and
+    ``predictions.json`` into ``output``."""
     log = get_run_logger()
     for what, path in (("model run", model), ("input", input), ("output", output)):
         check_allowed(path, what)

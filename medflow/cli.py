@@ -515,10 +515,11 @@ def demo(
 def predict(
     model: Annotated[Path, typer.Option(help="A finished run folder (holds spec.yaml and model.keras).")],
     input: Annotated[Path, typer.Option(help="Folder of new DICOM studies, or a spec whose data.source to read.")],  # noqa: A002
-    output: Annotated[Path, typer.Option(help="Output folder: DICOM SEG per series (segmentation) or scores, "
-                                         "with predictions.csv and predictions.json.")],
+    output: Annotated[Path, typer.Option(help="Output folder: a DICOM SEG per series (segmentation), a DICOM SR "
+                                         "and detections.csv (detection, detection2d) or scores, with "
+                                         "predictions.csv and predictions.json.")],
 ) -> None:
-    """Apply a trained run to new DICOM studies: a DICOM SEG per series, or a score per series."""
+    """Apply a trained run to new DICOM studies: a DICOM SEG, a DICOM SR of detections, or scores, per series."""
     run_dir = model.expanduser().resolve()
     if not (run_dir / "model.keras").exists():
         err.print(f"[bold red]{run_dir} is not a finished medflow run[/] (no model.keras); pass the run folder "
