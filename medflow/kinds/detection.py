@@ -23,6 +23,8 @@ logger = logging.getLogger(__name__)
 
 DET_METRICS = ("cpm", "sens_0.125", "sens_0.25", "sens_0.5", "sens_1", "sens_2", "sens_4", "sens_8")
 OPERATING_FP = 1.0  # false positives per scan of the operating point chosen on validation
+# a TID 1500 report needs at least one measurement group: a series without a detection gets no SR, and says so
+NO_DETECTION = "no detection at or above the threshold: no SR written"
 NEARBY_MM = 10.0  # detections closer than this (or than their radius) to a better one are the same lesion
 
 
@@ -309,11 +311,14 @@ class Detection(TaskKind):
             dets = [d for d in to_detections(peaks(heat), entry, steps, sizes=sizes) if d["score"] >= threshold]
             row = {"series_key": key, "detections": len(dets), "threshold": threshold}
             files = files_of.get(entry.get("parent", key), [])
-            out = write_sr(source_slices(source, files, entry["direction"]), [{"x": d["xyz"][0], "y": d["xyz"][1], "z": d["xyz"][2],
-                                     "diameter_mm": d["diameter_mm"], "score": d["score"]} for d in dets],
-                           output / f"{key}.sr.dcm", series_uid=generate_uid(), sop_uid=generate_uid(),
-                           algorithm=algorithm, description=f"medflow detections {spec.name}"[:64])
-            row["sr"] = out.name
+            row["sr"], row["note"] = "", NO_DETECTION
+            if dets:
+                marks = [{"x": d["xyz"][0], "y": d["xyz"][1], "z": d["xyz"][2], "diameter_mm": d["diameter_mm"],
+                          "score": d["score"]} for d in dets]
+                out = write_sr(source_slices(source, files, entry["direction"]), marks, output / f"{key}.sr.dcm",
+                               series_uid=generate_uid(), sop_uid=generate_uid(), algorithm=algorithm,
+                               description=f"medflow detections {spec.name}"[:64])
+                row["sr"], row["note"] = out.name, ""
             det_rows += [{"series_key": key, "x_mm": d["xyz"][0], "y_mm": d["xyz"][1], "z_mm": d["xyz"][2],
                           "diameter_mm": round(d["diameter_mm"], 2), "score": round(d["score"], 4)} for d in dets]
             logger.info("predict %s: %d detection(s) at or above %.3f", key, len(dets), threshold)
@@ -323,7 +328,7 @@ class Detection(TaskKind):
         return rows
 
     def predict_table_columns(self) -> tuple[str, ...]:
-        return ("series_key", "detections", "sr")
+        return ("series_key", "detections", "sr", "note")
 
 
 # ---------------------------------------------------------------- helpers

@@ -19,7 +19,8 @@ import pandas as pd
 
 from medflow.boxes import AP_METRICS
 from medflow.kinds.base import TaskKind
-from medflow.kinds.detection import _ci_text, _trace, detection_context, to_model_grid, to_source_grid
+from medflow.kinds.detection import (NO_DETECTION, _ci_text, _trace, detection_context, to_model_grid,
+                                     to_source_grid)
 from medflow.runs import write_json_atomic, write_text_atomic
 
 logger = logging.getLogger(__name__)
@@ -274,14 +275,17 @@ class Detection2D(TaskKind):
             dets = [d for d in predict_boxes(model, image) if d["score"] >= threshold]
             boxes = [pixel_box(b) for b in map_boxes([d["box"] for d in dets], _trace(entry, steps), forward=False)]
             files = files_of.get(key, [])
-            out = write_sr([pydicom.dcmread(source / files[0])],
-                           [{"box_px": b, "score": d["score"]} for b, d in zip(boxes, dets)],
-                           output / f"{key}.sr.dcm", series_uid=generate_uid(), sop_uid=generate_uid(),
-                           algorithm=algorithm, description=f"medflow detections {spec.name}"[:64])
+            row = {"series_key": key, "detections": len(dets), "threshold": threshold, "sr": "", "note": NO_DETECTION}
+            if dets:
+                out = write_sr([pydicom.dcmread(source / files[0])],
+                               [{"box_px": b, "score": d["score"]} for b, d in zip(boxes, dets)],
+                               output / f"{key}.sr.dcm", series_uid=generate_uid(), sop_uid=generate_uid(),
+                               algorithm=algorithm, description=f"medflow detections {spec.name}"[:64])
+                row["sr"], row["note"] = out.name, ""
             det_rows += [{"series_key": key, **dict(zip(("x0", "y0", "x1", "y1"), b)), "score": round(d["score"], 4)}
                          for b, d in zip(boxes, dets)]
             logger.info("predict %s: %d box(es) at or above %.3f", key, len(dets), threshold)
-            rows.append({"series_key": key, "detections": len(dets), "threshold": threshold, "sr": out.name})
+            rows.append(row)
         write_text_atomic(output / "detections.csv", pd.DataFrame(
             det_rows, columns=["series_key", "x0", "y0", "x1", "y1", "score"]).to_csv(index=False))
         return rows

@@ -117,3 +117,21 @@ def test_predict_writes_sr_whose_points_are_the_detections(det_run, tmp_path):
         np.testing.assert_allclose([[p["x"], p["y"], p["z"]] for p in points],
                                    mine[["x_mm", "y_mm", "z_mm"]].to_numpy(), atol=1e-3)
         np.testing.assert_allclose([p["score"] for p in points], mine["score"], atol=1e-4)
+
+
+def test_a_scan_without_a_detection_gets_no_sr_and_says_so(det_run, tmp_path):
+    from medflow.kinds.detection import NO_DETECTION
+
+    _, _, result = det_run
+    run = tmp_path / "run"
+    shutil.copytree(result["run_dir"], run)
+    metrics = json.loads((run / "metrics.json").read_text())
+    metrics["threshold"] = 2.0  # above any probability: nothing is detected
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    new = synthesize(tmp_path / "new", patients=2, seed=13, matrix=64, positive_fraction=1.0, broken=False)
+    out = predict_flow(str(run), str(new.dicom_dir), str(tmp_path / "out"))
+    assert out["series"] == 2
+    rows = pd.read_csv(tmp_path / "out" / "predictions.csv", keep_default_na=False)
+    assert rows["sr"].tolist() == ["", ""] and rows["note"].tolist() == [NO_DETECTION] * 2
+    assert not list((tmp_path / "out").glob("*.sr.dcm"))
+    assert len(pd.read_csv(tmp_path / "out" / "detections.csv")) == 0

@@ -133,3 +133,22 @@ def test_predict_writes_srs_whose_boxes_are_the_detections(box_run, tmp_path):
         got = [[m["box"][1] + 0.5, m["box"][0] + 0.5, m["box"][3] + 0.5, m["box"][2] + 0.5] for m in marks]
         np.testing.assert_allclose(got, mine[["x0", "y0", "x1", "y1"]].to_numpy(), atol=1e-3)
         assert [m["score"] for m in marks] == pytest.approx(mine["score"].tolist(), abs=1e-4)
+
+
+def test_an_image_without_a_detection_gets_no_sr_and_says_so(box_run, tmp_path):
+    from medflow.kinds.detection import NO_DETECTION
+
+    _, _, result = box_run
+    run = tmp_path / "run"
+    shutil.copytree(result["run_dir"], run)
+    metrics = json.loads((run / "metrics.json").read_text())
+    metrics["threshold"] = 2.0  # above any probability: nothing is detected
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    new = synthesize_xray(tmp_path / "new", images=2, seed=22, classes=["normal", "pneumonia"])
+    out = predict_flow(str(run), str(new.images_dir), str(tmp_path / "out"))
+    assert out["series"] == 2
+    rows = pd.read_csv(tmp_path / "out" / "predictions.csv", keep_default_na=False)
+    assert rows["sr"].tolist() == ["", ""] and rows["note"].tolist() == [NO_DETECTION] * 2
+    assert (rows["detections"] == 0).all()
+    assert not list((tmp_path / "out").glob("*.sr.dcm"))
+    assert len(pd.read_csv(tmp_path / "out" / "detections.csv")) == 0
