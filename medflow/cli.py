@@ -450,9 +450,10 @@ def synth(
 @app.command()
 def demo(
     workdir: Annotated[Path | None, typer.Option(help="Work folder (cohort, store, runs, Prefect home); default "
-                                                 "work/demo, work/demo-segmentation or work/demo-xray.")] = None,
+                                                 "work/demo for classification, else work/demo-<task>.")] = None,
     patients: Annotated[int | None, typer.Option(min=10, help="Patients in the demo cohort (default: 150 for "
-                                                 "classification, 60 for segmentation, 600 images for xray).")] = None,
+                                                 "classification and detection, 60 for segmentation, 600 images "
+                                                 "for xray, 450 for detection2d, 450 ECGs for ecg).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the cohort, split and training.")] = 0,
     epochs: Annotated[int | None, typer.Option(min=1, help="Most training epochs (early stopping may end sooner); "
                                                "default 30, 40 for xray.")] = None,
