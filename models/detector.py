@@ -292,13 +292,7 @@ def train_box_detector(*, loader, train_keys: list[str], val_keys: list[str], ar
 def predict_boxes(model, image: np.ndarray, *, min_score: float = 0.01, max_boxes: int = 50) -> list[dict]:
     """Boxes of a prepared image (1, H, W): the heat map's local maxima with the size predicted there,
     ``{"box": [r0, c0, r1, c1] on the image's grid, "score"}``, best first."""
-    from models.unet import size_multiple
-
-    img = np.asarray(image, dtype=np.float32)[0]
-    multiple = size_multiple(model)
-    pad = [(0, (-n) % multiple) for n in img.shape]
-    padded = np.pad(img, pad, mode="edge") if any(p[1] for p in pad) else img
-    out = np.asarray(model.predict(padded[None, ..., None], verbose=0)[0])[: img.shape[0], : img.shape[1]]
+    out = _predict_whole(model, np.asarray(image)[0])
     boxes = []
     for p in peaks(out[..., 0], min_score=min_score, max_peaks=max_boxes):
         h, w = (float(v) * BOX_SCALE for v in out[p["index"]][1:])
@@ -309,15 +303,21 @@ def predict_boxes(model, image: np.ndarray, *, min_score: float = 0.01, max_boxe
 
 def predict_maps(model, volume: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Heat map and diameter map (mm) of a whole volume (padded to the model's size multiple)."""
+    out = _predict_whole(model, volume)
+    return out[..., 0], out[..., 1] * SIZE_SCALE
+
+
+def _predict_whole(model, array: np.ndarray) -> np.ndarray:
+    """The model's output channels for a whole image or volume: edge-padded to the model's size multiple,
+    predicted in one batch of one, cropped back to ``array``'s shape."""
     from models.unet import size_multiple
 
-    vol = np.asarray(volume, dtype=np.float32)
+    arr = np.asarray(array, dtype=np.float32)
     multiple = size_multiple(model)
-    pad = [(0, (-n) % multiple) for n in vol.shape]
-    padded = np.pad(vol, pad, mode="edge") if any(p[1] for p in pad) else vol
+    pad = [(0, (-n) % multiple) for n in arr.shape]
+    padded = np.pad(arr, pad, mode="edge") if any(p[1] for p in pad) else arr
     out = np.asarray(model.predict(padded[None, ..., None], verbose=0)[0])
-    crop = tuple(slice(0, n) for n in vol.shape)
-    return out[crop + (0,)], out[crop + (1,)] * SIZE_SCALE
+    return out[tuple(slice(0, n) for n in arr.shape)]
 
 
 def peaks(heat: np.ndarray, *, min_score: float = 0.01, max_peaks: int = 50) -> list[dict]:

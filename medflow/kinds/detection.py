@@ -180,7 +180,6 @@ class Detection(TaskKind):
         operating threshold (1 false positive per scan) on validation; the baseline detector the same way."""
         import keras
 
-        import models.detector  # noqa: F401  (registers the loss)
         from medflow.froc import (BASELINE, BASELINE_SIGMAS_MM, FP_RATES, HIT_RULE, baseline_candidates, cpm,
                                   froc_curve, froc_summary, match, operating_threshold, sensitivity_at)
         from models.detector import peaks, predict_maps
@@ -289,7 +288,6 @@ class Detection(TaskKind):
         import keras
         from pydicom.uid import generate_uid
 
-        import models.detector  # noqa: F401
         from medflow import __version__
         from medflow.predicting import prep_key_for, source_slices
         from models.detector import peaks, predict_maps

@@ -126,7 +126,6 @@ class Detection2D(TaskKind):
         operating threshold (best F1 at IoU 0.5) on validation; the baseline detector the same way."""
         import keras
 
-        import models.detector  # noqa: F401  (registers the loss)
         from medflow.boxes import (BASELINE, HIT_IOU, HIT_RULE, at_threshold, baseline_boxes,
                                    box_summary, centre_prior, coco_ap, iou, match, operating_threshold)
         from models.detector import predict_boxes
@@ -187,7 +186,8 @@ class Detection2D(TaskKind):
         per_case, det_rows, missed = [], [], []
         for row in part.to_dict("records"):
             key, f = row["series_key"], found[row["series_key"]]
-            hits, scores = match(f["model"], f["truth"])
+            matched = {source: match(f[source], f["truth"]) for source in ("model", "baseline")}
+            hits, scores = matched["model"]
             kept = scores >= threshold
             overlap = iou([d["box"] for d in f["model"]], f["truth"])
             best = overlap.max(axis=0) if overlap.size else np.zeros(len(f["truth"]))
@@ -198,8 +198,7 @@ class Detection2D(TaskKind):
             if row["split"] == "test":
                 missed += [{"series_key": key, "box_px": pixel_box(b), "best_iou": round(float(best[j]), 3)}
                            for j, b in enumerate(f["truth"]) if j not in hit]
-            for source in ("model", "baseline"):
-                h, _ = match(f[source], f["truth"])
+            for source, (h, _) in matched.items():
                 ordered = sorted(f[source], key=lambda d: -d["score"])
                 det_rows += [{"series_key": key, "split": row["split"], "source": source,
                               **dict(zip(("x0", "y0", "x1", "y1"), pixel_box(d["box"]))), "score": d["score"],
@@ -251,7 +250,6 @@ class Detection2D(TaskKind):
         import pydicom
         from pydicom.uid import generate_uid
 
-        import models.detector  # noqa: F401
         from medflow import __version__
         from medflow.predicting import prep_key_for
         from models.detector import predict_boxes
