@@ -28,7 +28,7 @@ from flows.preprocess import preprocess_flow
 from flows.report import report_flow
 from flows.train import train_flow
 from medflow.report_server import report_link
-from medflow.runs import open_run, write_status, write_text_atomic
+from medflow.runs import note_progress, open_run, write_status, write_text_atomic
 from tasks.report import publish_artifacts_task
 from medflow.spec import load_spec
 from storage.store import Store
@@ -47,6 +47,7 @@ def pipeline(spec: str) -> dict:
     with open_run(pipeline_spec.runs_dir, pipeline_spec.digest()) as run_dir:
         write_text_atomic(run_dir / "spec.yaml", yaml.safe_dump(pipeline_spec.model_dump(mode="json"), sort_keys=False))
         log.info("run %s of %s", run_dir.name, pipeline_spec.name)
+        note_progress(run_dir=run_dir, flow_run_id=flow_run.get_id())
         tags = run_tags(pipeline_spec, run_dir)
         _tag_flow_run(tags)
         try:
@@ -57,6 +58,20 @@ def pipeline(spec: str) -> dict:
             raise
         write_status(run_dir, state="completed", finished_at=time.strftime("%Y-%m-%d %H:%M:%S"))
         return result
+
+
+STAGE_FAULT_ENV = "MEDFLOW_FAULT_IN_STAGE"
+
+
+def _fault_hook(stage: str) -> None:
+    """Test hook: ``MEDFLOW_FAULT_IN_STAGE=<stage>=<SIGNAL>`` kills this process with the signal as the
+    stage begins, as a native crash in that stage would."""
+    import os
+    import signal
+
+    name, _, sig = os.environ.get(STAGE_FAULT_ENV, "").partition("=")
+    if name == stage:
+        signal.raise_signal(getattr(signal, sig))
 
 
 def run_tags(spec, run_dir: Path) -> list[str]:
@@ -74,6 +89,8 @@ def _stages(spec, run_dir: Path, log) -> dict:
     seconds: dict[str, float] = {}
 
     def timed(stage, fn, *args):
+        note_progress(stage=stage)
+        _fault_hook(stage)
         t0 = time.perf_counter()
         with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
             out = fn(*args)

@@ -237,11 +237,76 @@ def _print_result(result: dict, t0: float, cohort_s: float = 0.0) -> None:
     console.print(f"[bold green]Report:[/] {result['report']}")
 
 
+SUPERVISED_ENV = "MEDFLOW_SUPERVISED"
+
+
 @app.command()
 def run(spec: Annotated[Path, typer.Argument(help="Pipeline spec (YAML).")]) -> None:
-    """Run the whole lifecycle for SPEC now."""
-    t0 = time.perf_counter()
-    _print_result(_run_pipeline(spec), t0)
+    """Run the whole lifecycle for SPEC now.
+
+    The pipeline runs in a child process that this command watches: should a native library
+    crash it (a signal, not an exception), you get one line naming the signal and the stage, the
+    Prefect flow run is marked Crashed, and the run folder stays resumable.
+    """
+    import os
+
+    if os.environ.get(SUPERVISED_ENV):
+        t0 = time.perf_counter()
+        _print_result(_run_pipeline(spec), t0)
+        return
+    _load_checked(spec)  # a bad spec fails here, before a second process starts
+    raise typer.Exit(_supervise(["run", str(spec)], spec))
+
+
+def _supervise(args: list[str], spec_path: Path) -> int:
+    """Run ``medflow <args>`` in a child process with its output passed through; return its exit status.
+    A death by a signal ends in one line (signal, stage, where) instead of a fault dump, and a Crashed
+    state for the pipeline's flow run."""
+    import os
+    import subprocess
+    import tempfile
+
+    from medflow.isolation import crash_site, signal_name
+    from medflow.runs import PROGRESS_ENV
+
+    with tempfile.TemporaryDirectory(prefix="medflow-run-") as tmp:
+        progress, fault = Path(tmp) / "progress.json", Path(tmp) / "fault.txt"
+        env = {**os.environ, SUPERVISED_ENV: str(fault), PROGRESS_ENV: str(progress)}
+        try:
+            code = subprocess.call([sys.executable, "-m", "medflow.cli", *args], env=env)
+        except KeyboardInterrupt:
+            return 130
+        if code >= 0:
+            return code
+        sig = signal_name(code)
+        known = json.loads(progress.read_text()) if progress.exists() else {}
+        where = crash_site(fault.read_text(errors="replace")) if fault.exists() else None
+    stage = known.get("stage", "start-up")
+    message = (f"the pipeline process died of {sig} in stage {stage}" + (f" at {where}" if where else "")
+               + " (a native crash, not a Python error)")
+    run_dir = known.get("run_dir")
+    err.print(f"[bold red]medflow run:[/] {message}; "
+              + (f"the run folder {run_dir} keeps every finished stage: run the same command again to resume; "
+                 if run_dir else "")
+              + "`medflow doctor` shows this machine's CPU, oneDNN and GPUs", highlight=False, soft_wrap=True)
+    if known.get("flow_run_id"):
+        _mark_crashed(known["flow_run_id"], message, Path(spec_path))
+    return 128 + (-code)
+
+
+def _mark_crashed(flow_run_id: str, message: str, spec_path: Path) -> None:
+    """Set the dead pipeline's flow run to Crashed with ``message`` (the UI shows why it ended)."""
+    from medflow.spec import load_spec
+
+    try:
+        settings.configure(Path(load_spec(spec_path).runs_dir).parent)
+        from prefect import get_client
+        from prefect.states import Crashed
+
+        with get_client(sync_client=True) as client:
+            client.set_flow_run_state(flow_run_id, Crashed(message=message), force=True)
+    except Exception as exc:  # noqa: BLE001 - the line above already told the user what happened
+        err.print(f"(could not mark flow run {flow_run_id} Crashed: {type(exc).__name__}: {exc})")
 
 
 @app.command()
@@ -349,6 +414,25 @@ def validate(spec: Annotated[Path, typer.Argument(help="Pipeline spec (YAML).")]
     s = _load_checked(spec)
     console.print(f"[green]ok[/]: {s.name} ({len(s.preprocess)} preprocessing steps, model {s.model.arch}); "
                   "labels, store and prepared-array memory checked")
+
+
+@app.command()
+def doctor(
+    as_json: Annotated[bool, typer.Option("--json", help="The facts as JSON (as runs record them).")] = False,
+) -> None:
+    """What this machine computes on: CPU and instruction sets, oneDNN, GPUs, TensorFlow/Keras and the backend.
+
+    A model's numbers hold per CPU kind at most (TensorFlow picks its kernels by the CPU's
+    instruction sets); every run records the same facts in training.json and provenance.json.
+    """
+    from medflow.hardware import describe, summary_lines
+
+    info = describe()
+    if as_json:
+        sys.stdout.write(json.dumps(info, indent=1) + "\n")
+        return
+    for line in summary_lines(info):
+        console.print(line, highlight=False)
 
 
 @app.command()
@@ -698,6 +782,13 @@ def serve(
 
 
 def main() -> None:
+    import os
+
+    fault = os.environ.get(SUPERVISED_ENV)
+    if fault and fault != "1":  # a supervised pipeline: a native crash's dump goes to the supervisor's file
+        import faulthandler
+
+        faulthandler.enable(file=open(fault, "w"), all_threads=False)  # noqa: SIM115 - open until exit
     try:
         app()
     finally:

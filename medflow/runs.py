@@ -100,6 +100,21 @@ def save_npz_atomic(path: str | Path, **arrays) -> Path:
     return write_bytes_atomic(path, buf.getvalue())
 
 
+PROGRESS_ENV = "MEDFLOW_PROGRESS_FILE"
+
+
+def note_progress(**fields) -> None:
+    """Tell a supervising ``medflow run`` where the pipeline is (run folder, flow run, stage), in the JSON
+    file ``$MEDFLOW_PROGRESS_FILE``; nothing when no supervisor asked. Should the process die of a
+    native crash, the supervisor names the stage and marks the flow run Crashed from this."""
+    path = os.environ.get(PROGRESS_ENV)
+    if not path:
+        return
+    target = Path(path)
+    known = json.loads(target.read_text()) if target.exists() else {}
+    write_text_atomic(target, json.dumps({**known, **{k: str(v) for k, v in fields.items()}}))
+
+
 def write_status(run_dir: Path, **fields) -> None:
     status = {**_status(run_dir), **fields}
     write_text_atomic(run_dir / "run.json", json.dumps(status, indent=1))

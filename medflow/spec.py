@@ -532,7 +532,14 @@ class TrainSpec(_Model):
     class_weight: Literal["balanced", "none"] = Field(
         "balanced", description="`balanced` weights classes by inverse frequency (class imbalance).")
     seed: int = Field(0, description="Seed of weights, data order and augmentation.")
-    mixed_precision: bool = Field(False, description="float16 compute on GPUs that support it.")
+    mixed_precision: bool | Literal["float16", "bfloat16"] = Field(
+        False, description="Mixed-precision compute, variables kept in float32: `true` takes float16 on a GPU and "
+        "bfloat16 on a CPU with bfloat16 instructions (AVX512_BF16, AMX; `medflow doctor` tells), float32 where "
+        "there is neither; or name the type.")
+    jit_compile: bool = Field(False, description="Compile each training step with XLA (TensorFlow backend).")
+    distribute: Literal["none", "mirrored"] = Field(
+        "none", description="`mirrored`: one replica per GPU (per logical CPU device without GPUs) on this machine, "
+        "`batch_size` being the global batch, BatchNorm over the global batch (TensorFlow backend).")
     deterministic: bool = Field(False, description="Deterministic ops (TensorFlow op determinism): the same spec "
                                 "and data give the same model and predictions; somewhat slower.")
     patch_size: list[Annotated[PositiveInt, MAX_DIM]] | None = Field(

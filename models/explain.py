@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 
 import numpy as np
@@ -39,11 +40,17 @@ def grad_cam(model, image: np.ndarray, *, layer: str | None = None, class_index:
     head = model.layers[-1]
     if not isinstance(head, keras.layers.Dense):
         raise ValueError(f"Received a model whose last layer is {head.name!r}, expected a Dense classifier head.")
-    probe = _probe(keras, model, target, head)
+    front, tail = _split(keras, model, target, head)
     x = tf.convert_to_tensor(image[None, ..., None], dtype=tf.float32)
     kernel, bias = (tf.cast(w, tf.float32) for w in head.weights[:2])
-    with tf.GradientTape() as tape:
-        features, pooled = probe(x, training=False)
+    # The feature maps are computed outside the tape, and only the layers after them (pooling,
+    # dropout, dense) are differentiated: no convolution's gradient is ever taken. TensorFlow's
+    # eager Conv2D filter gradient crashed the process in oneDNN's AVX-512 kernels (issue 24), and
+    # Grad-CAM never needed it.
+    features = tf.convert_to_tensor(front(x, training=False))
+    with tf.GradientTape(watch_accessed_variables=False) as tape:
+        tape.watch(features)
+        pooled = tail(features, training=False)
         logits = tf.matmul(tf.cast(pooled, tf.float32), kernel) + bias
         if head.units == 1:
             chosen = 0
@@ -60,21 +67,26 @@ def grad_cam(model, image: np.ndarray, *, layer: str | None = None, class_index:
     return (cam / peak if peak > 0 else cam).astype(np.float32)
 
 
-def _probe(keras, model, target, head):
-    """A model from the input to (``target``'s feature maps, the head's input).
+def _split(keras, model, target, head):
+    """Two models: the input to ``target``'s feature maps, and those maps to the head's input.
 
     A loaded ``Sequential`` model's layer outputs are not connected to its inputs, so its
-    layers are called anew on a fresh input.
+    layers are called anew on fresh inputs.
     """
     if not isinstance(model, keras.Sequential):
-        return keras.Model(model.inputs, [target.output, head.input])
+        return keras.Model(model.inputs, target.output), keras.Model(target.output, head.input)
+    body = model.layers[:-1]
+    cut = body.index(target) + 1
     inputs = keras.Input(shape=model.input_shape[1:])
-    x, features = inputs, None
-    for layer in model.layers[:-1]:
+    x = inputs
+    for layer in body[:cut]:
         x = layer(x)
-        if layer is target:
-            features = x
-    return keras.Model(inputs, [features, x])
+    front = keras.Model(inputs, x)
+    maps = keras.Input(shape=tuple(x.shape[1:]))
+    y = maps
+    for layer in body[cut:]:
+        y = layer(y)
+    return front, keras.Model(maps, y)
 
 
 def select_cases(rows: list[dict], *, n_errors: int = 2) -> list[dict]:
@@ -97,25 +109,87 @@ def select_cases(rows: list[dict], *, n_errors: int = 2) -> list[dict]:
     return errors[:n_errors] + best
 
 
-def explain_cases(model_path: str, loader: Callable[[str], np.ndarray], cases: list[dict]) -> list[dict]:
-    """For each case: the image (a 2D image, or a volume's axial slice where Grad-CAM peaks) with its
-    heat map, for the predicted class (of a k-fold ensemble: fold 0's model)."""
+def explanation_env() -> dict[str, str]:
+    """The environment of the explanation child: oneDNN capped at AVX2 unless the user set a cap.
+
+    TensorFlow's eager gradients take kernels that training (graph mode) never runs; on CPUs with
+    AVX-512 some of oneDNN's crashed (issue 24). Explanations are a few cases, so the AVX2
+    kernels, the ones most CPUs run, cost nothing that matters.
+    """
+    return {} if os.environ.get("ONEDNN_MAX_CPU_ISA") else {"ONEDNN_MAX_CPU_ISA": "AVX2"}
+
+
+def explain_isolated(job: str, model_path: str, inputs: list[np.ndarray], classes: list, *,
+                     method: str) -> tuple[list[np.ndarray] | None, dict]:
+    """Run an explanation job (``grad_cam_job`` or ``integrated_gradients_job``) in a child process.
+
+    Returns the maps (None when there are none) and a record for ``metrics.json`` and the report:
+    ``{"method", "status": "ok" | "failed" | "unavailable", "reason", "signal", "where"}``. A native
+    crash or an error in the child fails the explanation only, never the run.
+    """
+    from medflow.isolation import ChildCrashed, ChildFailed, run_isolated
+
+    record = {"method": method, "status": "ok", "reason": None, "signal": None, "where": None}
+    try:
+        maps = run_isolated(f"models.explain:{job}", {"model_path": str(model_path), "inputs": inputs,
+                                                      "classes": classes}, env=explanation_env())
+    except ChildCrashed as exc:
+        logger.warning("%s failed, the run goes on without heat maps: %s", method, exc)
+        return None, {**record, "status": "failed", "reason": str(exc), "signal": exc.signal_name,
+                      "where": exc.where}
+    except ChildFailed as exc:
+        status = "unavailable" if exc.exc_type == "NotImplementedError" else "failed"
+        logger.warning("%s %s: %s", method, status, exc)
+        return None, {**record, "status": status, "reason": str(exc)}
+    return maps, record
+
+
+def grad_cam_job(model_path: str, inputs: list[np.ndarray], classes: list) -> list[np.ndarray]:
+    """Grad-CAM maps of ``inputs`` (each reshaped to the model's input) for ``classes``; runs in the
+    explanation child. A k-fold ensemble is explained by fold 0's model."""
     import keras
 
     from models.ensemble import member_for_explanations
 
     model = keras.models.load_model(member_for_explanations(model_path), compile=False)
     spatial = tuple(model.input_shape[1:-1])
+    return [grad_cam(model, np.asarray(x, np.float32).reshape(spatial), class_index=c)
+            for x, c in zip(inputs, classes)]
+
+
+def integrated_gradients_job(model_path: str, inputs: list[np.ndarray], classes: list) -> list[np.ndarray]:
+    """Integrated gradients over time of waveforms ``inputs`` for ``classes``; runs in the explanation child."""
+    import keras
+
+    model = keras.models.load_model(model_path, compile=False)
+    shape = tuple(model.input_shape[1:-1])
+    return [integrated_gradients(model, np.asarray(x, np.float32).reshape(shape), class_index=c)
+            for x, c in zip(inputs, classes)]
+
+
+def explain_cases(model_path: str, loader: Callable[[str], np.ndarray], cases: list[dict]
+                  ) -> tuple[list[dict], dict]:
+    """For each case: the image (a 2D image, or a volume's axial slice where Grad-CAM peaks) with its
+    heat map for the predicted class, computed in a child process (``explain_isolated``); and the
+    explanation's record. When it failed, the cases come back without ``cam`` (the middle slice of a
+    volume)."""
+    images = [np.asarray(loader(case["series_key"]), np.float32) for case in cases]
+    cams, record = explain_isolated("grad_cam_job", model_path, images, [c.get("prediction") for c in cases],
+                                    method="Grad-CAM")
     out = []
-    for case in cases:
-        image = loader(case["series_key"]).reshape(spatial).astype(np.float32)
-        cam = grad_cam(model, image, class_index=case.get("prediction"))
-        if image.ndim == 2:
+    for i, (case, volume) in enumerate(zip(cases, images)):
+        if cams is None:  # the cases without heat maps: the image, or a volume's middle slice
+            z = volume.shape[0] // 2
+            out.append({**case, "z": z, "image": volume[z]})
+            continue
+        cam = cams[i]
+        image = volume.reshape(cam.shape)
+        if cam.ndim == 2:
             out.append({**case, "z": 0, "image": image, "cam": cam})
             continue
         z = int(np.argmax(cam.reshape(cam.shape[0], -1).max(axis=1)))
         out.append({**case, "z": z, "image": image[z], "cam": cam[z]})
-    return out
+    return out, record
 
 
 def integrated_gradients(model, signal: np.ndarray, *, class_index: int | None = None, steps: int = 32,

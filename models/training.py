@@ -4,6 +4,7 @@ class weights, checkpoints, early stopping and resume. No Prefect here.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -239,6 +240,59 @@ def accelerator() -> str:
     return backend
 
 
+def distribution_strategy(train: dict):
+    """The ``tf.distribute`` strategy of ``train.distribute`` (None for ``none``).
+
+    ``mirrored``: one replica per GPU, or per logical CPU device where there is no GPU (tests make
+    two with ``tf.config.set_logical_device_configuration``); the spec's ``batch_size`` is the
+    global batch, split across replicas, and their gradients are summed.
+    """
+    mode = train.get("distribute") or "none"
+    if mode == "none":
+        return None
+    keras = _keras()
+    if keras.backend.backend() != "tensorflow":
+        raise ValueError(f"Received train.distribute={mode!r} with Keras on {keras.backend.backend()}; "
+                         "distributed training needs the TensorFlow backend (KERAS_BACKEND=tensorflow).")
+    import tensorflow as tf
+
+    if mode == "mirrored":
+        devices = tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU")
+        return tf.distribute.MirroredStrategy([d.name for d in devices])
+    raise ValueError(f"Received train.distribute={mode!r}, expected 'none' or 'mirrored'.")
+
+
+def synchronize_batch_norm(model) -> None:
+    """BatchNormalization over the global batch (all replicas) rather than each replica's share, so a
+    distributed step computes what the one-device step does."""
+    keras = _keras()
+    for layer in model._flatten_layers():
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.synchronized = True
+
+
+def as_global_batches(dataset, batch_size: int):
+    """A ``tf.data.Dataset`` of ``dataset``'s batches (a ``PyDataset`` of (x, y) pairs), unbatched and
+    batched again by the global ``batch_size``, so that ``tf.distribute`` knows the global batch and
+    splits each one across replicas (given a ``PyDataset`` directly, a strategy fed its replicas
+    other samples than a one-device run gets). Augmentation and shuffling stay the ``PyDataset``'s:
+    the generator runs its epoch hook."""
+    import copy
+
+    import tensorflow as tf
+
+    first = copy.deepcopy(dataset)[0]  # the signature, from a copy: augmenting draws from the dataset's RNG
+
+    def samples():
+        for i in range(len(dataset)):
+            for sample in zip(*dataset[i]):
+                yield sample
+        dataset.on_epoch_end()
+
+    signature = tuple(tf.TensorSpec(part.shape[1:], tf.as_dtype(part.dtype)) for part in first)
+    return tf.data.Dataset.from_generator(samples, output_signature=signature).batch(batch_size)
+
+
 def tensorflow_onednn_enabled() -> bool:
     """Whether TensorFlow in this process runs its oneDNN CPU kernels (decided when it was imported)."""
     from tensorflow.python.util import _pywrap_util_port
@@ -418,6 +472,7 @@ def fit_model(
     """
     keras = _keras()
     import models.losses  # noqa: F401  (registers the segmentation loss for checkpoints)
+    from medflow.hardware import describe as hardware_facts
 
     run_dir = Path(run_dir)
     ckpt = run_dir / "checkpoints"
@@ -431,14 +486,23 @@ def fit_model(
     if train.get("deterministic"):
         deterministic_ops()
     device = accelerator()
-    if train.get("mixed_precision") and "GPU" in device:
-        keras.mixed_precision.set_global_policy("mixed_float16")
+    policy = precision_policy(train.get("mixed_precision"), gpu="GPU" in device)
+    keras.mixed_precision.set_global_policy(policy)
+    strategy = distribution_strategy(train)
+    def scope():  # a strategy's scope is entered anew each time
+        return strategy.scope() if strategy is not None else contextlib.nullcontext()
+
+    if strategy is not None:
+        device += f", {train['distribute']} over {strategy.num_replicas_in_sync} replica(s)"
+    if policy != "float32":
+        device += f", {policy}"
 
     initial_epoch, model = 0, None
     if state_path.exists() and (ckpt / "last.keras").exists():
         try:
             initial_epoch = int(json.loads(state_path.read_text())["epoch"])
-            model = keras.models.load_model(ckpt / "last.keras")
+            with scope():  # a checkpoint of a distributed run resumes on one device and the other way round
+                model = keras.models.load_model(ckpt / "last.keras")
             logger.info("resuming from epoch %d (%s)", initial_epoch, ckpt / "last.keras")
         except Exception as exc:  # noqa: BLE001 (any damage to the files: start over rather than fail for ever)
             logger.warning("cannot resume from %s (%s: %s); training afresh", ckpt / "last.keras",
@@ -447,9 +511,17 @@ def fit_model(
             for stale in (state_path, run_dir / "history.csv", *ckpt.glob("*.keras")):
                 stale.unlink(missing_ok=True)
     if model is None:
-        model = build()
+        with scope():
+            model = build()
+    if strategy is not None and strategy.num_replicas_in_sync > 1:
+        synchronize_batch_norm(model)
+    if train.get("jit_compile"):
+        model.jit_compile = True  # XLA: fuses the step's ops (a GPU gains most; measured in the README)
     logger.info("training %s on %s", describe, device)
     train_ds, val_ds = datasets(initial_epoch)
+    if strategy is not None:
+        batch = int(train["batch_size"])
+        train_ds, val_ds = as_global_batches(train_ds, batch), as_global_batches(val_ds, batch)
 
     epochs = int(train["epochs"])
     started = {"t": time.perf_counter()}
@@ -480,8 +552,9 @@ def fit_model(
         _atomic_checkpoint(keras, ckpt / "last.keras", best_only=False),
         _resume_callback(keras, state_path, early, plateau),  # after last.keras: state.json commits the epoch
     ]
-    hist = model.fit(train_ds, validation_data=val_ds, epochs=epochs, initial_epoch=initial_epoch, verbose=0,
-                     callbacks=callbacks, class_weight=class_weight)
+    with scope():
+        hist = model.fit(train_ds, validation_data=val_ds, epochs=epochs, initial_epoch=initial_epoch, verbose=0,
+                         callbacks=callbacks, class_weight=class_weight)
     history = read_history(run_dir / "history.csv")
     model_path = save_model_atomic(model, run_dir / "model.keras")
     val_loss = history.get("val_loss", [])
@@ -493,6 +566,7 @@ def fit_model(
         "resumed_from_epoch": initial_epoch,
         "best_epoch": int(np.argmin(val_loss)) + 1 if val_loss else None,
         "device": device,
+        "hardware": hardware_facts(),
         "seconds": time.perf_counter() - started["t"],
         "params": int(model.count_params()),
     }
@@ -508,6 +582,34 @@ def save_model_atomic(model, path: Path) -> Path:
     model.save(tmp)
     os.replace(tmp, path)
     return path
+
+
+def precision_policy(mixed: bool | str | None, *, gpu: bool, bf16_cpu: bool | None = None) -> str:
+    """The Keras dtype policy of ``train.mixed_precision``.
+
+    ``float16`` on a GPU; ``bfloat16`` on a CPU with bfloat16 instructions (AVX512_BF16 or AMX);
+    ``true`` picks whichever the device has, and stays float32 (with a log line) where it has neither.
+
+    >>> precision_policy(False, gpu=True), precision_policy(True, gpu=True), precision_policy(True, gpu=False, bf16_cpu=True)
+    ('float32', 'mixed_float16', 'mixed_bfloat16')
+    >>> precision_policy(True, gpu=False, bf16_cpu=False)
+    'float32'
+    """
+    if not mixed:
+        return "float32"
+    if bf16_cpu is None:
+        from medflow.hardware import cpu_flags
+
+        bf16_cpu = bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
+    if mixed == "float16" or (mixed is True and gpu):
+        if not gpu:
+            raise ValueError("Received train.mixed_precision='float16' on a machine without a GPU; float16 "
+                             "compute is for GPUs (use 'bfloat16' or true).")
+        return "mixed_float16"
+    if bf16_cpu or gpu:
+        return "mixed_bfloat16"
+    logger.info("train.mixed_precision: this CPU has no bfloat16 instructions; training in float32")
+    return "float32"
 
 
 def deterministic_ops() -> None:

@@ -66,6 +66,8 @@ def render_report_task(spec, run_dir: str, prep_key: str, stage_seconds: dict[st
         "stage_seconds": stage_seconds,
         "packages": package_versions(),
         "training": {k: training[k] for k in ("epochs_run", "best_epoch", "device", "seconds", "params")},
+        # the machine that trained: a model's numbers hold for one CPU kind and device at most
+        "hardware": training.get("hardware"),
         "finished_at": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     }
     write_text_atomic(run_dir / "provenance.json", json.dumps(provenance, indent=1))

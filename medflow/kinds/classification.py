@@ -157,7 +157,7 @@ class Classification(TaskKind):
             logger.info("%d folds: test AUC %.3f ± %.3f (mean ± SD of the fold models); the ensemble's %.3f",
                         len(f["per_fold"]), f["test_auc_mean"], f["test_auc_sd"], result["test"]["auc"])
         write_text_atomic(run_dir / "predictions.csv", df.to_csv(index=False))
-        self.explain(model_path, loader, df, run_dir)
+        result["explanation"] = self.explain(model_path, loader, df, run_dir)
         write_json_atomic(run_dir / "metrics.json", result)
         logger.info("test: %s", self.result_line(result))
         for warning in result["warnings"]:
@@ -178,8 +178,10 @@ class Classification(TaskKind):
 
         return intensity_features(store.read_prep(prep_key, key))
 
-    def explain(self, model_path: str, loader, df: pd.DataFrame, run_dir: Path) -> None:
-        _explain(model_path, loader, df, run_dir)
+    def explain(self, model_path: str, loader, df: pd.DataFrame, run_dir: Path) -> dict | None:
+        """Heat maps of a few test cases into ``explain.npz``; returns the explanation's record
+        (``models.explain.explain_isolated``), or None when there was nothing to explain."""
+        return _explain(model_path, loader, df, run_dir)
 
     def result_line(self, evaluation: dict) -> str:
         t, b = evaluation["test"], evaluation.get("baseline", {})
@@ -204,7 +206,7 @@ class Classification(TaskKind):
         path = Path(run_dir) / "explain.npz"
         if path.exists():
             with np.load(path) as data:
-                if "images" in data:  # Grad-CAM of images (a kind built on this one may save other examples)
+                if "cams" in data:  # Grad-CAM of images (a kind built on this one may save other examples)
                     explain = {"images": data["images"], "cams": data["cams"], "meta": json.loads(str(data["meta"]))}
         context = {
             "binary": len(classes) == 2,
@@ -221,6 +223,7 @@ class Classification(TaskKind):
             "folds": _folds_context(evaluation.get("folds")),
             "plots": {"gradcam": r.plot_gradcam(explain["images"], explain["cams"], explain["meta"])
                       if explain else None},
+            "explanation": evaluation.get("explanation"),
         }
         context["subgroups"] = subgroup_rows(test, binary_scores(evaluation["threshold"]) if len(classes) == 2
                                              else multiclass_scores)
@@ -463,21 +466,22 @@ def _baseline(df: pd.DataFrame, feature: np.ndarray, classes: list[str], *, name
     return {"name": name, "auc": auc, "ci": ci, "ci_method": method}
 
 
-def _explain(model_path: str, loader, df: pd.DataFrame, run_dir: Path) -> None:
-    """Grad-CAM for a few test cases (errors first) into ``explain.npz``, for the report."""
+def _explain(model_path: str, loader, df: pd.DataFrame, run_dir: Path) -> dict | None:
+    """Grad-CAM for a few test cases (errors first) into ``explain.npz``, for the report, computed in a
+    child process: if it crashes, the cases are kept without heat maps and the record says why."""
     from models.explain import explain_cases, select_cases
 
     rows = df[df["split"] == "test"][["series_key", "label", "label_name", "prediction", "prediction_name",
                                       "confidence"]].to_dict("records")
-    try:
-        cases = explain_cases(model_path, loader, select_cases(rows))
-    except NotImplementedError as exc:
-        logger.warning("no Grad-CAM examples: %s", exc)
-        return
-    if not cases:
-        return
+    chosen = select_cases(rows)
+    if not chosen:
+        return None
+    cases, record = explain_cases(model_path, loader, chosen)
     meta = [{k: (c[k].item() if hasattr(c[k], "item") else c[k]) for k in
              ("series_key", "label_name", "prediction_name", "confidence", "z")} for c in cases]
-    save_npz_atomic(run_dir / "explain.npz", images=np.stack([c["image"] for c in cases]),
-                    cams=np.stack([c["cam"] for c in cases]), meta=np.array(json.dumps(meta)))
-    logger.info("Grad-CAM for %d test case(s)", len(cases))
+    arrays = {"images": np.stack([c["image"] for c in cases]), "meta": np.array(json.dumps(meta))}
+    if record["status"] == "ok":
+        arrays["cams"] = np.stack([c["cam"] for c in cases])
+        logger.info("Grad-CAM for %d test case(s)", len(cases))
+    save_npz_atomic(run_dir / "explain.npz", **arrays)
+    return {**record, "cases": meta}

@@ -63,33 +63,26 @@ class Signal(Classification):
         return heart_rate(trace[:, lead], rate_of(attrs.get("spacing", store.catalog_entry(key)["spacing"])))
 
     # ------------------------------------------------------- explanation
-    def explain(self, model_path: str, loader, df: pd.DataFrame, run_dir: Path) -> None:
-        """Integrated gradients over time for a few test cases (errors first) into ``explain.npz``."""
-        import keras
-
-        from models.explain import integrated_gradients, select_cases
+    def explain(self, model_path: str, loader, df: pd.DataFrame, run_dir: Path) -> dict | None:
+        """Integrated gradients over time for a few test cases (errors first) into ``explain.npz``,
+        computed in a child process (``models.explain.explain_isolated``); returns its record."""
+        from models.explain import explain_isolated, select_cases
 
         rows = df[df["split"] == "test"][["series_key", "label", "label_name", "prediction", "prediction_name",
                                           "confidence"]].to_dict("records")
         cases = select_cases(rows)
         if not cases:
-            return
-        model = keras.models.load_model(model_path, compile=False)
-        shape = tuple(model.input_shape[1:-1])
-        traces, heats = [], []
-        try:
-            for case in cases:
-                signal = loader(case["series_key"]).reshape(shape).astype(np.float32)
-                heats.append(integrated_gradients(model, signal, class_index=case["prediction"]))
-                traces.append(signal)
-        except NotImplementedError as exc:
-            logger.warning("no explanation examples: %s", exc)
-            return
+            return None
+        traces = [np.asarray(loader(case["series_key"]), np.float32)[0] for case in cases]  # (samples, leads)
+        heats, record = explain_isolated("integrated_gradients_job", model_path, traces,
+                                         [c["prediction"] for c in cases], method="integrated gradients")
         meta = [{k: (c[k].item() if hasattr(c[k], "item") else c[k]) for k in
                  ("series_key", "label_name", "prediction_name", "confidence")} for c in cases]
-        save_npz_atomic(Path(run_dir) / "explain.npz", traces=np.stack(traces), heats=np.stack(heats),
-                        meta=np.array(json.dumps(meta)))
-        logger.info("integrated gradients for %d test case(s)", len(cases))
+        if heats is not None:
+            save_npz_atomic(Path(run_dir) / "explain.npz", traces=np.stack(traces), heats=np.stack(heats),
+                            meta=np.array(json.dumps(meta)))
+            logger.info("integrated gradients for %d test case(s)", len(cases))
+        return {**record, "cases": meta}
 
     def report_context(self, spec, run_dir, predictions, evaluation) -> dict:
         from medflow.reporting import plot_signal_explanations

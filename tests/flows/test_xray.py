@@ -43,6 +43,10 @@ def test_three_class_pipeline_reports_per_class_metrics_and_the_baseline(xray_ru
     assert np.array(test["confusion_matrix"]).shape == (3, 3)
     assert np.array(test["confusion_matrix"]).sum() == test["n"]
     assert 0 <= metrics["baseline"]["auc"] <= 1 and "four intensity features" in metrics["baseline"]["name"]
+    # the network whose eager Grad-CAM crashed on AVX-512 CPUs (issue 24): explained, in a child process
+    assert metrics["explanation"]["status"] == "ok" and metrics["explanation"]["method"] == "Grad-CAM"
+    with np.load(run / "explain.npz") as explained:
+        assert explained["cams"].shape == explained["images"].shape == (len(metrics["explanation"]["cases"]), 48, 48)
 
     preds = pd.read_csv(run / "predictions.csv")
     proba = preds[["p_normal", "p_pneumonia", "p_effusion"]].to_numpy()
@@ -77,8 +81,12 @@ def test_predict_writes_per_class_scores(xray_run, tmp_path):
     assert set(rows["StudyInstanceUID"]) <= set(pd.read_csv(new.labels_csv)["StudyInstanceUID"])
 
 
-def test_the_classic_program_as_a_spec_on_png_class_folders(tmp_path, prefect_harness):
+def test_the_classic_program_as_a_spec_on_png_class_folders(tmp_path, prefect_harness, monkeypatch):
+    """Also the containment of a native crash (issue 24): the Grad-CAM child is killed by SIGSEGV (the
+    test hook), and the run still completes, its metrics and report naming the failed explanation."""
     from PIL import Image
+
+    from medflow.isolation import FAULT_ENV
 
     from medflow.spec import load_spec
 
@@ -95,6 +103,7 @@ def test_the_classic_program_as_a_spec_on_png_class_folders(tmp_path, prefect_ha
     path.write_text(yaml.safe_dump(spec))
     assert load_spec(path).model.arch == "seed_cnn"
 
+    monkeypatch.setenv(FAULT_ENV, "models.explain:grad_cam_job=SIGSEGV")
     result = pipeline(str(path))
     run = Path(result["run_dir"])
     metrics = json.loads((run / "metrics.json").read_text())
@@ -109,3 +118,13 @@ def test_the_classic_program_as_a_spec_on_png_class_folders(tmp_path, prefect_ha
     assert reasons["normal/Thumbs.db"].startswith("not an image file")
     assert reasons["effusion/"] == "empty class folder (no image)"
     assert reasons["stray.png"].startswith("not in a class folder")
+
+    assert json.loads((run / "run.json").read_text())["state"] == "completed"
+    explanation = metrics["explanation"]
+    assert explanation["status"] == "failed" and explanation["signal"] == "SIGSEGV"
+    assert explanation["where"] == "_child (isolation.py)" and len(explanation["cases"]) >= 2
+    with np.load(run / "explain.npz") as kept:  # the cases, without heat maps
+        assert "cams" not in kept and len(kept["images"]) == len(explanation["cases"])
+    html = (run / "report.html").read_text()
+    assert 'id="explanation-failed"' in html and "Grad-CAM failed" in html and "SIGSEGV" in html
+    assert html.count("<tr><td>", html.index('id="explained-cases"')) >= len(explanation["cases"])

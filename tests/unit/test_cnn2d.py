@@ -10,6 +10,8 @@ import pytest
 
 from models import available, get, info
 
+pytestmark = pytest.mark.tensorflow
+
 
 def test_seed_cnn_is_the_classic_program_layer_for_layer():
     model = get("seed_cnn")((150, 150, 1))

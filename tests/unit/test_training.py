@@ -9,7 +9,7 @@ import pytest
 
 from models.training import FAULT_ENV, TrainingInterrupted, read_history, train_classifier
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.tensorflow]
 
 
 def _blobs(n=24, seed=0):

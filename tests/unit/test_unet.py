@@ -7,6 +7,8 @@ import pytest
 
 from models.segmentation import _starts, patch_shape, predict_volume, sample_patch, train_segmenter
 
+pytestmark = pytest.mark.tensorflow
+
 
 def _cube_volumes(n: int, seed: int = 0):
     rng = np.random.default_rng(seed)
