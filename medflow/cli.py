@@ -781,6 +781,53 @@ def serve(
     prefect_serve(*to_runner_deployments(defs))
 
 
+@app.command()
+def worker(
+    pool: Annotated[str, typer.Option(help="Work pool to take flow runs from (created, of the process type, if "
+                                            "missing).")] = "medflow",
+    train_slots: Annotated[int | None, typer.Option(
+        help="Set the fleet-wide limit of trainings running at once (Prefect's concurrency limit on the "
+             "medflow-train tag): 1 on a one-GPU machine. Leave it out to keep the limit as it is.")] = None,
+    limit: Annotated[int | None, typer.Option(help="Most flow runs this worker runs at once.")] = None,
+) -> None:
+    """Start a Prefect worker (process type) that runs the deployments of POOL on this machine.
+
+    One machine per role: e.g. `medflow worker --pool cpu` beside the Dask cluster for ingest and
+    preprocessing, `medflow worker --pool gpu --train-slots 1` on the GPU machine. Needs
+    PREFECT_API_URL (source the client.env of `medflow server`).
+    """
+    import os
+
+    if not os.environ.get("PREFECT_API_URL"):
+        err.print("[bold red]PREFECT_API_URL is not set.[/] Start a server with `medflow server` and source the "
+                  "client.env it names")
+        raise typer.Exit(2)
+    if train_slots is not None and train_slots < 1:
+        err.print(f"[bold red]--train-slots[/]: expected a positive number of trainings at once; received {train_slots}")
+        raise typer.Exit(2)
+    settings.configure(None)
+    from prefect import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.exceptions import ObjectAlreadyExists
+
+    from tasks.train import TRAIN_TAG
+
+    with get_client(sync_client=True) as client:
+        try:
+            client.create_work_pool(WorkPoolCreate(name=pool, type="process"))
+            console.print(f"work pool {pool!r} created (process)")
+        except ObjectAlreadyExists:
+            pass
+        if train_slots is not None:
+            client.create_concurrency_limit(tag=TRAIN_TAG, concurrency_limit=train_slots)
+            console.print(f"at most {train_slots} training(s) at once across all workers (tag {TRAIN_TAG!r})")
+    prefect = Path(sys.executable).with_name("prefect")
+    args = [str(prefect), "worker", "start", "--pool", pool, "--type", "process"]
+    if limit:
+        args += ["--limit", str(limit)]
+    os.execv(str(prefect), args)
+
+
 def main() -> None:
     import os
 

@@ -98,6 +98,23 @@ def isa_caps(flags: frozenset[str] | None = None) -> list[str]:
     return [cap for cap in MATRIX_CAPS if order.index(cap) < order.index(own)][-2:]
 
 
+def has_bf16(flags: frozenset[str] | None = None) -> bool:
+    """Whether the CPU computes bfloat16 natively (AVX512_BF16 or AMX), where mixed precision can pay.
+
+    >>> has_bf16(frozenset({"avx2"})), has_bf16(frozenset({"avx512_bf16"}))
+    (False, True)
+    """
+    flags = cpu_flags() if flags is None else flags
+    return bool({"avx512_bf16", "amx_bf16"} & flags)
+
+
+def onednn_enabled() -> bool:
+    """Whether TensorFlow in this process runs its oneDNN CPU kernels (decided when it was imported)."""
+    from tensorflow.python.util import _pywrap_util_port
+
+    return bool(_pywrap_util_port.IsMklEnabled())
+
+
 def _version(package: str) -> str | None:
     try:
         return version(package)
@@ -114,7 +131,7 @@ def describe(*, import_backend: bool = True) -> dict:
         "cores": os.cpu_count(),
         "machine": platform.machine(),
         "isa": onednn_isa(flags),
-        "bf16": "avx512_bf16" in flags or "amx_bf16" in flags,
+        "bf16": has_bf16(flags),
         "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA"),
         "tf_enable_onednn_opts": os.environ.get("TF_ENABLE_ONEDNN_OPTS"),
         "python": platform.python_version(),
@@ -130,9 +147,8 @@ def describe(*, import_backend: bool = True) -> dict:
     info["gpus"] = []
     if info["backend"] == "tensorflow":
         import tensorflow as tf
-        from tensorflow.python.util import _pywrap_util_port
 
-        info["onednn"] = bool(_pywrap_util_port.IsMklEnabled())
+        info["onednn"] = onednn_enabled()
         for gpu in tf.config.list_physical_devices("GPU"):
             details = tf.config.experimental.get_device_details(gpu)
             info["gpus"].append(f"{gpu.name}: {details.get('device_name', 'GPU')} "

@@ -537,9 +537,13 @@ class TrainSpec(_Model):
         "bfloat16 on a CPU with bfloat16 instructions (AVX512_BF16, AMX; `medflow doctor` tells), float32 where "
         "there is neither; or name the type.")
     jit_compile: bool = Field(False, description="Compile each training step with XLA (TensorFlow backend).")
-    distribute: Literal["none", "mirrored"] = Field(
+    distribute: Literal["none", "mirrored", "multi_worker"] = Field(
         "none", description="`mirrored`: one replica per GPU (per logical CPU device without GPUs) on this machine, "
-        "`batch_size` being the global batch, BatchNorm over the global batch (TensorFlow backend).")
+        "`batch_size` being the global batch, BatchNorm over the global batch (TensorFlow backend); `multi_worker`: "
+        "`workers` processes train one model in lock-step (MultiWorkerMirroredStrategy, TF_CONFIG), started by the "
+        "train stage on this machine's loopback (classification and signal kinds).")
+    workers: Annotated[int, at_most(64, "each worker holds the model and the training arrays")] = Field(
+        2, ge=2, description="With distribute: multi_worker, the number of worker processes.")
     deterministic: bool = Field(False, description="Deterministic ops (TensorFlow op determinism): the same spec "
                                 "and data give the same model and predictions; somewhat slower.")
     patch_size: list[Annotated[PositiveInt, MAX_DIM]] | None = Field(

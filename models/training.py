@@ -116,26 +116,44 @@ def batch_members(order: np.ndarray, idx: int, batch_size: int, *, fill_small_la
 
 def make_dataset(loader: Callable[[str], np.ndarray], keys: list[str], labels: np.ndarray | None, *,
                  batch_size: int, input_shape: tuple[int, ...] | None = None, n_classes: int = 2,
-                 augment: dict | None = None, shuffle: bool = False, seed: int = 0):
+                 augment: dict | None = None, shuffle: bool = False, seed: int = 0, epoch: int = 0):
     """A ``keras.utils.PyDataset`` over store arrays, read on first use and kept in memory.
 
     Model-ready arrays are small, so they are read once from the store and cached (reading
     and preprocessing every epoch competes with the model for the CPU). Arrays are stored as
     (Z, Y, X) (a 2D image as one slice) and augmented as volumes; each is then reshaped to
     ``input_shape`` without its channel axis ((H, W) for a 2D model).
+
+    An epoch's order is drawn from a generator seeded by (``seed``, epoch) and a batch's
+    augmentation from one seeded by (``seed``, epoch, batch): a batch is the same whoever reads
+    it and in whatever order. Keras reads two batches ahead to learn their shapes, and
+    ``tf.distribute`` reads them through another pipeline, once more before the first epoch; with
+    one stream of draws both changed what the model was trained on. ``set_epoch`` (called by
+    ``fit_model`` as each epoch begins) says which epoch it is; ``epoch`` is the first (a resumed
+    run continues the same sequence). The dataset orders itself (``orders_itself``), so ``fit`` is
+    told not to shuffle its batches (Keras does that with Python's global ``random``, which other
+    threads of a Prefect process draw from too).
     """
     keras = _keras()
     targets = encode_labels(labels, n_classes) if labels is not None else None
 
     class VolumeDataset(keras.utils.PyDataset):
+        orders_itself = True
+
         def __init__(self):
             super().__init__(workers=1, use_multiprocessing=False)
             self.cache: dict[str, np.ndarray] = {}
-            self.order = np.arange(len(keys))
-            self.rng = np.random.default_rng(seed)
-            self.epoch = 0
+            self.set_epoch(epoch)
+
+        def set_epoch(self, number: int):
+            self.epoch = number
+            self.order = self._order()
+
+        def _order(self):
+            order = np.arange(len(keys))
             if shuffle:
-                self.rng.shuffle(self.order)
+                np.random.default_rng([seed, self.epoch]).shuffle(order)
+            return order
 
         def __len__(self):
             return math.ceil(len(keys) / batch_size)
@@ -149,7 +167,8 @@ def make_dataset(loader: Callable[[str], np.ndarray], keys: list[str], labels: n
             sel = batch_members(self.order, idx, batch_size, fill_small_last=shuffle)
             vols = [self._get(keys[i]) for i in sel]
             if augment:
-                vols = [augment_volume(v, self.rng, **augment) for v in vols]
+                rng = np.random.default_rng([seed, self.epoch, idx])
+                vols = [augment_volume(v, rng, **augment) for v in vols]
             x = np.stack(vols).astype(np.float32, copy=False)  # a store array is float32 already
             if input_shape is not None:
                 x = x.reshape((len(vols), *input_shape[:-1]))
@@ -157,11 +176,6 @@ def make_dataset(loader: Callable[[str], np.ndarray], keys: list[str], labels: n
             if targets is None:
                 return (x,)
             return x, targets[sel]
-
-        def on_epoch_end(self):
-            self.epoch += 1
-            if shuffle:
-                self.rng.shuffle(self.order)
 
     return VolumeDataset()
 
@@ -245,7 +259,8 @@ def distribution_strategy(train: dict):
 
     ``mirrored``: one replica per GPU, or per logical CPU device where there is no GPU (tests make
     two with ``tf.config.set_logical_device_configuration``); the spec's ``batch_size`` is the
-    global batch, split across replicas, and their gradients are summed.
+    global batch, split across replicas, and their gradients are summed. ``multi_worker``:
+    ``MultiWorkerMirroredStrategy`` in a worker that ``models.multiworker`` started with ``TF_CONFIG``.
     """
     mode = train.get("distribute") or "none"
     if mode == "none":
@@ -259,7 +274,17 @@ def distribution_strategy(train: dict):
     if mode == "mirrored":
         devices = tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU")
         return tf.distribute.MirroredStrategy([d.name for d in devices])
-    raise ValueError(f"Received train.distribute={mode!r}, expected 'none' or 'mirrored'.")
+    if mode == "multi_worker":
+        from models.multiworker import in_worker
+
+        if not in_worker():
+            raise ValueError("Received train.distribute='multi_worker' in a process without TF_CONFIG; the "
+                             "classification and signal kinds start their workers (models.multiworker)")
+        from models.multiworker import patch_keras_reduction
+
+        patch_keras_reduction()
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    raise ValueError(f"Received train.distribute={mode!r}, expected 'none', 'mirrored' or 'multi_worker'.")
 
 
 def synchronize_batch_norm(model) -> None:
@@ -295,9 +320,9 @@ def as_global_batches(dataset, batch_size: int):
 
 def tensorflow_onednn_enabled() -> bool:
     """Whether TensorFlow in this process runs its oneDNN CPU kernels (decided when it was imported)."""
-    from tensorflow.python.util import _pywrap_util_port
+    from medflow.hardware import onednn_enabled
 
-    return bool(_pywrap_util_port.IsMklEnabled())
+    return onednn_enabled()
 
 
 # -------------------------------------------------------------------------- train
@@ -330,6 +355,16 @@ def _atomic_checkpoint(keras, path: Path, *, best_only: bool):
             save_model_atomic(self.model, path)
 
     return AtomicCheckpoint()
+
+
+def _epoch_setter(keras, dataset):
+    """Tells ``dataset`` the epoch as it begins (the number Keras counts, ``initial_epoch`` included)."""
+
+    class EpochSetter(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            dataset.set_epoch(epoch)
+
+    return EpochSetter()
 
 
 def _resume_callback(keras, state_path: Path, early: object | None, plateau: object | None):
@@ -421,6 +456,16 @@ def train_classifier(
     categorical cross-entropy on one-hot targets. ``input_shape`` is the model's input, spatial
     dimensions then channels ((Z, Y, X, 1) or (H, W, 1)). See ``fit_model`` for what is written.
     """
+    if train.get("distribute") == "multi_worker":
+        from models.multiworker import in_worker, train_in_workers
+
+        if not in_worker():
+            if on_epoch is not None:
+                logger.info("multi-worker training: epochs are logged by the workers, not as progress artifacts")
+            return train_in_workers("models.training:train_classifier", {
+                "loader": loader, "train_keys": train_keys, "train_labels": train_labels, "val_keys": val_keys,
+                "val_labels": val_labels, "input_shape": input_shape, "arch": arch, "params": params, "train": train,
+                "augment": augment, "n_classes": n_classes}, workers=int(train.get("workers", 2)), run_dir=run_dir)
     keras = _keras()
     from models import get
 
@@ -435,7 +480,7 @@ def train_classifier(
     def datasets(initial_epoch: int):
         common = {"batch_size": int(train["batch_size"]), "input_shape": tuple(input_shape), "n_classes": n_classes}
         train_ds = make_dataset(loader, train_keys, train_labels, augment=augment or None, shuffle=True,
-                                seed=int(train["seed"]) + initial_epoch, **common)
+                                seed=int(train["seed"]), epoch=initial_epoch, **common)
         val_ds = make_dataset(loader, val_keys, val_labels, **common)
         return train_ds, val_ds
 
@@ -482,13 +527,13 @@ def fit_model(
     if done.exists() and (run_dir / "model.keras").exists():
         logger.info("training already complete in %s; reusing model.keras", run_dir)
         return {**json.loads(done.read_text()), "epochs_trained": 0}
+    strategy = distribution_strategy(train)  # first: a multi-worker strategy must precede every other TF call
     keras.utils.set_random_seed(int(train["seed"]))
     if train.get("deterministic"):
         deterministic_ops()
     device = accelerator()
     policy = precision_policy(train.get("mixed_precision"), gpu="GPU" in device)
     keras.mixed_precision.set_global_policy(policy)
-    strategy = distribution_strategy(train)
     def scope():  # a strategy's scope is entered anew each time
         return strategy.scope() if strategy is not None else contextlib.nullcontext()
 
@@ -515,10 +560,18 @@ def fit_model(
             model = build()
     if strategy is not None and strategy.num_replicas_in_sync > 1:
         synchronize_batch_norm(model)
+    if train.get("distribute") == "multi_worker":
+        # Keras 3.15 reduces the first (x, y) batch across replicas to build the model symbolically, and
+        # the multi-worker strategy cannot reduce a tuple ("Attempt to convert a value (PerReplica...)").
+        # The model is built already; without a recorded strategy Keras skips that step and trains
+        # under the strategy of the scope `fit` runs in.
+        model._distribute_strategy = None
     if train.get("jit_compile"):
         model.jit_compile = True  # XLA: fuses the step's ops (a GPU gains most; measured in the README)
     logger.info("training %s on %s", describe, device)
     train_ds, val_ds = datasets(initial_epoch)
+    keras_shuffles = not getattr(train_ds, "orders_itself", False)
+    epoch_hooks = [_epoch_setter(keras, train_ds)] if hasattr(train_ds, "set_epoch") else []
     if strategy is not None:
         batch = int(train["batch_size"])
         train_ds, val_ds = as_global_batches(train_ds, batch), as_global_batches(val_ds, batch)
@@ -544,6 +597,7 @@ def fit_model(
         plateau = keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.5,
                                                     patience=int(train["reduce_lr"]), min_lr=1e-5)
     callbacks = [
+        *epoch_hooks,
         _atomic_checkpoint(keras, ckpt / "best.keras", best_only=True),
         *_tensorboard(keras, run_dir),
         keras.callbacks.CSVLogger(str(run_dir / "history.csv"), append=True),
@@ -554,7 +608,8 @@ def fit_model(
     ]
     with scope():
         hist = model.fit(train_ds, validation_data=val_ds, epochs=epochs, initial_epoch=initial_epoch, verbose=0,
-                         callbacks=callbacks, class_weight=class_weight)
+                         callbacks=callbacks, class_weight=class_weight,
+                         shuffle=keras_shuffles)
     history = read_history(run_dir / "history.csv")
     model_path = save_model_atomic(model, run_dir / "model.keras")
     val_loss = history.get("val_loss", [])
@@ -570,6 +625,10 @@ def fit_model(
         "seconds": time.perf_counter() - started["t"],
         "params": int(model.count_params()),
     }
+    if train.get("distribute") == "multi_worker":
+        from models.multiworker import weights_digest
+
+        result["weights_digest"] = weights_digest(model)
     write_text_atomic(run_dir / "training.json", json.dumps(result, indent=1))
     return result
 
@@ -598,9 +657,9 @@ def precision_policy(mixed: bool | str | None, *, gpu: bool, bf16_cpu: bool | No
     if not mixed:
         return "float32"
     if bf16_cpu is None:
-        from medflow.hardware import cpu_flags
+        from medflow.hardware import has_bf16
 
-        bf16_cpu = bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
+        bf16_cpu = has_bf16()
     if mixed == "float16" or (mixed is True and gpu):
         if not gpu:
             raise ValueError("Received train.mixed_precision='float16' on a machine without a GPU; float16 "

@@ -55,7 +55,14 @@ def split_order(store: Store, df: pd.DataFrame, log) -> pd.Series | None:
     return content
 
 
-@task(name="train_model")
+# Every training task run carries this tag: a Prefect task concurrency limit on it (`medflow worker
+# --train-slots N`, or `prefect concurrency-limit create medflow-train N`) lets N trainings run at once
+# on the server's whole fleet (one per GPU) while ingest and preprocessing runs go on. Without a limit
+# the tag changes nothing.
+TRAIN_TAG = "medflow-train"
+
+
+@task(name="train_model", tags=[TRAIN_TAG])
 def train_model_task(spec, run_dir: str, prep_key: str, split_csv: str) -> dict:
     """Train the spec's model on the train split, early-stopping on the validation split."""
     log = get_run_logger()
@@ -86,7 +93,7 @@ def fold_cases(cases: pd.DataFrame, fold: int) -> pd.DataFrame:
     return out
 
 
-@task(name="train_fold", task_run_name="train_fold-{fold}")
+@task(name="train_fold", task_run_name="train_fold-{fold}", tags=[TRAIN_TAG])
 def train_fold_task(spec, run_dir: str, prep_key: str, split_csv: str, fold: int) -> dict:
     """Train fold ``fold``'s model in ``folds/<fold>/`` of the run folder (it resumes there too)."""
     log = get_run_logger()

@@ -24,6 +24,8 @@ class TaskKind:
     metrics: ClassVar[tuple[str, ...]] = ()
     #: the report section (a Jinja template in ``medflow/templates``)
     template: ClassVar[str] = ""
+    #: whether ``train`` can launch ``train.distribute: multi_worker`` workers (its training arguments pickle)
+    multi_worker: ClassVar[bool] = False
 
     # ---------------------------------------------------------------- spec
     def check_spec(self, spec) -> list[str]:
@@ -33,6 +35,9 @@ class TaskKind:
         if wrong:
             problems.append(f"evaluate.metrics: {wrong} do not apply to {self.name}; expected some of: "
                             f"{', '.join(self.metrics)} (received: {spec.evaluate.metrics})")
+        if spec.train.distribute == "multi_worker" and not self.multi_worker:
+            problems.append(f"train.distribute: multi_worker is not available for {self.name} yet; use mirrored "
+                            "(several devices of one machine) or none (received: multi_worker)")
         return problems
 
     # -------------------------------------------------------------- cohort

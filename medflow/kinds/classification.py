@@ -9,6 +9,7 @@ shows a declared baseline (``medflow.baselines``) scored on the same test split.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from pathlib import Path
@@ -53,6 +54,7 @@ class Classification(TaskKind):
     name = "classification"
     metrics = METRICS
     template = "classification.html.j2"
+    multi_worker = True
 
     def check_spec(self, spec) -> list[str]:
         problems = super().check_spec(spec)
@@ -103,7 +105,7 @@ class Classification(TaskKind):
             raise ValueError(f"prepared arrays differ in shape ({sorted(shapes)[:3]}...); end `preprocess` with a "
                              "`resize`, `resize2d` or `crop_pad` step so that every array has the same shape")
         return train_classifier(
-            loader=lambda key: store.read_prep(prep_key, key),
+            loader=functools.partial(store.read_prep, prep_key),  # pickles: multi_worker sends it to workers
             train_keys=tr["series_key"].tolist(), train_labels=tr["label"].to_numpy(np.int64),
             val_keys=va["series_key"].tolist(), val_labels=va["label"].to_numpy(np.int64),
             input_shape=input_shape(spec.model.arch, shapes.pop()), arch=spec.model.arch, params=spec.model.params,

@@ -13,7 +13,7 @@ MODULES = [
     "medflow.signals", "medflow.resampling", "medflow.retry", "storage.errors", "storage.dicom", "storage.ingest",
     "storage.store", "medflow.intervals", "medflow.reporting", "medflow.compare", "medflow.calibration", "medflow.runs", "medflow.report_server", "tasks.train", "medflow.tracking", "medflow.subgroups",
     "medflow.froc", "medflow.kinds.detection", "models.detector", "storage.marks", "medflow.boxes",
-    "medflow.kinds.detection2d", "medflow.isolation", "medflow.hardware",
+    "medflow.kinds.detection2d", "medflow.isolation", "medflow.hardware", "models.multiworker",
 ]
 
 

@@ -236,3 +236,16 @@ def test_preflight_estimates_the_largest_prepared_array_from_the_catalog(tmp_pat
                                                          "series is [1500, 717, 717] (2.9 GiB as float32)")
     monkeypatch.setattr(pf, "_worker_memory", lambda spec: 64 * 2**30)
     assert pf.preflight(spec) == []
+
+
+def test_multi_worker_is_refused_where_the_kind_cannot_start_workers():
+    from pathlib import Path
+
+    data = yaml.safe_load((Path(__file__).resolve().parents[2] / "examples" / "tumours.yaml").read_text())
+    data["train"]["distribute"] = "multi_worker"
+    with pytest.raises(SpecError) as info:
+        parse_spec(data, check_paths=False)
+    assert any(p.startswith("train.distribute: multi_worker is not available for segmentation")
+               for p in info.value.problems), info.value.problems
+    spec = parse_spec(_spec(**{"train.distribute": "multi_worker", "train.workers": 3}), check_paths=False)
+    assert spec.train.workers == 3  # classification starts its workers
