@@ -832,7 +832,7 @@ def main() -> None:
     import os
 
     fault = os.environ.get(SUPERVISED_ENV)
-    if fault and fault != "1":  # a supervised pipeline: a native crash's dump goes to the supervisor's file
+    if fault:  # a supervised pipeline: a native crash's dump goes to the supervisor's file
         import faulthandler
 
         faulthandler.enable(file=open(fault, "w"), all_threads=False)  # noqa: SIM115 - open until exit

@@ -30,6 +30,7 @@ logger = logging.getLogger(__name__)
 # A test hook: ``MEDFLOW_FAULT_IN_CHILD=<module:function>=<SIGNAL>`` makes the child running that
 # function kill itself with that signal before calling it (e.g. ``models.explain:grad_cam_cases=SIGSEGV``).
 FAULT_ENV = "MEDFLOW_FAULT_IN_CHILD"
+LOG_ENV = "MEDFLOW_CHILD_LOG_LEVEL"
 
 
 class ChildCrashed(RuntimeError):
@@ -89,11 +90,13 @@ def crash_site(dump: str) -> str | None:
 
 
 def run_isolated(target: str, kwargs: dict[str, Any], *, env: dict[str, str] | None = None,
-                 timeout: float | None = None) -> Any:
+                 timeout: float | None = None, stream: bool = False) -> Any:
     """Call ``target`` (``"package.module:function"``) with ``kwargs`` in a child process; return its result.
 
     ``env`` is added to the child's environment (read before anything there imports TensorFlow).
-    Arguments and result must pickle; pass arrays of a few cases, not a cohort.
+    Arguments and result must pickle; pass arrays of a few cases, not a cohort. With ``stream``,
+    the child logs at INFO to this process's stderr as it goes (long work: a training), instead
+    of its output being kept for the log of a failure.
 
     Raises:
         ChildCrashed: the child died by a signal, timed out, or ended without a result.
@@ -104,15 +107,16 @@ def run_isolated(target: str, kwargs: dict[str, Any], *, env: dict[str, str] | N
     with tempfile.TemporaryDirectory(prefix="medflow-child-") as tmp:
         tmp = Path(tmp)
         (tmp / "args.pkl").write_bytes(pickle.dumps(kwargs, protocol=pickle.HIGHEST_PROTOCOL))
-        child_env = {**os.environ, **(env or {})}
+        child_env = {**os.environ, **(env or {}), **({LOG_ENV: "INFO"} if stream else {})}
+        output_to = None if stream else subprocess.PIPE
         t0 = time.perf_counter()
         try:
             proc = subprocess.run([sys.executable, "-m", "medflow.isolation", target, str(tmp)], env=child_env,
-                                  stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                  timeout=timeout)
+                                  stdin=subprocess.DEVNULL, stdout=output_to,
+                                  stderr=None if stream else subprocess.STDOUT, timeout=timeout)
         except subprocess.TimeoutExpired:
             raise ChildCrashed(target, signal_name="timeout", exitcode=-9, where=f"after {timeout:.0f} s") from None
-        output = proc.stdout.decode(errors="replace")
+        output = proc.stdout.decode(errors="replace") if proc.stdout else ""
         dump = (tmp / "fault.txt").read_text(errors="replace") if (tmp / "fault.txt").exists() else ""
         logger.debug("%s: child exited %d after %.1f s", target, proc.returncode, time.perf_counter() - t0)
         if proc.returncode < 0 or not (tmp / "result.pkl").exists():
@@ -133,6 +137,9 @@ def _child(target: str, folder: Path) -> int:
     import faulthandler
     import traceback
 
+    if os.environ.get(LOG_ENV):
+        logging.basicConfig(level=os.environ[LOG_ENV], format="%(asctime)s | %(levelname)-7s | child %(process)d | "
+                            "%(name)s - %(message)s", datefmt="%H:%M:%S")
     fault = (folder / "fault.txt").open("w")
     faulthandler.enable(file=fault, all_threads=True)
     kwargs = pickle.loads((folder / "args.pkl").read_bytes())

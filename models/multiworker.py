@@ -77,7 +77,8 @@ def train_in_workers(target: str, kwargs: dict[str, Any], *, workers: int, run_d
 
     def one(index: int) -> dict:
         return run_isolated(target, {**kwargs, "run_dir": str(dirs[index])},
-                            env={"TF_CONFIG": tf_config(addresses, index)}, timeout=timeout)
+                            env={"TF_CONFIG": tf_config(addresses, index)}, timeout=timeout,
+                            stream=index == 0)  # the chief's epochs show as it trains
 
     with ThreadPoolExecutor(workers) as pool:
         results = list(pool.map(one, range(workers)))

@@ -9,6 +9,7 @@ import json
 import logging
 import math
 import os
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -556,7 +557,7 @@ def fit_model(
             for stale in (state_path, run_dir / "history.csv", *ckpt.glob("*.keras")):
                 stale.unlink(missing_ok=True)
     if model is None:
-        with scope():
+        with scope(), keras_seed_draws(int(train["seed"])):
             model = build()
     if strategy is not None and strategy.num_replicas_in_sync > 1:
         synchronize_batch_norm(model)
@@ -641,6 +642,32 @@ def save_model_atomic(model, path: Path) -> Path:
     model.save(tmp)
     os.replace(tmp, path)
     return path
+
+
+_KERAS_DRAWS = threading.Lock()
+
+
+@contextlib.contextmanager
+def keras_seed_draws(seed: int):
+    """Keras' default seeds (every initializer and dropout layer built without one) drawn from a generator
+    of ``seed``'s own while the block runs, instead of Python's global ``random``.
+
+    Keras 3 draws them with ``random.randint``; ``keras.utils.set_random_seed`` seeds that, but any
+    other thread of the process (Prefect's run-name generator, a log worker, a second fold) may draw
+    between the seeding and the build, and the model's initial weights change. The draws go to a
+    private ``random.Random(seed)``; one build at a time holds it.
+    """
+    import random
+
+    from keras.src.random import seed_generator
+
+    with _KERAS_DRAWS:
+        shared = seed_generator.python_random
+        seed_generator.python_random = random.Random(seed)
+        try:
+            yield
+        finally:
+            seed_generator.python_random = shared
 
 
 def precision_policy(mixed: bool | str | None, *, gpu: bool, bf16_cpu: bool | None = None) -> str:

@@ -34,6 +34,8 @@ def split_cohort_task(spec, run_dir: str) -> str:
         df.loc[df["split"] != "test", "split"] = "val"
         log.info("%d folds: %s patients each", sp.folds, "/".join(
             str(df[df["fold"] == k]["patient_key"].nunique()) for k in range(sp.folds)))
+    if order is not None:  # rows (and so the training order) by content, not by the store's pseudonyms
+        df = df.iloc[np.argsort(order.to_numpy(), kind="stable")].reset_index(drop=True)
     path = Path(run_dir) / "split.csv"
     write_text_atomic(path, df.to_csv(index=False))
     for name, part in df.groupby("split"):

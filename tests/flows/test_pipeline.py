@@ -318,3 +318,28 @@ def test_k_fold_trains_each_fold_as_a_task_and_scores_test_with_the_ensemble(tin
         image, _ = apply_steps(scratch.read_image(key), scratch.catalog_entry(key)["spacing"], s.steps())
         mean = np.mean([float(m.predict(image[None, ..., None], verbose=0)[0, 0]) for m in models])
         assert mean == pytest.approx(row["score"], abs=1e-5)
+
+
+def test_the_same_spec_on_two_stores_trains_the_same_model(tiny, prefect_harness, tmp_path):
+    """`train.deterministic: true` through the flow, as a user meets it: the same cohort ingested into two
+    new stores (two store secrets: other pseudonyms, other catalog order) and run by the pipeline flow,
+    with augmentation and Prefect's threads about, gives the same scores to every series."""
+    import shutil
+
+    from storage.store import Store
+
+    scores, keys = [], []
+    for name in ("a", "b"):
+        shutil.copytree(tiny.parent / "cohort", tmp_path / name / "cohort")
+        shutil.copy(tiny, tmp_path / name / "spec.yaml")
+        result = pipeline(str(tmp_path / name / "spec.yaml"))
+        run = Path(result["run_dir"])
+        catalog = Store(tmp_path / name / "store.zarr").catalog()
+        preds = pd.read_csv(run / "predictions.csv")
+        preds["content"] = preds["series_key"].map(lambda k: catalog[k]["content"])
+        keys.append(set(preds["series_key"]))
+        scores.append(preds.set_index("content")["score"].sort_index())
+    assert set(scores[0].index) == set(scores[1].index) and len(scores[0]) == 16
+    assert not keys[0] & keys[1]  # two secrets: no pseudonym in common
+    assert scores[0].std() > 0  # a trained model: the scores vary
+    assert np.array_equal(scores[0].to_numpy(), scores[1].to_numpy()), (scores[0] - scores[1]).abs().max()

@@ -45,3 +45,11 @@ def test_env_reaches_the_child_only(monkeypatch):
 def test_a_hung_child_is_ended_at_the_timeout():
     with pytest.raises(ChildCrashed, match="timeout"):
         run_isolated("subprocess:run", {"args": ["sleep", "30"]}, timeout=2)
+
+
+def test_a_streamed_child_logs_as_it_goes(capfd):
+    assert run_isolated("logging:warning", {"msg": "half way"}, stream=True) is None
+    err = capfd.readouterr().err
+    assert "| child " in err and "root - half way" in err
+    run_isolated("logging:warning", {"msg": "kept"})  # not streamed: kept for a failure's log
+    assert "kept" not in capfd.readouterr().err

@@ -139,3 +139,37 @@ def test_deterministic_training_gives_the_same_predictions_in_two_processes(tmp_
     scores = [json.loads(run.stdout.strip().splitlines()[-1]) for run in runs]
     assert len(scores[0]) == 24 and len(set(scores[0])) > 1  # a trained model: the scores vary
     assert scores[0] == scores[1]
+
+
+def test_initial_weights_do_not_depend_on_other_threads_drawing_from_random():
+    """Keras draws initializer seeds from Python's global ``random``; a Prefect process has other threads
+    that draw from it too. Built under ``keras_seed_draws`` the weights are the same whatever they do."""
+    import random
+    import threading
+
+    import keras
+
+    from models import get
+    from models.training import keras_seed_draws
+
+    def weights():
+        return get("cnn3d")((8, 16, 16, 1), filters=[4, 8], dropout=0.2).get_weights()
+
+    keras.utils.set_random_seed(7)
+    random.random()  # another thread's draw between the seeding and the build...
+    unguarded = weights()
+    keras.utils.set_random_seed(7)
+    assert not all(np.array_equal(a, b) for a, b in zip(unguarded, weights()))  # ...changes the model
+
+    with keras_seed_draws(7):
+        quiet = weights()
+    stop = threading.Event()
+    noise = threading.Thread(target=lambda: [random.random() for _ in iter(stop.is_set, True)], daemon=True)
+    noise.start()
+    try:
+        with keras_seed_draws(7):
+            busy = weights()
+    finally:
+        stop.set()
+        noise.join()
+    assert all(np.array_equal(a, b) for a, b in zip(quiet, busy))
