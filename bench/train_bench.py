@@ -8,10 +8,13 @@ import), on the same random arrays, after one warm-up epoch:
 - ``project+augment``: the same with the demo's augmentation (flip, shift, intensity jitter);
 - ``onednn-off``: the store-fed configuration with ``TF_ENABLE_ONEDNN_OPTS=0``, the default
   TensorFlow picks on CPUs without AVX-512-class features;
-- ``in-memory``: the same model fed from numpy arrays by ``model.fit`` (the input-pipeline limit).
+- ``in-memory``: the same model fed from numpy arrays by ``model.fit`` (the input-pipeline limit);
+- ``mixed``: ``project`` with ``train.mixed_precision: true`` (bfloat16 on a CPU that has it,
+  float16 on a GPU; float32, the same as ``project``, elsewhere);
+- ``xla``: ``project`` with ``train.jit_compile: true``.
 
-It prints images/s and the ratios project/in-memory (the issue's goal: ≥ 0.9) and
-project/onednn-off. Models: ``cnn3d`` at 48×80×80 (the CT demo) and ``resnet2d`` at 224×224.
+It prints the device, images/s and the ratios project/in-memory (the issue's goal: ≥ 0.9),
+project/onednn-off, mixed/project and xla/project. Models: ``cnn3d`` at 48×80×80 (the CT demo) and ``resnet2d`` at 224×224.
 Absolute figures drift between machines and runs; compare the ratios of one run.
 """
 
@@ -47,7 +50,7 @@ def worker(arch: str, mode: str, epochs: int, store_root: str) -> dict:
     import medflow  # noqa: F401  (TensorFlow options, as every medflow process)
     from medflow.kinds.classification import input_shape
     from models import get
-    from models.training import _keras, make_dataset, tensorflow_onednn_enabled
+    from models.training import _keras, accelerator, make_dataset, precision_policy, tensorflow_onednn_enabled
     from storage.store import Store
 
     keras = _keras()
@@ -56,8 +59,11 @@ def worker(arch: str, mode: str, epochs: int, store_root: str) -> dict:
     store = Store(store_root)
     keys = [f"s{i:04d}" for i in range(case["n"])]
     labels = np.arange(case["n"]) % 2
+    device = accelerator()
+    policy = precision_policy(mode == "mixed", gpu="GPU" in device)
+    keras.mixed_precision.set_global_policy(policy)
     model = get(arch)(shape, n_classes=2, **case["params"])
-    model.compile(optimizer="adam", loss="binary_crossentropy")
+    model.compile(optimizer="adam", loss="binary_crossentropy", jit_compile=mode == "xla")
     if mode == "in-memory":
         x = np.stack([store.read_prep("bench", k) for k in keys]).reshape((case["n"], *shape)).astype(np.float32)
         y = labels.astype(np.float32)[:, None]
@@ -75,7 +81,8 @@ def worker(arch: str, mode: str, epochs: int, store_root: str) -> dict:
     fit(epochs)
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     return {"arch": arch, "mode": mode, "images_per_s": epochs * case["n"] / wall, "wall_s": wall,
-            "cpu_s_per_epoch": cpu / epochs, "onednn": tensorflow_onednn_enabled()}
+            "cpu_s_per_epoch": cpu / epochs, "onednn": tensorflow_onednn_enabled(), "device": device,
+            "policy": policy}
 
 
 def make_store(root: Path) -> None:
@@ -103,7 +110,7 @@ def main() -> None:
         arch, mode, epochs, store = args.worker
         print(json.dumps(worker(arch, mode, int(epochs), store)))
         return
-    modes = ("project", "project+augment", "onednn-off", "in-memory")
+    modes = ("project", "project+augment", "onednn-off", "in-memory", "mixed", "xla")
     with tempfile.TemporaryDirectory(prefix="medflow-train-bench-") as tmp:
         make_store(Path(tmp))
         rows = []
@@ -120,13 +127,18 @@ def main() -> None:
             for m in modes:
                 rows.append((arch, m, med[m], statistics.median(r["cpu_s_per_epoch"] for r in results[m]),
                              results[m][0]["onednn"]))
-            rows.append((arch, "ratios", med["project"] / med["in-memory"], med["project"] / med["onednn-off"], None))
-    print(f"\nTraining throughput ({args.epochs} epochs after a warm-up, median of {args.repeat}; CPU: {cpu_name()})")
+            rows.append((arch, "ratios", med["project"] / med["in-memory"], med["project"] / med["onednn-off"],
+                         (med["mixed"] / med["project"], med["xla"] / med["project"], results["mixed"][0]["policy"])))
+            device = results["project"][0]["device"]
+    print(f"\nTraining throughput ({args.epochs} epochs after a warm-up, median of {args.repeat}; CPU: {cpu_name()}; "
+          f"device: {device})")
     print(f"{'model':10} {'configuration':18} {'images/s':>9} {'CPU s/epoch':>12}  oneDNN")
     for arch, mode, a, b, onednn in rows:
         if mode == "ratios":
             print(f"{arch:10} {'store / in-memory':18} {a:9.2f}   (goal ≥ 0.9)")
             print(f"{arch:10} {'store / oneDNN off':18} {b:9.2f}")
+            print(f"{arch:10} {'mixed / store':18} {onednn[0]:9.2f}   ({onednn[2]})")
+            print(f"{arch:10} {'xla / store':18} {onednn[1]:9.2f}")
         else:
             print(f"{arch:10} {mode:18} {a:9.1f} {b:12.1f}  {onednn}")
 
