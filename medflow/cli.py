@@ -638,6 +638,8 @@ def server(
     port: Annotated[int, typer.Option(help="Port on 127.0.0.1.")] = 4200,
     home: Annotated[Path, typer.Option(help="PREFECT_HOME: where the server keeps its database.")] = Path("work/.prefect"),
     reports_port: Annotated[int, typer.Option(help="Port on 127.0.0.1 of the read-only report server (0: none).")] = 4201,
+    reports_root: Annotated[list[Path] | None, typer.Option(
+        help="A folder whose run reports are served (repeat for more). Default: this folder.")] = None,
 ) -> None:
     """Start a standing Prefect server (UI and API) on 127.0.0.1 with medflow's settings, and the
     read-only report server that the UI's report links open.
@@ -659,7 +661,7 @@ def server(
     reports = f"http://127.0.0.1:{reports_port}"
     if reports_port:
         try:
-            report_server.start(reports_port)
+            report_server.start(reports_port, roots=reports_root)
         except OSError as exc:  # the port is taken: the UI and API still start, report links stay files
             err.print(f"[yellow]no report server on {reports}: {exc.strerror}[/] (choose another --reports-port)")
             reports_port = 0
@@ -693,15 +695,19 @@ def server(
 @app.command()
 def reports(
     port: Annotated[int, typer.Option(help="Port on 127.0.0.1.")] = 4201,
+    root: Annotated[list[Path] | None, typer.Option(
+        help="A folder whose run reports are served (repeat for more). Default: this folder.")] = None,
 ) -> None:
     """Serve run reports read-only on 127.0.0.1 (what `medflow server` also does), so that the report links
-    in the Prefect UI open; runs link here when MEDFLOW_REPORTS_URL points here (default port 4201)."""
+    in the Prefect UI open; runs link here when MEDFLOW_REPORTS_URL points here (default port 4201).
+    Only run folders under the roots, owned by this user, without symbolic links below the root."""
     import time
 
     from medflow import report_server
 
-    report_server.start(port)
-    console.print(f"Reports: http://127.0.0.1:{port} (read-only). Ctrl-C stops.")
+    server = report_server.start(port, roots=root)
+    console.print(f"Reports: http://127.0.0.1:{port} (read-only) from {', '.join(map(str, server.roots))}. "
+                  "Ctrl-C stops.")
     try:
         while True:
             time.sleep(3600)

@@ -39,7 +39,7 @@ def test_ui_shows_run_subflows_and_artifacts(prefect_server, quick_spec, tmp_pat
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         reports_port = s.getsockname()[1]
-    reports = report_server.start(reports_port)  # what `medflow server` runs beside Prefect's
+    reports = report_server.start(reports_port, roots=[quick_spec.parent])  # what `medflow server` runs
     env = {**server_env(api, tmp_path / "client-home"), "MEDFLOW_REPORTS_URL": f"http://127.0.0.1:{reports_port}"}
     run = subprocess.run([str(Path(sys.executable).parent / "medflow"), "run", str(quick_spec)],
                          env=env, capture_output=True, text=True, timeout=300)

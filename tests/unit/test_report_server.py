@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import socket
+import threading
 
 import httpx
 import pytest
@@ -15,7 +17,7 @@ def served(tmp_path, monkeypatch):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server = report_server.start(port)
+    server = report_server.start(port, roots=[tmp_path / "runs"])
     base = f"http://127.0.0.1:{port}"
     monkeypatch.setenv("MEDFLOW_REPORTS_URL", base)
     run = tmp_path / "runs" / "20261202-000000-abc123-x"
@@ -53,3 +55,73 @@ def test_links_to_the_file_when_no_server_answers(tmp_path, monkeypatch):
     monkeypatch.setenv("MEDFLOW_REPORTS_URL", f"http://127.0.0.1:{port}")
     link, description = report_server.report_link(tmp_path / "report.html")
     assert link == (tmp_path / "report.html").as_uri() and "medflow server" in description
+
+
+def test_a_symlink_swap_race_leaks_nothing_in_10000_requests(served, tmp_path):
+    """A local user swaps report.html between a file and a link to a secret (os.replace in a loop);
+    the server opens once, without following links, so the secret never comes back."""
+    base, run = served
+    secret = tmp_path / "api-auth"
+    secret.write_text("medflow:SECRET-CREDENTIAL")
+    secret.chmod(0o600)
+    stop = threading.Event()
+
+    def swap():
+        i = 0
+        while not stop.is_set():
+            i += 1
+            tmp = run / f".swap{i % 2}"
+            if i % 2:
+                tmp.symlink_to(secret)
+            else:
+                tmp.write_text("<h1>report</h1>")
+            os.replace(tmp, run / "report.html")
+
+    swapper = threading.Thread(target=swap, daemon=True)
+    swapper.start()
+    url = report_server.url_for(run / "report.html")
+    counts = {"leaks": 0, "served": 0}
+
+    def fetch(n):
+        with httpx.Client() as client:
+            for _ in range(n):
+                r = client.get(url)
+                counts["leaks"] += b"SECRET" in r.content
+                counts["served"] += r.status_code == 200
+    try:
+        clients = [threading.Thread(target=fetch, args=(2500,)) for _ in range(4)]
+        for t in clients:
+            t.start()
+        for t in clients:
+            t.join()
+    finally:
+        stop.set()
+        swapper.join()
+    assert counts["leaks"] == 0
+    assert counts["served"] > 0  # the race was real: the report was there part of the time
+
+
+def test_refuses_links_other_roots_other_users_and_odd_urls(served, tmp_path):
+    base, run = served
+    # a run folder outside the served roots
+    other = tmp_path / "elsewhere" / "run"
+    other.mkdir(parents=True)
+    for name in ("run.json", "spec.yaml", "report.html"):
+        (other / name).write_text("x")
+    assert httpx.get(f"{base}/runs{other / 'report.html'}").status_code == 404
+    # a linked folder below the root, even to a real run folder
+    (tmp_path / "runs" / "link").symlink_to(run, target_is_directory=True)
+    assert httpx.get(f"{base}/runs{tmp_path / 'runs' / 'link' / 'report.html'}").status_code == 404
+    # a NUL, an invalid percent-encoding: answered, no traceback
+    assert httpx.get(f"{base}/runs{run}/report.html%00").status_code == 404
+    assert httpx.get(f"{base}/runs{run}/%ff%fe/report.html").status_code == 404
+    # a run that belongs to another user
+    assert report_server.read_servable(run / "report.html", [tmp_path / "runs"]) is not None
+    assert report_server.read_servable(run / "report.html", [tmp_path / "runs"], owner=os.geteuid() + 1) is None
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving a folder to another user needs root")
+def test_another_users_run_folder_is_not_served(served):
+    base, run = served
+    os.chown(run, 54321, 54321)
+    assert httpx.get(report_server.url_for(run / "report.html")).status_code == 404
