@@ -56,6 +56,9 @@ def _start(server) -> None:
     except Exception as exc:  # noqa: BLE001 - reported again, with its cause, by the flow's own start
         logger.debug("early start of Prefect's temporary server failed: %s", exc)
         return
+    db = _database()
+    if db is not None and db.is_file():
+        db.chmod(0o600)
     save_template()
 
 
@@ -109,6 +112,7 @@ def _backup(source: Path, target: Path) -> None:
     finally:
         dst.close()
         src.close()
+    os.chmod(tmp, 0o600)  # runs, specs and logs: the owner's only
     os.replace(tmp, target)
 
 

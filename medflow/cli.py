@@ -408,8 +408,6 @@ def compare(
 @app.command()
 def validate(spec: Annotated[Path, typer.Argument(help="Pipeline spec (YAML).")]) -> None:
     """Check SPEC; print every problem with its field, value and what is allowed."""
-    from medflow.errors import SpecError
-    from medflow.spec import load_spec
 
     s = _load_checked(spec)
     console.print(f"[green]ok[/]: {s.name} ({len(s.preprocess)} preprocessing steps, model {s.model.arch}); "
@@ -654,7 +652,10 @@ def server(
 
     from medflow import report_server
 
-    home.mkdir(parents=True, exist_ok=True)
+    settings.make_private(home)  # its database holds every run's spec, paths and logs
+    for existing in home.glob("prefect.db*"):  # made by an earlier version with the umask's mode
+        existing.chmod(0o600)
+    os.umask(0o077)  # and what the server writes there (prefect.db, logs) is the owner's only
     auth = api_auth_string(home)
     url = f"http://127.0.0.1:{port}"
     client_env = home.resolve() / "client.env"

@@ -17,6 +17,8 @@ import pandas as pd
 import yaml
 from scipy import stats
 
+from medflow.tables import read_csv
+
 # the test metric a run is listed by: the first of these its metrics.json has (classification and signal,
 # segmentation, detection)
 HEADLINE_METRICS = ("auc", "dice", "cpm", "ap50")
@@ -100,7 +102,7 @@ def compare_runs(run_a: str | Path, run_b: str | Path) -> dict:
         path = Path(run) / "predictions.csv"
         if not path.exists():
             raise FileNotFoundError(f"{run} has no predictions.csv: pass finished classification run folders")
-        df = pd.read_csv(path)
+        df = read_csv(path)
         if "score" not in df:
             raise ValueError(f"{run} is not a two-class classification run (no score column); compare compares "
                              "binary classifiers")

@@ -26,6 +26,7 @@ import yaml
 
 from medflow.runs import read_metrics
 from medflow.spec import PipelineSpec, parse_spec
+from medflow.tables import write_csv_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -165,7 +166,7 @@ def write_outputs(rows: list[dict], output: Path, run: TrainedRun, quarantine: l
 
     from medflow.runs import write_text_atomic
 
-    write_text_atomic(output / "predictions.csv", pd.DataFrame(rows).to_csv(index=False))
+    write_csv_atomic(output / "predictions.csv", pd.DataFrame(rows))
     summary = {"run_id": run.run_id, "pipeline": run.spec.name, "task": run.spec.model.task,
                "arch": run.spec.model.arch, "model_warnings": run.metrics.get("warnings", []), "series": rows,
                "not_used": [{"path": r["path"], "reason": r["reason"]} for r in quarantine]}

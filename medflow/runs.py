@@ -23,9 +23,9 @@ def _status(run_dir: Path) -> dict:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
-def write_text_atomic(path: str | Path, text: str) -> Path:
-    """``write_bytes_atomic`` for UTF-8 text."""
-    return write_bytes_atomic(path, text.encode())
+def write_text_atomic(path: str | Path, text: str, *, mode: int | None = None) -> Path:
+    """``write_bytes_atomic`` for UTF-8 text (``mode``: the new file's permissions, e.g. 0o600)."""
+    return write_bytes_atomic(path, text.encode(), mode=mode)
 
 
 def finite_or_none(obj):
@@ -128,6 +128,9 @@ def open_run(runs_dir: str | Path, spec_digest: str, *, resume: bool = True) -> 
     resumed: its stored checkpoints let training pick up from the last finished epoch.
     Otherwise a new folder ``<time>-<spec digest>-<random>`` is made.
     """
+    from medflow.access import check_allowed
+
+    check_allowed(runs_dir, "data.runs")
     runs_dir = Path(runs_dir)
     runs_dir.mkdir(parents=True, exist_ok=True)
     candidates = []

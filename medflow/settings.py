@@ -23,11 +23,44 @@ def configure(workdir: str | Path | None = None) -> None:
     env.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     env.setdefault("KERAS_BACKEND", "tensorflow")
+    if not env.get("PREFECT_API_URL"):
+        close_embedded_server(env)
     if workdir is not None:
         workdir = Path(workdir).resolve()
         env.setdefault("PREFECT_HOME", str(workdir / ".prefect"))
         env.setdefault("DASK_TEMPORARY_DIRECTORY", str(workdir / ".dask"))
         Path(env["DASK_TEMPORARY_DIRECTORY"]).mkdir(parents=True, exist_ok=True)
+        make_private(Path(env["PREFECT_HOME"]))
+
+
+# An origin no browser page can have (.invalid never resolves, RFC 2606): CORS then admits no web page.
+NO_ORIGIN = "https://medflow.invalid"
+
+
+def close_embedded_server(env) -> None:
+    """Give the temporary Prefect server that a run starts (no ``PREFECT_API_URL``) a random credential and
+    closed CORS, as ``medflow server`` gives the standing one.
+
+    Prefect's temporary server listens on a loopback port: without this any local user could list its flow
+    runs (their specs, paths, logs) and create flows while a run lasts, and any web page could through the
+    browser (``Access-Control-Allow-Origin: *``). The server process inherits this environment; the client
+    sends the credential (``PREFECT_API_AUTH_STRING``). Child processes of the run inherit it too."""
+    import secrets
+
+    if not env.get("PREFECT_SERVER_API_AUTH_STRING"):
+        env["PREFECT_SERVER_API_AUTH_STRING"] = f"medflow:{secrets.token_urlsafe(24)}"
+    env.setdefault("PREFECT_API_AUTH_STRING", env["PREFECT_SERVER_API_AUTH_STRING"])
+    env.setdefault("PREFECT_SERVER_API_CORS_ALLOWED_ORIGINS", NO_ORIGIN)
+
+
+def make_private(folder: Path) -> None:
+    """Create ``folder`` (a Prefect home: its database holds specs, paths and logs) readable by its owner only."""
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        if folder.stat().st_uid == os.geteuid():
+            folder.chmod(0o700)
+    except OSError:  # not ours to change: the owner's choice stands
+        pass
 
 
 def enable_project_logs(level: int = logging.INFO) -> None:

@@ -9,6 +9,8 @@ field's path. Relative paths in a spec file are resolved against the file's fold
 from __future__ import annotations
 
 import hashlib
+import math
+import os
 import json
 import re
 from pathlib import Path
@@ -33,6 +35,12 @@ from medflow.errors import SpecError
 
 LABEL_KEYS = ("StudyInstanceUID", "PatientID", "AccessionNumber", "path")
 MAX_SPEC_BYTES = 1_000_000  # a spec is a page of YAML; anything larger is not one
+MAX_STRING = 4096  # a path or a column name; longer is not one (and costs every reader of an error message)
+MAX_NAME = 100  # the pipeline name: a folder, a Prefect flow-run and deployment name
+MAX_DEPTH = 12  # the deepest spec nests 5 levels; a deeper document is not a spec
+MAX_PARAM_INT = 65_536  # a layer width or count in model.params; larger exhausts any machine
+# what data.store may be: a folder, or a URL of one of fsspec's file systems medflow supports
+STORE_SCHEMES = ("file", "s3", "gs", "gcs", "az", "abfs", "abfss", "memory")
 
 
 def at_most(limit: float, why: str) -> AfterValidator:
@@ -62,7 +70,7 @@ MAX_VOXELS = 2**30  # 4 GiB as float32: one prepared array must fit in a worker'
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, str_max_length=MAX_STRING)
 
 
 # --------------------------------------------------------------------------- data
@@ -169,6 +177,23 @@ class DataSpec(_Model):
                        "file:///path); created if missing.")
     runs: str | None = Field(None, description="Folder of run outputs (default: `runs` beside the store).")
     split: SplitSpec = SplitSpec()
+
+    @field_validator("store")
+    @classmethod
+    def _store_scheme(cls, value: str) -> str:
+        if "://" in value and value.split("://", 1)[0].lower() not in STORE_SCHEMES:
+            raise ValueError(f"a store is a folder or a URL of one of: {', '.join(s + '://' for s in STORE_SCHEMES)}")
+        return value
+
+    @field_validator("source")
+    @classmethod
+    def _source_scheme(cls, value: str) -> str:
+        from storage.dicomweb import is_dicomweb
+
+        if "://" in value and not is_dicomweb(value):
+            raise ValueError("a source is a folder or a DICOMweb server (dicomweb://host:port/path, "
+                             "dicomweb+https://host/path)")
+        return value
 
 
 # ------------------------------------------------------------------------- ingest
@@ -514,12 +539,38 @@ class ModelSpec(_Model):
 
     @model_validator(mode="after")
     def _arch_fits_task(self) -> ModelSpec:
-        from models import available, info
+        from models import available, info, params_of
 
         if info(self.arch).task != self.task:
             raise ValueError(f"model.arch {self.arch!r} is a {info(self.arch).task} model; for {self.task} use one "
                              f"of: {', '.join(available(self.task))}")
+        accepted = params_of(self.arch)
+        unknown = sorted(set(self.params) - accepted) if accepted is not None else []
+        if unknown:
+            import difflib
+
+            hints = [f"{k!r}" + (f" (did you mean {close[0]!r}?)" if (close := difflib.get_close_matches(
+                k, sorted(accepted), n=1, cutoff=0.7)) else "") for k in unknown]
+            raise ValueError(f"model.params: {', '.join(hints)} not a parameter of {self.arch}; it takes: "
+                             f"{', '.join(sorted(accepted)) or 'none'}")
+        too_big = [f"{k}={v!r}" for k, v in self.params.items() if not _sane_param(v)]
+        if too_big:
+            raise ValueError(f"model.params: {', '.join(too_big)}: numbers must be finite and at most "
+                             f"{MAX_PARAM_INT:,} (a layer width or count)")
         return self
+
+
+def _sane_param(value) -> bool:
+    """A model.params value whose numbers (also inside lists) are finite and at most ``MAX_PARAM_INT``."""
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return True
+    if isinstance(value, (int, float)):
+        return math.isfinite(value) and abs(value) <= MAX_PARAM_INT
+    if isinstance(value, (list, tuple)):
+        return len(value) <= 64 and all(_sane_param(v) for v in value)
+    if isinstance(value, dict):
+        return len(value) <= 64 and all(_sane_param(v) for v in value.values())
+    return False
 
 
 class TrainSpec(_Model):
@@ -612,7 +663,8 @@ class ScheduleSpec(_Model):
 class PipelineSpec(_Model):
     """A whole pipeline: data, ingest, preprocessing, model, training, evaluation, run settings."""
 
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="Pipeline name (letters, digits, `-_.`).")
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=MAX_NAME,
+                      description="Pipeline name (letters, digits, `-_.`; at most 100 characters).")
     data: DataSpec
     ingest: IngestSpec = IngestSpec()
     preprocess: list[Step] = Field(default_factory=list, description="Steps applied in order to every series.")
@@ -669,6 +721,8 @@ def format_errors(exc: ValidationError) -> list[str]:
         loc = _loc(tuple(err["loc"]))
         value = err.get("input")
         shown = json.dumps(value, default=str) if not isinstance(value, dict) or len(str(value)) < 120 else "{...}"
+        if len(shown) > 120:  # a 100,000-character value would fill the console (and take minutes to print)
+            shown = f"{shown[:80]}... ({len(shown):,} characters)"
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             msg = "unknown field" + _suggest(str(err["loc"][-1]))
@@ -747,21 +801,60 @@ def parse_spec(data: Any, *, base_dir: str | Path = ".", check_paths: bool = Tru
             problems.append(f"data.masks.table: file not found (received: {spec.data.masks.table!r})")
         if spec.data.marks and spec.data.marks.table and not Path(spec.data.marks.table).is_file():
             problems.append(f"data.marks.table: file not found (received: {spec.data.marks.table!r})")
+        unwritable = _unwritable(spec.data.store)
+        if unwritable:
+            problems.append(f"data.store: {unwritable} (received: {spec.data.store!r})")
         if problems:
             raise SpecError("invalid spec:\n  " + "\n  ".join(problems), problems)
     return spec
 
 
+def _unwritable(store: str) -> str | None:
+    """Why a local store cannot be written (the store, or the nearest folder above it that exists), or None."""
+    if "://" in store and not store.startswith("file://"):
+        return None
+    path = Path(store.removeprefix("file://")).expanduser()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    if not path.is_dir():
+        return f"{str(path)!r} is not a folder"
+    if not os.access(path, os.W_OK | os.X_OK):
+        return f"folder {str(path)!r} is not writable by this user (a read-only store cannot be ingested into)"
+    return None
+
+
 class _SpecLoader(yaml.SafeLoader):
-    """YAML without aliases: ``*name`` can build a loop (``x: &a [*a]``) or a billion-element
-    document from a kilobyte (nested aliases), and a spec has no use for either."""
+    """YAML without aliases, without duplicate keys and at most ``MAX_DEPTH`` levels deep.
+
+    ``*name`` can build a loop (``x: &a [*a]``) or a billion-element document from a kilobyte
+    (nested aliases); a key given twice silently loses its first value; 50,000 nested levels
+    exhaust the parser's recursion. A spec has no use for any of them."""
+
+    _depth = 0
 
     def compose_node(self, parent, index):
         if self.check_event(yaml.AliasEvent):
             event = self.peek_event()
             raise yaml.composer.ComposerError(None, None, f"YAML aliases (*{event.anchor}) are not accepted in a "
                                               "spec; write the value out", event.start_mark)
-        return super().compose_node(parent, index)
+        if self._depth >= MAX_DEPTH:
+            raise yaml.composer.ComposerError(None, None, f"the spec nests more than {MAX_DEPTH} levels deep; a "
+                                              "spec is a few levels of mappings and lists", self.peek_event().start_mark)
+        self._depth += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} is given twice; the second "
+                                                        "value would silently replace the first", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 def load_spec(path: str | Path, *, check_paths: bool = True) -> PipelineSpec:
@@ -788,7 +881,8 @@ def load_spec(path: str | Path, *, check_paths: bool = True) -> PipelineSpec:
     for field, value in (("data.source", spec.data.source), ("data.store", spec.data.store),
                          ("data.runs", spec.data.runs),
                          ("data.labels.path", spec.data.labels.path if spec.data.labels else None),
-                         ("data.masks.table", spec.data.masks.table if spec.data.masks else None)):
+                         ("data.masks.table", spec.data.masks.table if spec.data.masks else None),
+                         ("data.marks.table", spec.data.marks.table if spec.data.marks else None)):
         if value:
             check_allowed(value, field)
     return spec

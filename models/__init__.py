@@ -28,7 +28,12 @@ class ModelInfo:
     task: str
     ndim: int  # dimensions of one input: 1 (samples, leads: a waveform), 2 (H, W) or 3 (Z, Y, X)
     summary: str = ""
+    forwards: str = ""  # the builder that the target's ``**params`` go to, if it has them
 
+
+_UNET = "models.unet:build_unet"
+# set by the task kinds, not by model.params
+_NOT_PARAMS = {"input_shape", "ndim", "n_classes"}
 
 # Every builder takes ``input_shape`` (spatial dims + channels) and keyword parameters;
 # classifiers also take ``n_classes`` (2: one sigmoid unit; K > 2: K softmax units).
@@ -44,12 +49,12 @@ _REGISTRY: dict[str, ModelInfo] = {
     "lstm": ModelInfo("models.rnn:build_lstm", "signal", 1, "LSTM over the samples (bidirectional option)"),
     "cnn_gru": ModelInfo("models.rnn:build_cnn_gru", "signal", 1,
                          "1D CNN front end and a bidirectional GRU: the common ECG architecture"),
-    "unet2d": ModelInfo("models.unet:build_unet2d", "segmentation", 2, "2D U-Net on slices"),
-    "unet3d": ModelInfo("models.unet:build_unet3d", "segmentation", 3, "3D U-Net on volumes or patches"),
+    "unet2d": ModelInfo("models.unet:build_unet2d", "segmentation", 2, "2D U-Net on slices", _UNET),
+    "unet3d": ModelInfo("models.unet:build_unet3d", "segmentation", 3, "3D U-Net on volumes or patches", _UNET),
     "centernet3d": ModelInfo("models.detector:build_centernet3d", "detection", 3,
-                             "CenterNet-style heat map and size heads on a 3D U-Net"),
+                             "CenterNet-style heat map and size heads on a 3D U-Net", _UNET),
     "centernet2d": ModelInfo("models.detector:build_centernet2d", "detection2d", 2,
-                             "CenterNet-style heat map and box-size heads on a 2D U-Net"),
+                             "CenterNet-style heat map and box-size heads on a 2D U-Net", _UNET),
 }
 
 
@@ -73,6 +78,47 @@ def register(name: str, target: str, *, task: str, ndim: int, summary: str = "")
     if ndim not in (1, 2, 3):
         raise ValueError(f"Received ndim={ndim!r}, expected 1, 2 or 3 spatial dimensions.")
     _REGISTRY[name] = ModelInfo(target, task, ndim, summary)
+
+
+def params_of(name: str) -> set[str] | None:
+    """The keyword parameters ``model.params`` may give the builder of ``name``, read from the builders' source
+    (so checking a spec imports no Keras); None when they cannot be told (a builder registered from elsewhere
+    that takes ``**kwargs`` with no ``forwards``).
+
+    >>> sorted(params_of("seed_cnn"))
+    ['dense', 'dropout', 'filters']
+    >>> {"filters", "norm", "head"} <= params_of("centernet3d")
+    True
+    """
+    entry = info(name)
+    names, open_ended = _signature(entry.target)
+    if open_ended:
+        if not entry.forwards:
+            return None
+        more, open_ended = _signature(entry.forwards)
+        if open_ended:
+            return None
+        names |= more
+    return names - _NOT_PARAMS
+
+
+def _signature(target: str) -> tuple[set[str], bool]:
+    """The parameter names of ``module:function`` and whether it takes ``**kwargs``, by parsing its module."""
+    import ast
+    import importlib.util
+
+    module, func = target.split(":")
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.origin or not spec.origin.endswith(".py"):
+        return set(), True
+    with open(spec.origin, encoding="utf-8") as fh:
+        tree = ast.parse(fh.read())
+    for node in tree.body:
+        if isinstance(node, ast.FunctionDef) and node.name == func:
+            a = node.args
+            names = {x.arg for x in a.posonlyargs + a.args + a.kwonlyargs}
+            return names, a.kwarg is not None
+    return set(), True
 
 
 def get(name: str) -> Callable:

@@ -88,7 +88,8 @@ class Pseudonymizer:
         value = str(value or "").strip()
         if not value:
             return ""
-        mac = hmac.new(self._secret, f"{kind}\x00{value}".encode(), hashlib.sha256)
+        # surrogateescape: a file name that is not UTF-8 (os gives its bytes as surrogates) keys by its bytes
+        mac = hmac.new(self._secret, f"{kind}\x00{value}".encode("utf-8", "surrogateescape"), hashlib.sha256)
         return mac.hexdigest()[: self._length]
 
     def series_key(self, series_uid: str) -> str:

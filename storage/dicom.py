@@ -89,6 +89,10 @@ _SCAN_READ_TAGS = [Tag(keyword) for keyword in SCAN_READ_TAGS]
 _WALK_TAGS = frozenset(int(t) for t in [*_SCAN_READ_TAGS, Tag("SpecificCharacterSet")])
 
 
+OUTSIDE = ("symbolic link to outside the folders allowed for runs started through the API (medflow serve --allow): "
+           "not followed")
+
+
 def list_source(root: str | Path, problems: list[tuple[str, str]] | None = None) -> list[tuple[str, int, int]]:
     """Every regular file under ``root`` as ``(relative path, size, mtime_ns)``, sorted; hidden entries skipped.
 
@@ -99,6 +103,10 @@ def list_source(root: str | Path, problems: list[tuple[str, str]] | None = None)
     Raises:
         SourceError: ``root`` is missing or not a folder.
     """
+    from medflow.access import check_allowed, is_inside, restricted
+
+    check_allowed(root, "data.source")
+    confined = restricted()  # under medflow serve: a link may not lead out of the allowed folders
     root = Path(root)
     if not root.exists():
         raise SourceError(f"data.source {str(root)!r} does not exist")
@@ -122,6 +130,9 @@ def list_source(root: str | Path, problems: list[tuple[str, str]] | None = None)
                 continue
             relpath = prefix + entry.name
             try:
+                if confined and entry.is_symlink() and not is_inside(entry.path):
+                    problems.append((relpath, OUTSIDE))
+                    continue
                 if entry.is_dir():  # follows links: a linked folder is listed once, a loop is reported
                     identity = _identity(entry)
                     if identity in seen:
@@ -143,6 +154,18 @@ def list_source(root: str | Path, problems: list[tuple[str, str]] | None = None)
     out.sort()
     problems.sort()
     return out
+
+
+def printable_path(path):
+    """A path as text any file or console takes: bytes of a name that are not UTF-8 (given by ``os`` as
+    surrogates) shown as ``\\xNN``; other values unchanged.
+
+    >>> printable_path("a/bad" + bytes([0xff]).decode("utf-8", "surrogateescape") + "name.dcm")
+    'a/bad\\\\xffname.dcm'
+    """
+    if not isinstance(path, str):
+        return path
+    return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def _identity(entry) -> tuple[int, int]:
@@ -474,8 +497,11 @@ def _sr_record(path: Path, ds: ScanHeader, relpath: str, series_uid: str, pseudo
         return {"reason": str(exc)}
     if len(report["series"]) != 1:
         return {"reason": f"DICOM SR references {len(report['series'])} series (evidence sequences); expected 1"}
-    marks = [{k: v for k, v in m.items() if k != "sop_uid"} | ({"sop_key": pseudo.key(m["sop_uid"], kind="sop")}
-                                                               if "sop_uid" in m else {}) for m in report["marks"]]
+    # no UID in the scan index: an image region names its instance, a 3D region its frame of reference, by key
+    marks = [{k: v for k, v in m.items() if k not in ("sop_uid", "frame_of_reference")}
+             | ({"sop_key": pseudo.key(m["sop_uid"], kind="sop")} if "sop_uid" in m else {})
+             | ({"frame_key": pseudo.key(m["frame_of_reference"], kind="frame")} if m.get("frame_of_reference") else {})
+             for m in report["marks"]]
     return {
         "series_key": pseudo.series_key(series_uid),
         "marks_for": pseudo.series_key(report["series"][0]),

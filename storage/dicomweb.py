@@ -42,6 +42,10 @@ def make_client(source: str, *, retries: int = 3):
     """A DICOMweb client whose HTTP session retries connection faults and 5xx answers with backoff."""
     import requests
     from dicomweb_client.api import DICOMwebClient
+
+    from medflow.access import check_allowed
+
+    check_allowed(source, "data.source")  # under medflow serve: only hosts allowed with --allow-url
     from requests.adapters import HTTPAdapter
     from urllib3.util.retry import Retry
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,31 +35,73 @@ class ImageItem:
     label: str
 
 
+def _not_usable(path: str, confined: bool) -> str | None:
+    """Why the entry at ``path`` cannot be read as an image file, without opening it, or None: special files
+    (a FIFO would block the reader), dangling links, and, under ``medflow serve``, links leading out of the
+    allowed folders."""
+    from medflow.access import is_inside
+    from storage.dicom import OUTSIDE
+
+    try:
+        st = os.lstat(path)
+        if stat.S_ISLNK(st.st_mode):
+            if confined and not is_inside(path):
+                return OUTSIDE
+            st = os.stat(path)
+    except OSError as exc:
+        return ("symbolic link to nothing (dangling)" if isinstance(exc, FileNotFoundError)
+                else f"cannot be listed: {type(exc).__name__}: {os.strerror(exc.errno) if exc.errno else exc}")
+    if not stat.S_ISREG(st.st_mode):
+        kind = next((name for test, name in ((stat.S_ISFIFO, "FIFO"), (stat.S_ISSOCK, "socket"),
+                                             (stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device"),
+                                             (stat.S_ISDIR, "folder")) if test(st.st_mode)), "special file")
+        return f"not a regular file ({kind})"
+    return None
+
+
 def list_class_folders(root: str | Path) -> tuple[list[ImageItem], list[dict]]:
     """Images in ``root/<class>/...`` and quarantine rows for what cannot be used.
 
-    Files directly in ``root``, files that are not images by their suffix, and class folders
-    without an image are reported with the reason.
+    Files directly in ``root``, files that are not images by their suffix, entries that are not
+    regular files (FIFOs, sockets, devices: never opened) and class folders without an image are
+    reported with the reason.
     """
+    from medflow.access import check_allowed, is_inside, restricted
+    from storage.dicom import OUTSIDE
+
+    check_allowed(root, "data.source")
+    confined = restricted()
     root = Path(root)
     items, quarantine = [], []
     for entry in sorted(os.scandir(root), key=lambda e: e.name):
         if entry.name.startswith("."):
             continue
+        why = OUTSIDE if confined and entry.is_symlink() and not is_inside(entry.path) else None
+        if why:
+            quarantine.append({"path": entry.name, "stage": "scan", "reason": why})
+            continue
         if not entry.is_dir():
-            quarantine.append({"path": entry.name, "stage": "scan", "reason": "not in a class folder (images go in "
-                               "one subfolder per class)"})
+            why = _not_usable(entry.path, confined)
+            quarantine.append({"path": entry.name, "stage": "scan", "reason": why or "not in a class folder (images "
+                               "go in one subfolder per class)"})
             continue
         found = 0
         for dirpath, dirnames, filenames in os.walk(entry.path):
             dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            for name in [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]:
+                dirnames.remove(name)  # os.walk would pass over it in silence
+                quarantine.append({"path": os.path.relpath(os.path.join(dirpath, name), root) + "/", "stage": "scan",
+                                   "reason": "symbolic link to a folder inside a class folder: not followed"})
             for name in sorted(filenames):
                 if name.startswith("."):
                     continue
-                rel = os.path.relpath(os.path.join(dirpath, name), root)
-                if not name.lower().endswith(IMAGE_SUFFIXES):
-                    quarantine.append({"path": rel, "stage": "scan", "reason": "not an image file (expected "
-                                       + ", ".join(IMAGE_SUFFIXES) + ")"})
+                full = os.path.join(dirpath, name)
+                rel = os.path.relpath(full, root)
+                why = _not_usable(full, confined)
+                if why is None and not name.lower().endswith(IMAGE_SUFFIXES):
+                    why = "not an image file (expected " + ", ".join(IMAGE_SUFFIXES) + ")"
+                if why:
+                    quarantine.append({"path": rel, "stage": "scan", "reason": why})
                     continue
                 items.append(ImageItem(rel, entry.name))
                 found += 1
@@ -69,11 +112,20 @@ def list_class_folders(root: str | Path) -> tuple[list[ImageItem], list[dict]]:
 
 def list_csv(root: str | Path, table: str | Path, *, path_column: str, label_column: str
              ) -> tuple[list[ImageItem], list[dict]]:
-    """Images listed in a CSV (paths relative to ``root``) with their labels."""
+    """Images listed in a CSV (paths relative to ``root``) with their labels.
+
+    An entry must name a file inside ``root``: an absolute path or one that leads out of it (``..``, a
+    link; under ``medflow serve`` also a link out of the allowed folders) is quarantined without being
+    opened, as is a listed entry that is not a regular file."""
     import pandas as pd
 
+    from medflow.access import check_allowed, is_inside, restricted
     from medflow.splitting import label_text
 
+    check_allowed(root, "data.source")
+    check_allowed(table, "data.labels.path")
+    confined = restricted()
+    real_root = Path(root).resolve()
     df = pd.read_csv(table, dtype=str)
     for col in (path_column, label_column):
         if col not in df.columns:
@@ -82,13 +134,24 @@ def list_csv(root: str | Path, table: str | Path, *, path_column: str, label_col
     for rel, label in zip(df[path_column], df[label_column]):
         if not isinstance(rel, str) or not rel.strip():
             continue
-        if not isinstance(label, str) or not label.strip():
+        full = Path(root) / rel
+        if Path(rel).is_absolute() or not is_inside(full, [real_root]):
+            why = "listed in the labels CSV with a path outside data.source (paths are relative to data.source)"
+        else:
+            why = _not_usable(str(full), confined) if full.exists() or full.is_symlink() else \
+                "listed in the labels CSV but not found"
+            if why is None and confined and not is_inside(full):
+                why = OUTSIDE_ROOTS
+        if why:
+            quarantine.append({"path": rel, "stage": "scan", "reason": why})
+        elif not isinstance(label, str) or not label.strip():
             quarantine.append({"path": rel, "stage": "scan", "reason": "no label in the labels CSV"})
-        elif not (Path(root) / rel).is_file():
-            quarantine.append({"path": rel, "stage": "scan", "reason": "listed in the labels CSV but not found"})
         else:
             items.append(ImageItem(rel, label_text(label)))
     return items, quarantine
+
+
+OUTSIDE_ROOTS = "outside the folders allowed for runs started through the API (medflow serve --allow)"
 
 
 def read_image(path: str | Path, *, color: str = "quarantine") -> np.ndarray:
@@ -130,9 +193,17 @@ def read_image(path: str | Path, *, color: str = "quarantine") -> np.ndarray:
 
 
 def content_digest(path: str | Path) -> str:
-    """SHA-256 of a file's bytes."""
+    """SHA-256 of a file's bytes. Opened without blocking and checked to be a regular file (a FIFO swapped in
+    after the listing would otherwise hold the worker).
+
+    Raises:
+        ValueError: not a regular file.
+    """
     h = hashlib.sha256()
-    with open(path, "rb") as fh:
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    with open(fd, "rb") as fh:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ValueError("not a regular file")
         for block in iter(lambda: fh.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
@@ -153,9 +224,13 @@ def ingest_images(store_root: str, source: str, items: list[ImageItem], *, color
     pseudo = store.pseudonymizer()
     catalog = store.catalog()
     out = {"ingested": 0, "unchanged": 0, "quarantine": [], "keys": []}
+    from medflow.access import is_inside
+
     for item in items:
         path = Path(source) / item.relpath
         try:
+            if not is_inside(path):  # checked where it is opened: a link swapped in since the listing
+                raise ValueError(OUTSIDE_ROOTS)
             digest = content_digest(path)
             key = image_key(pseudo, digest)
             if key in catalog and catalog[key].get("label") == item.label:

@@ -149,6 +149,7 @@ def plan_series(
     nifti_masks: dict[str, tuple[str, int, int]] | None = None,
     csv_marks: dict[str, list[dict]] | None = None,
     csv_image_marks: dict[str, list[dict]] | None = None,
+    marks_table_problems: list[tuple[int, str]] | None = None,
 ) -> ScanResult:
     """Group scanned files into series and decide what to ingest.
 
@@ -162,6 +163,8 @@ def plan_series(
     the source is quarantined with its table line.
     """
     result = ScanResult(n_files=len(index))
+    result.quarantine.extend({"file": f"{MARKS_TABLE}#{line}", "stage": "scan", "reason": f"marks table line {line}: "
+                              f"{reason}"} for line, reason in marks_table_problems or [])
     groups: dict[str, list[str]] = defaultdict(list)
     segs: dict[str, list[str]] = defaultdict(list)
     srs: dict[str, list[str]] = defaultdict(list)
@@ -227,7 +230,7 @@ def plan_series(
         marks, marks_from = None, []
         if options.marks == "sr":
             marks_from = srs.get(key, [])
-            marks = _image_marks_to_files([m for f in marks_from for m in index[f]["marks"]], index, files)
+            marks = _image_marks_to_files(_sr_marks(index, marks_from), index, files)
         elif options.marks == "csv":
             marks, marks_from = (csv_marks or {}).get(key, []), ["marks table"]
         if marks:
@@ -247,7 +250,7 @@ def plan_series(
         marks: dict = {}
         if options.marks == "sr":  # an SR's regions on this image (a planar image is its own volume)
             srs_of = srs.get(index[copies[0]]["series_key"], [])
-            own = _image_marks_to_files([m for f in srs_of for m in index[f]["marks"]
+            own = _image_marks_to_files([m for m in _sr_marks(index, srs_of)
                                          if m.get("sop_key") == index[copies[0]]["sop_key"]], index, copies[:1])
             marks = {"marks": own, "marks_from": srs_of}
         elif options.marks == "csv" and csv_image_marks is not None:
@@ -269,19 +272,39 @@ def plan_series(
                                           memory=estimate_memory(index, copies[:1]),
                                           repeats=[copies] if len(copies) > 1 else [], **marks))
     lost = sorted(m["line"] for sop, boxes in (csv_image_marks or {}).items() if sop not in boxed for m in boxes)
-    if lost:
-        result.quarantine.append({"path": "marks table", "stage": "ingest-marks", "reason": (
-            f"{len(lost)} box(es) reference an image that is not a planar image of the ingested modalities in the "
-            f"source (table lines {', '.join(map(str, lost[:20]))}{' ...' if len(lost) > 20 else ''})")})
+    result.quarantine.extend({"file": f"{MARKS_TABLE}#{line}", "stage": "ingest-marks", "reason": (
+        f"marks table line {line}: the box references an image that is not a planar image of the ingested "
+        "modalities in the source")} for line in lost)
     return result
 
 
-def read_marks_table(table: str, pseudo: Pseudonymizer) -> dict[str, dict[str, list[dict]]]:
+def _sr_marks(index: dict[str, dict], srs: list[str]) -> list[dict]:
+    """The marks of SR files, each with ``at``: its SR file and region number (for its own quarantine row)."""
+    return [{**m, "at": [f, i]} for f in srs for i, m in enumerate(index[f]["marks"], start=1)]
+
+
+def read_marks_table(table: str, pseudo: Pseudonymizer) -> dict:
     """A marks CSV as ``plan_series`` keyword arguments: LUNA16-style centres by series key (``csv_marks``) or
-    boxes on planar images by instance key (``csv_image_marks``), told apart by the table's columns."""
+    boxes on planar images by instance key (``csv_image_marks``), told apart by the table's columns, and the
+    rows that cannot be used (``marks_table_problems``: ``(line, reason)``, each quarantined)."""
     if is_box_table(table):
-        return {"csv_image_marks": {pseudo.key(uid, kind="sop"): m for uid, m in read_boxes_csv(table).items()}}
-    return {"csv_marks": {pseudo.series_key(uid): m for uid, m in read_marks_csv(table).items()}}
+        boxes, bad = read_boxes_csv(table)
+        return {"csv_image_marks": {pseudo.key(uid, kind="sop"): m for uid, m in boxes.items()},
+                "marks_table_problems": bad}
+    centres, bad = read_marks_csv(table)
+    return {"csv_marks": {pseudo.series_key(uid): m for uid, m in centres.items()}, "marks_table_problems": bad}
+
+
+MARKS_TABLE = "marks table"
+
+
+def mark_row_file(at: list | None, path_key) -> str:
+    """The quarantine ``file`` of one refused lesion mark: its SR file's path key and region number, or the marks
+    table and its line (``"marks table#12"``). One row per mark: the table's name and folders are not kept."""
+    if not at:
+        return MARKS_TABLE
+    source, number = at
+    return f"{path_key(source) if source else MARKS_TABLE}#{number}"
 
 
 def _image_marks_to_files(marks: list[dict], index: dict[str, dict], files: list[str]) -> list[dict]:
@@ -346,12 +369,12 @@ def _ingest_series(store_root: str, source: str, plan: SeriesPlan, options: Inge
     def summary(shapes: list[list[int]]) -> dict:
         # every file is accounted for: a copy shares its kept file's fate; a series not stored
         # quarantines each of its files that has no row yet
-        recorded = {r["path"]: r["reason"] for r in rows}
+        recorded = {r["path"]: r["reason"] for r in rows if "path" in r}
         for copy, kept in copies.items():
             if kept in recorded and copy not in recorded:
                 reject(recorded[kept], [copy])
         if not shapes:
-            recorded = {r["path"] for r in rows}
+            recorded = {r.get("path") for r in rows}
             reason = rows[-1]["reason"] if rows else "no readable image in the series"
             reject(reason, [f for f in plan.files if f not in recorded])
         return {"series_key": key, "status": "ingested" if shapes else "quarantined", "parts": len(shapes),
@@ -404,7 +427,7 @@ def _ingest_series(store_root: str, source: str, plan: SeriesPlan, options: Inge
             if belongs_to_run(exc):
                 raise
             if isinstance(exc, InvalidSeriesError):  # e.g. a multi-frame or colour image: the series goes
-                recorded = {r["path"] for r in rows}
+                recorded = {r.get("path") for r in rows}
                 reject(str(exc), [f for f in plan.files if f not in recorded])
                 return summary([])
             reject(reason_for(exc) if isinstance(exc, IngestError) else f"invalid header value: {reason_for(exc)}",
@@ -673,12 +696,18 @@ class _StackWriter:
         frames = Counter(s.relpath for s in slices)  # a multi-frame file gives several slices
         by_file = {s.relpath: (s.ds if frames[s.relpath] == 1 else None) for s in slices}
         marks = resolve_image_marks(self.plan.marks, by_file, planar=planar)
-        placed, reasons = place_marks(marks, shape=shape, spacing=entry["spacing"], origin=entry["origin"],
+        frame = str(slices[0].ds.get("FrameOfReferenceUID", "") or "") if slices and not planar else ""
+        frame_key = self.store.pseudonymizer().key(frame, kind="frame") if frame else ""
+        for mark in marks:  # a 3D region in another frame of reference has no place on this volume
+            if mark.get("frame_key") and frame_key and mark["frame_key"] != frame_key and not mark.get("reason"):
+                mark["reason"] = ("its frame of reference (ReferencedFrameOfReferenceUID) is not the series' "
+                                  "FrameOfReferenceUID: its coordinates are in another space")
+        placed, refused = place_marks(marks, shape=shape, spacing=entry["spacing"], origin=entry["origin"],
                                       direction=entry["direction"])
         entry["marks"] = placed
-        where = self.plan.marks_from[0] if len(self.plan.marks_from) == 1 else "lesion marks"
-        self.quarantine.extend({"path": where, "reason": reason, "stage": "ingest-marks",
-                                "series_key": self.plan.series_key, "digest": self.plan.digest} for reason in reasons)
+        self.quarantine.extend({"file": mark_row_file(at, self.store.path_key), "reason": reason,
+                                "stage": "ingest-marks", "series_key": self.plan.series_key,
+                                "digest": self.plan.digest} for at, reason in refused)
 
     def _mask_name(self, path: str) -> str:
         # a NIfTI path is the user's own file; keep only its name (folders may carry identifiers)
@@ -935,7 +964,17 @@ def with_paths(rows: list[dict], store: Store, source: str) -> list[dict]:
         dirs[:] = [d for d in dirs if not d.startswith(".")]
         paths += [os.path.relpath(os.path.join(folder, d), source) + "/" for d in dirs]
     by_key = {store.path_key(p): p for p in paths}
-    return [{**row, "path": by_key.get(row.get("file"))} for row in rows]
+    return [{**row, "path": _row_path(row.get("file"), by_key)} for row in rows]
+
+
+def _row_path(file: str | None, by_key: dict[str, str]) -> str | None:
+    """The path of a quarantine row's file key; a lesion mark's row (``key#region``, ``marks table#line``) gives
+    its SR file's path or the table with the region or line."""
+    if file in by_key or not file or "#" not in file:
+        return by_key.get(file)
+    base, number = file.rsplit("#", 1)
+    source = MARKS_TABLE if base == MARKS_TABLE else by_key.get(base)
+    return f"{source}#{number}" if source else None
 
 
 __all__ = [

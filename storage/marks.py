@@ -68,23 +68,26 @@ def to_patient(index_zyx, spacing, origin, direction) -> np.ndarray:
     return affine[:3, :3] @ np.asarray(index_zyx, dtype=float) + affine[:3, 3]
 
 
-def place_marks(marks: list[dict], *, shape, spacing, origin, direction) -> tuple[list[dict], list[str]]:
-    """Marks on a stored volume's grid: ``(placed, reasons)``.
+def place_marks(marks: list[dict], *, shape, spacing, origin, direction
+                ) -> tuple[list[dict], list[tuple[list | None, str]]]:
+    """Marks on a stored volume's grid: ``(placed, refused)``.
 
     Each placed mark has ``zyx`` (array index, floats), ``diameter_mm`` and the source's
     ``score`` if any. A mark whose centre lies outside the volume (beyond half a voxel of the
-    first or last index) is not placed; its reason is returned instead.
+    first or last index), or that carries a ``reason``, is not placed: it is in ``refused`` as
+    ``(its "at": where it came from, or None; the reason)``, one entry per mark.
     """
-    placed, reasons = [], []
+    placed, refused = [], []
     for i, mark in enumerate(marks):
+        at = mark.get("at")
         if mark.get("reason"):
-            reasons.append(f"lesion mark {i + 1}: {mark['reason']}")
+            refused.append((at, f"lesion mark {i + 1}: {mark['reason']}"))
             continue
         zyx = (np.asarray(mark["zyx"], dtype=float) if "zyx" in mark
                else to_voxel((mark["x"], mark["y"], mark["z"]), spacing, origin, direction))
         if not np.isfinite(zyx).all() or np.any(zyx < -0.5) or np.any(zyx > np.asarray(shape) - 0.5):
-            reasons.append(f"lesion mark {i + 1} (diameter {mark.get('diameter_mm', 0):.1f} mm) lies outside its "
-                           f"series: voxel index (z, y, x) {np.round(zyx, 1).tolist()} of a {list(shape)} volume")
+            refused.append((at, f"lesion mark {i + 1} (diameter {mark.get('diameter_mm', 0):.1f} mm) lies outside "
+                            f"its series: voxel index (z, y, x) {np.round(zyx, 1).tolist()} of a {list(shape)} volume"))
             continue
         out = {"zyx": [float(v) for v in zyx], "diameter_mm": float(mark.get("diameter_mm") or 0.0)}
         if mark.get("box") is not None:  # clipped to the image (a box may reach past its edge)
@@ -95,7 +98,7 @@ def place_marks(marks: list[dict], *, shape, spacing, origin, direction) -> tupl
         if mark.get("score") is not None:
             out["score"] = float(mark["score"])
         placed.append(out)
-    return placed, reasons
+    return placed, refused
 
 
 def resolve_image_marks(marks: list[dict], slices: dict[str, object | None], *, planar: bool = False) -> list[dict]:
@@ -109,12 +112,13 @@ def resolve_image_marks(marks: list[dict], slices: dict[str, object | None], *, 
         if "sop_key" not in mark:
             out.append(mark)
             continue
+        at = {"at": mark["at"]} if "at" in mark else {}
         ds = slices.get(mark.get("file"))
         if ds is None:
             why = ("its image region is on a frame of a multi-frame image, which is not read; give 3D coordinates"
                    if mark.get("file") in slices else
                    "its image region references an instance that is not in this series (or part)")
-            out.append({"reason": why, "diameter_mm": mark.get("diameter_mm") or 0.0})
+            out.append({"reason": why, "diameter_mm": mark.get("diameter_mm") or 0.0} | at)
             continue
         spacing = [float(v) for v in ds.get("PixelSpacing") or ds.get("ImagerPixelSpacing") or (1.0, 1.0)]
         diameter = mark["diameter_mm"]
@@ -122,12 +126,12 @@ def resolve_image_marks(marks: list[dict], slices: dict[str, object | None], *, 
             _, diameter = _region_mark(np.asarray(mark["points"], dtype=float) * spacing, mark["shape"], dims=2)
         if planar or "ImagePositionPatient" not in ds:
             out.append({"zyx": [0.0, mark["row"], mark["col"]], "diameter_mm": diameter}
-                       | ({"box": mark["box"]} if mark.get("box") else {}))
+                       | ({"box": mark["box"]} if mark.get("box") else {}) | at)
             continue
         iop = np.asarray(ds.ImageOrientationPatient, dtype=float)
         point = (np.asarray(ds.ImagePositionPatient, dtype=float) + mark["col"] * spacing[1] * iop[:3]
                  + mark["row"] * spacing[0] * iop[3:])
-        out.append({"x": float(point[0]), "y": float(point[1]), "z": float(point[2]), "diameter_mm": diameter})
+        out.append({"x": float(point[0]), "y": float(point[1]), "z": float(point[2]), "diameter_mm": diameter} | at)
     return out
 
 
@@ -194,7 +198,8 @@ def read_sr(path: str | Path) -> dict:
         for region in regions:
             if isinstance(region, hd.sr.Scoord3DContentItem):
                 centre, extent = _region_mark(region.value, str(region.graphic_type.value))
-                mark = {"x": float(centre[0]), "y": float(centre[1]), "z": float(centre[2]), "diameter_mm": extent}
+                mark = {"x": float(centre[0]), "y": float(centre[1]), "z": float(centre[2]), "diameter_mm": extent,
+                        "frame_of_reference": str(region.get("ReferencedFrameOfReferenceUID", "") or "")}
             elif isinstance(region, hd.sr.ScoordContentItem):
                 refs = [r for item in region.get("ContentSequence", [])
                         for r in item.get("ReferencedSOPSequence", [])]
@@ -221,72 +226,92 @@ def read_sr(path: str | Path) -> dict:
 
 
 # ----------------------------------------------------------------- CSV in
-def read_marks_csv(table: str | Path, *, columns: dict[str, str] | None = None) -> dict[str, list[dict]]:
+def read_marks_csv(table: str | Path, *, columns: dict[str, str] | None = None
+                   ) -> tuple[dict[str, list[dict]], list[tuple[int, str]]]:
     """SeriesInstanceUID -> marks, from a CSV with one row per lesion (LUNA16's ``annotations.csv`` layout:
-    ``seriesuid, coordX, coordY, coordZ, diameter_mm``, patient coordinates in mm).
+    ``seriesuid, coordX, coordY, coordZ, diameter_mm``, patient coordinates in mm), and the rows that cannot be
+    used as ``(line, reason)``: every bad row is named, the good rows go on. Each mark's ``at`` is
+    ``[None, line]``.
 
     Raises:
-        ValueError: a column is missing or a value is not a finite number (with its row).
+        ValueError: a column is missing (the table as a whole cannot be read).
     """
     cols = {**CSV_COLUMNS, **(columns or {})}
     out: dict[str, list[dict]] = {}
-    with open(table, newline="", encoding="utf-8-sig") as fh:
+    bad: list[tuple[int, str]] = []
+    with open(table, newline="", encoding="utf-8-sig", errors="replace") as fh:
         reader = csv.DictReader(fh)
         missing = [c for c in cols.values() if c not in (reader.fieldnames or [])]
         if missing:
             raise ValueError(f"marks table {Path(table).name!r} has no column(s) {missing}; its columns are "
                              f"{reader.fieldnames}")
-        for line, row in enumerate(reader, start=2):
+        for line, row in _rows(reader):
             try:
                 values = {k: float(row[cols[k]]) for k in ("x", "y", "z", "diameter")}
             except (TypeError, ValueError):
-                raise ValueError(f"marks table {Path(table).name!r} line {line}: x, y, z and diameter must be "
-                                 "numbers") from None
+                bad.append((line, "x, y, z and diameter must be numbers"))
+                continue
+            key = (row[cols["key"]] or "").strip()
             if not all(np.isfinite(v) for v in values.values()) or values["diameter"] < 0:
-                raise ValueError(f"marks table {Path(table).name!r} line {line}: coordinates must be finite and "
-                                 "the diameter at least 0")
-            out.setdefault(row[cols["key"]].strip(), []).append(
-                {"x": values["x"], "y": values["y"], "z": values["z"], "diameter_mm": values["diameter"]})
-    return out
+                bad.append((line, "coordinates must be finite and the diameter at least 0"))
+            elif not key:
+                bad.append((line, f"no {cols['key']}"))
+            else:
+                out.setdefault(key, []).append({"x": values["x"], "y": values["y"], "z": values["z"],
+                                                "diameter_mm": values["diameter"], "at": [None, line]})
+    return out, bad
+
+
+def _rows(reader: csv.DictReader):
+    """``(line number, row)`` of a CSV's data rows (the header is line 1; a quoted newline counts once)."""
+    for row in reader:
+        yield reader.line_num, row
 
 
 def is_box_table(table: str | Path) -> bool:
     """Whether a marks CSV holds boxes on images (``BOX_COLUMNS``) rather than LUNA16-style centres."""
-    with open(table, newline="", encoding="utf-8-sig") as fh:
+    with open(table, newline="", encoding="utf-8-sig", errors="replace") as fh:
         header = next(csv.reader(fh), [])
     return all(c in header for c in BOX_COLUMNS)
 
 
-def read_boxes_csv(table: str | Path) -> dict[str, list[dict]]:
+def read_boxes_csv(table: str | Path) -> tuple[dict[str, list[dict]], list[tuple[int, str]]]:
     """SOPInstanceUID -> box marks, from a CSV with one row per box (``SOPInstanceUID, x0, y0, x1, y1`` in
-    pixels, the top left corner of the top left pixel at 0, 0; an image with no row has no lesion). Each mark is
-    an image mark (``row``, ``col`` of its centre, ``box`` ``[r0, c0, r1, c1]`` in the index convention of the
-    marks, ``line`` of the table).
+    pixels, the top left corner of the top left pixel at 0, 0; an image with no row has no lesion), and the rows
+    that cannot be used as ``(line, reason)``. Each mark is an image mark (``row``, ``col`` of its centre,
+    ``box`` ``[r0, c0, r1, c1]`` in the index convention of the marks, ``line`` and ``at`` ``[None, line]``).
 
     Raises:
-        ValueError: a column is missing, a value is not a finite number, or a box is empty (with its line).
+        ValueError: a column is missing (the table as a whole cannot be read).
     """
     name = Path(table).name
     out: dict[str, list[dict]] = {}
-    with open(table, newline="", encoding="utf-8-sig") as fh:
+    bad: list[tuple[int, str]] = []
+    with open(table, newline="", encoding="utf-8-sig", errors="replace") as fh:
         reader = csv.DictReader(fh)
         missing = [c for c in BOX_COLUMNS if c not in (reader.fieldnames or [])]
         if missing:
             raise ValueError(f"boxes table {name!r} has no column(s) {missing}; its columns are {reader.fieldnames}")
-        for line, row in enumerate(reader, start=2):
+        for line, row in _rows(reader):
             try:
                 x0, y0, x1, y1 = (float(row[c]) for c in BOX_COLUMNS[1:])
             except (TypeError, ValueError):
-                raise ValueError(f"boxes table {name!r} line {line}: x0, y0, x1 and y1 must be numbers") from None
+                bad.append((line, "x0, y0, x1 and y1 must be numbers"))
+                continue
+            uid = (row["SOPInstanceUID"] or "").strip()
             if not all(np.isfinite([x0, y0, x1, y1])) or x1 <= x0 or y1 <= y0:
-                raise ValueError(f"boxes table {name!r} line {line}: a box needs finite corners with x1 > x0 and "
-                                 f"y1 > y0 (received {x0:g}, {y0:g}, {x1:g}, {y1:g})")
+                bad.append((line, f"a box needs finite corners with x1 > x0 and y1 > y0 (received {x0:g}, {y0:g}, "
+                            f"{x1:g}, {y1:g})"))
+                continue
+            if not uid:
+                bad.append((line, "no SOPInstanceUID"))
+                continue
             box = [y0 - 0.5, x0 - 0.5, y1 - 0.5, x1 - 0.5]
-            out.setdefault(row["SOPInstanceUID"].strip(), []).append(
+            out.setdefault(uid, []).append(
                 {"row": (box[0] + box[2]) / 2, "col": (box[1] + box[3]) / 2, "box": box, "shape": "POLYGON",
                  "points": [box[:2], [box[0], box[3]], box[2:], [box[2], box[1]]], "diameter_mm": None,
-                 "line": line})
-    return out
+                 "line": line, "at": [None, line]})
+    return out, bad
 
 
 # ----------------------------------------------------------------- SR out

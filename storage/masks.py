@@ -59,13 +59,24 @@ def read_seg(path: str | Path) -> tuple[np.ndarray, np.ndarray, str | None]:
 
 def read_nifti(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     """A NIfTI label image as ``(label array, affine to LPS)``; nibabel's RAS affine is flipped to LPS."""
+    import stat
+
     import nibabel as nib
 
+    from medflow.access import is_inside
+
+    if not is_inside(path):  # under medflow serve: a mask table may not name files outside the allowed folders
+        raise MaskError("NIfTI mask outside the folders allowed for runs started through the API (medflow serve "
+                        "--allow)")
     try:
+        if not stat.S_ISREG(Path(path).stat().st_mode):
+            raise MaskError("NIfTI mask is not a regular file")
         img = nib.load(str(path))
         array = np.asanyarray(img.dataobj)
     except FileNotFoundError:
         raise MaskError(f"NIfTI mask not found: {path}") from None
+    except MaskError:
+        raise
     except Exception as exc:
         raise MaskError(f"NIfTI mask cannot be read: {type(exc).__name__}: {exc}") from exc
     array = np.squeeze(array)

@@ -125,7 +125,10 @@ class Store:
     """
 
     def __init__(self, root: str | Path, *, create: bool = True):
+        from medflow.access import check_allowed
+
         root = str(root)
+        check_allowed(root, "data.store")  # under medflow serve: where the store is opened, not only in the spec
         self.remote = "://" in root and not root.startswith("file://")
         if self.remote:
             self.fs, _ = fsspec.core.url_to_fs(root)

@@ -4,19 +4,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pandas as pd
 from prefect import task
 
 from medflow import kinds
 from medflow.tracking import log_evaluation
 from storage.store import Store
+from medflow.tables import read_csv
 
 
 @task(name="evaluate_model")
 def evaluate_model_task(spec, run_dir: str, prep_key: str, split_csv: str, model_path: str) -> dict:
     """Predict, choose on validation, score the test split; writes ``predictions.csv`` (pseudonymous keys)
     and ``metrics.json`` into the run folder."""
-    cases = pd.read_csv(split_csv, dtype={"label_name": str})
+    cases = read_csv(split_csv, dtype={"label_name": str})
     result = kinds.get(spec.model.task).evaluate(spec, Store(spec.data.store), prep_key, cases, model_path,
                                                  Path(run_dir))
     log_evaluation(run_dir, result, spec_name=spec.name)

@@ -68,6 +68,11 @@ def scan_source_task(source: str, store_root: str, options: IngestOptions, nifti
         log.info("masks: %d series have a NIfTI mask in the table", len(nifti_masks))
     marks = read_marks_table(options.marks_table, pseudo) if options.marks == "csv" else {}
     for what, by_key in marks.items():
+        if what == "marks_table_problems":
+            if by_key:
+                log.warning("marks: %d row(s) of the marks table cannot be used (quarantined with their lines)",
+                            len(by_key))
+            continue
         log.info("marks: %d %s on %d %s in the marks table", sum(map(len, by_key.values())),
                  "box(es)" if what == "csv_image_marks" else "lesion(s)", len(by_key),
                  "image(s)" if what == "csv_image_marks" else "series")
@@ -156,8 +161,8 @@ def record_quarantine_task(store_root: str, scan: ScanResult, results: list[dict
         rows.extend(res["quarantine"])
     if merge:
         touched_keys = {p.series_key for p in scan.todo}
-        touched_files = {store.path_key(r["path"]) for r in rows} | {store.path_key(f) for p in scan.todo
-                                                                    for f in p.files}
+        touched_files = ({store.path_key(r["path"]) if "path" in r else r["file"] for r in rows}
+                         | {store.path_key(f) for p in scan.todo for f in p.files})
         rows += [r for r in store.quarantine()
                  if r.get("series_key") not in touched_keys and r["file"] not in touched_files]
     store.write_quarantine(rows)
@@ -234,19 +239,21 @@ def quarantine_paths_task(store_root: str, source: str, out: str) -> str:
 
     The store names files by path key only; this file is where a user finds them. It is
     identifying (file and folder names carry UIDs and names): never a Prefect artifact."""
-    import io
     from pathlib import Path
 
     import pandas as pd
 
     from medflow.runs import write_text_atomic
+    from medflow.tables import to_csv
+    from storage.dicom import printable_path
     from storage.ingest import with_paths
 
     store = Store(store_root)
     rows = with_paths(store.quarantine(), store, source)
     table = pd.DataFrame(rows, columns=["path", "reason", "stage", "series_key", "file"])
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    buf = io.StringIO()
-    table.to_csv(buf, index=False)
-    write_text_atomic(out, buf.getvalue())
+    table["path"] = table["path"].map(printable_path)
+    folder = Path(out).parent
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    folder.chmod(0o700)  # the paths are identifying: this user's eyes only
+    write_text_atomic(out, to_csv(table), mode=0o600)
     return out

@@ -8,7 +8,6 @@ import time
 from importlib import metadata
 from pathlib import Path
 
-import pandas as pd
 from prefect import task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 from prefect.logging import get_run_logger
@@ -19,6 +18,7 @@ from medflow.report_server import report_link
 from medflow.reporting import build_context, markdown_summary, qc_summary, quarantine_summary, render_html
 from medflow.runs import read_metrics, write_text_atomic
 from storage.store import Store
+from medflow.tables import read_csv
 
 PACKAGES = ("medflow", "prefect", "keras", "tensorflow-cpu", "tensorflow", "dask", "distributed", "zarr",
             "pydicom", "scikit-image", "scikit-learn", "numpy")
@@ -53,7 +53,7 @@ def render_report_task(spec, run_dir: str, prep_key: str, stage_seconds: dict[st
     run_dir = Path(run_dir)
     store = Store(spec.data.store)
     catalog = store.catalog()
-    preds = pd.read_csv(run_dir / "predictions.csv", dtype={"label_name": str, "prediction_name": str})
+    preds = read_csv(run_dir / "predictions.csv", dtype={"label_name": str, "prediction_name": str})
     evaluation = read_metrics(run_dir / "metrics.json")
     training = json.loads((run_dir / "training.json").read_text())
     quarantine = store.quarantine()

@@ -11,10 +11,11 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.logging import get_run_logger
 
 from medflow import kinds
-from medflow.runs import write_json_atomic, write_text_atomic
+from medflow.runs import write_json_atomic
 from medflow.splitting import patient_folds, patient_split
 from medflow.subgroups import subgroup_columns
 from storage.store import Store
+from medflow.tables import read_csv, write_csv_atomic
 
 
 @task(name="split_cohort")
@@ -37,7 +38,7 @@ def split_cohort_task(spec, run_dir: str) -> str:
     if order is not None:  # rows (and so the training order) by content, not by the store's pseudonyms
         df = df.iloc[np.argsort(order.to_numpy(), kind="stable")].reset_index(drop=True)
     path = Path(run_dir) / "split.csv"
-    write_text_atomic(path, df.to_csv(index=False))
+    write_csv_atomic(path, df)
     for name, part in df.groupby("split"):
         counts = part["label_name"].value_counts().to_dict()
         log.info("split %s: %d series, %d patients; %s", name, len(part), part["patient_key"].nunique(),
@@ -75,7 +76,7 @@ def train_model_task(spec, run_dir: str, prep_key: str, split_csv: str) -> dict:
         update_progress_artifact(progress, 100.0 * epoch / total,
                                  description=f"epoch {epoch}/{total}, val_loss {logs.get('val_loss', float('nan')):.4f}")
 
-    cases = pd.read_csv(split_csv, dtype={"label_name": str})
+    cases = read_csv(split_csv, dtype={"label_name": str})
     result = kinds.get(spec.model.task).train(spec, Store(spec.data.store), prep_key, cases, Path(run_dir), on_epoch)
     log.info("trained %d epochs in %.1f s on %s; best epoch %s", result["epochs_run"], result["seconds"],
              result["device"], result["best_epoch"])
@@ -106,7 +107,7 @@ def train_fold_task(spec, run_dir: str, prep_key: str, split_csv: str, fold: int
         update_progress_artifact(progress, 100.0 * epoch / total, description=f"fold {fold}/{folds}: epoch "
                                  f"{epoch}/{total}, val_loss {logs.get('val_loss', float('nan')):.4f}")
 
-    cases = fold_cases(pd.read_csv(split_csv, dtype={"label_name": str}), fold)
+    cases = fold_cases(read_csv(split_csv, dtype={"label_name": str}), fold)
     fold_dir = Path(run_dir) / "folds" / str(fold)
     fold_dir.mkdir(parents=True, exist_ok=True)
     result = kinds.get(spec.model.task).train(spec, Store(spec.data.store), prep_key, cases, fold_dir, on_epoch)

@@ -126,6 +126,8 @@ def fuzz_source(folder: Path, pydicom_files: Path, *, n: int = 300, seed: int = 
     os.symlink(special / "nowhere.dcm", special / "dangling.dcm")
     os.mkfifo(special / "pipe.dcm")
     (special / "folder.dcm").mkdir()
+    with open(os.fsencode(special) + b"/bad\xffname.dcm", "wb") as fh:  # a name that is not UTF-8
+        fh.write(blobs[originals[0]])
     locked = special / "locked"
     locked.mkdir()
     shutil.copy(originals[0], locked / "hidden.dcm")

@@ -19,6 +19,7 @@ import pandas as pd
 
 from medflow.kinds.base import TaskKind
 from medflow.runs import is_interval, save_npz_atomic, write_json_atomic
+from medflow.tables import write_csv_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -118,7 +119,6 @@ class Classification(TaskKind):
         """Predict every split; choose the threshold (binary) on validation; score the test split, with
         bootstrap intervals, beside the declared baseline; Grad-CAM for a few test cases."""
         from medflow.metrics import classification_warnings
-        from medflow.runs import write_text_atomic
         from models.training import predict
 
         run_dir = Path(run_dir)
@@ -158,7 +158,7 @@ class Classification(TaskKind):
             f = result["folds"]
             logger.info("%d folds: test AUC %.3f ± %.3f (mean ± SD of the fold models); the ensemble's %.3f",
                         len(f["per_fold"]), f["test_auc_mean"], f["test_auc_sd"], result["test"]["auc"])
-        write_text_atomic(run_dir / "predictions.csv", df.to_csv(index=False))
+        write_csv_atomic(run_dir / "predictions.csv", df)
         result["explanation"] = self.explain(model_path, loader, df, run_dir)
         write_json_atomic(run_dir / "metrics.json", result)
         logger.info("test: %s", self.result_line(result))

@@ -17,7 +17,8 @@ import numpy as np
 import pandas as pd
 
 from medflow.kinds.base import TaskKind
-from medflow.runs import write_json_atomic, write_text_atomic
+from medflow.runs import write_json_atomic
+from medflow.tables import write_csv_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -242,8 +243,8 @@ class Detection(TaskKind):
         per_case, missed = _cases(part, model_scans, threshold)
         result["operating"] = _operating(per_case, threshold)
         result["missed"] = missed
-        write_text_atomic(run_dir / "predictions.csv", per_case.to_csv(index=False))
-        write_text_atomic(run_dir / "detections.csv", pd.DataFrame(det_rows).to_csv(index=False))
+        write_csv_atomic(run_dir / "predictions.csv", per_case)
+        write_csv_atomic(run_dir / "detections.csv", pd.DataFrame(det_rows))
         _save_examples(run_dir, per_case, slices, model_scans["test"], store, steps, prep_key)
         write_json_atomic(run_dir / "metrics.json", result)
         t = result["test"]
@@ -321,8 +322,8 @@ class Detection(TaskKind):
                           "diameter_mm": round(d["diameter_mm"], 2), "score": round(d["score"], 4)} for d in dets]
             logger.info("predict %s: %d detection(s) at or above %.3f", key, len(dets), threshold)
             rows.append(row)
-        write_text_atomic(output / "detections.csv", pd.DataFrame(
-            det_rows, columns=["series_key", "x_mm", "y_mm", "z_mm", "diameter_mm", "score"]).to_csv(index=False))
+        write_csv_atomic(output / "detections.csv", pd.DataFrame(
+            det_rows, columns=["series_key", "x_mm", "y_mm", "z_mm", "diameter_mm", "score"]))
         return rows
 
     def predict_table_columns(self) -> tuple[str, ...]:

@@ -21,7 +21,8 @@ from medflow.boxes import AP_METRICS
 from medflow.kinds.base import TaskKind
 from medflow.kinds.detection import (NO_DETECTION, _ci_text, _trace, detection_context, to_model_grid,
                                      to_source_grid)
-from medflow.runs import write_json_atomic, write_text_atomic
+from medflow.runs import write_json_atomic
+from medflow.tables import write_csv_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -205,8 +206,8 @@ class Detection2D(TaskKind):
                               "hit": int(hj >= 0)} for d, hj in zip(ordered, h)]
         per_case = pd.DataFrame(per_case)
         result["missed"] = missed
-        write_text_atomic(run_dir / "predictions.csv", per_case.to_csv(index=False))
-        write_text_atomic(run_dir / "detections.csv", pd.DataFrame(det_rows).to_csv(index=False))
+        write_csv_atomic(run_dir / "predictions.csv", per_case)
+        write_csv_atomic(run_dir / "detections.csv", pd.DataFrame(det_rows))
         _save_examples(run_dir, per_case, images_of, found, store, steps, threshold)
         write_json_atomic(run_dir / "metrics.json", result)
         t, o = result["test"], result["operating"]
@@ -284,8 +285,8 @@ class Detection2D(TaskKind):
                          for b, d in zip(boxes, dets)]
             logger.info("predict %s: %d box(es) at or above %.3f", key, len(dets), threshold)
             rows.append(row)
-        write_text_atomic(output / "detections.csv", pd.DataFrame(
-            det_rows, columns=["series_key", "x0", "y0", "x1", "y1", "score"]).to_csv(index=False))
+        write_csv_atomic(output / "detections.csv", pd.DataFrame(
+            det_rows, columns=["series_key", "x0", "y0", "x1", "y1", "score"]))
         return rows
 
     def predict_table_columns(self) -> tuple[str, ...]:

@@ -12,6 +12,7 @@ import pandas as pd
 
 from medflow.kinds.base import TaskKind
 from medflow.runs import save_npz_atomic, write_json_atomic
+from medflow.tables import write_csv_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -169,9 +170,8 @@ class Segmentation(TaskKind):
             if split == "test":
                 result["ci"] = part["ci"]
         result["baseline"] = _baseline(store, cases, per_case, seed=spec.train.seed, n_boot=ev.bootstrap)
-        from medflow.runs import write_text_atomic
 
-        write_text_atomic(run_dir / "predictions.csv", per_case.to_csv(index=False))
+        write_csv_atomic(run_dir / "predictions.csv", per_case)
         examples = example_slices(per_case, slices)
         if examples:
             save_npz_atomic(run_dir / "seg_examples.npz", images=examples["images"], truths=examples["truths"],

@@ -61,6 +61,8 @@ def test_fuzzed_files_never_stop_an_ingest(tmp_path, pydicom_test_files, prefect
         assert why["special/dangling.dcm"] == "symbolic link to nothing (dangling)"
         assert why["special/locked"].startswith("folder not readable: PermissionError")
         assert "special/folder.dcm/" not in why  # an empty folder with a file's name holds nothing
+        bad_name = os.fsdecode(b"special/bad\xffname.dcm")  # not UTF-8: keyed by its bytes, stored or quarantined
+        assert bad_name in stored or bad_name in why
         # the causes the issue found, each a row now instead of a failed batch
         text = "\n".join(why.values())
         assert "NotImplementedError: Unknown Value Representation" in text

@@ -70,3 +70,52 @@ def test_another_database_url_is_left_alone(homes, monkeypatch):
     monkeypatch.setenv("PREFECT_API_DATABASE_CONNECTION_URL", "postgresql+asyncpg://db/prefect")
     assert not api_server.seed_home()
     assert not fresh.exists()
+
+
+EMBEDDED = """
+import json, os, sys
+import httpx
+from medflow import settings, api_server
+settings.configure(sys.argv[1])
+api_server.start_early()
+api_server.wait()
+from prefect.server.api.server import SubprocessASGIServer
+base = SubprocessASGIServer().api_url
+body = {"limit": 1}
+out = {
+    "anonymous": httpx.post(f"{base}/flow_runs/filter", json=body).status_code,
+    "anonymous_create": httpx.post(f"{base}/flows/", json={"name": "intruder"}).status_code,
+    "foreign_origin": httpx.options(f"{base}/flow_runs/filter", headers={
+        "Origin": "http://evil.example", "Access-Control-Request-Method": "POST"}).headers.get(
+        "access-control-allow-origin"),
+    "own_client": None,
+}
+from prefect import get_client
+with get_client(sync_client=True) as client:
+    out["own_client"] = len(client.read_flow_runs(limit=1)) >= 0
+home = os.environ["PREFECT_HOME"]
+out["home_mode"] = oct(os.stat(home).st_mode & 0o777)
+out["db_mode"] = oct(os.stat(os.path.join(home, "prefect.db")).st_mode & 0o777)
+api_server.stop()
+print(json.dumps(out))
+"""
+
+
+def test_the_embedded_server_of_a_run_refuses_other_local_users_and_web_pages(tmp_path):
+    """What `medflow run` starts without a standing server: a credential only this process has, CORS closed,
+    its Prefect home and database private."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MEDFLOW_"))}
+    env["MEDFLOW_CACHE"] = str(tmp_path / "cache")
+    proc = subprocess.run([sys.executable, "-c", EMBEDDED, str(tmp_path)], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["anonymous"] == 401 and out["anonymous_create"] == 401
+    assert out["foreign_origin"] in (None, "https://medflow.invalid")
+    assert out["own_client"] is True  # the run's own client is let in
+    assert out["home_mode"] == "0o700" and out["db_mode"] == "0o600"

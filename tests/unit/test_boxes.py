@@ -99,7 +99,7 @@ def test_boxes_from_a_csv_and_from_an_sr_land_on_the_same_pixels(tmp_path):
         w.writerow([first.SOPInstanceUID, 10, 4, 30, 20])  # x0, y0, x1, y1 in pixel edges
         w.writerow([first.SOPInstanceUID, 40, 30, 56, 48])  # reaches past the right and bottom edges: clipped
         w.writerow(["1.2.3.4.5.6.7", 1, 1, 5, 5])  # an image that is not in the source
-    assert read_boxes_csv(table)[first.SOPInstanceUID][0]["box"] == [3.5, 9.5, 19.5, 29.5]
+    assert read_boxes_csv(table)[0][first.SOPInstanceUID][0]["box"] == [3.5, 9.5, 19.5, 29.5]
     out = ingest_serial(tmp_path / "src", tmp_path / "csv.zarr", IngestOptions(marks="csv", marks_table=str(table)))
     catalog = out["store"].catalog()
     key = out["store"].pseudonymizer().key(first.SOPInstanceUID, kind="sop")
@@ -108,7 +108,7 @@ def test_boxes_from_a_csv_and_from_an_sr_land_on_the_same_pixels(tmp_path):
     (other,) = [e for k, e in catalog.items() if k != "i" + key[:15]]
     assert other["marks"] == []  # an image without a row has no lesion
     lost = [r for r in quarantine(out) if r.get("stage") == "ingest-marks"]
-    assert len(lost) == 1 and "(table lines 4)" in lost[0]["reason"]
+    assert len(lost) == 1 and lost[0]["reason"].startswith("marks table line 4: the box references an image")
 
     # the same first box as an SR polyline on the image: the same stored box
     (tmp_path / "src2").mkdir()
@@ -121,14 +121,30 @@ def test_boxes_from_a_csv_and_from_an_sr_land_on_the_same_pixels(tmp_path):
     assert [m["box"] for m in entry_sr["marks"]] == [[3.5, 9.5, 19.5, 29.5]]
 
 
-def test_a_boxes_table_names_its_bad_line(tmp_path):
+def test_a_boxes_table_names_every_bad_line_and_keeps_the_good_ones(tmp_path):
     table = tmp_path / "boxes.csv"
-    table.write_text("SOPInstanceUID,x0,y0,x1,y1\n1.2.3,5,5,10,10\n1.2.3,10,5,4,10\n")
-    with pytest.raises(ValueError, match="line 3: a box needs finite corners with x1 > x0"):
-        read_boxes_csv(table)
+    table.write_text("SOPInstanceUID,x0,y0,x1,y1\n1.2.3,5,5,10,10\n1.2.3,10,5,4,10\n1.2.3,nan,1,2,3\n"
+                     "1.2.3,a,1,2,3\n1.2.3,1,1,3,3\n")
+    boxes, problems = read_boxes_csv(table)
+    assert [m["line"] for m in boxes["1.2.3"]] == [2, 6]
+    assert [line for line, _ in problems] == [3, 4, 5]
+    assert "x1 > x0" in problems[0][1] and "x1 > x0" in problems[1][1] and "numbers" in problems[2][1]
     table.write_text("SOPInstanceUID,x0,y0,x1\n1.2.3,5,5,10\n")
     with pytest.raises(ValueError, match=r"no column\(s\) \['y1'\]"):
         read_boxes_csv(table)
+
+
+def test_bad_box_rows_are_all_quarantined_and_the_ingest_goes_on(tmp_path):
+    from tests.helpers import quarantine
+    first = _dx(tmp_path / "src", 1)
+    table = tmp_path / "boxes.csv"
+    table.write_text(f"SOPInstanceUID,x0,y0,x1,y1\n{first.SOPInstanceUID},10,4,30,20\n{first.SOPInstanceUID},nan,1,2,3\n"
+                     f"{first.SOPInstanceUID},5,5,1,1\n1.2.3.4.5.6.7,1,1,5,5\n1.2.3.4.5.6.8,1,1,5,5\n")
+    out = ingest_serial(tmp_path / "src", tmp_path / "csv.zarr", IngestOptions(marks="csv", marks_table=str(table)))
+    rows = {r["path"]: r["reason"] for r in quarantine(out) if str(r["path"]).startswith("marks table")}
+    assert sorted(rows) == ["marks table#3", "marks table#4", "marks table#5", "marks table#6"]  # one row each
+    key = out["store"].pseudonymizer().key(first.SOPInstanceUID, kind="sop")
+    assert len(out["store"].catalog()["i" + key[:15]]["marks"]) == 1  # the good box is stored
 
 
 def test_a_bootstrap_resample_scores_as_the_same_images_evaluated_afresh():

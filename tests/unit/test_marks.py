@@ -56,7 +56,7 @@ def test_sr_point_lands_on_its_voxel_exactly_and_csv_gives_the_same(tmp_path):
     (entry,) = out["store"].catalog().values()
     assert entry["marks"] == [{"zyx": [float(v) for v in KNOWN], "diameter_mm": 6.0}]
     rows = [r for r in quarantine(out) if r.get("stage") == "ingest-marks"]
-    assert len(rows) == 1 and "outside its series" in rows[0]["reason"] and rows[0]["path"] == "marks.dcm"
+    assert len(rows) == 1 and "outside its series" in rows[0]["reason"] and rows[0]["path"] == "marks.dcm#2"
 
     table = tmp_path / "marks.csv"
     with table.open("w", newline="") as fh:
@@ -67,6 +67,25 @@ def test_sr_point_lands_on_its_voxel_exactly_and_csv_gives_the_same(tmp_path):
     out_csv = ingest_serial(tmp_path / "src", tmp_path / "csv.zarr", IngestOptions(marks="csv", marks_table=str(table)))
     (entry_csv,) = out_csv["store"].catalog().values()
     assert entry_csv["marks"] == entry["marks"]
+
+
+def test_refused_marks_keep_a_row_each_and_another_frame_of_reference_is_refused(tmp_path):
+    _, paths = _series(tmp_path / "src" / "series")
+    sources = [pydicom.dcmread(p) for p in paths]
+    outside = [{"x": 500.0 + k, "y": 0.0, "z": 20.0, "diameter_mm": 4.0} for k in range(2)]
+    for name, marks in (("a.dcm", outside), ("b.dcm", outside[:1])):
+        write_sr(sources, marks, tmp_path / "src" / name, series_uid=generate_uid(), sop_uid=generate_uid())
+    elsewhere = [s.copy() for s in sources]  # the same point, but in another frame of reference
+    for s in elsewhere:
+        s.FrameOfReferenceUID = generate_uid()
+    write_sr(elsewhere, [{**_known_point(), "diameter_mm": 6.0}], tmp_path / "src" / "c.dcm",
+             series_uid=generate_uid(), sop_uid=generate_uid())
+    out = ingest_serial(tmp_path / "src", tmp_path / "s.zarr", IngestOptions(marks="sr"))
+    rows = {r["path"]: r["reason"] for r in quarantine(out) if r.get("stage") == "ingest-marks"}
+    assert sorted(rows) == ["a.dcm#1", "a.dcm#2", "b.dcm#1", "c.dcm#1"]  # one row per refused mark
+    assert "outside its series" in rows["a.dcm#2"] and "frame of reference" in rows["c.dcm#1"]
+    (entry,) = out["store"].catalog().values()
+    assert entry["marks"] == []
 
 
 def test_sr_is_quarantined_with_its_reason_when_marks_are_not_read(tmp_path):
@@ -80,14 +99,17 @@ def test_sr_is_quarantined_with_its_reason_when_marks_are_not_read(tmp_path):
     assert "marks" not in entry
 
 
-def test_marks_csv_names_a_missing_column_and_a_bad_value(tmp_path):
+def test_marks_csv_names_a_missing_column_and_every_bad_row(tmp_path):
     bad = tmp_path / "bad.csv"
     bad.write_text("seriesuid,coordX,coordY,coordZ\n1.2.3,0,0,0\n")
     with pytest.raises(ValueError, match="diameter_mm"):
         read_marks_csv(bad)
-    bad.write_text("seriesuid,coordX,coordY,coordZ,diameter_mm\n1.2.3,0,zero,0,5\n")
-    with pytest.raises(ValueError, match="line 2"):
-        read_marks_csv(bad)
+    bad.write_text("seriesuid,coordX,coordY,coordZ,diameter_mm\n1.2.3,0,zero,0,5\n1.2.3,1,2,3,4\n"
+                   "1.2.3,nan,0,0,5\n,1,2,3,4\n1.2.3,0,0,0,-1\n")
+    marks, problems = read_marks_csv(bad)
+    assert [m["at"] for m in marks["1.2.3"]] == [[None, 3]]  # the good row goes on
+    assert [line for line, _ in problems] == [2, 4, 5, 6]  # every bad row named, in one read
+    assert "numbers" in problems[0][1] and "finite" in problems[1][1] and "seriesuid" in problems[2][1]
 
 
 def _sr_on_images(sources, regions, out):

@@ -249,3 +249,49 @@ def test_multi_worker_is_refused_where_the_kind_cannot_start_workers():
                for p in info.value.problems), info.value.problems
     spec = parse_spec(_spec(**{"train.distribute": "multi_worker", "train.workers": 3}), check_paths=False)
     assert spec.train.workers == 3  # classification starts its workers
+
+
+@pytest.mark.parametrize(
+    "override, field, fragment",
+    [
+        ({"name": "x" * 100_000}, "name", "at most 100 characters"),
+        ({"data.store": "ftp://host/store.zarr"}, "data.store", "a store is a folder or a URL of one of"),
+        ({"data.source": "http://elsewhere/dicom"}, "data.source", "a source is a folder or a DICOMweb server"),
+        ({"data.labels.label_column": "y" * 5000}, "data.labels.label_column", "at most 4096 characters"),
+        ({"model.params": {"filterz": [4, 8]}}, "model", "'filterz' (did you mean 'filters'?) not a parameter of cnn3d"),
+        ({"model.params": {"filters": [1e8, 1e8]}}, "model", "filters=[100000000.0, 100000000.0]: numbers must be"),
+    ],
+)
+def test_spec_limits_refuse_at_validate_with_a_short_message(override, field, fragment):
+    with pytest.raises(SpecError) as info:
+        parse_spec(_spec(**override), check_paths=False)
+    line = next(p for p in info.value.problems if p.startswith(field + ":") or p.startswith(field + "."))
+    assert fragment in line, line
+    assert len(str(info.value)) < 1000  # the 100,000-character value is not echoed whole
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ("name: a\nname: b\n", "key 'name' is given twice"),
+    ("x: " + "[" * 50_000 + "]" * 50_000 + "\n", "nests more than 12 levels deep"),
+])
+def test_duplicate_keys_and_deep_nesting_are_refused(tmp_path, text, fragment):
+    path = tmp_path / "spec.yaml"
+    path.write_text(text)
+    with pytest.raises(SpecError, match=fragment):
+        load_spec(path, check_paths=False)
+
+
+def test_a_store_that_cannot_be_written_is_found_by_validate(tmp_path, monkeypatch):
+    import os
+
+    (tmp_path / "cohort" / "dicom").mkdir(parents=True)
+    (tmp_path / "cohort" / "labels.csv").write_text("StudyInstanceUID,nodule\n1,0\n")
+    (tmp_path / "blocked").write_text("a file where the store's folder should be")
+    with pytest.raises(SpecError, match="data.store: .*is not a folder"):
+        parse_spec(_spec(**{"data.store": "blocked/store.zarr"}), base_dir=tmp_path)
+    (tmp_path / "readonly").mkdir()
+    real_access = os.access  # as root every folder is writable: stand in for a read-only mount
+    monkeypatch.setattr(os, "access", lambda p, mode: False if str(p).endswith("readonly") else real_access(p, mode))
+    with pytest.raises(SpecError, match="data.store: folder .*readonly' is not writable"):
+        parse_spec(_spec(**{"data.store": "readonly/store.zarr"}), base_dir=tmp_path)
+    assert parse_spec(_spec(), base_dir=tmp_path).data.store == str(tmp_path / "store.zarr")
