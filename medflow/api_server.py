@@ -84,7 +84,11 @@ def seed_home() -> bool:
     if db is None or db.exists() or not template.is_file():
         return False
     db.parent.mkdir(parents=True, exist_ok=True)
-    _backup(template, db)
+    try:
+        _backup(template, db)
+    except (OSError, sqlite3.Error) as exc:  # e.g. a full disk: the server builds its own (and says why not)
+        logger.debug("could not seed Prefect home %s: %s", db.parent, exc)
+        return False
     logger.debug("Prefect home %s seeded from %s", db.parent, template)
     return True
 
@@ -109,6 +113,10 @@ def _backup(source: Path, target: Path) -> None:
     try:
         src.backup(dst)
         dst.execute("PRAGMA journal_mode=DELETE")  # one self-contained file, no -wal beside it
+    except BaseException:
+        dst.close()
+        tmp.unlink(missing_ok=True)
+        raise
     finally:
         dst.close()
         src.close()

@@ -201,23 +201,39 @@ def _run_pipeline(spec_path: Path) -> dict:
     from flows.pipeline import pipeline
 
     api_server.wait()
+    import prefect.logging.configuration as prefect_logging
+
+    prefect_logging.setup_logging()  # as the flow would, so the file handler below is not replaced
+    log_file = settings.log_to_file(Path(spec.runs_dir).parent / "logs" / f"medflow-run-{time.strftime('%Y%m%d-%H%M%S')}.log")
     try:
-        with _expected_errors():
+        with _expected_errors(log_file):
             return pipeline(str(spec_path))
     finally:
         api_server.stop()
 
 
 @contextmanager
-def _expected_errors():
+def _expected_errors(log_file: Path | None = None):
     """A failure with a clear cause (``settings.expected_errors``: a bad spec or labels, a busy store, a
     missing source) ends the command with its message, once, and exit status 1; Prefect's log lines
     for it carry no traceback (``settings.quiet_expected_errors``). Anything else keeps its traceback."""
-    settings.quiet_expected_errors()
+    import os
+
+    if not os.environ.get(VERBOSE_ENV):
+        settings.quiet_expected_errors()
     try:
         yield
-    except settings.expected_errors() as exc:
-        err.print(f"[bold red]{type(exc).__name__}:[/] {exc}")
+    except Exception as exc:
+        cause = settings.expected_cause(exc)
+        if cause is None:
+            raise
+        from medflow.runs import current_progress
+
+        stage = current_progress().get("stage")
+        err.print(f"[bold red]{'stage ' + stage + ': ' if stage else ''}{type(cause).__name__}:[/] "
+                  f"{settings.describe(cause).removeprefix(type(cause).__name__ + ': ')}"
+                  + (f" (details: {log_file}; -v prints them here)" if log_file else ""),
+                  highlight=False, soft_wrap=True)
         raise typer.Exit(1) from None
 
 
@@ -238,10 +254,14 @@ def _print_result(result: dict, t0: float, cohort_s: float = 0.0) -> None:
 
 
 SUPERVISED_ENV = "MEDFLOW_SUPERVISED"
+VERBOSE_ENV = "MEDFLOW_VERBOSE"
 
 
 @app.command()
-def run(spec: Annotated[Path, typer.Argument(help="Pipeline spec (YAML).")]) -> None:
+def run(spec: Annotated[Path, typer.Argument(help="Pipeline spec (YAML).")],
+        verbose: Annotated[bool, typer.Option("-v", "--verbose", help="Print the tracebacks of a failure that has "
+                                              "a clear cause (a full disk, a bad label file); they always go to "
+                                              "the log file beside the runs folder.")] = False) -> None:
     """Run the whole lifecycle for SPEC now.
 
     The pipeline runs in a child process that this command watches: should a native library
@@ -255,6 +275,8 @@ def run(spec: Annotated[Path, typer.Argument(help="Pipeline spec (YAML).")]) -> 
         _print_result(_run_pipeline(spec), t0)
         return
     _load_checked(spec)  # a bad spec fails here, before a second process starts
+    if verbose:
+        os.environ[VERBOSE_ENV] = "1"
     raise typer.Exit(_supervise(["run", str(spec)], spec))
 
 
@@ -748,6 +770,10 @@ def serve(
     allow: Annotated[list[Path] | None, typer.Option(
         help="A folder that runs started through the API may use (specs, their data, predict input and output); "
         "repeat for more. Default: this folder and the folders of the deployments' specs.")] = None,
+    allow_url: Annotated[list[str] | None, typer.Option(
+        help="A URL prefix that runs started through the API may reach: a DICOMweb server "
+        "(dicomweb://pacs:8042/dicom-web) or an object store (s3://bucket/medflow); repeat for more. Default: the "
+        "URLs the deployments' specs name; nothing else.")] = None,
 ) -> None:
     """Serve the deployments of deployments/prefect.yaml from this process, on their schedules.
 
@@ -758,6 +784,7 @@ def serve(
     import os
 
     from medflow.access import ENV as ALLOWED_ENV
+    from medflow.access import URLS_ENV as ALLOWED_URLS_ENV
     from medflow.errors import SpecError
 
     if not os.environ.get("PREFECT_API_URL"):
@@ -774,7 +801,15 @@ def serve(
         _fail_spec(exc)
     roots = [Path.cwd(), *(allow or []), *(Path(d.spec).parent for d in defs if d.spec)]
     os.environ[ALLOWED_ENV] = os.pathsep.join(dict.fromkeys(str(r.expanduser().resolve()) for r in roots))
+    urls = [*(allow_url or []), *_spec_urls(defs)]
+    bad = [u for u in urls if "://" not in u or u.startswith("file://")]
+    if bad:
+        err.print(f"[bold red]--allow-url {bad[0]!r}[/]: expected a URL prefix such as dicomweb://host:port/path or "
+                  "s3://bucket/prefix (folders go in --allow)")
+        raise typer.Exit(2)
+    os.environ[ALLOWED_URLS_ENV] = " ".join(dict.fromkeys(urls))
     console.print(f"runs through the API may use: {', '.join(os.environ[ALLOWED_ENV].split(os.pathsep))}")
+    console.print(f"and reach: {', '.join(dict.fromkeys(urls)) or 'no URL (add with --allow-url)'}")
     try:
         with _expected_errors():  # again, now that the folders are restricted: a spec's data outside is refused
             defs = read_deployments(deployments_file, spec=spec)
@@ -786,6 +821,18 @@ def serve(
     from prefect import serve as prefect_serve
 
     prefect_serve(*to_runner_deployments(defs))
+
+
+def _spec_urls(defs) -> list[str]:
+    """The URLs (DICOMweb sources, object stores) that the deployments' own specs name."""
+    from medflow.spec import load_spec
+
+    urls = []
+    for d in defs:
+        if d.spec:
+            s = load_spec(d.spec, check_paths=False)
+            urls += [u for u in (s.data.source, s.data.store) if "://" in u and not u.startswith("file://")]
+    return urls
 
 
 @app.command()

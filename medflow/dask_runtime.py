@@ -116,7 +116,8 @@ def _local_cluster(n_workers: int, threads_per_worker: int, processes: bool,
     if processes and method == "forkserver":
         start_forkserver()
     with dask.config.set({"distributed.nanny.pre-spawn-environ": env,
-                          "distributed.worker.multiprocessing-method": method}):
+                          "distributed.worker.multiprocessing-method": method,
+                          "distributed.worker.preload": ["medflow.dask_preload"]}):
         cluster = LocalCluster(
             n_workers=n_workers,
             threads_per_worker=threads_per_worker,

@@ -274,16 +274,18 @@ def build_context(*, kind, section: dict, name: str, run_id: str, cohort: dict, 
 
 def markdown_summary(context: dict, kind_lines: list[str]) -> str:
     """A short markdown version of the report (for a Prefect artifact)."""
-    lines = [f"# {context['name']} — run `{context['run_id']}`", ""]
-    lines += [f"> **Warning**: {w}" for w in context.get("warnings", [])]
+    from medflow.tables import md  # values from the data (class names, header values in reasons): text, not markup
+
+    lines = [f"# {md(context['name'])} — run `{context['run_id']}`", ""]
+    lines += [f"> **Warning**: {md(w)}" for w in context.get("warnings", [])]
     lines += ["", "## Test metrics", "", "| metric | value | 95% CI |", "|---|---|---|"]
-    lines += [f"| {r['metric']} | {r['value']} | {r['ci95']} |" for r in context["metrics"]]
+    lines += [f"| {md(r['metric'])} | {md(r['value'])} | {md(r['ci95'])} |" for r in context["metrics"]]
     lines += [""] + kind_lines
     columns = context["split_columns"]
-    lines += ["", "## Cohort", "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(str(r[c]) for c in columns) + " |" for r in context["split_counts"]]
+    lines += ["", "## Cohort", "", "| " + " | ".join(md(c) for c in columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(md(r[c]) for c in columns) + " |" for r in context["split_counts"]]
     lines += ["", f"Quarantined files: {context['n_quarantined']}"]
-    lines += [f"- {r['reason']}: {r['files']}" for r in context["quarantine"]]
+    lines += [f"- {md(r['reason'])}: {r['files']}" for r in context["quarantine"]]
     stages = context["provenance"].get("stage_seconds", {})
     if stages:
         lines += ["", "## Time per stage", ""] + [f"- {k}: {v:.1f} s" for k, v in stages.items()]

@@ -115,9 +115,33 @@ def note_progress(**fields) -> None:
     write_text_atomic(target, json.dumps({**known, **{k: str(v) for k, v in fields.items()}}))
 
 
+def current_progress() -> dict:
+    """What ``note_progress`` has recorded in this supervised run (empty when unsupervised)."""
+    path = os.environ.get(PROGRESS_ENV)
+    try:
+        return json.loads(Path(path).read_text()) if path else {}
+    except (OSError, ValueError):
+        return {}
+
+
 def write_status(run_dir: Path, **fields) -> None:
     status = {**_status(run_dir), **fields}
     write_text_atomic(run_dir / "run.json", json.dumps(status, indent=1))
+
+
+def remove_partial_files(run_dir: Path) -> int:
+    """Delete what a killed attempt left half-written in ``run_dir``: the temporary files of
+    ``write_bytes_atomic`` (``.<name>.<random>.tmp``), of checkpoints (``.<name>.<random>.tmp.keras``) and of
+    explanation children (``result.pkl.tmp``).
+    Called with the run folder's lock held, so no live writer owns them."""
+    n = 0
+    for path in run_dir.rglob("*.tmp*"):
+        partial = (path.name.startswith(".") and path.name.endswith((".tmp", ".tmp.keras"))) or \
+            path.name == "result.pkl.tmp"
+        if partial and path.is_file() and not path.is_symlink():
+            path.unlink(missing_ok=True)
+            n += 1
+    return n
 
 
 @contextmanager
@@ -146,6 +170,10 @@ def open_run(runs_dir: str | Path, spec_digest: str, *, resume: bool = True) -> 
         except Timeout:
             continue  # another process is running it
         logger.info("resuming unfinished run %s", run_dir.name)
+        removed = remove_partial_files(run_dir)
+        if removed:
+            logger.info("removed %d partial file(s) a killed attempt left (whole files are written beside their "
+                        "place and renamed)", removed)
         write_status(run_dir, state="running", resumed_at=time.strftime("%Y-%m-%d %H:%M:%S"),
                      attempts=int(status.get("attempts", 1)) + 1)
         try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 from pathlib import Path
@@ -77,6 +78,39 @@ def expected_errors() -> tuple[type[BaseException], ...]:
     return MedflowError, StoreLockedError, SourceError
 
 
+# OSErrors that say what is wrong with the machine, not with medflow: the message is all a user needs
+ENVIRONMENT_ERRNOS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is used up",
+                      errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
+                      errno.EPERM: "operation not permitted"}
+
+
+def expected_cause(exc: BaseException | None) -> BaseException | None:
+    """The expected failure in ``exc``'s chain of causes (``expected_errors``, or an OSError of
+    ``ENVIRONMENT_ERRNOS``: a full disk, a read-only store), or None: such a failure's message says all a
+    user needs, and its tracebacks only hide it."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, expected_errors()):
+            return exc
+        if isinstance(exc, OSError) and exc.errno in ENVIRONMENT_ERRNOS:
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def describe(exc: BaseException) -> str:
+    """One line for an expected failure: for a full disk or a read-only store, what happened and where."""
+    if isinstance(exc, OSError) and exc.errno in ENVIRONMENT_ERRNOS:
+        where = f" writing {exc.filename}" if exc.filename else ""
+        return (f"{ENVIRONMENT_ERRNOS[exc.errno]} ({errno.errorcode.get(exc.errno, exc.errno)}){where}: "
+                + {errno.ENOSPC: "free space there and run the same command again (finished work is kept)",
+                   errno.EDQUOT: "free space there and run the same command again (finished work is kept)",
+                   errno.EROFS: "point data.store and data.runs at a folder this user can write"}.get(
+                    exc.errno, "check the folder's owner and permissions"))
+    return f"{type(exc).__name__}: {exc}"
+
+
 class QuietExpectedErrors(logging.Filter):
     """Log lines about an expected error keep its message and lose the traceback (hundreds of lines for
     one refused lock); the same error logged again by each enclosing flow is logged once."""
@@ -87,10 +121,12 @@ class QuietExpectedErrors(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
-        if exc is None or not isinstance(exc, expected_errors()):
+        cause = expected_cause(exc)
+        if cause is None:
             return True
         record.exc_info, record.exc_text = None, None
-        text = f"{type(exc).__name__}: {exc}"
+        text = describe(cause)
+        record.msg, record.args = f"{record.getMessage().splitlines()[0]}: {text}", None
         if text in self._seen:
             return False
         self._seen.add(text)
@@ -105,5 +141,45 @@ def quiet_expected_errors() -> None:
                                        if name.startswith("prefect")]
     for lg in loggers:
         for handler in lg.handlers:
+            if isinstance(handler, _QuietFileHandler):  # the log file keeps the tracebacks
+                continue
             if not any(isinstance(f, QuietExpectedErrors) for f in handler.filters):
                 handler.addFilter(quiet)
+
+
+class _Once(logging.Filter):
+    """Pass a record once to a handler that hangs on several loggers of one propagation chain."""
+
+    def __init__(self):
+        super().__init__()
+        self._last: int | None = None
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if id(record) == self._last:
+            return False
+        self._last = id(record)
+        return True
+
+
+class _QuietFileHandler(logging.FileHandler):
+    """A log file that stops, silently, when it cannot be written (a full disk): the failure is reported on
+    the console, not buried under a logging traceback per line."""
+
+    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 (logging's naming)
+        self.setLevel(logging.CRITICAL + 1)
+
+
+def log_to_file(path: Path) -> Path:
+    """Also write every log line, with full tracebacks, to ``path`` (the console keeps one line per expected
+    failure). Call after Prefect has set up its logging."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = _QuietFileHandler(path, encoding="utf-8", errors="backslashreplace")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(_Once())
+    handler.setLevel(logging.INFO)
+    names = {"", "prefect", *PROJECT_LOGGERS.split(",")} | {
+        name for name, lg in logging.root.manager.loggerDict.items() if isinstance(lg, logging.Logger) and lg.handlers}
+    for name in names:
+        # first among each logger's handlers: it formats the traceback before a console filter drops it
+        logging.getLogger(name).handlers.insert(0, handler)
+    return path

@@ -638,7 +638,8 @@ def save_model_atomic(model, path: Path) -> Path:
     """``model.save`` to a temporary ``.keras`` file beside ``path``, then a rename: never a partial file."""
     import uuid
 
-    tmp = path.with_name(f".{path.stem}-{uuid.uuid4().hex[:8]}.keras")
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp.keras")  # Keras wants the suffix; see
+    # medflow.runs.remove_partial_files for who cleans up after a kill
     model.save(tmp)
     os.replace(tmp, path)
     return path

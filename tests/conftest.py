@@ -63,7 +63,9 @@ def stop_process(proc, timeout: float = 30) -> None:
 
 def server_env(api_url: str, home) -> dict:
     """Environment for a subprocess that talks to a standing server."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
+    # not the credential and CORS that settings.configure gave this session's own temporary servers
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_API", "PREFECT_SERVER_API_AUTH",
+                                                                     "PREFECT_SERVER_API_CORS"))}
     env.update({"PREFECT_API_URL": api_url, "PREFECT_HOME": str(home), "DO_NOT_TRACK": "1",
                 "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_RUNNER_POLL_FREQUENCY": "1",
                 "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW": "ignore"})

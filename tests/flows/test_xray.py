@@ -3,7 +3,9 @@ on PNG class folders, under Prefect's test harness."""
 
 from __future__ import annotations
 
+import csv
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +16,7 @@ import yaml
 from flows.pipeline import pipeline
 from medflow.cli import XRAY_DEMO_SPEC
 from medflow.synth_xray import synthesize_xray
+from medflow.tables import read_csv
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
@@ -81,6 +84,17 @@ def test_predict_writes_per_class_scores(xray_run, tmp_path):
     assert set(rows["StudyInstanceUID"]) <= set(pd.read_csv(new.labels_csv)["StudyInstanceUID"])
 
 
+FORMULA = "=cmd|' -C calc'!A0"
+
+
+def _number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 def test_the_classic_program_as_a_spec_on_png_class_folders(tmp_path, prefect_harness, monkeypatch):
     """Also the containment of a native crash (issue 24): the Grad-CAM child is killed by SIGSEGV (the
     test hook), and the run still completes, its metrics and report naming the failed explanation."""
@@ -92,8 +106,13 @@ def test_the_classic_program_as_a_spec_on_png_class_folders(tmp_path, prefect_ha
 
     cohort = synthesize_xray(tmp_path / "xray-png", images=30, seed=3, fmt="png", classes=["normal", "pneumonia"])
     images = cohort.images_dir
+    # issue 31: a class name a spreadsheet would run as a formula, a FIFO and a file name that is not UTF-8
+    os.rename(images / "normal", images / FORMULA)
+    os.mkfifo(images / "pneumonia" / "pipe.png")
+    first = sorted((images / "pneumonia").glob("*.png"))[0]
+    os.rename(first, os.fsencode(images / "pneumonia") + b"/bad\xffname.png")
     (images / "pneumonia" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 30)
-    (images / "normal" / "Thumbs.db").write_bytes(b"\0" * 10)
+    (images / FORMULA / "Thumbs.db").write_bytes(b"\0" * 10)
     (images / "effusion").mkdir()  # an empty class folder
     Image.fromarray(np.zeros((8, 8), np.uint8)).save(images / "stray.png")
     spec = yaml.safe_load((ROOT / "examples" / "xray_seed.yaml").read_text())
@@ -107,7 +126,7 @@ def test_the_classic_program_as_a_spec_on_png_class_folders(tmp_path, prefect_ha
     result = pipeline(str(path))
     run = Path(result["run_dir"])
     metrics = json.loads((run / "metrics.json").read_text())
-    assert metrics["classes"] == ["normal", "pneumonia"] and metrics["threshold"] == 0.5
+    assert metrics["classes"] == [FORMULA, "pneumonia"] and metrics["threshold"] == 0.5
     assert 0 <= metrics["test"]["accuracy"] <= 1
     training = json.loads((run / "training.json").read_text())
     assert training["params"] == 19_033_601  # seed_cnn at 150x150x1
@@ -115,7 +134,16 @@ def test_the_classic_program_as_a_spec_on_png_class_folders(tmp_path, prefect_ha
     paths = pd.read_csv(run.parent.parent / "identifying" / "quarantine-paths.csv")  # outside store and runs
     reasons = dict(zip(paths["path"], paths["reason"]))
     assert reasons["pneumonia/broken.png"].startswith("unreadable image")
-    assert reasons["normal/Thumbs.db"].startswith("not an image file")
+    assert reasons[f"{FORMULA}/Thumbs.db"].startswith("not an image file")
+    assert reasons["pneumonia/pipe.png"] == "not a regular file (FIFO)"  # listed, never opened
+    assert "pneumonia/bad\\xffname.png" not in reasons  # keyed by its bytes and ingested
+    # the class name reaches the CSVs neutralised for spreadsheets, and medflow reads back what it wrote
+    for name in ("split.csv", "predictions.csv"):
+        with open(run / name, newline="") as fh:
+            cells = [cell for row in csv.reader(fh) for cell in row]
+        assert not [c for c in cells if c[:1] in ("=", "+", "@", "\t", "\r") or (c[:1] == "-" and not _number(c))]
+        assert f"'{FORMULA}" in cells
+    assert set(read_csv(run / "split.csv", dtype={"label_name": str})["label_name"]) == {FORMULA, "pneumonia"}
     assert reasons["effusion/"] == "empty class folder (no image)"
     assert reasons["stray.png"].startswith("not in a class folder")
 

@@ -153,3 +153,21 @@ def test_a_store_secret_is_never_left_short(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert not (root / ".medflow" / "secret").exists()
     assert len(Store(root).secret) == 32 and Store(root).secret == store.secret
+
+
+def test_a_resumed_run_folder_loses_the_partial_files_of_the_killed_attempt(tmp_path):
+    from medflow.runs import open_run
+
+    with open_run(tmp_path / "runs", "abcdef123456") as first:
+        (first / "checkpoints").mkdir()
+        (first / "checkpoints" / "last.keras").write_bytes(b"whole")
+        partial = [first / "checkpoints" / ".last.keras.1a2b3c4d.tmp.keras", first / ".metrics.json.9f8e7d6c.tmp",
+                   first / "explain" / "result.pkl.tmp"]
+        (first / "explain").mkdir()
+        for path in partial:
+            path.write_bytes(b"half")
+        (first / "notes.tmp").write_text("a user's own file")  # not one of medflow's temporary names
+    with open_run(tmp_path / "runs", "abcdef123456") as again:
+        assert again == first
+        assert not any(p.exists() for p in partial)
+        assert (first / "checkpoints" / "last.keras").read_bytes() == b"whole" and (first / "notes.tmp").exists()
