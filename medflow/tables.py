@@ -9,6 +9,7 @@ one more, so ``read_csv`` gives back exactly what was written. Numbers stay numb
 
 from __future__ import annotations
 
+import csv
 import re
 from pathlib import Path
 
@@ -41,7 +42,8 @@ def to_csv(df: pd.DataFrame) -> str:
     for col in out.columns:
         if out[col].dtype == object or pd.api.types.is_string_dtype(out[col]):
             out[col] = out[col].map(neutralise)
-    return out.to_csv(index=False)
+    # every string quoted: a carriage return inside a cell would otherwise end the row for a reader
+    return out.to_csv(index=False, quoting=csv.QUOTE_NONNUMERIC)
 
 
 def write_csv_atomic(path: str | Path, df: pd.DataFrame) -> Path:
@@ -56,7 +58,7 @@ def read_csv(path: str | Path, **kwargs) -> pd.DataFrame:
     df = pd.read_csv(path, **kwargs)
     df = df.rename(columns=restore)
     for col in df.columns:
-        if df[col].dtype == object:
+        if df[col].dtype == object or pd.api.types.is_string_dtype(df[col]):
             df[col] = df[col].map(restore)
     return df
 

@@ -59,6 +59,11 @@ def _not_usable(path: str, confined: bool) -> str | None:
     return None
 
 
+def _identity(path: str) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
+
+
 def list_class_folders(root: str | Path) -> tuple[list[ImageItem], list[dict]]:
     """Images in ``root/<class>/...`` and quarantine rows for what cannot be used.
 
@@ -86,12 +91,21 @@ def list_class_folders(root: str | Path) -> tuple[list[ImageItem], list[dict]]:
                                "go in one subfolder per class)"})
             continue
         found = 0
-        for dirpath, dirnames, filenames in os.walk(entry.path):
+        seen = {_identity(entry.path)}
+        for dirpath, dirnames, filenames in os.walk(entry.path, followlinks=True):
             dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-            for name in [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]:
-                dirnames.remove(name)  # os.walk would pass over it in silence
-                quarantine.append({"path": os.path.relpath(os.path.join(dirpath, name), root) + "/", "stage": "scan",
-                                   "reason": "symbolic link to a folder inside a class folder: not followed"})
+            for name in list(dirnames):  # links are followed as in a DICOM source: each real folder once
+                full = os.path.join(dirpath, name)
+                why = None
+                if os.path.islink(full) and confined and not is_inside(full):
+                    why = OUTSIDE
+                elif (identity := _identity(full)) in seen:
+                    why = "symbolic link to a folder already listed (a link loop or a second path to it): not followed"
+                else:
+                    seen.add(identity)
+                if why:
+                    dirnames.remove(name)
+                    quarantine.append({"path": os.path.relpath(full, root), "stage": "scan", "reason": why})
             for name in sorted(filenames):
                 if name.startswith("."):
                     continue

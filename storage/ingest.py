@@ -377,6 +377,9 @@ def _ingest_series(store_root: str, source: str, plan: SeriesPlan, options: Inge
             recorded = {r.get("path") for r in rows}
             reason = rows[-1]["reason"] if rows else "no readable image in the series"
             reject(reason, [f for f in plan.files if f not in recorded])
+            # the SR files whose marks were for it have nothing to mark
+            reject(f"its lesion marks are for a series that was not ingested ({reason})",
+                   [f for f in plan.marks_from if f != MARKS_TABLE and f not in recorded])
         return {"series_key": key, "status": "ingested" if shapes else "quarantined", "parts": len(shapes),
                 "shape": shapes[0] if shapes else None, "reason": None if shapes or not rows else rows[-1]["reason"],
                 "quarantine": rows, "seconds": time.perf_counter() - t0}

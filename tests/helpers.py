@@ -59,6 +59,8 @@ def ingested_files(store: Store, source) -> set[str]:
     for path, rec in source_index(store, str(source)).items():
         if rec.get("series_key") in keys or any(prefix + rec.get("sop_key", "")[:15] in keys for prefix in "iw"):
             out.add(path)
+        elif rec.get("marks_for") in keys or rec.get("mask_for") in keys:  # an SR or SEG used for a stored series
+            out.add(path)
     return out
 
 

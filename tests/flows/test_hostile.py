@@ -81,6 +81,79 @@ def test_fuzzed_files_never_stop_an_ingest(tmp_path, pydicom_test_files, prefect
         unlock(tmp_path / "src")
 
 
+def _image_unaccounted(store: Store, source: Path) -> set[str]:
+    """Entries of an image-folder source neither stored (their content's key in the catalog) nor quarantined."""
+    import stat
+
+    from storage.dicom import list_source
+    from storage.images import content_digest, image_key
+
+    problems: list = []
+    listed = {p for p, _, _ in list_source(source, problems)} | {p for p, _ in problems}
+    catalog, pseudo = store.catalog(), store.pseudonymizer()
+    regular = {p for p in listed if (source / p).exists() and stat.S_ISREG(os.stat(source / p).st_mode)}
+    stored = {p for p in regular if image_key(pseudo, content_digest(source / p)) in catalog}
+    quarantined = {r["path"] for r in with_paths(store.quarantine(), store, str(source))}
+    return listed - stored - quarantined
+
+
+def test_a_thousand_fuzzed_inputs_of_every_kind_each_leave_a_record(tmp_path, pydicom_test_files, prefect_harness):
+    """DICOM images, ECG waveforms and SR lesion marks (mutated), a boxes table with bad rows, and PNG/JPEG class
+    folders (mutated, with special entries), each through the ingest flow: 0 entries unaccounted."""
+    from tests.fuzz import fuzz_boxes, fuzz_images
+
+    # DICOM of every kind, SR marks read
+    made = fuzz_source(tmp_path / "dicom", pydicom_test_files, n=600, seed=1, every_kind=True)
+    unlock(tmp_path / "dicom")  # as root the locked folder is read anyway: keep the count exact
+    spec = yaml.safe_load(_ingest_spec(tmp_path, tmp_path / "dicom").read_text())
+    spec["data"]["marks"] = {"source": "sr"}
+    (tmp_path / "dicom.yaml").write_text(yaml.safe_dump(spec))
+    dicom = load_spec(tmp_path / "dicom.yaml")
+    ingest_flow(dicom)
+    store = Store(dicom.data.store)
+    assert unaccounted(store, tmp_path / "dicom") == set()
+    catalog = store.catalog()
+    assert any(e.get("kind") == "waveform" for e in catalog.values())  # the ECG seed and its intact copies
+    from storage.ingest import source_index
+
+    srs = [p for p, rec in source_index(store, str(tmp_path / "dicom")).items() if rec.get("marks_for")]
+    assert len(srs) >= 10  # SR copies that still parse: each used for its stored series or quarantined
+    n_dicom = len(list((tmp_path / "dicom").rglob("*.dcm")))
+
+    # a boxes table: every row stored as a box or quarantined with its line
+    dx = pydicom.dcmread(tmp_path / "dicom" / "seeds" / "dx" / "dx.dcm")
+    (tmp_path / "boxsrc").mkdir()
+    dx.save_as(tmp_path / "boxsrc" / "dx.dcm")
+    boxes = fuzz_boxes(tmp_path / "boxes.csv", str(dx.SOPInstanceUID), n=150, seed=2)
+    spec["data"].update({"source": str(tmp_path / "boxsrc"), "store": str(tmp_path / "boxes.zarr"),
+                         "marks": {"source": "csv", "table": str(tmp_path / "boxes.csv")}})
+    (tmp_path / "boxes.yaml").write_text(yaml.safe_dump(spec))
+    ingest_flow(load_spec(tmp_path / "boxes.yaml"))
+    box_store = Store(tmp_path / "boxes.zarr")
+    (entry,) = box_store.catalog().values()
+    rows = [r["file"] for r in box_store.quarantine() if r["file"].startswith("marks table#")]
+    assert len(entry["marks"]) == boxes["kinds"]["good"]
+    assert len(rows) == len(set(rows)) == boxes["rows"] - boxes["kinds"]["good"]
+
+    # PNG/JPEG class folders
+    images = fuzz_images(tmp_path / "images", n=300, seed=3)
+    xray = yaml.safe_load((Path(__file__).parents[2] / "examples" / "xray_seed.yaml").read_text())
+    xray["data"].update({"source": str(tmp_path / "images"), "store": str(tmp_path / "images.zarr")})
+    (tmp_path / "images.yaml").write_text(yaml.safe_dump(xray))
+    ingest_flow(load_spec(tmp_path / "images.yaml"))
+    image_store = Store(tmp_path / "images.zarr")
+    assert _image_unaccounted(image_store, tmp_path / "images") == set()
+    why = {r["path"]: r["reason"] for r in with_paths(image_store.quarantine(), image_store, str(tmp_path / "images"))}
+    assert why["normal/special/pipe.png"] == "not a regular file (FIFO)"
+    assert why["normal/special/loop"].startswith("symbolic link to a folder already listed")
+    assert len(image_store.catalog()) >= 10  # the readable mutations land (copies of one image are one image)
+
+    total = n_dicom + boxes["rows"] + images["files"]
+    print(f"\nfuzz of every kind: {n_dicom} DICOM files ({made['kinds']}), {boxes['rows']} box rows "
+          f"({boxes['kinds']}), {images['files']} images ({images['kinds']}): {total} inputs, 0 unaccounted")
+    assert total >= 1000
+
+
 def _write_dx(path: Path, pixels: np.ndarray, *, sop: str, series: str) -> None:
     ds = new_instance(DX_STORAGE)
     ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = sop
