@@ -126,7 +126,8 @@ class QuietExpectedErrors(logging.Filter):
             return True
         record.exc_info, record.exc_text = None, None
         text = describe(cause)
-        record.msg, record.args = f"{record.getMessage().splitlines()[0]}: {text}", None
+        if isinstance(cause, OSError):  # what the errno means and what to do, on the line that reports it
+            record.msg, record.args = f"{record.getMessage().splitlines()[0]}: {text}", None
         if text in self._seen:
             return False
         self._seen.add(text)

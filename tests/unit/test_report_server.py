@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
 import threading
 
 import httpx
@@ -57,6 +59,22 @@ def test_links_to_the_file_when_no_server_answers(tmp_path, monkeypatch):
     assert link == (tmp_path / "report.html").as_uri() and "medflow server" in description
 
 
+SWAP = """
+import os, sys
+from pathlib import Path
+run, secret = Path(sys.argv[1]), Path(sys.argv[2])
+i = 0
+while True:
+    i += 1
+    tmp = run / f".swap{i % 2}"
+    if i % 2:
+        tmp.symlink_to(secret)
+    else:
+        tmp.write_text("<h1>report</h1>")
+    os.replace(tmp, run / "report.html")
+"""
+
+
 def test_a_symlink_swap_race_leaks_nothing_in_10000_requests(served, tmp_path):
     """A local user swaps report.html between a file and a link to a secret (os.replace in a loop);
     the server opens once, without following links, so the secret never comes back."""
@@ -64,21 +82,8 @@ def test_a_symlink_swap_race_leaks_nothing_in_10000_requests(served, tmp_path):
     secret = tmp_path / "api-auth"
     secret.write_text("medflow:SECRET-CREDENTIAL")
     secret.chmod(0o600)
-    stop = threading.Event()
-
-    def swap():
-        i = 0
-        while not stop.is_set():
-            i += 1
-            tmp = run / f".swap{i % 2}"
-            if i % 2:
-                tmp.symlink_to(secret)
-            else:
-                tmp.write_text("<h1>report</h1>")
-            os.replace(tmp, run / "report.html")
-
-    swapper = threading.Thread(target=swap, daemon=True)
-    swapper.start()
+    # the attacker: another process, swapping the report for a link to the secret as fast as it can
+    swapper = subprocess.Popen([sys.executable, "-c", SWAP, str(run), str(secret)])
     url = report_server.url_for(run / "report.html")
     counts = {"leaks": 0, "served": 0, "answered": 0}
     errors = []
@@ -100,8 +105,8 @@ def test_a_symlink_swap_race_leaks_nothing_in_10000_requests(served, tmp_path):
         for t in clients:
             t.join()
     finally:
-        stop.set()
-        swapper.join()
+        swapper.kill()
+        swapper.wait()
     assert errors == [] and counts["answered"] == 10_000
     assert counts["leaks"] == 0
     assert counts["served"] > 0, counts  # the race was real: the report was there part of the time
