@@ -3,12 +3,12 @@ parallel on Dask)."""
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 
 from prefect import flow
 from prefect.utilities.annotations import quote
 
+from medflow.access import scratch_dir
 from medflow.spec import PipelineSpec, as_spec
 from storage.dicomweb import is_dicomweb
 from storage.store import Store
@@ -44,7 +44,7 @@ def ingest_flow(spec: PipelineSpec | str) -> dict:
         if not is_dicomweb(spec.data.source):
             return {**_ingest_folder(spec, spec.data.source, merge=False), "quarantine_paths": _paths_file(spec)}
         # raw DICOM holds PHI: it is staged outside the store and removed afterwards
-        with tempfile.TemporaryDirectory(prefix="medflow-dicomweb-") as staging:
+        with scratch_dir("medflow-dicomweb-") as staging:
             pulled = pull_dicomweb_task.with_options(retries=spec.run.retries)(spec.data.source, spec.data.store,
                                                                                staging)
             return {**_ingest_folder(spec, staging, merge=True), "dicomweb": pulled}

@@ -3,7 +3,6 @@ or scores."""
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 
 from prefect import flow
@@ -11,7 +10,7 @@ from prefect.artifacts import create_table_artifact
 from prefect.logging import get_run_logger
 
 from medflow import kinds
-from medflow.access import check_allowed
+from medflow.access import check_allowed, scratch_dir
 from medflow.predicting import input_folder, load_run, write_outputs
 from tasks.predict import predict_series_task, read_studies_task
 
@@ -32,7 +31,7 @@ def predict_flow(model: str, input: str, output: str) -> dict:  # noqa: A002 (th
     for warning in run.metrics.get("warnings", []):
         log.warning("the model's evaluation warned: %s", warning)
     # the scratch store holds decoded images of the new studies: a private temp folder, removed afterwards
-    with tempfile.TemporaryDirectory(prefix="medflow-predict-") as scratch:
+    with scratch_dir("medflow-predict-") as scratch:
         quarantine = read_studies_task(run, str(source), scratch)
         rows = predict_series_task(run, scratch, str(source), str(out))
     summary = write_outputs(rows, out, run, quarantine)

@@ -34,6 +34,9 @@ output
 from __future__ import annotations
 
 import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -47,12 +50,28 @@ class AccessRefused(MedflowError, PermissionError):
     """A path or URL outside what runs started through the API may use."""
 
 
+_scratch: list[Path] = []  # private folders this process made for its own work (never named by a caller)
+
+
 def allowed_roots() -> list[Path] | None:
-    """The allowed roots, resolved; None when runs are not restricted."""
+    """The allowed roots, resolved (with this process's scratch folders); None when runs are not restricted."""
     value = os.environ.get(ENV)
     if not value:
         return None
-    return [Path(p).expanduser().resolve() for p in value.split(os.pathsep) if p]
+    return [Path(p).expanduser().resolve() for p in value.split(os.pathsep) if p] + list(_scratch)
+
+
+@contextmanager
+def scratch_dir(prefix: str) -> Iterator[str]:
+    """A private temporary folder (``tempfile``: mode 0700, removed afterwards) that this process's own work may
+    use under ``medflow serve``: predict's scratch store, DICOMweb staging. A spec cannot name it."""
+    with tempfile.TemporaryDirectory(prefix=prefix) as folder:
+        real = Path(folder).resolve()
+        _scratch.append(real)
+        try:
+            yield folder
+        finally:
+            _scratch.remove(real)
 
 
 def allowed_urls() -> list[str]:

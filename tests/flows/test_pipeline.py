@@ -250,6 +250,21 @@ def test_predict_scores_new_studies_with_a_classifier_run(tiny, prefect_harness,
     summary = json.loads((tmp_path / "out" / "predictions.json").read_text())
     assert summary["task"] == "classification" and {r["reason"] for r in summary["not_used"]}
 
+    # as medflow serve runs it: confined to the allowed folders, with its own private scratch store
+    import os
+
+    from medflow.access import AccessRefused
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MEDFLOW_ALLOWED_ROOTS", os.pathsep.join([str(tmp_path), str(Path(run).parent)]))
+        confined = predict_flow(run, str(new.dicom_dir), str(tmp_path / "confined"))
+        assert confined["series"] == 3
+        again = pd.read_csv(tmp_path / "confined" / "predictions.csv")
+        assert dict(zip(again["SeriesInstanceUID"], again["score"])) == dict(zip(rows["SeriesInstanceUID"],
+                                                                                  rows["score"]))
+        with pytest.raises(AccessRefused, match="output"):
+            predict_flow(run, str(new.dicom_dir), str(Path(run).parents[2] / "elsewhere"))
+
     # the scores are the run's model on the run's steps
     spec = load_spec(tiny)
     store = ingest_serial(new.dicom_dir, tmp_path / "scratch.zarr", IngestOptions(modalities=("CT",), min_slices=8))["store"]

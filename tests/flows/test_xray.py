@@ -131,7 +131,7 @@ def test_the_classic_program_as_a_spec_on_png_class_folders(tmp_path, prefect_ha
     training = json.loads((run / "training.json").read_text())
     assert training["params"] == 19_033_601  # seed_cnn at 150x150x1
     assert result["ingest"]["ingested"] == 30
-    paths = pd.read_csv(run.parent.parent / "identifying" / "quarantine-paths.csv")  # outside store and runs
+    paths = read_csv(run.parent.parent / "identifying" / "quarantine-paths.csv")  # outside store and runs
     reasons = dict(zip(paths["path"], paths["reason"]))
     assert reasons["pneumonia/broken.png"].startswith("unreadable image")
     assert reasons[f"{FORMULA}/Thumbs.db"].startswith("not an image file")

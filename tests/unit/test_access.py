@@ -66,3 +66,13 @@ def test_a_mask_table_cannot_name_a_file_outside(confined):
     (outside / "m.nii.gz").write_bytes(b"not read")
     with pytest.raises(MaskError, match="outside the folders allowed"):
         read_nifti(outside / "m.nii.gz")
+
+
+def test_a_scratch_folder_of_this_process_is_allowed_only_while_it_lasts(confined):
+    from medflow.access import scratch_dir
+
+    with scratch_dir("medflow-test-") as scratch:
+        check_allowed(scratch, "scratch")
+        assert Store(scratch).root is not None  # predict's scratch store
+    with pytest.raises(AccessRefused):
+        check_allowed(scratch, "scratch")
