@@ -18,7 +18,37 @@ WORKER_SHARE = 0.25
 
 def preflight(spec: PipelineSpec) -> list[str]:
     """Problems found without running: one ``field: message`` line each; empty when none."""
-    return [*_label_problems(spec), *store_problems(spec), *_memory_problems(spec)]
+    from medflow import kinds
+
+    return [*_source_problems(spec), *kinds.get(spec.model.task).preflight(spec), *_label_problems(spec),
+            *store_problems(spec), *_memory_problems(spec)]
+
+
+def _source_problems(spec: PipelineSpec) -> list[str]:
+    """A source folder with nothing to read: no file at all, or none that can be listed (one listing of the
+    folder; a DICOMweb server is asked at ingest)."""
+    from storage.dicom import list_source
+    from storage.dicomweb import is_dicomweb
+    from storage.errors import SourceError
+
+    if is_dicomweb(spec.data.source):
+        return []
+    problems: list[tuple[str, str]] = []
+    try:
+        files = list_source(spec.data.source, problems)
+    except SourceError as exc:
+        return [f"data.source: {exc}"]
+    except Exception:  # noqa: BLE001 - e.g. refused by the confinement: the run reports it
+        return []
+    what = "images in one subfolder per class" if spec.data.format == "images" else "DICOM files (any layout)"
+    if not files and not problems:
+        return [f"data.source: the folder {spec.data.source!r} holds no files; point it at the folder that holds "
+                f"the {what}"]
+    if not files:
+        first = problems[0][1]
+        return [f"data.source: none of the {len(problems)} entries of {spec.data.source!r} can be read (the first: "
+                f"{first})"]
+    return []
 
 
 def _label_problems(spec: PipelineSpec) -> list[str]:

@@ -562,8 +562,10 @@ class ModelSpec(_Model):
 
 def _sane_param(value) -> bool:
     """A model.params value whose numbers (also inside lists) are finite and at most ``MAX_PARAM_INT``."""
-    if isinstance(value, bool) or value is None or isinstance(value, str):
+    if isinstance(value, bool) or value is None:
         return True
+    if isinstance(value, str):
+        return len(value) <= MAX_STRING
     if isinstance(value, (int, float)):
         return math.isfinite(value) and abs(value) <= MAX_PARAM_INT
     if isinstance(value, (list, tuple)):
@@ -726,6 +728,12 @@ def format_errors(exc: ValidationError) -> list[str]:
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             msg = "unknown field" + _suggest(str(err["loc"][-1]))
+        if err["type"] == "invalid_step" and isinstance(value, dict) and len(value) == 1:
+            import difflib
+
+            close = difflib.get_close_matches(str(next(iter(value))), STEP_NAMES, n=1, cutoff=0.6)
+            msg = f"unknown step {next(iter(value))!r}" + (f"; did you mean {close[0]!r}?" if close else "") + \
+                f"; a step is one of: {', '.join(STEP_NAMES)}"
         if not loc and re.match(r"^[a-z_.]+: ", msg):  # a task kind's problems, each line with its field
             lines.extend(msg.splitlines())
             continue

@@ -40,6 +40,11 @@ class TaskKind:
                             "(several devices of one machine) or none (received: multi_worker)")
         return problems
 
+    def preflight(self, spec) -> list[str]:
+        """Problems that stop a whole run but not an ingest (``medflow validate`` and ``medflow run`` report them;
+        ``medflow ingest`` and the ingest deployment do not need a spec that can train)."""
+        return []
+
     # -------------------------------------------------------------- cohort
     def cohort(self, spec, store) -> pd.DataFrame:
         """The cases of the run: one row per series with ``series_key, patient_key, study_key, label``

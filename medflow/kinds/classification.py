@@ -51,6 +51,44 @@ def input_shape(arch: str, prepared_shape: tuple[int, ...]) -> tuple[int, ...]:
     return (*prepared_shape, 1)
 
 
+# modalities whose series are volumes, and those whose images are planar (one image per instance)
+VOLUME_MODALITIES = {"CT", "MR", "PT", "NM"}
+PLANAR_MODALITIES = {"CR", "DX", "MG", "XA", "RF", "US", "OT"}
+
+
+def shape_problems(spec) -> list[str]:
+    """What the spec says about the prepared arrays against the model's input: a 2D model on volumes (no
+    ``axial_slice``), a 3D model on planar images, and a 3D model without a step that fixes the shape. Known
+    from the spec alone, so ``medflow validate`` says it, not a failed training minutes later."""
+    from models import info
+
+    ndim = info(spec.model.arch).ndim
+    names = [name for name, _ in spec.steps()]
+    modalities = set(spec.ingest.modalities or [])
+    volumes = spec.data.format == "dicom" and modalities and modalities <= VOLUME_MODALITIES \
+        and "axial_slice" not in names
+    planar = spec.data.format == "images" or "axial_slice" in names or (
+        spec.data.format == "dicom" and modalities and modalities <= PLANAR_MODALITIES)
+    arch = spec.model.arch
+    if ndim == 2 and volumes:
+        return [f"model.arch: {arch} is a 2D model and ingest.modalities ({', '.join(sorted(modalities))}) are "
+                f"volumes; add an axial_slice step, or use a 3D model ({', '.join(_archs(3))}) "
+                f"(received: {arch})"]
+    if ndim == 3 and planar:
+        return [f"model.arch: {arch} is a 3D model and the images are planar; use a 2D model "
+                f"({', '.join(_archs(2))}) (received: {arch})"]
+    if ndim == 3 and not {"crop_pad", "resize"} & set(names):
+        return [f"preprocess: {arch} takes arrays of one shape; add a crop_pad (or resize) step, e.g. "
+                "crop_pad: {shape: [48, 80, 80]}, as the last step (received: " + (", ".join(names) or "no steps") + ")"]
+    return []
+
+
+def _archs(ndim: int) -> list[str]:
+    from models import available, info
+
+    return [a for a in available("classification") if info(a).ndim == ndim]
+
+
 class Classification(TaskKind):
     name = "classification"
     metrics = METRICS
@@ -66,6 +104,9 @@ class Classification(TaskKind):
         if labels is not None and labels.key == "path" and spec.data.format != "images":
             problems.append("data.labels.key: `path` lists image files; it needs data.format: images")
         return problems
+
+    def preflight(self, spec) -> list[str]:
+        return shape_problems(spec)
 
     # -------------------------------------------------------------- cohort
     def cohort(self, spec, store) -> pd.DataFrame:

@@ -64,7 +64,7 @@ def test_bad_step_names_its_position():
         parse_spec(data, check_paths=False)
     problems = "\n".join(info.value.problems)
     assert "preprocess[2].window.width: Input should be greater than 0 (received: -5)" in problems
-    assert "preprocess[4]: each preprocess step is a mapping with exactly one key" in problems
+    assert "preprocess[4]: unknown step 'blur'; a step is one of: resample, lung_mask" in problems
 
 
 def test_missing_paths_fail_before_work(tmp_path):
@@ -145,6 +145,7 @@ def test_yaml_aliases_are_refused_at_once(tmp_path, text):
 
 def _checked_spec(tmp_path, labels_csv: str, **over):
     (tmp_path / "src").mkdir(exist_ok=True)
+    (tmp_path / "src" / "a.dcm").write_bytes(b"\0" * 200)  # a source with a file (what is in it is ingest's)
     (tmp_path / "labels.csv").write_text(labels_csv)
     data = _spec(**over)
     data["data"].update({"source": "src", "labels": {**data["data"]["labels"], "path": "labels.csv"}})
@@ -223,7 +224,8 @@ def test_preflight_estimates_the_largest_prepared_array_from_the_catalog(tmp_pat
     import medflow.preflight as pf
     from storage.store import Store
 
-    over = {"preprocess": [{"resample": {"spacing": [0.5, 0.5, 0.5]}}, {"window": {"center": 40, "width": 400}}]}
+    over = {"preprocess": [{"resample": {"spacing": [0.5, 0.5, 0.5]}}, {"window": {"center": 40, "width": 400}},
+                           {"crop_pad": {"shape": [1500, 717, 717]}}]}
     spec = _checked_spec(tmp_path, "StudyInstanceUID,nodule\n1.2.3,1\n1.2.4,0\n", **over)
     store = Store(spec.data.store)
     entry = {"series_key": "s1", "shape": [300, 512, 512], "spacing": [2.5, 0.7, 0.7], "patient_key": "p",
@@ -295,3 +297,35 @@ def test_a_store_that_cannot_be_written_is_found_by_validate(tmp_path, monkeypat
     with pytest.raises(SpecError, match="data.store: folder .*readonly' is not writable"):
         parse_spec(_spec(**{"data.store": "readonly/store.zarr"}), base_dir=tmp_path)
     assert parse_spec(_spec(), base_dir=tmp_path).data.store == str(tmp_path / "store.zarr")
+
+
+def _steps(data, steps):
+    data["preprocess"] = steps(data["preprocess"])
+    return data
+
+
+@pytest.mark.parametrize("change, field, fragment", [
+    (lambda d: _steps(d, lambda s: [s[0], {"lungmask": {"threshold": -400}}, *s[2:]]), "preprocess[1]",
+     "did you mean 'lung_mask'?"),
+    (lambda d: _override(d, {"model.arch": "resnet2d", "model.params": {}}), "model.arch",
+     "resnet2d is a 2D model and ingest.modalities (CT)"),
+    (lambda d: _steps(d, lambda s: s[:3]), "preprocess", "cnn3d takes arrays of one shape; add a crop_pad"),
+    (lambda d: _override(d, {"data.source": "empty"}), "data.source", "holds no files"),
+])
+def test_validate_refuses_at_once_what_used_to_fail_minutes_into_a_run(tmp_path, change, field, fragment):
+    """Each in one line with its field, exit status 2, before anything runs."""
+    from typer.testing import CliRunner
+
+    from medflow.cli import app
+
+    (tmp_path / "cohort" / "dicom").mkdir(parents=True)
+    (tmp_path / "cohort" / "dicom" / "a.dcm").write_bytes(b"\0" * 200)
+    (tmp_path / "cohort" / "labels.csv").write_text("StudyInstanceUID,nodule\n1.2.3,0\n1.2.4,1\n")
+    (tmp_path / "empty").mkdir()
+    data = change(_spec())
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(data))
+    result = CliRunner().invoke(app, ["validate", str(path)], env={"COLUMNS": "400"})
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip().startswith("•")]
+    assert len(lines) == 1 and lines[0].split("• ", 1)[1].startswith(field + ":") and fragment in lines[0], lines
