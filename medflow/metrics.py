@@ -177,11 +177,20 @@ def classification_warnings(df, n_classes: int, val_auc: float) -> list[str]:
                        f"{hi:.3f}) on {pos + neg} patients; the test figures may be luck")
     elif n_classes > 2 and not np.isnan(val_auc) and val_auc < 0.6:
         out.append(f"close to chance on validation: macro AUC {val_auc:.3f}; the test figures may be luck")
-    score = df["score"] if "score" in df else df[[c for c in df if c.startswith("p_")]].max(axis=1)
-    spread = float(score.max() - score.min()) if len(score) else 0.0
-    if spread < MIN_SCORE_SPREAD:
-        out.append(f"the scores barely vary: every case scored between {score.min():.3f} and {score.max():.3f}; "
-                   "the model has probably learnt nothing from the images (train longer, or check the labels)")
+    if "score" in df:
+        score = df["score"]
+        spread = float(score.max() - score.min()) if len(score) else 0.0
+        if spread < MIN_SCORE_SPREAD:
+            out.append(f"the scores barely vary: every case scored between {score.min():.3f} and {score.max():.3f}; "
+                       "the model has probably learnt nothing from the images (train longer, or check the labels)")
+    else:  # a model that learnt nothing gives every case about the same probability of each class; the top
+        # class's probability alone is near 1 for any confident model, right or wrong, so it says nothing
+        probs = df[[c for c in df if c.startswith("p_")]]
+        spread = float((probs.max() - probs.min()).max()) if len(probs) else 0.0
+        if spread < MIN_SCORE_SPREAD:
+            out.append(f"the scores barely vary: no class's probability varies by more than {spread:.3f} across "
+                       "cases; the model has probably learnt nothing from the images (train longer, or check the "
+                       "labels)")
     return out
 
 

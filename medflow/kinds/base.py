@@ -26,6 +26,8 @@ class TaskKind:
     template: ClassVar[str] = ""
     #: whether ``train`` can launch ``train.distribute: multi_worker`` workers (its training arguments pickle)
     multi_worker: ClassVar[bool] = False
+    #: whether the kind prepares images or volumes (then the waveform steps do not apply)
+    takes_images: ClassVar[bool] = True
 
     # ---------------------------------------------------------------- spec
     def check_spec(self, spec) -> list[str]:
@@ -35,6 +37,13 @@ class TaskKind:
         if wrong:
             problems.append(f"evaluate.metrics: {wrong} do not apply to {self.name}; expected some of: "
                             f"{', '.join(self.metrics)} (received: {spec.evaluate.metrics})")
+        from medflow.spec import SIGNAL_STEP_NAMES
+
+        if self.takes_images:
+            used = [name for name, _ in spec.steps() if name in SIGNAL_STEP_NAMES]
+            if used:
+                problems.append(f"preprocess: {', '.join(used)} are waveform steps; {self.name} prepares images "
+                                f"(received: {', '.join(name for name, _ in spec.steps())})")
         if spec.train.distribute == "multi_worker" and not self.multi_worker:
             problems.append(f"train.distribute: multi_worker is not available for {self.name} yet; use mirrored "
                             "(several devices of one machine) or none (received: multi_worker)")

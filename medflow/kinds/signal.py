@@ -31,6 +31,7 @@ BASELINE_LEAD = "II"
 class Signal(Classification):
     name = "signal"
     template = "signal.html.j2"
+    takes_images = False
 
     def check_spec(self, spec) -> list[str]:
         problems = super().check_spec(spec)

@@ -131,3 +131,22 @@ def test_one_feature_baseline_is_at_chance_on_a_feature_without_signal():
     assert roc_auc_score(y[400:], proba, multi_class="ovr") < 0.6
     informative = feature_logistic(y[:400] + 0.1 * x[:400], y[:400], y[400:] + 0.1 * x[400:], 3)
     assert roc_auc_score(y[400:], informative, multi_class="ovr") > 0.95
+
+
+def test_a_confident_multiclass_model_is_not_said_to_have_learnt_nothing():
+    """The ECG demo scored macro AUC 1.000 and its report opened with "the model has probably learnt nothing":
+    the check looked at the top class's probability, near 1 for any confident model."""
+    import pandas as pd
+
+    from medflow.metrics import classification_warnings
+
+    rng = np.random.default_rng(0)
+    labels = np.repeat([0, 1, 2], 20)
+    confident = np.full((60, 3), 0.001)
+    confident[np.arange(60), labels] = 0.998
+    rows = {"split": ["test"] * 60, "patient_key": [f"p{i}" for i in range(60)], "label": labels}
+    good = pd.DataFrame({**rows, **{f"p_{c}": confident[:, i] for i, c in enumerate("abc")}})
+    assert not [w for w in classification_warnings(good, 3, 1.0) if "barely vary" in w]
+    same = np.tile([0.5, 0.3, 0.2], (60, 1)) + rng.normal(0, 0.001, (60, 3))  # every case alike
+    flat = pd.DataFrame({**rows, **{f"p_{c}": same[:, i] for i, c in enumerate("abc")}})
+    assert [w for w in classification_warnings(flat, 3, 0.5) if "barely vary" in w]

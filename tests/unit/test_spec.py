@@ -329,3 +329,11 @@ def test_validate_refuses_at_once_what_used_to_fail_minutes_into_a_run(tmp_path,
     assert result.exit_code == 2, result.output
     lines = [line for line in result.output.splitlines() if line.strip().startswith("•")]
     assert len(lines) == 1 and lines[0].split("• ", 1)[1].startswith(field + ":") and fragment in lines[0], lines
+
+
+def test_waveform_steps_are_refused_for_image_kinds():
+    data = _spec()
+    data["preprocess"] += [{"notch": {"freq": [50.0]}}, {"select_leads": {"leads": ["I"]}}]
+    with pytest.raises(SpecError, match="preprocess: notch, select_leads are waveform steps; classification "
+                                        "prepares images"):
+        parse_spec(data, check_paths=False)
