@@ -32,8 +32,8 @@ def predict_flow(model: str, input: str, output: str) -> dict:  # noqa: A002 (th
         log.warning("the model's evaluation warned: %s", warning)
     # the scratch store holds decoded images of the new studies: a private temp folder, removed afterwards
     with scratch_dir("medflow-predict-") as scratch:
-        quarantine = read_studies_task(run, str(source), scratch)
-        rows = predict_series_task(run, scratch, str(source), str(out))
+        quarantine, image_files = read_studies_task(run, str(source), scratch)
+        rows = predict_series_task(run, scratch, str(source), str(out), image_files)
     summary = write_outputs(rows, out, run, quarantine)
     columns = kinds.get(run.spec.model.task).predict_table_columns()
     table = [{k: r.get(k) for k in columns if k in r} for r in rows]

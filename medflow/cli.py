@@ -631,9 +631,13 @@ def predict(
                   "that `medflow run` printed")
         raise typer.Exit(2)
     if not (input.is_dir() or (input.is_file() and input.suffix in (".yaml", ".yml"))):
-        err.print(f"[bold red]--input {input} is neither a folder of DICOM files nor a spec file[/]")
+        err.print(f"[bold red]--input {input} is neither a folder of DICOM files or images nor a spec file[/]")
         raise typer.Exit(2)
-    settings.configure(run_dir.parent.parent)
+    import os
+
+    # Prefect's and Dask's own files go to medflow's cache, never beside the model: a shared or read-only run
+    # folder must do for predict
+    settings.configure(Path(os.environ.get("MEDFLOW_CACHE") or Path.home() / ".cache" / "medflow") / "predict")
     from medflow import api_server
 
     t0 = time.perf_counter()
@@ -648,6 +652,15 @@ def predict(
     console.print(f"[bold]Predicted[/] {result['series']} series with run {result['run_id']} in "
                   f"{time.perf_counter() - t0:.1f}s; {result['not_used']} file(s) not used")
     console.print(f"[bold green]Output:[/] {result['output']} (predictions.csv, predictions.json)")
+    if not result["series"]:
+        from collections import Counter
+
+        not_used = json.loads((Path(result["output"]) / "predictions.json").read_text())["not_used"]
+        reasons = Counter(r["reason"] for r in not_used).most_common(3)
+        err.print("[bold red]Nothing was predicted:[/] " + ("; ".join(f"{n} file(s): {why}" for why, n in reasons)
+                                                           or f"{input} holds no file")
+                  + " (every file and its reason are in predictions.json)", highlight=False)
+        raise typer.Exit(1)
     metrics = run_dir / "metrics.json"
     for warning in json.loads(metrics.read_text()).get("warnings", []) if metrics.exists() else []:
         err.print(f"[bold yellow]Warning about this model:[/] {warning}")

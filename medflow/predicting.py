@@ -63,7 +63,7 @@ def load_run(run_dir: str | Path) -> TrainedRun:
 
 
 def input_folder(value: str | Path) -> Path:
-    """A DICOM folder, or the ``data.source`` folder of a spec file."""
+    """A folder of DICOM files or (for a run on PNG/JPEG images) of images, or the ``data.source`` of a spec."""
     path = Path(value).expanduser().resolve()
     if path.is_dir():
         return path
@@ -122,9 +122,11 @@ def write_seg(sources: list[pydicom.Dataset], mask: np.ndarray, out: Path, *, ru
     return out
 
 
-def predict_store(run: TrainedRun, scratch_root: str, source: Path, output: Path) -> list[dict]:
+def predict_store(run: TrainedRun, scratch_root: str, source: Path, output: Path, *,
+                  image_files: dict[str, str] | None = None) -> list[dict]:
     """Predict every series of a scratch store with the run's task kind; one row per series, with the
-    study and series UIDs the outputs go back to the PACS with."""
+    study and series UIDs the outputs go back to the PACS with, or (``image_files``: image key -> file, for
+    PNG/JPEG inputs) the image's file relative to the input folder."""
     from medflow import kinds
     from storage.store import Store
 
@@ -140,7 +142,11 @@ def predict_store(run: TrainedRun, scratch_root: str, source: Path, output: Path
                 if prefix + rec.get("sop_key", "")[:15] in catalog:
                     files_of.setdefault(prefix + rec["sop_key"][:15], []).append(relpath)
     output.mkdir(parents=True, exist_ok=True)
+    if image_files is not None:
+        files_of = {key: [rel] for key, rel in image_files.items()}
     rows = kinds.get(run.spec.model.task).predict(run, store, source, output, files_of)
+    if image_files is not None:
+        return [{"file": image_files.get(row["series_key"], ""), **row} for row in rows]
     for row in rows:
         entry = catalog[row["series_key"]]
         files = files_of.get(entry.get("parent", row["series_key"]), [])
@@ -166,7 +172,12 @@ def write_outputs(rows: list[dict], output: Path, run: TrainedRun, quarantine: l
 
     from medflow.runs import write_text_atomic
 
-    write_csv_atomic(output / "predictions.csv", pd.DataFrame(rows))
+    from medflow import kinds
+
+    # with no row, still the header: a reader finds the columns and predictions.json says why
+    columns = ["file"] if run.spec.data.format == "images" else ["StudyInstanceUID", "SeriesInstanceUID"]
+    columns += [c for c in kinds.get(run.spec.model.task).predict_table_columns() if c != "note"]
+    write_csv_atomic(output / "predictions.csv", pd.DataFrame(rows) if rows else pd.DataFrame(columns=columns))
     summary = {"run_id": run.run_id, "pipeline": run.spec.name, "task": run.spec.model.task,
                "arch": run.spec.model.arch, "model_warnings": run.metrics.get("warnings", []), "series": rows,
                "not_used": [{"path": r["path"], "reason": r["reason"]} for r in quarantine]}

@@ -124,6 +124,28 @@ def list_class_folders(root: str | Path) -> tuple[list[ImageItem], list[dict]]:
     return items, quarantine
 
 
+def list_unlabelled(root: str | Path) -> tuple[list[ImageItem], list[dict]]:
+    """Every image file under ``root`` (any layout: new cases have no class) and quarantine rows for the other
+    entries (not an image by its suffix, special files, links out of the allowed folders), each with its reason."""
+    from medflow.access import check_allowed, restricted
+    from storage.dicom import list_source
+
+    check_allowed(root, "input")
+    confined = restricted()
+    problems: list[tuple[str, str]] = []
+    items, quarantine = [], []
+    for rel, _, _ in list_source(root, problems):
+        why = _not_usable(os.path.join(root, rel), confined)
+        if why is None and not rel.lower().endswith(IMAGE_SUFFIXES):
+            why = "not an image file (expected " + ", ".join(IMAGE_SUFFIXES) + ")"
+        if why:
+            quarantine.append({"path": rel, "stage": "scan", "reason": why})
+        else:
+            items.append(ImageItem(rel, ""))
+    quarantine += [{"path": rel, "stage": "scan", "reason": reason} for rel, reason in problems]
+    return items, quarantine
+
+
 def list_csv(root: str | Path, table: str | Path, *, path_column: str, label_column: str
              ) -> tuple[list[ImageItem], list[dict]]:
     """Images listed in a CSV (paths relative to ``root``) with their labels.

@@ -6,6 +6,8 @@ from __future__ import annotations
 import csv
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -155,4 +157,29 @@ def test_the_classic_program_as_a_spec_on_png_class_folders(tmp_path, prefect_ha
         assert "cams" not in kept and len(kept["images"]) == len(explanation["cases"])
     html = (run / "report.html").read_text()
     assert 'id="explanation-failed"' in html and "Grad-CAM failed" in html and "SIGSEGV" in html
+
+    # predict on a new folder of PNGs (any layout): one row per image, named by its file
+    from flows.predict import predict_flow
+
+    new = synthesize_xray(tmp_path / "new", images=4, seed=98, fmt="png", classes=["normal", "pneumonia"])
+    (new.images_dir / "notes.txt").write_text("not an image")
+    out = predict_flow(str(run), str(new.images_dir), str(tmp_path / "out"))
+    rows = read_csv(tmp_path / "out" / "predictions.csv", dtype={"prediction": str})
+    assert out["series"] == 4 and out["not_used"] == 1 and len(rows) == 4
+    assert sorted(rows["file"]) == sorted(str(p.relative_to(new.images_dir)) for p in new.images_dir.rglob("*.png"))
+    assert set(rows["prediction"]) <= {FORMULA, "pneumonia"} and rows["score"].between(0, 1).all()
+    # nothing to predict: exit 1 with the reason, and a CSV with its header
+    (tmp_path / "nothing").mkdir()
+    (tmp_path / "nothing" / "notes.txt").write_text("not an image")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "DASK_"))}
+    env["MEDFLOW_CACHE"] = str(tmp_path / "cache")  # as a user runs it: medflow's own files go to its cache
+    cli = subprocess.run([str(Path(sys.executable).parent / "medflow"), "predict", "--model", str(run), "--input",
+                          str(tmp_path / "nothing"), "--output", str(tmp_path / "out0")], capture_output=True,
+                         text=True, timeout=300, env=env)
+    assert cli.returncode == 1, cli.stdout[-2000:] + cli.stderr[-2000:]
+    assert "Nothing was predicted" in cli.stderr and "not an image file" in cli.stderr
+    assert (tmp_path / "out0" / "predictions.csv").read_text().startswith('"file"')
+    beside_model = run.parent.parent
+    assert not (beside_model / ".prefect").exists() and not (beside_model / ".dask").exists()
+    assert (tmp_path / "cache" / "predict" / ".prefect").is_dir()
     assert html.count("<tr><td>", html.index('id="explained-cases"')) >= len(explanation["cases"])
