@@ -29,7 +29,7 @@ from flows.report import report_flow
 from flows.train import train_flow
 from medflow.report_server import report_link
 from medflow.runs import note_progress, open_run, write_status, write_text_atomic
-from tasks.report import publish_artifacts_task
+from tasks.report import publish_artifacts
 from medflow.spec import load_spec
 from storage.store import Store
 
@@ -106,7 +106,7 @@ def _stages(spec, run_dir: Path, log) -> dict:
     evaluation = timed("evaluate", evaluate_flow, spec, str(run_dir), prep["prep_key"], trained["split_csv"],
                        trained["model"])
     report = timed("report", report_flow, spec, str(run_dir), prep["prep_key"], dict(seconds), flow_run.get_id())
-    publish_artifacts_task(str(run_dir))
+    publish_artifacts(str(run_dir))
     log.info("report: %s", report_link(report)[0])  # the run page's first tab (logs) shows it
     write_text_atomic(run_dir / "stages.json", json.dumps({"seconds": seconds, "ingest": ingested, "preprocess": prep,
                                                      "train": {k: trained[k] for k in ("epochs_trained",

@@ -97,9 +97,9 @@ def render_report_task(spec, run_dir: str, prep_key: str, stage_seconds: dict[st
     return str(report)
 
 
-@task(name="publish_artifacts")
-def publish_artifacts_task(run_dir: str) -> list[str]:
-    """Publish the run's summary as Prefect artifacts (on the flow run that calls this task)."""
+def publish_artifacts(run_dir: str) -> list[str]:
+    """Publish the run's summary as Prefect artifacts on the flow run that calls this (a plain function, not a
+    task: artifacts made in a task hung off the task run, and the UI's Artifacts tab showed "Flow run: None")."""
     summary = json.loads((Path(run_dir) / "summary.json").read_text())
     key = _artifact_key(summary["name"])
     create_markdown_artifact(summary["markdown"], key=f"{key}-report", description="run summary")

@@ -96,6 +96,7 @@ def test_ui_shows_run_subflows_and_artifacts(prefect_server, quick_spec, tmp_pat
         artifact = httpx.post(f"{api}/artifacts/filter", timeout=10, json={
             "artifacts": {"key": {"any_": ["quick-nodules-report-file"]}}, "sort": "CREATED_DESC", "limit": 1}).json()[0]
         assert f"(http://127.0.0.1:{reports_port}/runs/" in artifact["data"]
+        assert artifact["flow_run_id"] == flow_run["id"] and artifact["task_run_id"] is None  # the pipeline's own
         browser.close()
     reports.shutdown()
     for name in ("flow-run.png", "artifacts.png", "metrics.png", "report.png"):
