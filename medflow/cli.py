@@ -7,6 +7,7 @@ import json
 import sys
 import time
 from contextlib import contextmanager
+from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
@@ -15,7 +16,41 @@ from rich.console import Console
 
 from medflow import settings
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Declarative medical-imaging DL pipelines on Prefect.")
+app = typer.Typer(no_args_is_help=True, help="Declarative medical-imaging DL pipelines on Prefect.")
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from medflow import __version__
+
+        console.print(f"medflow {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                                   help="Print medflow's version and exit.")] = False) -> None:
+    """Declarative medical-imaging DL pipelines on Prefect."""
+
+
+class SynthKind(str, Enum):
+    ct = "ct"
+    xray = "xray"
+    ecg = "ecg"
+
+
+class ImageFormat(str, Enum):
+    dicom = "dicom"
+    png = "png"
+
+
+class DemoTask(str, Enum):
+    classification = "classification"
+    segmentation = "segmentation"
+    detection = "detection"
+    xray = "xray"
+    detection2d = "detection2d"
+    ecg = "ecg"
 console = Console()
 err = Console(stderr=True)
 
@@ -258,7 +293,7 @@ VERBOSE_ENV = "MEDFLOW_VERBOSE"
 
 
 @app.command()
-def run(spec: Annotated[Path, typer.Argument(help="Pipeline spec (YAML).")],
+def run(spec: Annotated[Path, typer.Argument(metavar="SPEC", help="Pipeline spec (YAML).")],
         verbose: Annotated[bool, typer.Option("-v", "--verbose", help="Print the tracebacks of a failure that has "
                                               "a clear cause (a full disk, a bad label file); they always go to "
                                               "the log file beside the runs folder.")] = False) -> None:
@@ -332,7 +367,7 @@ def _mark_crashed(flow_run_id: str, message: str, spec_path: Path) -> None:
 
 
 @app.command()
-def ingest(spec: Annotated[Path, typer.Argument(help="Pipeline spec (YAML); its data and ingest sections are used.")]) -> None:
+def ingest(spec: Annotated[Path, typer.Argument(metavar="SPEC", help="Pipeline spec (YAML); its data and ingest sections are used.")]) -> None:
     """Ingest SPEC's source into its store, alone: new and changed series only, de-identified."""
     from collections import Counter
 
@@ -379,7 +414,7 @@ def _reason_kind(reason: str) -> str:
 
 @app.command()
 def runs(
-    folder: Annotated[Path, typer.Argument(help="A runs folder (e.g. work/demo/runs), or a spec whose runs to list.")],
+    folder: Annotated[Path, typer.Argument(metavar="FOLDER", help="A runs folder (e.g. work/demo/runs), or a spec whose runs to list.")],
 ) -> None:
     """List the runs in FOLDER, newest first: spec name, state, finish time, data digest, test metric."""
     from medflow.compare import list_runs
@@ -408,8 +443,8 @@ def pd_isna(value) -> bool:
 
 @app.command()
 def compare(
-    run_a: Annotated[Path, typer.Argument(help="A finished classification run folder.")],
-    run_b: Annotated[Path, typer.Argument(help="Another, on the same store and split seed.")],
+    run_a: Annotated[Path, typer.Argument(metavar="RUN_A", help="A finished classification run folder.")],
+    run_b: Annotated[Path, typer.Argument(metavar="RUN_B", help="Another, on the same store and split seed.")],
 ) -> None:
     """Test whether two runs' test AUCs differ (DeLong's paired test on the test cases both scored)."""
     from medflow.compare import compare_runs
@@ -428,7 +463,7 @@ def compare(
 
 
 @app.command()
-def validate(spec: Annotated[Path, typer.Argument(help="Pipeline spec (YAML).")]) -> None:
+def validate(spec: Annotated[Path, typer.Argument(metavar="SPEC", help="Pipeline spec (YAML).")]) -> None:
     """Check SPEC; print every problem with its field, value and what is allowed."""
 
     s = _load_checked(spec)
@@ -516,10 +551,10 @@ def _synth_xray(out: Path, images: int, seed: int, fmt: str, classes: list[str] 
 
 @app.command()
 def synth(
-    out: Annotated[Path, typer.Argument(help="Output folder (the images and labels.csv are written there).")],
-    kind: Annotated[str, typer.Option(help="ct: chest CT volumes with nodules; xray: chest radiographs, normal / "
-                                      "pneumonia / effusion; ecg: 12-lead ECGs, normal / afib / bbb (DICOM "
-                                      "waveforms).")] = "ct",
+    out: Annotated[Path, typer.Argument(metavar="OUT", help="Output folder (the images and labels.csv are written there).")],
+    kind: Annotated[SynthKind, typer.Option(help="ct: chest CT volumes with nodules; xray: chest radiographs, "
+                                            "normal / pneumonia / effusion; ecg: 12-lead ECGs, normal / afib / bbb "
+                                            "(DICOM waveforms).")] = SynthKind.ct,
     patients: Annotated[int, typer.Option(min=2, help="Number of patients (images for xray, ECGs for ecg).")] = 80,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     matrix: Annotated[int, typer.Option(min=32, help="CT: rows and columns of each slice.")] = 128,
@@ -527,12 +562,13 @@ def synth(
     marks: Annotated[bool, typer.Option(help="CT: also write each nodule's centre and diameter as a DICOM SR "
                                         "(TID 1500) and a row of marks.csv (LUNA16 layout), for detection; xray: "
                                         "each consolidation's box as a row of boxes.csv, for detection2d.")] = False,
-    format: Annotated[str, typer.Option(help="xray: dicom (DX/CR files) or png (8-bit PNG in one folder per "  # noqa: A002
-                                        "class).")] = "dicom",
+    format: Annotated[ImageFormat, typer.Option(help="xray: dicom (DX/CR files) or png (8-bit PNG in one "  # noqa: A002
+                                                "folder per class).")] = ImageFormat.dicom,
     classes: Annotated[str | None, typer.Option(help="xray: comma-separated subset of normal,pneumonia,effusion "
                                                 "(default: all three).")] = None,
 ) -> None:
     """Write a synthetic cohort as real DICOM files (or PNG class folders), with labels.csv."""
+    kind, format = kind.value, format.value  # noqa: A001
     if kind == "xray":
         if format not in ("dicom", "png"):
             err.print(f"[bold red]--format must be dicom or png[/] (received {format!r})")
@@ -561,13 +597,15 @@ def demo(
     seed: Annotated[int, typer.Option(help="Seed of the cohort, split and training.")] = 0,
     epochs: Annotated[int | None, typer.Option(min=1, help="Most training epochs (early stopping may end sooner); "
                                                "default 30, 40 for xray.")] = None,
-    task: Annotated[str, typer.Option(help="classification (nodule present/absent on CT, cnn3d), segmentation "
-                                      "(tumour masks from DICOM SEG, unet2d), detection (nodule centres from "
-                                      "DICOM SR, centernet3d, FROC), xray (chest X-rays in three "
-                                      "classes, resnet2d), detection2d (consolidation boxes on chest X-rays, "
-                                      "centernet2d, COCO AP) or ecg (12-lead ECG rhythms, cnn_gru).")] = "classification",
+    task: Annotated[DemoTask, typer.Option(help="classification (nodule present/absent on CT, cnn3d), "
+                                           "segmentation (tumour masks from DICOM SEG, unet2d), detection (nodule "
+                                           "centres from DICOM SR, centernet3d, FROC), xray (chest X-rays in three "
+                                           "classes, resnet2d), detection2d (consolidation boxes on chest X-rays, "
+                                           "centernet2d, COCO AP) or ecg (12-lead ECG rhythms, cnn_gru).")
+                     ] = DemoTask.classification,
 ) -> None:
     """Synthesise a cohort, write a spec, and run the whole pipeline on it."""
+    task = task.value
     if task not in DEMOS:
         err.print(f"[bold red]--task must be one of {', '.join(DEMOS)}[/] (received {task!r})")
         raise typer.Exit(2)

@@ -337,3 +337,16 @@ def test_waveform_steps_are_refused_for_image_kinds():
     with pytest.raises(SpecError, match="preprocess: notch, select_leads are waveform steps; classification "
                                         "prepares images"):
         parse_spec(data, check_paths=False)
+
+
+def test_the_cli_has_a_version_and_lists_its_choices():
+    from typer.testing import CliRunner
+
+    from medflow import __version__
+    from medflow.cli import app
+
+    runner = CliRunner()
+    assert runner.invoke(app, ["--version"]).output.strip() == f"medflow {__version__}"
+    bad = runner.invoke(app, ["synth", "out", "--kind", "mri"], env={"COLUMNS": "200"})
+    assert bad.exit_code == 2 and "'mri' is not one of 'ct', 'xray', 'ecg'" in bad.output
+    assert runner.invoke(app, ["--help"], env={"COLUMNS": "200"}).output.count("--install-completion") == 1
