@@ -285,7 +285,10 @@ def _print_result(result: dict, t0: float, cohort_s: float = 0.0) -> None:
     outside = total - cohort_s - sum(result["stage_seconds"].values())
     console.print(f"Stages: {cohort}{stages} · outside the stages {outside:.1f}s · total {total:.1f}s")
     console.print(f"Run folder: {result['run_dir']}")
-    console.print(f"[bold green]Report:[/] {result['report']}")
+    from medflow.report_server import answering, url_for
+
+    # the served URL when a report server answers (a browser opens it from the Prefect UI too), else the file
+    console.print(f"[bold green]Report:[/] {url_for(result['report']) if answering() else result['report']}")
 
 
 SUPERVISED_ENV = "MEDFLOW_SUPERVISED"
