@@ -446,10 +446,12 @@ def pd_isna(value) -> bool:
 
 @app.command()
 def compare(
-    run_a: Annotated[Path, typer.Argument(metavar="RUN_A", help="A finished classification run folder.")],
+    run_a: Annotated[Path, typer.Argument(metavar="RUN_A", help="A finished classification or segmentation run "
+                                          "folder.")],
     run_b: Annotated[Path, typer.Argument(metavar="RUN_B", help="Another, on the same store and split seed.")],
 ) -> None:
-    """Test whether two runs' test AUCs differ (DeLong's paired test on the test cases both scored)."""
+    """Test whether two runs differ on the test cases both scored: AUC (DeLong's paired test), macro AUC of
+    multi-class runs (paired bootstrap over patients) or Dice of segmentations (Wilcoxon's signed-rank test)."""
     from medflow.compare import compare_runs
 
     try:
@@ -457,12 +459,14 @@ def compare(
     except (FileNotFoundError, ValueError) as exc:
         err.print(f"[bold red]cannot compare:[/] {exc}")
         raise typer.Exit(2) from None
-    console.print(f"shared test cases: {r['shared']} ({r['n_positive']} positive, {r['n_negative']} negative)"
+    counts = f" ({r['n_positive']} positive, {r['n_negative']} negative)" if "n_positive" in r else ""
+    console.print(f"shared test cases: {r['shared']}{counts}"
                   + (f"; only in A {r['only_a']}, only in B {r['only_b']}" if r["only_a"] or r["only_b"] else ""))
-    console.print(f"A {run_a.name}: AUC {r['auc_a']:.3f}")
-    console.print(f"B {run_b.name}: AUC {r['auc_b']:.3f}")
+    metric = "AUC" if r["metric"] == "auc" else r["metric"]
+    console.print(f"A {run_a.name}: {metric} {r['value_a']:.3f}")
+    console.print(f"B {run_b.name}: {metric} {r['value_b']:.3f}")
     console.print(f"difference A − B: {r['difference']:+.3f} (95% CI {r['ci'][0]:+.3f} to {r['ci'][1]:+.3f})")
-    console.print(f"DeLong's paired test: p = {r['p_value']:.3g}")
+    console.print(f"{r['method']}: p = {r['p_value']:.3g}")
 
 
 @app.command()

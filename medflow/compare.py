@@ -1,10 +1,11 @@
 """Runs listed, and two runs compared on the test cases they share.
 
 ``list_runs`` reads each run folder's ``run.json``, ``spec.yaml``, ``provenance.json`` and
-``metrics.json``. ``compare_runs`` pairs two classification runs' test predictions by series
-key (two runs of one store and one split seed share their test split) and tests the difference
-of their AUCs with DeLong's paired test: the AUCs' variances and covariance from the
-structural components of the Mann-Whitney statistic (DeLong, DeLong and Clarke-Pearson 1988).
+``metrics.json``. ``compare_runs`` pairs two runs' test predictions by series key (two runs of one
+store and one split seed share their test split): binary classifiers by DeLong's paired test of
+their AUCs (the AUCs' variances and covariance from the structural components of the
+Mann-Whitney statistic; DeLong, DeLong and Clarke-Pearson 1988), multi-class classifiers by a
+paired bootstrap of their macro AUCs over patients, segmentations by their per-case Dice.
 """
 
 from __future__ import annotations
@@ -95,23 +96,97 @@ def delong_test(y, score_a, score_b) -> dict:
             "ci": [diff - z * se, diff + z * se], "p_value": p, "n_positive": m, "n_negative": n}
 
 
-def compare_runs(run_a: str | Path, run_b: str | Path) -> dict:
-    """DeLong's paired test of two binary classification runs on the test cases both scored."""
+def compare_runs(run_a: str | Path, run_b: str | Path, *, n_boot: int = 2000, seed: int = 0) -> dict:
+    """Two runs compared on the test cases both scored: binary classifiers by DeLong's paired test of their AUCs;
+    multi-class classifiers by their macro AUCs with a paired bootstrap over patients; segmentations by the mean
+    Dice of the cases with a lesion, with a paired bootstrap interval and Wilcoxon's signed-rank test.
+
+    Returns ``metric``, ``method``, ``value_a``, ``value_b``, ``difference``, ``ci``, ``p_value``, ``shared``,
+    ``only_a``, ``only_b`` (and, for binary runs, DeLong's ``auc_a``, ``auc_b``, ``n_positive``, ``n_negative``).
+    """
     frames = []
     for run in (run_a, run_b):
         path = Path(run) / "predictions.csv"
         if not path.exists():
-            raise FileNotFoundError(f"{run} has no predictions.csv: pass finished classification run folders")
-        df = read_csv(path)
-        if "score" not in df:
-            raise ValueError(f"{run} is not a two-class classification run (no score column); compare compares "
-                             "binary classifiers")
-        frames.append(df[df["split"] == "test"][["series_key", "label", "score"]])
-    both = frames[0].merge(frames[1], on="series_key", suffixes=("_a", "_b"))
+            raise FileNotFoundError(f"{run} has no predictions.csv: pass finished run folders")
+        df = read_csv(path, dtype={"label_name": str, "prediction_name": str})
+        frames.append(df[df["split"] == "test"] if "split" in df else df)
+    a, b = frames
+    probs_a = [c for c in a if c.startswith("p_")]  # in class order: column k is the probability of label k
+    if "score" in a and "score" in b:
+        kind = "binary"
+        columns = ["series_key", "label", "score"]
+    elif probs_a and probs_a == [c for c in b if c.startswith("p_")]:
+        kind = "multiclass"
+        columns = ["series_key", "patient_key", "label", *probs_a]
+    elif "dice" in a and "dice" in b:
+        kind = "dice"
+        columns = ["series_key", "patient_key", "label", "dice"]
+    else:
+        raise ValueError("the two runs are not of one comparable kind: compare takes two binary or two multi-class "
+                         "classification runs (with the same classes), or two segmentation runs")
+    both = a[columns].merge(b[[c for c in columns if c != "patient_key"]], on="series_key", suffixes=("_a", "_b"))
     if both.empty:
         raise ValueError("the two runs share no test case: compare runs of one store with one split seed")
     if (both["label_a"] != both["label_b"]).any():
         raise ValueError("the two runs label their shared test cases differently: they used different labels")
-    result = delong_test(both["label_a"].to_numpy(), both["score_a"].to_numpy(), both["score_b"].to_numpy())
-    result.update({"shared": len(both), "only_a": len(frames[0]) - len(both), "only_b": len(frames[1]) - len(both)})
+    if kind == "binary":
+        result = delong_test(both["label_a"].to_numpy(), both["score_a"].to_numpy(), both["score_b"].to_numpy())
+        result.update({"metric": "auc", "method": "DeLong's paired test", "value_a": result["auc_a"],
+                       "value_b": result["auc_b"]})
+    elif kind == "multiclass":
+        result = _paired_bootstrap_macro_auc(both, probs_a, n_boot=n_boot, seed=seed)
+    else:
+        result = _paired_dice(both[both["label_a"] == 1], n_boot=n_boot, seed=seed)
+    result.update({"shared": len(both), "only_a": len(a) - len(both), "only_b": len(b) - len(both)})
     return result
+
+
+def _paired_bootstrap_macro_auc(both: pd.DataFrame, classes: list[str], *, n_boot: int, seed: int) -> dict:
+    """Macro one-vs-rest AUC of each run, and the difference's 95% percentile interval and two-sided bootstrap
+    p-value from resampling patients (the same draw for both runs)."""
+    from sklearn.metrics import roc_auc_score
+
+    y = both["label_a"].to_numpy(int)
+    present = np.unique(y)
+    if len(present) < 2:
+        raise ValueError("the shared test cases hold one class only; an AUC needs two")
+
+    def macro(idx, side):
+        yy = y[idx]
+        aucs = [roc_auc_score(yy == k, both[f"{classes[k]}_{side}"].to_numpy()[idx])
+                for k in present if 0 < (yy == k).sum() < len(yy)]
+        return float(np.mean(aucs)) if aucs else float("nan")
+
+    everyone = np.arange(len(both))
+    value_a, value_b = macro(everyone, "a"), macro(everyone, "b")
+    patients = both["patient_key"].to_numpy()
+    groups = {p: np.flatnonzero(patients == p) for p in np.unique(patients)}
+    keys = list(groups)
+    rng = np.random.default_rng(seed)
+    diffs = []
+    for _ in range(n_boot):
+        idx = np.concatenate([groups[keys[i]] for i in rng.integers(0, len(keys), len(keys))])
+        d = macro(idx, "a") - macro(idx, "b")
+        if d == d:
+            diffs.append(d)
+    diffs = np.asarray(diffs)
+    p = float(min(1.0, 2 * min((diffs <= 0).mean(), (diffs >= 0).mean()))) if len(diffs) else float("nan")
+    return {"metric": "macro AUC", "method": f"paired bootstrap over {len(keys)} patients ({len(diffs)} resamples)",
+            "value_a": value_a, "value_b": value_b, "difference": value_a - value_b,
+            "ci": [float(np.percentile(diffs, 2.5)), float(np.percentile(diffs, 97.5))], "p_value": p}
+
+
+def _paired_dice(lesion: pd.DataFrame, *, n_boot: int, seed: int) -> dict:
+    """Mean Dice of each run over the shared test cases with a lesion, the difference's paired bootstrap interval and
+    Wilcoxon's signed-rank p-value."""
+    da, db = lesion["dice_a"].to_numpy(float), lesion["dice_b"].to_numpy(float)
+    if len(da) < 2:
+        raise ValueError(f"the runs share {len(da)} test case(s) with a lesion; a paired comparison needs 2 or more")
+    diff = da - db
+    rng = np.random.default_rng(seed)
+    boots = np.array([diff[rng.integers(0, len(diff), len(diff))].mean() for _ in range(n_boot)])
+    p = 1.0 if np.allclose(diff, 0) else float(stats.wilcoxon(da, db).pvalue)
+    return {"metric": "Dice", "method": f"Wilcoxon signed-rank test on {len(diff)} cases with a lesion",
+            "value_a": float(da.mean()), "value_b": float(db.mean()), "difference": float(diff.mean()),
+            "ci": [float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))], "p_value": p}

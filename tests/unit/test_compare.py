@@ -93,3 +93,53 @@ def test_the_commands_print_the_runs_and_the_test(tmp_path):
     assert f"difference A − B: {r['difference']:+.3f}" in out.output and f"p = {r['p_value']:.3g}" in out.output
     listed = CliRunner().invoke(app, ["runs", str(tmp_path)])
     assert listed.exit_code == 0 and "r1" in listed.output and "auc 0.800 (baseline 0.600)" in listed.output
+
+
+def _frame_run(folder, name, frame):
+    run = folder / name
+    run.mkdir()
+    frame.to_csv(run / "predictions.csv", index=False)
+    return run
+
+
+def test_two_multiclass_runs_are_compared_by_macro_auc_with_a_patient_bootstrap(tmp_path):
+    from scipy.special import softmax
+
+    rng = np.random.default_rng(5)
+    n = 150
+    y = rng.integers(0, 3, n)
+    base = {"series_key": [f"s{i}" for i in range(n)], "patient_key": [f"p{i // 2}" for i in range(n)],
+            "label": y, "split": "test"}
+    good = softmax(np.eye(3)[y] * 2.5 + rng.normal(0, 1, (n, 3)), axis=1)
+    weak = softmax(np.eye(3)[y] * 0.3 + rng.normal(0, 1, (n, 3)), axis=1)
+    frames = [pd.DataFrame({**base, **{f"p_{c}": p[:, i] for i, c in enumerate(["normal", "=cmd", "effusion"])}})
+              for p in (good, weak)]
+    ra, rb = _frame_run(tmp_path, "a", frames[0]), _frame_run(tmp_path, "b", frames[1])
+    r = compare_runs(ra, rb, n_boot=500)
+    assert r["metric"] == "macro AUC" and r["shared"] == n
+    assert r["value_a"] == pytest.approx(roc_auc_score(y, good, multi_class="ovr", average="macro"))
+    assert r["ci"][0] > 0 and r["p_value"] < 0.01  # the good model is better, and the test says so
+    same = compare_runs(ra, _frame_run(tmp_path, "c", frames[0]), n_boot=200)
+    assert same["difference"] == 0 and same["ci"] == [0, 0] and same["p_value"] == 1.0
+
+
+def test_two_segmentation_runs_are_compared_by_dice_on_the_cases_with_a_lesion(tmp_path):
+    from scipy import stats
+
+    rng = np.random.default_rng(6)
+    n = 40
+    label = np.r_[np.ones(30, int), np.zeros(10, int)]
+    base = {"series_key": [f"s{i}" for i in range(n)], "patient_key": [f"p{i}" for i in range(n)], "label": label,
+            "split": "test"}
+    dice_a = np.clip(rng.normal(0.8, 0.05, n), 0, 1)
+    dice_b = np.clip(dice_a - rng.normal(0.05, 0.03, n), 0, 1)
+    ra = _frame_run(tmp_path, "a", pd.DataFrame({**base, "dice": dice_a}))
+    rb = _frame_run(tmp_path, "b", pd.DataFrame({**base, "dice": dice_b}))
+    r = compare_runs(ra, rb, n_boot=500)
+    lesion = label == 1
+    assert r["metric"] == "Dice" and r["value_a"] == pytest.approx(dice_a[lesion].mean())
+    assert r["difference"] == pytest.approx((dice_a - dice_b)[lesion].mean())
+    assert r["p_value"] == pytest.approx(stats.wilcoxon(dice_a[lesion], dice_b[lesion]).pvalue)
+    assert r["ci"][0] > 0
+    with pytest.raises(ValueError, match="not of one comparable kind"):
+        compare_runs(ra, _run(tmp_path, "bin", rng.normal(size=n), label, ["test"] * n))
