@@ -469,6 +469,33 @@ def compare(
     console.print(f"{r['method']}: p = {r['p_value']:.3g}")
 
 
+class ExportFormat(str, Enum):
+    onnx = "onnx"
+    savedmodel = "savedmodel"
+
+
+@app.command()
+def export(
+    run: Annotated[Path, typer.Argument(metavar="RUN", help="A finished run folder (holds spec.yaml and model.keras).")],
+    format: Annotated[ExportFormat, typer.Option(help="onnx (onnxruntime and most inference servers) or savedmodel "  # noqa: A002
+                                                 "(TensorFlow Serving).")] = ExportFormat.onnx,
+    output: Annotated[Path | None, typer.Option(help="Output folder (default: RUN/export/FORMAT).")] = None,
+) -> None:
+    """Export a run's model as ONNX or a SavedModel, with contract.json: the input it expects (shape, the
+    preprocessing steps), what it returns (classes, threshold). The export is checked against the Keras model."""
+    from medflow.exporting import export_run
+
+    try:
+        contract = export_run(run, format.value, output)
+    except (FileNotFoundError, ValueError) as exc:
+        err.print(f"[bold red]cannot export:[/] {exc}")
+        raise typer.Exit(2) from None
+    console.print(f"[bold green]Exported[/] {contract['path']} ({format.value}; input {contract['input']['shape']}, "
+                  f"checked with {contract['checked']['runtime']}: max difference "
+                  f"{contract['checked']['max_abs_difference']:.1e})")
+    console.print(f"Contract: {Path(contract['folder']) / 'contract.json'}")
+
+
 @app.command()
 def validate(spec: Annotated[Path, typer.Argument(metavar="SPEC", help="Pipeline spec (YAML).")]) -> None:
     """Check SPEC; print every problem with its field, value and what is allowed."""

@@ -250,6 +250,23 @@ def test_predict_scores_new_studies_with_a_classifier_run(tiny, prefect_harness,
     summary = json.loads((tmp_path / "out" / "predictions.json").read_text())
     assert summary["task"] == "classification" and {r["reason"] for r in summary["not_used"]}
 
+    # the model leaves medflow: ONNX (and a SavedModel) reproduce the run's test scores in their own runtimes
+    from medflow.exporting import export_run, run_exported
+    from storage.store import Store
+
+    provenance = json.loads((Path(run) / "provenance.json").read_text())
+    run_store = Store(load_spec(tiny).data.store)
+    cases = pd.read_csv(Path(run) / "predictions.csv")
+    test = cases[cases["split"] == "test"]
+    batch = np.stack([run_store.read_prep(provenance["prep_key"], k) for k in test["series_key"]])[..., None]
+    for fmt in ("onnx", "savedmodel"):
+        contract = export_run(run, fmt, tmp_path / fmt)
+        assert contract["input"]["shape"] == [None, *batch.shape[1:]] and contract["output"]["classes"] == ["0", "1"]
+        scores = run_exported(contract["path"], fmt, batch.astype("float32"))[:, 0]
+        assert np.abs(scores - test["score"].to_numpy()).max() < 1e-4, fmt
+        assert json.loads((tmp_path / fmt / "contract.json").read_text())["preprocessing"]["steps"][-1] == {
+            "crop_pad": {"shape": [16, 48, 48], "value": 0.0}}
+
     # as medflow serve runs it: confined to the allowed folders, with its own private scratch store
     import os
 
