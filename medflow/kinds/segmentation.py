@@ -62,12 +62,38 @@ def lesion_slice(image_ref, truth: np.ndarray, pred: np.ndarray) -> tuple[int, n
     return z, np.asarray(image_ref[z], dtype=np.float32), truth[z] > 0, pred[z] > 0
 
 
+def segmentation_warnings(per_case: pd.DataFrame, baseline: dict | None) -> list[str]:
+    """What a reader must know before trusting a segmentation's test figures: few test patients with a lesion, and
+    a model no better than the intensity baseline on the same cases.
+
+    >>> cases = pd.DataFrame({"split": ["test"], "label": [1], "patient_key": ["a"], "dice": [0.0]})
+    >>> [w.split(":")[0] for w in segmentation_warnings(cases, {"dice": 0.7})]
+    ['only 1 test patient(s) with a lesion', 'below its baseline']
+    """
+    from medflow.metrics import MIN_TEST_PATIENTS
+
+    out = []
+    lesion = per_case[(per_case["split"] == "test") & (per_case["label"] == 1)]
+    n = lesion["patient_key"].nunique() if "patient_key" in lesion else len(lesion)
+    if n < MIN_TEST_PATIENTS:
+        out.append(f"only {n} test patient(s) with a lesion: the intervals are wide (or missing, with fewer than 2) "
+                   "and a few cases decide the metrics; test on more patients before comparing models")
+    dice, base = (float(lesion["dice"].mean()) if len(lesion) else float("nan")), (baseline or {}).get("dice")
+    if base is not None and base == base and dice == dice and dice <= base:
+        out.append(f"below its baseline: Dice {dice:.3f} against the intensity baseline's {base:.3f} on the same test "
+                   "cases; the model has learnt less than a threshold on the image (train longer, check the masks)")
+    return out
+
+
 def example_slices(cases: pd.DataFrame, slices: dict) -> dict | None:
     """Best, median and worst test lesion case by Dice, from each case's ``lesion_slice``."""
     lesion = cases[(cases["split"] == "test") & (cases["label"] == 1)].sort_values("dice", ascending=False)
     if lesion.empty:
         return None
-    picks = {"best": lesion.iloc[0], "median": lesion.iloc[len(lesion) // 2], "worst": lesion.iloc[-1]}
+    # best, median and worst only when they are different cases (one case shown once, two as best and worst)
+    order = {1: [("case", 0)], 2: [("best", 0), ("worst", 1)]}.get(
+        len(lesion), [("best", 0), ("median", len(lesion) // 2), ("worst", len(lesion) - 1)])
+    picks = {which: lesion.iloc[i] for which, i in order}
     images, truths, preds, meta = [], [], [], []
     for which, row in picks.items():
         z, image, truth, pred = slices[row["series_key"]]
@@ -170,6 +196,7 @@ class Segmentation(TaskKind):
             if split == "test":
                 result["ci"] = part["ci"]
         result["baseline"] = _baseline(store, cases, per_case, seed=spec.train.seed, n_boot=ev.bootstrap)
+        result["warnings"] = segmentation_warnings(per_case, result["baseline"])
 
         write_csv_atomic(run_dir / "predictions.csv", per_case)
         examples = example_slices(per_case, slices)
@@ -209,6 +236,7 @@ class Segmentation(TaskKind):
                  for r in test.sort_values("dice").to_dict("records")]
         return {
             "metrics": seg_metrics_rows(evaluation["test"], evaluation.get("ci", {}), evaluation["metrics"]),
+            "warnings": evaluation.get("warnings", []),
             "seg": evaluation["test"],
             "seg_val": evaluation.get("val", {}),
             "conventions": DISTANCE_CONVENTIONS, "missed_rule": MISSED_LESION,

@@ -121,3 +121,23 @@ def test_a_missed_lesion_makes_the_mean_hd95_worse_not_better():
     assert both["hd95"] > one["hd95"] and both["assd"] > one["assd"] and both["hd95_monai"] > one["hd95_monai"]
     assert both["missed"] == 1 and both["miss_rate"] == 0.5
     assert both["hd95_detected"] == pytest.approx(one["hd95"])  # the mean over detected lesions is reported too
+
+
+def test_examples_show_each_test_case_once_and_warnings_say_small_or_below_baseline():
+    import pandas as pd
+
+    from medflow.kinds.segmentation import example_slices, segmentation_warnings
+
+    def cases(n):
+        return pd.DataFrame({"split": ["test"] * n, "label": [1] * n, "series_key": [f"s{i}" for i in range(n)],
+                             "patient_key": [f"p{i}" for i in range(n)], "dice": np.linspace(0.2, 0.9, n)})
+
+    slices = {f"s{i}": (i, np.zeros((4, 4)), np.zeros((4, 4), bool), np.zeros((4, 4), bool)) for i in range(5)}
+    assert [m["which"] for m in example_slices(cases(1), slices)["meta"]] == ["case"]
+    assert [m["which"] for m in example_slices(cases(2), slices)["meta"]] == ["best", "worst"]
+    assert [m["which"] for m in example_slices(cases(5), slices)["meta"]] == ["best", "median", "worst"]
+    one = cases(1).assign(dice=0.0)
+    warnings = segmentation_warnings(one, {"dice": 0.7})
+    assert len(warnings) == 2 and "only 1 test patient" in warnings[0] and "below its baseline" in warnings[1]
+    many = pd.concat([cases(40)] * 1).assign(dice=0.9)
+    assert segmentation_warnings(many, {"dice": 0.7}) == []
