@@ -66,11 +66,36 @@ def plot_history(history: dict[str, list[float]]) -> str:
     return _png(fig)
 
 
-def plot_roc(y_true, score, auc: float) -> str:
+def plot_roc(y_true, score, auc: float, *, threshold: float | None = None, n_boot: int = 200, seed: int = 0) -> str:
+    """The test ROC curve with a 95% pointwise band (true-positive rate over a grid of false-positive rates, from
+    bootstrap resamples of the cases) and the operating point at ``threshold``."""
+    from sklearn.metrics import roc_curve
+
+    y, s = np.asarray(y_true).astype(int), np.asarray(score, dtype=float)
     fig, ax = plt.subplots(figsize=(4, 4))
-    RocCurveDisplay.from_predictions(y_true, score, ax=ax, name="test split")
+    grid = np.linspace(0, 1, 101)
+    rng = np.random.default_rng(seed)
+    curves = []
+    for _ in range(n_boot):
+        idx = rng.integers(0, len(y), len(y))
+        if 0 < y[idx].sum() < len(idx):
+            fpr, tpr, _ = roc_curve(y[idx], s[idx])
+            curves.append(np.interp(grid, fpr, tpr))
+    if len(curves) >= 20:
+        lo, hi = np.percentile(curves, [2.5, 97.5], axis=0)
+        ax.fill_between(grid, lo, hi, color="#1f77b4", alpha=0.18, lw=0, label="95% band (bootstrap)")
+    fpr, tpr, _ = roc_curve(y, s)
+    ax.plot(fpr, tpr, color="#1f77b4", label=f"test split (AUC {auc:.3f})")
+    if threshold is not None:
+        pred = s >= threshold
+        op_fpr = float(pred[y == 0].mean()) if (y == 0).any() else float("nan")
+        op_tpr = float(pred[y == 1].mean()) if (y == 1).any() else float("nan")
+        ax.plot([op_fpr], [op_tpr], "o", color="#d62728", label=f"operating point (threshold {threshold:.3f})")
     ax.plot([0, 1], [0, 1], ":", color="grey")
+    ax.set_xlabel("false-positive rate (1 − specificity)")
+    ax.set_ylabel("true-positive rate (sensitivity)")
     ax.set_title("ROC curve, test split")
+    ax.legend(loc="lower right", fontsize=7)
     return _png(fig)
 
 
@@ -93,6 +118,8 @@ def plot_roc_ovr(y_true, proba, class_names: list[str]) -> str:
         if 0 < (y == k).sum() < len(y):
             RocCurveDisplay.from_predictions(y == k, proba[:, k], ax=ax, name=name)
     ax.plot([0, 1], [0, 1], ":", color="grey")
+    ax.set_xlabel("false-positive rate (1 − specificity)")  # not scikit-learn's "(Positive label: 1)"
+    ax.set_ylabel("true-positive rate (sensitivity)")
     ax.set_title("ROC curves (one vs rest), test split", fontsize=9)
     return _png(fig)
 

@@ -281,7 +281,7 @@ class Classification(TaskKind):
             s, thr = test["score"].to_numpy(), evaluation["threshold"]
             context.update({"threshold": thr, "confusion": m["confusion"]})
             context["plots"].update({
-                "roc": r.plot_roc(y, s, m["auc"]) if len(np.unique(y)) == 2 else None,
+                "roc": r.plot_roc(y, s, m["auc"], threshold=thr) if len(np.unique(y)) == 2 else None,
                 "confusion": r.plot_confusion(y, (s >= thr).astype(int), classes, title=f"threshold {thr:.3f}"),
                 "scores": r.plot_scores(y, s, thr),
             })
