@@ -180,17 +180,24 @@ def plot_scores(y_true, score, threshold: float) -> str:
 
 
 def plot_gradcam(images: np.ndarray, cams: np.ndarray, meta: list[dict]) -> str:
-    """Each case's image (or slice) with its Grad-CAM overlaid (where the model looked)."""
+    """Each case in a column: the plain image (or slice) above, its Grad-CAM over it below (a perceptually uniform
+    colour map, with a colour bar: 0 = no weight in the decision, 1 = the most)."""
     n = len(meta)
-    fig, axes = plt.subplots(1, n, figsize=(3.2 * n, 3.5), squeeze=False)
-    for ax, image, cam, case in zip(axes[0], images, cams, meta):
-        ax.imshow(image, cmap="gray")
-        ax.imshow(cam, cmap="jet", alpha=0.35, vmin=0, vmax=1)
+    fig, axes = plt.subplots(2, n, figsize=(2.6 * n + 0.8, 5.4), squeeze=False)
+    shown = None
+    for col, (image, cam, case) in enumerate(zip(images, cams, meta)):
+        top, bottom = axes[0, col], axes[1, col]
+        lo, hi = np.percentile(image, [1, 99])
+        for ax in (top, bottom):
+            ax.imshow(image, cmap="gray", vmin=lo, vmax=hi)
+            ax.axis("off")
+        shown = bottom.imshow(cam, cmap="magma", alpha=0.5, vmin=0, vmax=1)
         verdict = "correct" if case["prediction_name"] == case["label_name"] else "ERROR"
         where = f"\nslice {case['z']}" if case.get("z") else ""
-        ax.set_title(f"truth {case['label_name']}, predicted {case['prediction_name']}\n"
-                     f"({case['confidence']:.2f}, {verdict}){where}", fontsize=8)
-        ax.axis("off")
+        top.set_title(f"truth {case['label_name']}, predicted {case['prediction_name']}\n"
+                      f"({case['confidence']:.2f}, {verdict}){where}", fontsize=8)
+    if shown is not None:
+        fig.colorbar(shown, ax=axes[1, :].tolist(), fraction=0.025, pad=0.02, label="Grad-CAM weight")
     return _png(fig)
 
 
@@ -293,7 +300,8 @@ def build_context(*, kind, section: dict, name: str, run_id: str, cohort: dict, 
     """Everything the template needs: what every report shows (run, cohort, training, quality
     control, provenance) and the kind's own ``section`` (from ``kind.report_context``)."""
     plots = {"history": plot_history(history) if history else None, **section.get("plots", {})}
-    return {**section, "task": kind.name, "section": kind.template, "name": name, "run_id": run_id,
+    return {**section, "task": kind.name, "section": kind.template, "geometry_qc": kind.takes_images,
+            "name": name, "run_id": run_id,
             "cohort": cohort, "split_counts": split_counts, "split_columns": list(split_counts[0]) if split_counts
             else [], "quarantine": quarantine_summary(quarantine), "n_quarantined": len(quarantine), "qc": qc or [],
             "provenance": provenance, "plots": plots}
