@@ -145,6 +145,44 @@ def _at_bound(name: str, value: float, y, pred, patients, level: float) -> tuple
     return None
 
 
+def multiclass_bound_interval(name: str, value: float, y, pred, n_classes: int, level: float = 0.95
+                              ) -> tuple[float, float] | None:
+    """A 95% interval for a multi-class metric that sits at 0 or 1, where a bootstrap collapses to a point: the
+    binary score intervals of each class (one vs rest: Wilson for proportions, Newcombe for the AUC), averaged
+    as the macro metric averages the classes; accuracy gets Wilson's interval over all cases.
+
+    >>> y = np.repeat([0, 1, 2], 10)
+    >>> lo, hi = multiclass_bound_interval("auc", 1.0, y, y, 3)
+    >>> round(lo, 3) < 1.0 == hi
+    True
+    """
+    from medflow.intervals import newcombe_auc, wilson
+
+    y, pred = np.asarray(y).astype(int), np.asarray(pred).astype(int)
+    if name == "accuracy":
+        return wilson(round(value * len(y)), len(y), level)
+    bounds = []
+    for k in range(n_classes):
+        pos, hit = y == k, pred == k
+        if not pos.any() or pos.all():
+            continue
+        if name == "auc":
+            bounds.append(newcombe_auc(value, int(pos.sum()), int((~pos).sum()), level))
+        elif name in ("recall", "specificity", "precision"):
+            cases = {"recall": pos, "specificity": ~pos, "precision": hit}[name]
+            n = int(cases.sum())
+            if n:
+                bounds.append(wilson(round(value * n), n, level))
+        elif name == "f1":
+            p = wilson(int((hit & pos).sum()), int(hit.sum()), level) if hit.any() else (0.0, 1.0)
+            r = wilson(int((hit & pos).sum()), int(pos.sum()), level)
+            bounds.append(tuple(2 * a * b / (a + b) if a + b else 0.0 for a, b in zip(p, r)))
+    if not bounds:
+        return None
+    lo, hi = np.mean(bounds, axis=0)
+    return float(lo), float(hi)
+
+
 MIN_TEST_PATIENTS = 30  # below this, a test split's intervals are too wide to rank models
 MIN_SCORE_SPREAD = 0.05  # scores that span less than this barely depend on the image
 

@@ -478,9 +478,19 @@ def _multiclass_evaluation(df: pd.DataFrame, proba: np.ndarray, classes: list[st
         rows = (df["split"] == split).to_numpy()
         out[split] = multiclass_metrics(df["label"].to_numpy()[rows], proba[rows], classes)
     rows = (df["split"] == "test").to_numpy()
-    out["ci"] = multiclass_ci(df["label"].to_numpy()[rows], proba[rows], classes,
-                              metrics=[*metric_names, "auc_micro"], n=bootstrap, seed=seed)
+    y_test = df["label"].to_numpy()[rows]
+    out["ci"] = multiclass_ci(y_test, proba[rows], classes, metrics=[*metric_names, "auc_micro"], n=bootstrap,
+                              seed=seed)
     out["ci_method"] = {name: "case bootstrap, percentile" for name in out["ci"]}
+    from medflow.metrics import multiclass_bound_interval
+
+    for name in dict.fromkeys([*metric_names, *out["ci"]]):  # at 0 or 1 the resamples cannot move a metric
+        value = out["test"].get(name)
+        if isinstance(value, float) and value in (0.0, 1.0):
+            bound = multiclass_bound_interval(name, value, y_test, proba[rows].argmax(axis=1), len(classes))
+            if bound is not None:
+                out["ci"][name] = list(bound)
+                out["ci_method"][name] = "at the bound: the classes' Wilson (Newcombe for AUC) intervals, averaged"
     return out
 
 

@@ -150,3 +150,22 @@ def test_a_confident_multiclass_model_is_not_said_to_have_learnt_nothing():
     same = np.tile([0.5, 0.3, 0.2], (60, 1)) + rng.normal(0, 0.001, (60, 3))  # every case alike
     flat = pd.DataFrame({**rows, **{f"p_{c}": same[:, i] for i, c in enumerate("abc")}})
     assert [w for w in classification_warnings(flat, 3, 0.5) if "barely vary" in w]
+
+
+def test_a_perfect_multiclass_test_split_gets_intervals_that_are_not_a_point():
+    """The ECG demo printed every interval as 1.000 – 1.000: a bootstrap of a perfect classifier never moves."""
+    import pandas as pd
+
+    from medflow.kinds.classification import _multiclass_evaluation
+
+    y = np.repeat([0, 1, 2], 12)
+    proba = np.full((36, 3), 0.01)
+    proba[np.arange(36), y] = 0.98
+    df = pd.DataFrame({"split": ["val", "test"] * 18, "label": y, "patient_key": [f"p{i}" for i in range(36)]})
+    out = _multiclass_evaluation(df, proba, ["normal", "afib", "bbb"], metric_names=["auc", "accuracy", "recall",
+                                 "precision", "specificity", "f1"], bootstrap=200, seed=0)
+    for name in ("auc", "accuracy", "recall", "precision", "specificity", "f1"):
+        assert out["test"][name] == 1.0
+        lo, hi = out["ci"][name]
+        assert 0.5 < lo < 1.0 and hi == pytest.approx(1.0), (name, lo, hi)
+        assert out["ci_method"][name].startswith("at the bound")
