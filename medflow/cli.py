@@ -312,7 +312,10 @@ def run(spec: Annotated[Path, typer.Argument(metavar="SPEC", help="Pipeline spec
         t0 = time.perf_counter()
         _print_result(_run_pipeline(spec), t0)
         return
+    console.print(f"medflow run {spec}: checking the spec, its source and labels", highlight=False)
     _load_checked(spec)  # a bad spec fails here, before a second process starts
+    console.print("starting: Prefect's server, TensorFlow and the Dask workers take some seconds before the first "
+                  "stage", highlight=False)
     if verbose:
         os.environ[VERBOSE_ENV] = "1"
     raise typer.Exit(_supervise(["run", str(spec)], spec))

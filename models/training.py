@@ -581,12 +581,20 @@ def fit_model(
     started = {"t": time.perf_counter()}
 
     class Progress(keras.callbacks.Callback):
+        def on_train_begin(self, logs=None):
+            self.first = None
+
         def on_epoch_end(self, epoch, logs=None):
             logs = {k: float(v) for k, v in (logs or {}).items()}
             extra = "  ".join(f"{k} {v:.3f}" for k, v in logs.items() if k.startswith("val_") and k != "val_loss")
-            logger.info("epoch %d/%d  loss %.4f  val_loss %.4f  %s  (%.1f s)", epoch + 1, epochs,
-                        logs.get("loss", float("nan")), logs.get("val_loss", float("nan")), extra,
-                        time.perf_counter() - started["t"])
+            elapsed = time.perf_counter() - started["t"]
+            self.first = epoch if self.first is None else self.first  # a resumed run starts past epoch 0
+            per_epoch = elapsed / (epoch + 1 - self.first)
+            left = per_epoch * (epochs - epoch - 1)
+            logger.info("epoch %d/%d  loss %.4f  val_loss %.4f  %s  (%.1f s/epoch, %.0f s so far; at most %s left%s)",
+                        epoch + 1, epochs, logs.get("loss", float("nan")), logs.get("val_loss", float("nan")), extra,
+                        per_epoch, elapsed, _duration(left),
+                        ", early stopping may end sooner" if early is not None and left > 0 else "")
             if on_epoch:
                 on_epoch(epoch + 1, epochs, logs)
 
@@ -632,6 +640,20 @@ def fit_model(
         result["weights_digest"] = weights_digest(model)
     write_text_atomic(run_dir / "training.json", json.dumps(result, indent=1))
     return result
+
+
+def _duration(seconds: float) -> str:
+    """``95`` -> ``'1 min 35 s'``.
+
+    >>> _duration(95), _duration(7), _duration(3700)
+    ('1 min 35 s', '7 s', '1 h 1 min')
+    """
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60} min"
 
 
 def save_model_atomic(model, path: Path) -> Path:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from prefect import task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.logging import get_run_logger
@@ -94,10 +96,16 @@ def ingest_series_task(source: str, store_root: str, plans: list[SeriesPlan], op
         return []
     progress = create_progress_artifact(0.0, key="ingest-progress", description=f"series ingested of {len(plans)}")
 
+    step = max(1, len(plans) // 20)  # about 20 progress lines however large the source; every quarantine said
+    started = time.perf_counter()
+
     def on_result(done, total, res):
         update_progress_artifact(progress, 100.0 * done / total)
-        log.info("ingest %d/%d: %s %s %s", done, total, res["series_key"], res["status"],
-                 res.get("shape") or res.get("reason"))
+        if res["status"] != "ingested":
+            log.info("ingest %d/%d: %s %s: %s", done, total, res["series_key"], res["status"], res.get("reason"))
+        elif done % step == 0 or done == total:
+            rate = done / max(time.perf_counter() - started, 1e-9)
+            log.info("ingest %d/%d series (%.1f/s, about %.0f s left)", done, total, rate, (total - done) / rate)
 
     with dask_client(**cluster_options(dask, Store(store_root))) as client:
         limits = [m for m in worker_memory(client) if m]
