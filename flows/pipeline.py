@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import yaml
 from prefect import flow, get_client
@@ -35,20 +36,23 @@ from storage.store import Store
 
 
 @flow(name="pipeline")
-def pipeline(spec: str) -> dict:
+def pipeline(spec: str, overrides: dict[str, Any] | None = None, tags: list[str] | None = None) -> dict:
     """Run the whole lifecycle for the spec file at ``spec``.
+
+    ``overrides``: dotted spec fields to change for this run (``{"train.epochs": 5}``), validated with the
+    spec; the run folder's ``spec.yaml`` is the spec as run. ``tags``: more Prefect tags on the run's flow runs.
 
     Re-running the spec of a failed run resumes it: the store already holds what was
     ingested and prepared, and training continues from its last finished epoch.
     Returns the run folder, the report path, the time per stage and the test metrics.
     """
     log = get_run_logger()
-    pipeline_spec = load_spec(spec)
+    pipeline_spec = load_spec(spec, overrides=overrides)
     with open_run(pipeline_spec.runs_dir, pipeline_spec.digest()) as run_dir:
         write_text_atomic(run_dir / "spec.yaml", yaml.safe_dump(pipeline_spec.model_dump(mode="json"), sort_keys=False))
         log.info("run %s of %s", run_dir.name, pipeline_spec.name)
         note_progress(run_dir=run_dir, flow_run_id=flow_run.get_id())
-        tags = run_tags(pipeline_spec, run_dir)
+        tags = run_tags(pipeline_spec, run_dir) + [str(t)[:100] for t in (tags or [])][:20]
         _tag_flow_run(tags)
         try:
             with prefect_tags(*tags):  # every stage's flow and task runs carry them too

@@ -865,8 +865,32 @@ class _SpecLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-def load_spec(path: str | Path, *, check_paths: bool = True) -> PipelineSpec:
-    """Read and validate a YAML spec file.
+def apply_overrides(data: dict, overrides: dict[str, Any] | None) -> dict:
+    """``data`` with dotted fields set (``{"train.epochs": 5, "data.split.seed": 3}``), as a deployment's UI form
+    or ``prefect deployment run --param overrides=...`` gives them; validated with the rest of the spec.
+
+    >>> apply_overrides({"train": {"epochs": 30}}, {"train.epochs": 5, "evaluate.bootstrap": 100})
+    {'train': {'epochs': 5}, 'evaluate': {'bootstrap': 100}}
+    """
+    import copy
+
+    out = copy.deepcopy(data)
+    for dotted, value in (overrides or {}).items():
+        parts = str(dotted).split(".")
+        if not all(parts) or len(parts) > MAX_DEPTH:
+            raise SpecError(f"override {dotted!r}: expected a dotted field such as train.epochs")
+        node = out
+        for part in parts[:-1]:
+            if not isinstance(node.get(part, {}), dict):
+                raise SpecError(f"override {dotted!r}: {part!r} is not a section of the spec")
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return out
+
+
+def load_spec(path: str | Path, *, check_paths: bool = True, overrides: dict[str, Any] | None = None
+              ) -> PipelineSpec:
+    """Read and validate a YAML spec file (with ``overrides``: dotted fields set first, see ``apply_overrides``).
 
     Under ``medflow serve`` (``medflow.access``), the file and every path it names must lie in
     the allowed folders; AccessRefused otherwise.
@@ -885,6 +909,10 @@ def load_spec(path: str | Path, *, check_paths: bool = True) -> PipelineSpec:
         data = yaml.load(text, Loader=_SpecLoader)  # noqa: S506 - a SafeLoader without aliases
     except yaml.YAMLError as exc:
         raise SpecError(f"spec {str(path)!r} is not valid YAML: {exc}") from exc
+    if overrides:
+        if not isinstance(data, dict):
+            raise SpecError(f"a spec is a YAML mapping; received {type(data).__name__}")
+        data = apply_overrides(data, overrides)
     spec = parse_spec(data, base_dir=path.resolve().parent, check_paths=check_paths)
     for field, value in (("data.source", spec.data.source), ("data.store", spec.data.store),
                          ("data.runs", spec.data.runs),

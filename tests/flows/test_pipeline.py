@@ -375,3 +375,20 @@ def test_the_same_spec_on_two_stores_trains_the_same_model(tiny, prefect_harness
     assert not keys[0] & keys[1]  # two secrets: no pseudonym in common
     assert scores[0].std() > 0  # a trained model: the scores vary
     assert np.array_equal(scores[0].to_numpy(), scores[1].to_numpy()), (scores[0] - scores[1]).abs().max()
+
+
+def test_a_run_with_overrides_and_tags_as_a_deployment_form_gives_them(quick_spec, prefect_harness):
+    from prefect import get_client
+
+    from medflow.errors import SpecError
+
+    result = pipeline(str(quick_spec), overrides={"train.epochs": 1, "evaluate.bootstrap": 20}, tags=["ticket-42"])
+    ran = yaml.safe_load((Path(result["run_dir"]) / "spec.yaml").read_text())
+    assert ran["train"]["epochs"] == 1 and ran["evaluate"]["bootstrap"] == 20  # the spec as run
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
+
+    with get_client(sync_client=True) as client:
+        tagged = client.read_flow_runs(flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=["ticket-42"])))
+    assert any(r.parameters.get("overrides") == {"train.epochs": 1, "evaluate.bootstrap": 20} for r in tagged)
+    with pytest.raises(SpecError, match="train.epoch: unknown field; did you mean 'epochs'"):
+        pipeline(str(quick_spec), overrides={"train.epoch": 1})
