@@ -152,4 +152,5 @@ def test_predict_cli_refuses_a_bad_model_or_input(tmp_path):
     (tmp_path / "model.keras").write_text("")
     result = runner.invoke(app, ["predict", "--model", str(tmp_path), "--input", str(tmp_path / "nope"),
                                  "--output", "o"])
-    assert result.exit_code == 2 and "neither a folder of DICOM files nor a spec file" in " ".join(result.output.split())
+    assert result.exit_code == 2 and "neither a folder of DICOM files or images nor a spec file" in " ".join(
+        result.output.split())
