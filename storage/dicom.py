@@ -147,7 +147,7 @@ def list_source(root: str | Path, problems: list[tuple[str, str]] | None = None)
                 elif entry.is_symlink():
                     problems.append((relpath, "symbolic link to nothing (dangling)"))
                 else:
-                    problems.append((relpath, f"not a regular file ({_file_type(entry)})"))
+                    problems.append((relpath, f"not a regular file ({file_type(entry.stat().st_mode)})"))
             except OSError as exc:  # ELOOP, EACCES, a file removed while listing
                 problems.append((relpath, f"cannot be listed: {type(exc).__name__}: "
                                  f"{os.strerror(exc.errno) if exc.errno else exc}"))
@@ -173,12 +173,17 @@ def _identity(entry) -> tuple[int, int]:
     return st.st_dev, st.st_ino
 
 
-def _file_type(entry: os.DirEntry) -> str:
+def file_type(mode: int) -> str:
+    """What a non-regular file is, from its ``st_mode`` (for a quarantine reason).
+
+    >>> import stat
+    >>> file_type(stat.S_IFIFO)
+    'FIFO'
+    """
     import stat
 
-    mode = entry.stat().st_mode
     for test, name in ((stat.S_ISFIFO, "FIFO"), (stat.S_ISSOCK, "socket"), (stat.S_ISCHR, "character device"),
-                       (stat.S_ISBLK, "block device")):
+                       (stat.S_ISBLK, "block device"), (stat.S_ISDIR, "folder")):
         if test(mode):
             return name
     return "unknown type"

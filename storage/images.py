@@ -40,7 +40,7 @@ def _not_usable(path: str, confined: bool) -> str | None:
     (a FIFO would block the reader), dangling links, and, under ``medflow serve``, links leading out of the
     allowed folders."""
     from medflow.access import is_inside
-    from storage.dicom import OUTSIDE
+    from storage.dicom import OUTSIDE, file_type
 
     try:
         st = os.lstat(path)
@@ -52,10 +52,7 @@ def _not_usable(path: str, confined: bool) -> str | None:
         return ("symbolic link to nothing (dangling)" if isinstance(exc, FileNotFoundError)
                 else f"cannot be listed: {type(exc).__name__}: {os.strerror(exc.errno) if exc.errno else exc}")
     if not stat.S_ISREG(st.st_mode):
-        kind = next((name for test, name in ((stat.S_ISFIFO, "FIFO"), (stat.S_ISSOCK, "socket"),
-                                             (stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device"),
-                                             (stat.S_ISDIR, "folder")) if test(st.st_mode)), "special file")
-        return f"not a regular file ({kind})"
+        return f"not a regular file ({file_type(st.st_mode)})"
     return None
 
 

@@ -18,6 +18,7 @@ import yaml
 from flows.pipeline import pipeline
 from medflow.cli import XRAY_DEMO_SPEC
 from medflow.synth_xray import synthesize_xray
+from medflow.splitting import _is_number
 from medflow.tables import read_csv
 
 pytestmark = pytest.mark.slow
@@ -89,14 +90,6 @@ def test_predict_writes_per_class_scores(xray_run, tmp_path):
 FORMULA = "=cmd|' -C calc'!A0"
 
 
-def _number(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
-
-
 def test_the_classic_program_as_a_spec_on_png_class_folders(tmp_path, prefect_harness, monkeypatch):
     """Also the containment of a native crash (issue 24): the Grad-CAM child is killed by SIGSEGV (the
     test hook), and the run still completes, its metrics and report naming the failed explanation."""
@@ -143,7 +136,7 @@ def test_the_classic_program_as_a_spec_on_png_class_folders(tmp_path, prefect_ha
     for name in ("split.csv", "predictions.csv"):
         with open(run / name, newline="") as fh:
             cells = [cell for row in csv.reader(fh) for cell in row]
-        assert not [c for c in cells if c[:1] in ("=", "+", "@", "\t", "\r") or (c[:1] == "-" and not _number(c))]
+        assert not [c for c in cells if c[:1] in ("=", "+", "@", "\t", "\r") or (c[:1] == "-" and not _is_number(c))]
         assert f"'{FORMULA}" in cells
     assert set(read_csv(run / "split.csv", dtype={"label_name": str})["label_name"]) == {FORMULA, "pneumonia"}
     assert reasons["effusion/"] == "empty class folder (no image)"

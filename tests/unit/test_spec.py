@@ -350,3 +350,49 @@ def test_the_cli_has_a_version_and_lists_its_choices():
     bad = runner.invoke(app, ["synth", "out", "--kind", "mri"], env={"COLUMNS": "200"})
     assert bad.exit_code == 2 and "'mri' is not one of 'ct', 'xray', 'ecg'" in bad.output
     assert runner.invoke(app, ["--help"], env={"COLUMNS": "200"}).output.count("--install-completion") == 1
+
+
+def test_a_full_disk_ends_a_run_in_one_line_naming_the_stage(tmp_path, monkeypatch):
+    """What `medflow run` prints when the disk fills: the stage and the cause in one line, the traceback in the
+    log file only (the measured console output is in the README)."""
+    import errno
+    import json
+    import logging
+    import sys
+
+    import typer
+
+    from medflow.cli import _expected_errors
+    from medflow.runs import PROGRESS_ENV
+    from medflow.settings import QuietExpectedErrors, expected_cause
+
+    progress = tmp_path / "progress.json"
+    progress.write_text(json.dumps({"stage": "ingest"}))
+    monkeypatch.setenv(PROGRESS_ENV, str(progress))
+    monkeypatch.setenv("MEDFLOW_VERBOSE", "1")  # leave this session's log handlers as they are
+    full = OSError(errno.ENOSPC, "No space left on device", "/data/store.zarr/series/x")
+    wrapped = RuntimeError("task failed")
+    wrapped.__cause__ = full
+    assert expected_cause(wrapped) is full and expected_cause(KeyError("x")) is None
+    try:
+        raise wrapped
+    except RuntimeError:
+        record = logging.LogRecord("prefect.task_runs", logging.ERROR, "", 0, "Task run failed: %r", (wrapped,),
+                                   sys.exc_info())
+    assert QuietExpectedErrors().filter(record) and record.exc_info is None
+    assert "the disk is full (ENOSPC) writing /data/store.zarr/series/x" in record.getMessage()
+    from io import StringIO
+
+    from rich.console import Console
+
+    out = StringIO()
+    monkeypatch.setattr("medflow.cli.err", Console(file=out, width=400))
+    with pytest.raises(typer.Exit) as exit_info:
+        with _expected_errors(tmp_path / "run.log"):
+            raise wrapped
+    lines = out.getvalue().strip().splitlines()
+    assert exit_info.value.exit_code == 1 and len(lines) == 1
+    assert lines[0].startswith("stage ingest: OSError: the disk is full (ENOSPC)") and "run.log" in lines[0]
+    with pytest.raises(KeyError):  # a bug keeps its traceback
+        with _expected_errors():
+            raise KeyError("x")
