@@ -93,7 +93,7 @@ def _stages(spec, run_dir: Path, log) -> dict:
     seconds: dict[str, float] = {}
 
     def timed(stage, fn, *args):
-        note_progress(stage=stage)
+        note_progress(stage=stage, work="")
         _fault_hook(stage)
         t0 = time.perf_counter()
         with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):

@@ -226,8 +226,11 @@ def _load_checked(spec_path: Path):
 
 
 def _run_pipeline(spec_path: Path) -> dict:
+    import os
+
     spec = _load_checked(spec_path)
     settings.configure(Path(spec.runs_dir).parent)
+    settings.import_tensorflow_quietly(verbose=bool(os.environ.get(VERBOSE_ENV)))  # before any thread or child
     from medflow import api_server
     from medflow.dask_runtime import prepare_local_workers
 
@@ -335,8 +338,15 @@ def _supervise(args: list[str], spec_path: Path) -> int:
     with tempfile.TemporaryDirectory(prefix="medflow-run-") as tmp:
         progress, fault = Path(tmp) / "progress.json", Path(tmp) / "fault.txt"
         env = {**os.environ, SUPERVISED_ENV: str(fault), PROGRESS_ENV: str(progress)}
+        cmd = [sys.executable, "-m", "medflow.cli", *args]
         try:
-            code = subprocess.call([sys.executable, "-m", "medflow.cli", *args], env=env)
+            if console.is_terminal and not os.environ.get("MEDFLOW_PLAIN"):
+                from medflow.terminal import run_with_display
+
+                code = run_with_display(cmd, env, progress, console,
+                                        keep=lambda line: bool(os.environ.get(VERBOSE_ENV)) or not _banner(line))
+            else:
+                code = subprocess.call(cmd, env=env)
         except KeyboardInterrupt:
             return 130
         if code >= 0:
@@ -355,6 +365,14 @@ def _supervise(args: list[str], spec_path: Path) -> int:
     if known.get("flow_run_id"):
         _mark_crashed(known["flow_run_id"], message, Path(spec_path))
     return 128 + (-code)
+
+
+# native start-up lines of TensorFlow's libraries (abseil logs before its logging is set up)
+BANNER_MARKS = ("All log messages before absl::InitializeLog()", "oneDNN custom operations are on")
+
+
+def _banner(line: str) -> bool:
+    return any(mark in line for mark in BANNER_MARKS)
 
 
 def _mark_crashed(flow_run_id: str, message: str, spec_path: Path) -> None:
@@ -486,6 +504,8 @@ def export(
 ) -> None:
     """Export a run's model as ONNX or a SavedModel, with contract.json: the input it expects (shape, the
     preprocessing steps), what it returns (classes, threshold). The export is checked against the Keras model."""
+    settings.configure()
+    settings.import_tensorflow_quietly()
     from medflow.exporting import export_run
 
     try:
@@ -653,6 +673,7 @@ def demo(
     workdir = workdir or Path(default_dir)
     workdir.mkdir(parents=True, exist_ok=True)
     settings.configure(workdir)  # the spec's runs folder is workdir/runs: the same Prefect home
+    settings.import_tensorflow_quietly()  # its banner held back; before any thread or child process starts
     from medflow import api_server
 
     api_server.start_early()  # Prefect's server starts while the cohort is made
@@ -713,6 +734,7 @@ def predict(
     # Prefect's and Dask's own files go to medflow's cache, never beside the model: a shared or read-only run
     # folder must do for predict
     settings.configure(Path(os.environ.get("MEDFLOW_CACHE") or Path.home() / ".cache" / "medflow") / "predict")
+    settings.import_tensorflow_quietly()
     from medflow import api_server
 
     t0 = time.perf_counter()

@@ -115,6 +115,12 @@ def note_progress(**fields) -> None:
     write_text_atomic(target, json.dumps({**known, **{k: str(v) for k, v in fields.items()}}))
 
 
+def note_work(label: str, done: int, total: int | None, unit: str) -> None:
+    """Counts of the work under way (``ingest``: 40 of 120 series) for a supervising ``medflow run``'s
+    progress display on a terminal; nothing when unsupervised."""
+    note_progress(work=json.dumps({"label": label, "done": done, "total": total, "unit": unit}))
+
+
 def current_progress() -> dict:
     """What ``note_progress`` has recorded in this supervised run (empty when unsupervised)."""
     path = os.environ.get(PROGRESS_ENV)

@@ -34,6 +34,35 @@ def configure(workdir: str | Path | None = None) -> None:
         make_private(Path(env["PREFECT_HOME"]))
 
 
+def import_tensorflow_quietly(verbose: bool = False) -> None:
+    """Import TensorFlow with its native start-up lines held back (shown with ``verbose``).
+
+    TensorFlow 2.21 logs "oneDNN custom operations are on" twice through abseil before abseil's
+    logging is initialised, so ``TF_CPP_MIN_LOG_LEVEL`` cannot silence it: stderr's descriptor is
+    pointed at a temporary file for the import and restored after. What was held back is printed
+    if the import fails. Call it before starting threads or processes that write to stderr."""
+    import sys
+    import tempfile
+
+    if verbose or "tensorflow" in sys.modules:
+        import tensorflow  # noqa: F401
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            import tensorflow  # noqa: F401
+        except BaseException:
+            os.dup2(saved, 2)
+            held.seek(0)
+            sys.stderr.write(held.read().decode(errors="replace"))
+            raise
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
 # An origin no browser page can have (.invalid never resolves, RFC 2606): CORS then admits no web page.
 NO_ORIGIN = "https://medflow.invalid"
 

@@ -21,6 +21,7 @@ from storage.ingest import (
 from storage.store import Store
 from medflow.dask_runtime import cluster_options, dask_client, map_on, run_all, total_threads, worker_memory
 from medflow.retry import retry_transient
+from medflow.runs import note_work
 
 
 def ingest_options(spec) -> IngestOptions:
@@ -101,6 +102,7 @@ def ingest_series_task(source: str, store_root: str, plans: list[SeriesPlan], op
 
     def on_result(done, total, res):
         update_progress_artifact(progress, 100.0 * done / total)
+        note_work("ingest", done, total, "series")
         if res["status"] != "ingested":
             log.info("ingest %d/%d: %s %s: %s", done, total, res["series_key"], res["status"], res.get("reason"))
         elif done % step == 0 or done == total:
@@ -198,6 +200,7 @@ def pull_dicomweb_task(source: str, store_root: str, staging: str) -> dict:
             for done, n in enumerate(pool.map(lambda s: pull_series(client, s, Path(staging)), todo), start=1):
                 files += n
                 update_progress_artifact(progress, 100.0 * done / len(todo))
+                note_work("fetch (DICOMweb)", done, len(todo), "series")
     return {"listed": len(remote), "fetched": len(todo), "files": files}
 
 
@@ -220,6 +223,7 @@ def ingest_images_task(source: str, store_root: str, listing: dict | None, color
     def on_result(i, total, res):
         done["n"] += res["ingested"] + res["unchanged"] + len(res["quarantine"])
         update_progress_artifact(progress, 100.0 * i / total)
+        note_work("ingest", done["n"], len(items), "images")
 
     with dask_client(**cluster_options(dask, store)) as client:
         results = run_all(client, ingest_images, [(store_root, source, c) for c in chunks], on_result=on_result) \

@@ -10,6 +10,7 @@ from storage.store import Store
 from medflow.dask_runtime import cluster_options, dask_client, run_all
 from medflow.preprocessing import preprocess_series, steps_key
 from medflow.retry import retry_transient
+from medflow.runs import note_work
 
 
 def stale_series(store: Store, prep_key: str) -> list[str]:
@@ -37,6 +38,7 @@ def preprocess_task(store_root: str, steps: list[tuple[str, dict]], dask: dict) 
 
     def on_result(done, n, res):
         update_progress_artifact(progress, 100.0 * done / n)
+        note_work("preprocess", done, n, "series")
 
     with dask_client(**cluster_options(dask, Store(store_root))) as client:
         run_all(client, preprocess_series, [(store_root, k, steps, prep_key) for k in todo], on_result=on_result)

@@ -11,7 +11,7 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.logging import get_run_logger
 
 from medflow import kinds
-from medflow.runs import write_json_atomic
+from medflow.runs import note_work, write_json_atomic
 from medflow.splitting import patient_folds, patient_split
 from medflow.subgroups import subgroup_columns
 from storage.store import Store
@@ -73,6 +73,7 @@ def train_model_task(spec, run_dir: str, prep_key: str, split_csv: str) -> dict:
     progress = create_progress_artifact(0.0, key="train-progress", description=f"epochs of {epochs}")
 
     def on_epoch(epoch, total, logs):
+        note_work("train", epoch, total, "epochs")
         update_progress_artifact(progress, 100.0 * epoch / total,
                                  description=f"epoch {epoch}/{total}, val_loss {logs.get('val_loss', float('nan')):.4f}")
 
@@ -104,6 +105,7 @@ def train_fold_task(spec, run_dir: str, prep_key: str, split_csv: str, fold: int
     progress = create_progress_artifact(0.0, key=f"train-progress-fold-{fold}", description=f"fold {fold}")
 
     def on_epoch(epoch, total, logs):
+        note_work(f"train fold {fold + 1}/{folds}", epoch, total, "epochs")
         update_progress_artifact(progress, 100.0 * epoch / total, description=f"fold {fold}/{folds}: epoch "
                                  f"{epoch}/{total}, val_loss {logs.get('val_loss', float('nan')):.4f}")
 

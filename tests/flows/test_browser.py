@@ -45,6 +45,7 @@ def test_ui_shows_run_subflows_and_artifacts(prefect_server, quick_spec, tmp_pat
                          env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert f"Report:http://127.0.0.1:{reports_port}/runs/" in "".join(run.stdout.split())  # the served URL
+    assert "absl::InitializeLog" not in run.stderr and "oneDNN custom operations" not in run.stderr  # no banner
     flow_run = httpx.post(f"{api}/flow_runs/filter", timeout=10, json={
         "flows": {"name": {"any_": ["pipeline"]}}, "sort": "START_TIME_DESC", "limit": 1}).json()[0]
     assert flow_run["state_type"] == "COMPLETED"
