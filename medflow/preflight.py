@@ -6,8 +6,11 @@ missing label column or a busy store is one line at once, not a traceback 40 s i
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import secrets
+from pathlib import Path
 
 from medflow.spec import PipelineSpec, step_items
 
@@ -20,8 +23,11 @@ def preflight(spec: PipelineSpec) -> list[str]:
     """Problems found without running: one ``field: message`` line each; empty when none."""
     from medflow import kinds
 
-    return [*_source_problems(spec), *kinds.get(spec.model.task).preflight(spec), *_label_problems(spec),
-            *store_problems(spec), *_memory_problems(spec)]
+    source = _source_problems(spec)
+    labels = _label_problems(spec)
+    keys = _label_key_problems(spec) if not source and not labels else []
+    return [*source, *kinds.get(spec.model.task).preflight(spec), *labels, *keys, *store_problems(spec),
+            *_memory_problems(spec)]
 
 
 def _source_problems(spec: PipelineSpec) -> list[str]:
@@ -80,6 +86,101 @@ def _label_problems(spec: PipelineSpec) -> list[str]:
         problems.append(f"data.labels: column {lab.label_column!r} holds one class only ({sorted(values)}); a "
                         "classifier needs at least two")
     return problems
+
+
+def _label_key_problems(spec: PipelineSpec) -> list[str]:
+    """No key of the labels CSV found in the source: with DICOM, the key attribute of the source's files
+    (a header scan that stops at the first match, cached per file); with images, the listed paths."""
+    import pandas as pd
+
+    from storage.dicomweb import is_dicomweb
+
+    lab = spec.data.labels
+    if lab is None or is_dicomweb(spec.data.source):
+        return []
+    try:
+        keys = {str(v).strip() for v in pd.read_csv(lab.path, dtype=str)[lab.key_column_name].dropna()}
+    except Exception:  # noqa: BLE001 - _label_problems reports an unreadable CSV
+        return []
+    keys.discard("")
+    if not keys:
+        return [f"data.labels: column {lab.key_column_name!r} of {lab.path!r} has no keys"]
+    if lab.key == "path":
+        found = sum(1 for k in keys if (Path(spec.data.source) / k).is_file())
+        if not found:
+            return [f"data.labels: none of the {len(keys)} paths in column {lab.key_column_name!r} names a file in "
+                    f"data.source (paths are relative to {spec.data.source!r}, e.g. 'normal/img001.png')"]
+        return []
+    try:
+        scanned, matched = key_scan(spec.data.source, lab.key, keys)
+    except Exception:  # noqa: BLE001 - a source the listing refuses: _source_problems or the run reports it
+        return []
+    if scanned and not matched:
+        return [f"data.labels: none of the {len(keys)} values in column {lab.key_column_name!r} is the {lab.key} of "
+                f"a file in data.source ({scanned} DICOM files read); check that data.labels.key names the attribute "
+                f"the CSV holds (StudyInstanceUID, PatientID or AccessionNumber) and that the CSV belongs to this "
+                f"source"]
+    return []
+
+
+def key_scan(source: str, attribute: str, keys: set[str]) -> tuple[int, bool]:
+    """Read ``attribute`` from the source's DICOM files until one holds a value in ``keys``: the number of
+    DICOM files read and whether one matched. Each file's value is cached (``$MEDFLOW_CACHE/keys``, by file
+    path, size and modification time) as a salted hash, never as the identifier itself, so a second
+    validate or the run's own check reads no file again."""
+    import hashlib
+
+    import pydicom
+
+    from storage.dicom import list_source
+
+    try:
+        cache_file = _cache_folder() / f"{hashlib.sha256(str(Path(source).resolve()).encode()).hexdigest()[:24]}.json"
+        cache = json.loads(cache_file.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    if not isinstance(cache.get("files"), dict) or cache.get("attribute") != attribute:
+        cache = {"salt": secrets.token_hex(16), "attribute": attribute, "files": {}}
+    salt = cache["salt"]
+
+    def digest(text: str) -> str:
+        return hashlib.sha256(f"{salt}\0{text}".encode(errors="surrogateescape")).hexdigest()[:32]
+
+    wanted = {digest(k) for k in keys}
+    read, matched, changed = 0, False, False
+    for rel, size, mtime in list_source(source, []):
+        name = digest(rel)
+        entry = cache["files"].get(name)
+        if entry and entry[0] == size and entry[1] == mtime:
+            value = entry[2]
+        else:
+            try:
+                ds = pydicom.dcmread(os.path.join(source, rel), stop_before_pixels=True, specific_tags=[attribute])
+                value = digest(str(ds.get(attribute, "") or "").strip()) if attribute in ds else None
+            except Exception:  # noqa: BLE001 - not DICOM, or unreadable: ingest quarantines it with its reason
+                value = None
+            cache["files"][name] = [size, mtime, value]
+            changed = True
+        if value is None:
+            continue
+        read += 1
+        if value in wanted:
+            matched = True
+            break
+    if changed:
+        from medflow.runs import write_text_atomic
+
+        try:
+            write_text_atomic(cache_file, json.dumps(cache), mode=0o600)
+        except (OSError, NameError):
+            pass  # a read-only cache: the next check reads the files again
+    return read, matched
+
+
+def _cache_folder() -> Path:
+    folder = Path(os.environ.get("MEDFLOW_CACHE") or Path.home() / ".cache" / "medflow") / "keys"
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return folder
 
 
 def store_problems(spec: PipelineSpec) -> list[str]:

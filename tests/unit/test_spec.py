@@ -396,3 +396,37 @@ def test_a_full_disk_ends_a_run_in_one_line_naming_the_stage(tmp_path, monkeypat
     with pytest.raises(KeyError):  # a bug keeps its traceback
         with _expected_errors():
             raise KeyError("x")
+
+
+def test_validate_finds_labels_that_match_no_file_of_the_source_and_caches_no_identifier(tmp_path, monkeypatch):
+    """The run used to fail at the train stage with "no series in the store matches a row of labels.csv"."""
+    import shutil
+
+    import pydicom
+    from pydicom.data import get_testdata_file
+    from typer.testing import CliRunner
+
+    from medflow.cli import app
+
+    ct = get_testdata_file("CT_small.dcm")
+    uid = str(pydicom.dcmread(ct).StudyInstanceUID)
+    (tmp_path / "cohort" / "dicom" / "study").mkdir(parents=True)
+    shutil.copy(ct, tmp_path / "cohort" / "dicom" / "study" / "ct.dcm")
+    (tmp_path / "cohort" / "dicom" / "notes.txt").write_text("not DICOM")
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(_spec()))
+    cache = tmp_path / "cache"
+    env = {"COLUMNS": "400", "MEDFLOW_CACHE": str(cache)}
+    runner = CliRunner()
+    for rows in ("1.2.3,0\n1.2.4,1\n", f"{uid.replace('.', '-')},0\n1.2.4,1\n"):  # none is the file's UID
+        (tmp_path / "cohort" / "labels.csv").write_text("StudyInstanceUID,nodule\n" + rows)
+        result = runner.invoke(app, ["validate", str(path)], env=env)
+        assert result.exit_code == 2, result.output
+        lines = [line for line in result.output.splitlines() if line.strip().startswith("•")]
+        assert len(lines) == 1 and "data.labels: none of the 2 values in column 'StudyInstanceUID' is the " \
+            "StudyInstanceUID of a file in data.source (1 DICOM files read)" in lines[0], lines
+    (tmp_path / "cohort" / "labels.csv").write_text(f"StudyInstanceUID,nodule\n{uid},0\n1.2.4,1\n")
+    result = runner.invoke(app, ["validate", str(path)], env=env)
+    assert result.exit_code == 0, result.output
+    cached = "".join(p.read_text() for p in (cache / "keys").iterdir())
+    assert uid not in cached and "study" not in cached and "ct.dcm" not in cached  # salted hashes only
