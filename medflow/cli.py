@@ -467,12 +467,13 @@ def pd_isna(value) -> bool:
 
 @app.command()
 def compare(
-    run_a: Annotated[Path, typer.Argument(metavar="RUN_A", help="A finished classification or segmentation run "
-                                          "folder.")],
+    run_a: Annotated[Path, typer.Argument(metavar="RUN_A", help="A finished run folder (classification, "
+                                          "segmentation or detection).")],
     run_b: Annotated[Path, typer.Argument(metavar="RUN_B", help="Another, on the same store and split seed.")],
 ) -> None:
     """Test whether two runs differ on the test cases both scored: AUC (DeLong's paired test), macro AUC of
-    multi-class runs (paired bootstrap over patients) or Dice of segmentations (Wilcoxon's signed-rank test)."""
+    multi-class runs (paired bootstrap over patients), Dice of segmentations (Wilcoxon's signed-rank test), CPM
+    of 3D detection or AP50 and AP50:95 of 2D detection (paired bootstrap over patients)."""
     from medflow.compare import compare_runs
 
     try:
@@ -488,6 +489,9 @@ def compare(
     console.print(f"B {run_b.name}: {metric} {r['value_b']:.3f}")
     console.print(f"difference A − B: {r['difference']:+.3f} (95% CI {r['ci'][0]:+.3f} to {r['ci'][1]:+.3f})")
     console.print(f"{r['method']}: p = {r['p_value']:.3g}")
+    for name, m in r.get("also", {}).items():  # detection2d: AP50:95 beside AP50
+        console.print(f"{name.upper().replace('_', ':')}: A {m['value_a']:.3f}, B {m['value_b']:.3f}, difference "
+                      f"{m['difference']:+.3f} (95% CI {m['ci'][0]:+.3f} to {m['ci'][1]:+.3f}), p = {m['p_value']:.3g}")
 
 
 class ExportFormat(str, Enum):

@@ -104,6 +104,9 @@ def compare_runs(run_a: str | Path, run_b: str | Path, *, n_boot: int = 2000, se
     Returns ``metric``, ``method``, ``value_a``, ``value_b``, ``difference``, ``ci``, ``p_value``, ``shared``,
     ``only_a``, ``only_b`` (and, for binary runs, DeLong's ``auc_a``, ``auc_b``, ``n_positive``, ``n_negative``).
     """
+    outcomes = [_read_json(Path(run) / "test_outcomes.json") for run in (run_a, run_b)]
+    if outcomes[0].get("kind") and outcomes[0].get("kind") == outcomes[1].get("kind"):
+        return _paired_detection(*outcomes, n_boot=n_boot, seed=seed)
     frames = []
     for run in (run_a, run_b):
         path = Path(run) / "predictions.csv"
@@ -124,7 +127,8 @@ def compare_runs(run_a: str | Path, run_b: str | Path, *, n_boot: int = 2000, se
         columns = ["series_key", "patient_key", "label", "dice"]
     else:
         raise ValueError("the two runs are not of one comparable kind: compare takes two binary or two multi-class "
-                         "classification runs (with the same classes), or two segmentation runs")
+                         "classification runs (with the same classes), two segmentation runs, or two detection runs "
+                         "of one kind (evaluated by this medflow version: they hold test_outcomes.json)")
     both = a[columns].merge(b[[c for c in columns if c != "patient_key"]], on="series_key", suffixes=("_a", "_b"))
     if both.empty:
         raise ValueError("the two runs share no test case: compare runs of one store with one split seed")
@@ -190,3 +194,79 @@ def _paired_dice(lesion: pd.DataFrame, *, n_boot: int, seed: int) -> dict:
     return {"metric": "Dice", "method": f"Wilcoxon signed-rank test on {len(diff)} cases with a lesion",
             "value_a": float(da.mean()), "value_b": float(db.mean()), "difference": float(diff.mean()),
             "ci": [float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))], "p_value": p}
+
+
+def _paired_detection(a: dict, b: dict, *, n_boot: int, seed: int) -> dict:
+    """Two detection runs on their shared test scans: CPM (3D, FROC) or AP50 and AP50:95 (2D, COCO), each run's
+    value, the difference's 95% percentile interval and two-sided p-value from one bootstrap over patients (the
+    same draw for both runs)."""
+    by_a = {c["series_key"]: c for c in a["cases"]}
+    shared = [c for c in b["cases"] if c["series_key"] in by_a]
+    if not shared:
+        raise ValueError("the two runs share no test case: compare runs of one store with one split seed")
+    cases_a, cases_b = [by_a[c["series_key"]] for c in shared], shared
+    if a["kind"] == "froc":
+        if [len(c["lesion_best"]) for c in cases_a] != [len(c["lesion_best"]) for c in cases_b]:
+            raise ValueError("the two runs count different lesions in their shared test scans: they used different marks")
+        metrics = ["cpm"]
+        value = {side: _froc_value(cases) for side, cases in (("a", cases_a), ("b", cases_b))}
+        name, headline = "CPM", "cpm"
+    else:
+        from medflow.boxes import _accumulate, _evaluate
+
+        if [c["truth"] for c in cases_a] != [c["truth"] for c in cases_b]:
+            raise ValueError("the two runs hold different truth boxes for their shared test images: they used "
+                             "different marks")
+        metrics = ["ap50", "ap50_95"]
+        value = {side: _box_value(_evaluate(cases), _accumulate) for side, cases in (("a", cases_a), ("b", cases_b))}
+        name, headline = "AP50", "ap50"
+    full = {side: fn(list(range(len(shared)))) for side, fn in value.items()}
+    patients = [c["patient"] for c in shared]
+    groups = {p: [i for i, q in enumerate(patients) if q == p] for p in dict.fromkeys(patients)}
+    members = list(groups.values())
+    rng = np.random.default_rng(seed)
+    diffs = {m: [] for m in metrics}
+    for _ in range(n_boot):
+        pick = [i for g in rng.integers(len(members), size=len(members)) for i in members[g]]
+        va, vb = value["a"](pick), value["b"](pick)
+        for m in metrics:
+            d = va[m] - vb[m]
+            if d == d:
+                diffs[m].append(d)
+    out = {"metric": name, "value_a": full["a"][headline], "value_b": full["b"][headline],
+           "difference": full["a"][headline] - full["b"][headline],
+           "method": f"paired bootstrap over {len(members)} patients ({len(diffs[headline])} resamples)",
+           "shared": len(shared), "only_a": len(a["cases"]) - len(shared), "only_b": len(b["cases"]) - len(shared)}
+    for m in metrics:
+        d = np.asarray(diffs[m])
+        ci = [float(np.percentile(d, 2.5)), float(np.percentile(d, 97.5))] if len(d) else [float("nan")] * 2
+        p = float(min(1.0, 2 * min((d <= 0).mean(), (d >= 0).mean()))) if len(d) else float("nan")
+        if m == headline:
+            out.update({"ci": ci, "p_value": p})
+        else:
+            out["also"] = {**out.get("also", {}), m: {"value_a": full["a"][m], "value_b": full["b"][m],
+                                                      "difference": full["a"][m] - full["b"][m], "ci": ci,
+                                                      "p_value": p}}
+    return out
+
+
+def _froc_value(cases: list[dict]):
+    """A function of picked case indices (repeats allowed) to that sample's CPM."""
+    from medflow.froc import cpm, froc_curve, sensitivity_at
+
+    outcomes = [(np.asarray(c["fp_scores"], float),
+                 np.array([-np.inf if v is None else v for v in c["lesion_best"]], float)) for c in cases]
+
+    def value(pick):
+        curve = froc_curve([], [outcomes[i] for i in pick])
+        return {"cpm": cpm(sensitivity_at(curve)) if curve["n_lesions"] else float("nan")}
+
+    return value
+
+
+def _box_value(ev, accumulate):
+    def value(pick):
+        ap = accumulate(ev, pick)
+        return {"ap50": ap["ap50"], "ap50_95": ap["ap50_95"]}
+
+    return value

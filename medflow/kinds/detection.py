@@ -245,6 +245,7 @@ class Detection(TaskKind):
         result["missed"] = missed
         write_csv_atomic(run_dir / "predictions.csv", per_case)
         write_csv_atomic(run_dir / "detections.csv", pd.DataFrame(det_rows))
+        write_json_atomic(run_dir / "test_outcomes.json", froc_outcomes(model_scans["test"]))
         _save_examples(run_dir, per_case, slices, model_scans["test"], store, steps, prep_key)
         write_json_atomic(run_dir / "metrics.json", result)
         t = result["test"]
@@ -361,6 +362,19 @@ def _flat_ci(summary: dict) -> dict:
 
 def _ci_text(ci) -> str:
     return f"{ci[0]:.3f} – {ci[1]:.3f}" if ci and all(v == v for v in ci) else "no interval"
+
+
+def froc_outcomes(scans: list[dict]) -> dict:
+    """What ``medflow compare`` pairs two detection runs by: per test scan, its patient, the scores of its
+    false positives and each lesion's best hit score (None: never hit)."""
+    from medflow.froc import scan_outcome
+
+    cases = []
+    for scan in scans:
+        fp, best = scan_outcome(scan)
+        cases.append({"series_key": scan["series_key"], "patient": scan["patient"], "fp_scores": fp.tolist(),
+                      "lesion_best": [float(b) if np.isfinite(b) else None for b in best]})
+    return {"kind": "froc", "cases": cases}
 
 
 def _cases(part: pd.DataFrame, scans: dict, threshold: float) -> tuple[pd.DataFrame, list[dict]]:

@@ -208,6 +208,11 @@ class Detection2D(TaskKind):
         result["missed"] = missed
         write_csv_atomic(run_dir / "predictions.csv", per_case)
         write_csv_atomic(run_dir / "detections.csv", pd.DataFrame(det_rows))
+        # what `medflow compare` pairs two runs by: each test image's truth and the model's scored boxes
+        write_json_atomic(run_dir / "test_outcomes.json", {"kind": "boxes", "cases": [
+            {"series_key": i["series_key"], "patient": i["patient"], "truth": [[float(v) for v in b] for b in i["truth"]],
+             "detections": [{"box": [float(v) for v in d["box"]], "score": float(d["score"])} for d in i["detections"]]}
+            for i in images("model", "test")]})
         _save_examples(run_dir, per_case, images_of, found, store, steps, threshold)
         write_json_atomic(run_dir / "metrics.json", result)
         t, o = result["test"], result["operating"]

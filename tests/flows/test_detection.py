@@ -76,6 +76,11 @@ def test_detection_pipeline_scores_froc_against_the_baseline(det_run):
     listed = list_runs(run.parent).set_index("run").loc[run.name]
     assert listed["metric"] == "cpm" and listed["value"] == pytest.approx(t["cpm"])
     assert listed["baseline"] == pytest.approx(metrics["baseline"]["cpm"])
+    from medflow.compare import compare_runs
+
+    itself = compare_runs(run, run, n_boot=50)  # compare pairs detection runs by their test outcomes
+    assert itself["metric"] == "CPM" and itself["value_a"] == pytest.approx(t["cpm"]) and itself["difference"] == 0
+    assert itself["shared"] == int((cases["split"] == "test").sum())
 
     html = (run / "report.html").read_text()
     for fragment in ("FROC curves of the model and the baseline", 'id="baseline"', "Missed lesions", "CPM",

@@ -90,6 +90,11 @@ def test_box_pipeline_scores_ap_against_the_baseline(box_run):
 
     listed = list_runs(run.parent).set_index("run").loc[run.name]
     assert listed["metric"] == "ap50" and listed["value"] == pytest.approx(metrics["test"]["ap50"])
+    from medflow.compare import compare_runs
+
+    itself = compare_runs(run, run, n_boot=50)  # compare pairs detection runs by their test outcomes
+    assert itself["metric"] == "AP50" and itself["value_a"] == pytest.approx(metrics["test"]["ap50"])
+    assert itself["difference"] == 0 and itself["shared"] == len(test_keys)
 
     html = (run / "report.html").read_text()
     for fragment in ("Precision-recall curves of the model and the baseline", 'id="baseline"', "Missed boxes",

@@ -143,3 +143,67 @@ def test_two_segmentation_runs_are_compared_by_dice_on_the_cases_with_a_lesion(t
     assert r["ci"][0] > 0
     with pytest.raises(ValueError, match="not of one comparable kind"):
         compare_runs(ra, _run(tmp_path, "bin", rng.normal(size=n), label, ["test"] * n))
+
+
+def _scans(seed, n=40, skill=1.0):
+    """3D scans: a lesion in most, detections at it scored by ``skill``, false positives elsewhere."""
+    rng = np.random.default_rng(seed)
+    scans = []
+    for i in range(n):
+        lesions = [{"xyz": [10.0 * i, 0.0, 0.0], "diameter_mm": 8.0}] if i % 4 else []
+        dets = [{"xyz": [10.0 * i + 200, 50.0, 0.0], "score": float(rng.uniform(0, 1))} for _ in range(2)]
+        if lesions and rng.uniform() < 0.8:
+            dets.append({"xyz": lesions[0]["xyz"], "score": float(np.clip(0.5 + skill * rng.normal(0.3, 0.2), 0, 1))})
+        scans.append({"series_key": f"s{i}", "patient": f"p{i // 2}", "detections": dets, "lesions": lesions})
+    return scans
+
+
+def _outcome_run(folder, name, outcomes):
+    run = folder / name
+    run.mkdir()
+    (run / "test_outcomes.json").write_text(json.dumps(outcomes))
+    return run
+
+
+def test_two_detection_runs_are_compared_by_cpm_with_a_patient_bootstrap(tmp_path):
+    from medflow.froc import froc_summary
+    from medflow.kinds.detection import froc_outcomes
+
+    good, weak = _scans(1, skill=1.0), _scans(1, skill=0.0)
+    for s in weak:  # the same lesions, the hits scored like the false positives
+        s["detections"] = [{**d, "score": d["score"] * 0.3} for d in s["detections"]]
+    ra = _outcome_run(tmp_path, "a", froc_outcomes(good))
+    rb = _outcome_run(tmp_path, "b", froc_outcomes(weak))
+    r = compare_runs(ra, rb, n_boot=300)
+    assert r["metric"] == "CPM" and r["shared"] == 40
+    assert r["value_a"] == pytest.approx(froc_summary(good, n_boot=0)["cpm"])  # the run's own CPM, recomputed
+    assert r["value_b"] == pytest.approx(froc_summary(weak, n_boot=0)["cpm"])
+    assert r["difference"] > 0.1 and r["ci"][0] > 0 and r["p_value"] < 0.05, r
+    same = compare_runs(ra, _outcome_run(tmp_path, "c", froc_outcomes(good)), n_boot=100)
+    assert same["difference"] == 0 and same["ci"] == [0, 0] and same["p_value"] == 1.0
+    other = froc_outcomes(good)
+    other["cases"][1]["lesion_best"] = [None, None]
+    with pytest.raises(ValueError, match="different lesions"):
+        compare_runs(ra, _outcome_run(tmp_path, "d", other))
+
+
+def test_two_box_runs_are_compared_by_ap50_and_ap50_95(tmp_path):
+    from medflow.boxes import coco_ap
+
+    rng = np.random.default_rng(0)
+    images_a, images_b = [], []
+    for i in range(30):
+        truth = [[20.0, 20.0, 40.0, 44.0]]
+        hit = {"box": [21.0, 20.0, 41.0, 44.0], "score": 0.9}
+        far = {"box": [60.0, 60.0, 80.0, 80.0], "score": float(rng.uniform(0.1, 0.5))}
+        images_a.append({"series_key": f"s{i}", "patient": f"p{i}", "truth": truth, "detections": [hit, far]})
+        loose = {"box": [26.0, 25.0, 46.0, 49.0], "score": 0.9}  # IoU about 0.5 or less: often a miss at 0.5
+        images_b.append({"series_key": f"s{i}", "patient": f"p{i}", "truth": truth,
+                         "detections": [loose if i % 2 else hit, far]})
+    ra = _outcome_run(tmp_path, "a", {"kind": "boxes", "cases": images_a})
+    rb = _outcome_run(tmp_path, "b", {"kind": "boxes", "cases": images_b})
+    r = compare_runs(ra, rb, n_boot=200)
+    assert r["metric"] == "AP50"
+    assert r["value_a"] == pytest.approx(coco_ap(images_a)["ap50"]) and r["value_b"] == pytest.approx(coco_ap(images_b)["ap50"])
+    assert r["difference"] > 0 and r["ci"][0] > 0
+    assert r["also"]["ap50_95"]["difference"] == pytest.approx(coco_ap(images_a)["ap50_95"] - coco_ap(images_b)["ap50_95"])
