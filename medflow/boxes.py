@@ -184,6 +184,13 @@ def box_summary(images: list[dict], *, n_boot: int = 1000, seed: int = 0) -> dic
 
         ci = patient_bootstrap(stat, patients, list(AP_METRICS), n=int(n_boot), seed=seed)
         out["ci"] = {m: [float(v) for v in ci[m]] for m in AP_METRICS if m in ci}
+    out["ci_method"] = {m: "patient bootstrap, BCa" for m in out["ci"]}
+    if n_boot and out["n_boxes"]:
+        from medflow.intervals import WILSON_MEAN, wilson_mean
+
+        for m in AP_METRICS:  # one patient, or every resample alike (AP 1.0 or 0.0): a Wilson interval over the boxes
+            if m not in out["ci"] and np.isfinite(out[m]):
+                out["ci"][m], out["ci_method"][m] = list(wilson_mean(out[m], out["n_boxes"])), WILSON_MEAN
     return out
 
 

@@ -119,6 +119,12 @@ def froc_summary(scans: list[dict], *, n_boot: int = 1000, seed: int = 0, patien
         lo, hi = np.percentile(draws, [2.5, 97.5], axis=0)
         out["cpm_ci"] = [float(lo[0]), float(hi[0])]
         out["sensitivity_ci"] = {str(r): [float(lo[j + 1]), float(hi[j + 1])] for j, r in enumerate(FP_RATES)}
+        out["ci_method"] = "patient bootstrap, percentile"
+    if n_boot and curve["n_lesions"] and (not out.get("cpm_ci") or out["cpm_ci"][0] == out["cpm_ci"][1]):
+        from medflow.intervals import WILSON_MEAN, wilson_mean
+
+        # one patient, or every resample alike (CPM 1.0 or 0.0): Wilson's interval over the lesions, never a point
+        out["cpm_ci"], out["ci_method"] = list(wilson_mean(out["cpm"], curve["n_lesions"])), WILSON_MEAN
     return out
 
 

@@ -38,6 +38,29 @@ def wilson(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
     return float(ci.low), float(ci.high)
 
 
+WILSON_MEAN = "Wilson score for a mean in [0, 1] (the bootstrap cannot vary: one case, or every case alike)"
+
+
+def wilson_mean(mean: float, n: int, level: float = 0.95) -> tuple[float, float]:
+    """Wilson's score interval with ``mean`` as the proportion over ``n`` cases: for a mean of values in [0, 1]
+    (Dice, AP, CPM) where a bootstrap collapses to a point (one case, or every case the same), an interval as
+    wide as a proportion of ``n`` could be; a value in [0, 1] varies at most as much as a 0/1 one.
+
+    >>> [round(v, 3) for v in wilson_mean(1.0, 1)]
+    [0.207, 1.0]
+    >>> lo, hi = wilson_mean(0.62, 40)
+    >>> lo < 0.62 < hi
+    True
+    """
+    if n <= 0 or not np.isfinite(mean):
+        return float("nan"), float("nan")
+    z = stats.norm.ppf(0.5 + level / 2)
+    p = min(max(float(mean), 0.0), 1.0)
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return float(max(0.0, centre - half)), float(min(1.0, centre + half))
+
+
 def newcombe_auc(auc: float, n_pos: int, n_neg: int, level: float = 0.95) -> tuple[float, float]:
     """Newcombe's (2006, method 5) score interval for an AUC from ``n_pos`` positive and ``n_neg``
     negative cases: the values θ with (auc − θ)² = z²·V(θ), where V is Hanley and McNeil's

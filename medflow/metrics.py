@@ -145,34 +145,41 @@ def _at_bound(name: str, value: float, y, pred, patients, level: float) -> tuple
     return None
 
 
-def multiclass_bound_interval(name: str, value: float, y, pred, n_classes: int, level: float = 0.95
-                              ) -> tuple[float, float] | None:
-    """A 95% interval for a multi-class metric that sits at 0 or 1, where a bootstrap collapses to a point: the
-    binary score intervals of each class (one vs rest: Wilson for proportions, Newcombe for the AUC), averaged
-    as the macro metric averages the classes; accuracy gets Wilson's interval over all cases.
+def multiclass_bound_interval(name: str, value: float, y, pred, n_classes: int, level: float = 0.95,
+                              proba=None) -> tuple[float, float] | None:
+    """A 95% interval for a multi-class metric where a bootstrap collapses to a point (at 0 or 1, or a model that
+    gives every case one class, whose macro specificity is (K-1)/K in every resample): the binary score intervals
+    of each class (one vs rest: Wilson for proportions, Newcombe for the AUC, from ``proba`` when given, else
+    ``value``), averaged as the macro metric averages the classes; accuracy gets Wilson's interval over all cases.
 
     >>> y = np.repeat([0, 1, 2], 10)
     >>> lo, hi = multiclass_bound_interval("auc", 1.0, y, y, 3)
     >>> round(lo, 3) < 1.0 == hi
     True
+    >>> lo, hi = multiclass_bound_interval("specificity", 2 / 3, y, np.zeros(30), 3)
+    >>> lo < 2 / 3 < hi
+    True
     """
+    from sklearn.metrics import roc_auc_score
+
     from medflow.intervals import newcombe_auc, wilson
 
     y, pred = np.asarray(y).astype(int), np.asarray(pred).astype(int)
     if name == "accuracy":
-        return wilson(round(value * len(y)), len(y), level)
+        return wilson(int((y == pred).sum()), len(y), level)
     bounds = []
     for k in range(n_classes):
         pos, hit = y == k, pred == k
         if not pos.any() or pos.all():
             continue
         if name == "auc":
-            bounds.append(newcombe_auc(value, int(pos.sum()), int((~pos).sum()), level))
+            auc_k = float(roc_auc_score(pos, np.asarray(proba)[:, k])) if proba is not None else value
+            bounds.append(newcombe_auc(auc_k, int(pos.sum()), int((~pos).sum()), level))
         elif name in ("recall", "specificity", "precision"):
-            cases = {"recall": pos, "specificity": ~pos, "precision": hit}[name]
-            n = int(cases.sum())
-            if n:
-                bounds.append(wilson(round(value * n), n, level))
+            right, cases = {"recall": (hit & pos, pos), "specificity": (~hit & ~pos, ~pos),
+                            "precision": (hit & pos, hit)}[name]
+            # a class never predicted has no precision to estimate (counted 0 in the macro value): anywhere in [0, 1]
+            bounds.append(wilson(int(right.sum()), int(cases.sum()), level) if cases.any() else (0.0, 1.0))
         elif name == "f1":
             p = wilson(int((hit & pos).sum()), int(hit.sum()), level) if hit.any() else (0.0, 1.0)
             r = wilson(int((hit & pos).sum()), int(pos.sum()), level)
@@ -461,13 +468,42 @@ def summarize_segmentation(cases, names: list[str], *, n_boot: int = 1000, seed:
         for name in ("hd95", "assd", "hd95_monai", "assd_monai"):
             if name in names and len(detected):
                 summary[f"{name}_detected"] = float(np.nanmean(detected[name].to_numpy(dtype=float)))
-    ci = {}
+    ci, methods = {}, {}
     for name in names:
         values = lesion[name].to_numpy(dtype=float) if len(lesion) else np.array([])
         finite = values[~np.isnan(values)]
         summary[name] = float(finite.mean()) if len(finite) else float("nan")
         summary[f"{name}_median"] = float(np.median(finite)) if len(finite) else float("nan")
-        interval = mean_ci(values, n=n_boot, seed=seed)
+        interval, method = (unit_mean_ci if name in UNIT_METRICS else _plain_mean_ci)(values, n=n_boot, seed=seed)
         if interval:
-            ci[name] = interval
-    return {"summary": summary, "ci": ci}
+            ci[name], methods[name] = interval, method
+    return {"summary": summary, "ci": ci, "ci_method": methods}
+
+
+def _plain_mean_ci(values, *, n: int, seed: int):
+    interval = mean_ci(values, n=n, seed=seed)
+    return interval, ("case bootstrap, percentile" if interval else None)
+
+
+def unit_mean_ci(values, *, n: int = 1000, seed: int = 0) -> tuple[tuple[float, float] | None, str | None]:
+    """The interval of a mean of values in [0, 1] (Dice, IoU) and how it was made: a percentile bootstrap over
+    cases, or Wilson's score interval (``medflow.intervals.wilson_mean``) where the bootstrap cannot vary (one
+    case, or every case alike): never a point.
+
+    >>> unit_mean_ci([0.0, 0.0, 0.0], n=100)[0][1] > 0
+    True
+    """
+    from medflow.intervals import WILSON_MEAN, wilson_mean
+
+    v = np.asarray(values, dtype=float)
+    v = v[~np.isnan(v)]
+    if not len(v) or n <= 0:
+        return None, None
+    interval = mean_ci(v, n=n, seed=seed)
+    if interval and interval[0] < interval[1]:
+        return interval, "case bootstrap, percentile"
+    return wilson_mean(float(v.mean()), len(v)), WILSON_MEAN
+
+
+# segmentation metrics whose values lie in [0, 1]
+UNIT_METRICS = ("dice", "iou")

@@ -66,36 +66,96 @@ def plot_history(history: dict[str, list[float]]) -> str:
     return _png(fig)
 
 
-def plot_roc(y_true, score, auc: float, *, threshold: float | None = None, n_boot: int = 200, seed: int = 0) -> str:
-    """The test ROC curve with a 95% pointwise band (true-positive rate over a grid of false-positive rates, from
-    bootstrap resamples of the cases) and the operating point at ``threshold``."""
-    from sklearn.metrics import roc_curve
-
-    y, s = np.asarray(y_true).astype(int), np.asarray(score, dtype=float)
-    fig, ax = plt.subplots(figsize=(4, 4))
-    grid = np.linspace(0, 1, 101)
+def _bootstrap_band(ax, y, s, curve, grid, seed: int, n_boot: int, color: str) -> None:
+    """A 95% pointwise band of ``curve(y, s) -> values on grid`` over case resamples with both classes."""
     rng = np.random.default_rng(seed)
     curves = []
     for _ in range(n_boot):
         idx = rng.integers(0, len(y), len(y))
         if 0 < y[idx].sum() < len(idx):
-            fpr, tpr, _ = roc_curve(y[idx], s[idx])
-            curves.append(np.interp(grid, fpr, tpr))
+            curves.append(curve(y[idx], s[idx]))
     if len(curves) >= 20:
         lo, hi = np.percentile(curves, [2.5, 97.5], axis=0)
-        ax.fill_between(grid, lo, hi, color="#1f77b4", alpha=0.18, lw=0, label="95% band (bootstrap)")
+        ax.fill_between(grid, lo, hi, color=color, alpha=0.18, lw=0, label="95% band (bootstrap)")
+
+
+def _operating(y, s, threshold: float) -> tuple[float, float, float]:
+    """Sensitivity, 1 - specificity and precision of the decisions ``s >= threshold``."""
+    pred = s >= threshold
+    sens = float(pred[y == 1].mean()) if (y == 1).any() else float("nan")
+    fpr = float(pred[y == 0].mean()) if (y == 0).any() else float("nan")
+    prec = float(y[pred].mean()) if pred.any() else float("nan")
+    return sens, fpr, prec
+
+
+def plot_roc(y_true, score, auc: float, *, threshold: float | None = None, baseline: dict | None = None,
+             n_boot: int = 200, seed: int = 0) -> str:
+    """The test ROC curve with a 95% pointwise band (true-positive rate over a grid of false-positive rates, from
+    bootstrap resamples of the cases), the operating point at ``threshold``, and the declared baseline's curve
+    (``baseline``: ``name``, ``scores``, ``auc``)."""
+    from sklearn.metrics import roc_curve
+
+    y, s = np.asarray(y_true).astype(int), np.asarray(score, dtype=float)
+    fig, ax = plt.subplots(figsize=(4.4, 4.4))
+    grid = np.linspace(0, 1, 101)
+
+    def tpr_on_grid(yy, ss):
+        fpr, tpr, _ = roc_curve(yy, ss)
+        return np.interp(grid, fpr, tpr)
+
+    _bootstrap_band(ax, y, s, tpr_on_grid, grid, seed, n_boot, "#1f77b4")
     fpr, tpr, _ = roc_curve(y, s)
-    ax.plot(fpr, tpr, color="#1f77b4", label=f"test split (AUC {auc:.3f})")
+    ax.plot(fpr, tpr, color="#1f77b4", label=f"model (AUC {auc:.3f})")
+    if baseline is not None:
+        bfpr, btpr, _ = roc_curve(y, np.asarray(baseline["scores"], float))
+        ax.plot(bfpr, btpr, "--", color="#7f7f7f", label=f"baseline (AUC {baseline['auc']:.3f})")
     if threshold is not None:
-        pred = s >= threshold
-        op_fpr = float(pred[y == 0].mean()) if (y == 0).any() else float("nan")
-        op_tpr = float(pred[y == 1].mean()) if (y == 1).any() else float("nan")
-        ax.plot([op_fpr], [op_tpr], "o", color="#d62728", label=f"operating point (threshold {threshold:.3f})")
+        sens, op_fpr, _ = _operating(y, s, threshold)
+        ax.plot([op_fpr], [sens], "o", color="#d62728", label=f"operating point (threshold {threshold:.3f})")
     ax.plot([0, 1], [0, 1], ":", color="grey")
     ax.set_xlabel("false-positive rate (1 − specificity)")
     ax.set_ylabel("true-positive rate (sensitivity)")
     ax.set_title("ROC curve, test split")
     ax.legend(loc="lower right", fontsize=7)
+    return _png(fig)
+
+
+def plot_pr(y_true, score, *, threshold: float | None = None, baseline: dict | None = None, n_boot: int = 200,
+            seed: int = 0) -> str:
+    """The test precision-recall curve with a 95% pointwise band (precision over a grid of recalls, from
+    bootstrap resamples of the cases), the operating point, the baseline's curve, and the prevalence (what a
+    model without skill reaches)."""
+    from sklearn.metrics import average_precision_score, precision_recall_curve
+
+    y, s = np.asarray(y_true).astype(int), np.asarray(score, dtype=float)
+    fig, ax = plt.subplots(figsize=(4.4, 4.4))
+    grid = np.linspace(0, 1, 101)
+
+    def precision_on_grid(yy, ss):
+        precision, recall, _ = precision_recall_curve(yy, ss)
+        r_up, p_up = recall[::-1], precision[::-1]  # recall ascending
+        best_beyond = np.maximum.accumulate(p_up[::-1])[::-1]  # the best precision at this recall or more
+        return np.interp(grid, r_up, best_beyond)
+
+    _bootstrap_band(ax, y, s, precision_on_grid, grid, seed, n_boot, "#1f77b4")
+    precision, recall, _ = precision_recall_curve(y, s)
+    ax.step(recall, precision, where="post", color="#1f77b4",
+            label=f"model (average precision {average_precision_score(y, s):.3f})")
+    if baseline is not None:
+        b = np.asarray(baseline["scores"], float)
+        bp, br, _ = precision_recall_curve(y, b)
+        ax.step(br, bp, "--", where="post", color="#7f7f7f",
+                label=f"baseline (average precision {average_precision_score(y, b):.3f})")
+    if threshold is not None:
+        sens, _, prec = _operating(y, s, threshold)
+        ax.plot([sens], [prec], "o", color="#d62728", label=f"operating point (threshold {threshold:.3f})")
+    ax.axhline(y.mean(), ls=":", color="grey", label=f"prevalence {y.mean():.2f}")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("recall (sensitivity)")
+    ax.set_ylabel("precision (positive predictive value)")
+    ax.set_title("Precision-recall curve, test split")
+    ax.legend(loc="lower left", fontsize=7)
     return _png(fig)
 
 
@@ -336,7 +396,8 @@ def seg_metrics_rows(summary: dict, ci: dict, names: list[str]) -> list[dict]:
         lo_hi = ci.get(name)
         digits = 3 if name in ("dice", "iou") else 2
         rows.append({"metric": SEG_LABELS.get(name, name), "value": f"{summary[name]:.{digits}f}",
-                     "ci95": f"{lo_hi[0]:.{digits}f} – {lo_hi[1]:.{digits}f}" if is_interval(lo_hi) else ""})
+                     "ci95": f"{lo_hi[0]:.{digits}f} – {lo_hi[1]:.{digits}f}" if is_interval(lo_hi) else
+                     "none: fewer than 2 cases with a value"})
     return rows
 
 

@@ -130,3 +130,57 @@ def study_uids(store: Store, source) -> dict[str, str]:
         if key and key not in out:
             out[key] = str(pydicom.dcmread(Path(source) / path, stop_before_pixels=True).StudyInstanceUID)
     return out
+
+
+def report_in_browser(report: Path, screenshot: Path, width: int = 1280) -> dict:
+    """Open a run's ``report.html`` in Debian's chromium at ``width`` pixels, as a reader does; save a full-page
+    screenshot; return the page's ``scroll_width``, ``client_width``, its visible ``text``, the ``headings`` and
+    the images that did not load (``broken``)."""
+    import shutil
+
+    from playwright.sync_api import sync_playwright
+
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        raise RuntimeError("Debian's chromium is needed for browser tests: apt-get install -y chromium "
+                           "(.ci/run does this)")
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=["--headless", "--no-sandbox", "--disable-gpu",
+                                                                     "--disable-dev-shm-usage"])
+        try:
+            page = browser.new_page(viewport={"width": width, "height": 900})
+            page.goto(Path(report).resolve().as_uri())
+            page.wait_for_load_state("load")
+            out = page.evaluate("""() => ({
+                scroll_width: document.documentElement.scrollWidth,
+                client_width: document.documentElement.clientWidth,
+                text: document.body.innerText,
+                headings: [...document.querySelectorAll('h2')].map(h => h.innerText),
+                broken: [...document.images].filter(i => !i.complete || i.naturalWidth === 0).map(i => i.alt),
+                wide: [...document.querySelectorAll('body *')].filter(e => e.getBoundingClientRect().right >
+                      document.documentElement.clientWidth + 1).map(e => e.tagName + (e.id ? '#' + e.id : '')
+                      + (e.alt ? '[' + e.alt + ']' : '')).slice(0, 10),
+            })""")
+            page.screenshot(path=str(screenshot), full_page=True)
+        finally:
+            browser.close()
+    return out
+
+
+COLLAPSED = r"\b(\d\.\d{3}) – \1\b"  # an "interval" that is a point
+
+
+def assert_report_reads_well(report: Path, screenshot: Path, classes: list[str] | None = None) -> dict:
+    """The report as a reader sees it at 1280 px: no horizontal scroll, every figure loaded, a table of
+    contents, no interval collapsed to a point, and the class names (not 0/1) where classes are named."""
+    import re
+
+    page = report_in_browser(report, screenshot)
+    assert page["scroll_width"] <= page["client_width"], f"horizontal scroll: {page['wide']}"
+    assert not page["broken"], page["broken"]
+    assert page["text"].count("Contents") >= 1 and len(page["headings"]) >= 4, page["headings"]
+    collapsed = re.findall(COLLAPSED, page["text"])
+    assert not collapsed, f"intervals that are points: {collapsed}"
+    for name in classes or []:
+        assert re.search(rf"\b{re.escape(name)}\b", page["text"]), f"class {name!r} not named in the report"
+    return page

@@ -189,6 +189,12 @@ class Classification(TaskKind):
         feature = np.array([self.baseline_feature(store, prep_key, k) for k in df["series_key"]])
         result["baseline"] = _baseline(df, feature, classes, name=self.baseline_name, bootstrap=ev.bootstrap,
                                        seed=spec.train.seed)
+        # the baseline's test scores beside the model's (the report draws its curves from them)
+        base_proba, test_rows = result["baseline"].pop("test_proba"), (df["split"] == "test").to_numpy()
+        for i, c in enumerate(classes if len(classes) > 2 else classes[1:]):
+            column = np.full(len(df), np.nan)
+            column[test_rows] = base_proba[:, i if len(classes) > 2 else 1]
+            df["baseline_score" if len(classes) == 2 else f"baseline_p_{c}"] = column
         result["warnings"] = classification_warnings(df, len(classes), result["val"]["auc"])
         from models.ensemble import manifest_of
 
@@ -280,8 +286,13 @@ class Classification(TaskKind):
         if len(classes) == 2:
             s, thr = test["score"].to_numpy(), evaluation["threshold"]
             context.update({"threshold": thr, "confusion": m["confusion"]})
+            two = len(np.unique(y)) == 2
+            base = evaluation.get("baseline")
+            base = {"name": base["name"], "auc": base["auc"], "scores": test["baseline_score"].to_numpy()} \
+                if base and "baseline_score" in test and test["baseline_score"].notna().all() else None
             context["plots"].update({
-                "roc": r.plot_roc(y, s, m["auc"], threshold=thr) if len(np.unique(y)) == 2 else None,
+                "roc": r.plot_roc(y, s, m["auc"], threshold=thr, baseline=base) if two else None,
+                "pr": r.plot_pr(y, s, threshold=thr, baseline=base) if two else None,
                 "confusion": r.plot_confusion(y, (s >= thr).astype(int), classes, title=f"threshold {thr:.3f}"),
                 "scores": r.plot_scores(y, s, thr),
             })
@@ -484,13 +495,17 @@ def _multiclass_evaluation(df: pd.DataFrame, proba: np.ndarray, classes: list[st
     out["ci_method"] = {name: "case bootstrap, percentile" for name in out["ci"]}
     from medflow.metrics import multiclass_bound_interval
 
-    for name in dict.fromkeys([*metric_names, *out["ci"]]):  # at 0 or 1 the resamples cannot move a metric
-        value = out["test"].get(name)
-        if isinstance(value, float) and value in (0.0, 1.0):
-            bound = multiclass_bound_interval(name, value, y_test, proba[rows].argmax(axis=1), len(classes))
+    for name in dict.fromkeys([*metric_names, *out["ci"]]):
+        value, interval = out["test"].get(name), out["ci"].get(name)
+        # at 0 or 1, or for a model that gives every case one class, the resamples cannot move a metric
+        collapsed = interval is not None and len(interval) == 2 and interval[0] == interval[1]
+        if isinstance(value, float) and (value in (0.0, 1.0) or collapsed):
+            bound = multiclass_bound_interval(name, value, y_test, proba[rows].argmax(axis=1), len(classes),
+                                              proba=proba[rows] if name == "auc" else None)
             if bound is not None:
                 out["ci"][name] = list(bound)
-                out["ci_method"][name] = "at the bound: the classes' Wilson (Newcombe for AUC) intervals, averaged"
+                out["ci_method"][name] = "the classes' one-vs-rest Wilson (Newcombe for AUC) intervals, averaged " \
+                                         "(the bootstrap cannot vary)"
     return out
 
 
@@ -516,7 +531,7 @@ def _baseline(df: pd.DataFrame, feature: np.ndarray, classes: list[str], *, name
         ci = multiclass_ci(yt, proba, classes, metrics=["auc"], n=bootstrap, seed=seed).get("auc")
         method = "case bootstrap, percentile"
     logger.info("baseline (%s): test AUC %.3f", name, auc)
-    return {"name": name, "auc": auc, "ci": ci, "ci_method": method}
+    return {"name": name, "auc": auc, "ci": ci, "ci_method": method, "test_proba": proba}
 
 
 def _explain(model_path: str, loader, df: pd.DataFrame, run_dir: Path) -> dict | None:

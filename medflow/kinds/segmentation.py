@@ -194,7 +194,7 @@ class Segmentation(TaskKind):
                                           seed=spec.train.seed)
             result[split] = part["summary"]
             if split == "test":
-                result["ci"] = part["ci"]
+                result["ci"], result["ci_method"] = part["ci"], part["ci_method"]
         result["baseline"] = _baseline(store, cases, per_case, seed=spec.train.seed, n_boot=ev.bootstrap)
         result["warnings"] = segmentation_warnings(per_case, result["baseline"])
 
@@ -221,7 +221,7 @@ class Segmentation(TaskKind):
 
     def report_context(self, spec, run_dir, predictions, evaluation) -> dict:
         from medflow.metrics import DISTANCE_CONVENTIONS, MISSED_LESION
-        from medflow.reporting import plot_overlays, plot_seg_distribution, seg_metrics_rows
+        from medflow.reporting import interval_methods, plot_overlays, plot_seg_distribution, seg_metrics_rows
 
         examples = None
         path = Path(run_dir) / "seg_examples.npz"
@@ -236,6 +236,8 @@ class Segmentation(TaskKind):
                  for r in test.sort_values("dice").to_dict("records")]
         return {
             "metrics": seg_metrics_rows(evaluation["test"], evaluation.get("ci", {}), evaluation["metrics"]),
+            "ci_methods": interval_methods(evaluation.get("ci_method", {})),
+            "dice_ci": (evaluation.get("ci") or {}).get("dice"),
             "warnings": evaluation.get("warnings", []),
             "seg": evaluation["test"],
             "seg_val": evaluation.get("val", {}),
@@ -301,7 +303,7 @@ def _baseline(store, cases: pd.DataFrame, per_case: pd.DataFrame, *, seed: int, 
     """The declared rule (``medflow.baselines.threshold_component``): its threshold fitted on up to 24 train
     cases with a lesion, scored on the test cases with a lesion on their original grid, like the model."""
     from medflow.baselines import SEGMENTATION_BASELINE, fit_threshold, threshold_component
-    from medflow.metrics import mean_ci, segmentation_metrics
+    from medflow.metrics import segmentation_metrics, unit_mean_ci
 
     def case(key):
         entry = store.catalog_entry(key)
@@ -319,7 +321,7 @@ def _baseline(store, cases: pd.DataFrame, per_case: pd.DataFrame, *, seed: int, 
         rows.append(segmentation_metrics(truth, threshold_component(image, spacing, threshold), spacing))
     dice = np.array([r["dice"] for r in rows])
     out = {"name": SEGMENTATION_BASELINE, "threshold": threshold, "n": len(rows), "dice": float(dice.mean()),
-           "dice_ci": mean_ci(dice, n=n_boot, seed=seed), "hd95": float(np.mean([r["hd95"] for r in rows])),
+           "dice_ci": unit_mean_ci(dice, n=n_boot, seed=seed)[0], "hd95": float(np.mean([r["hd95"] for r in rows])),
            "missed": int(sum(r["missed"] for r in rows))}
     logger.info("baseline (%s at %.0f): test Dice %.3f, HD95 %.1f mm", SEGMENTATION_BASELINE, threshold, out["dice"],
                 out["hd95"])

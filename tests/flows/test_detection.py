@@ -23,6 +23,8 @@ from medflow.synth import synthesize
 from storage.marks import read_sr
 from storage.store import Store
 
+from tests.helpers import assert_report_reads_well
+
 pytestmark = pytest.mark.slow
 
 
@@ -39,7 +41,7 @@ def det_run(tmp_path_factory, prefect_harness):
     return root, cohort, pipeline(str(path))
 
 
-def test_detection_pipeline_scores_froc_against_the_baseline(det_run):
+def test_detection_pipeline_scores_froc_against_the_baseline(det_run, tmp_path):
     root, cohort, result = det_run
     run = Path(result["run_dir"])
     store = Store(root / "store.zarr")
@@ -82,6 +84,7 @@ def test_detection_pipeline_scores_froc_against_the_baseline(det_run):
     assert itself["metric"] == "CPM" and itself["value_a"] == pytest.approx(t["cpm"]) and itself["difference"] == 0
     assert itself["shared"] == int((cases["split"] == "test").sum())
 
+    assert_report_reads_well(run / "report.html", tmp_path / "report.png")  # in a browser, at 1280 px
     html = (run / "report.html").read_text()
     for fragment in ("FROC curves of the model and the baseline", 'id="baseline"', "Missed lesions", "CPM",
                      "sensitivity at 0.125 FP/scan", "Per-scan results"):

@@ -23,6 +23,8 @@ from medflow.synth_xray import synthesize_xray
 from storage.marks import read_sr
 from storage.store import Store
 
+from tests.helpers import assert_report_reads_well
+
 pytestmark = pytest.mark.slow
 
 
@@ -57,7 +59,7 @@ def _rc(box_px):
     return [y0 - 0.5, x0 - 0.5, y1 - 0.5, x1 - 0.5]
 
 
-def test_box_pipeline_scores_ap_against_the_baseline(box_run):
+def test_box_pipeline_scores_ap_against_the_baseline(box_run, tmp_path):
     root, cohort, result = box_run
     run = Path(result["run_dir"])
     store = Store(root / "store.zarr")
@@ -96,6 +98,7 @@ def test_box_pipeline_scores_ap_against_the_baseline(box_run):
     assert itself["metric"] == "AP50" and itself["value_a"] == pytest.approx(metrics["test"]["ap50"])
     assert itself["difference"] == 0 and itself["shared"] == len(test_keys)
 
+    assert_report_reads_well(run / "report.html", tmp_path / "report.png")  # in a browser, at 1280 px
     html = (run / "report.html").read_text()
     for fragment in ("Precision-recall curves of the model and the baseline", 'id="baseline"', "Missed boxes",
                      "AP at IoU 0.5:0.95 (COCO)", "Per-image results", "bright blobs"):

@@ -24,6 +24,8 @@ from medflow.calibration import apply_calibrator, expected_calibration_error
 from medflow.metrics import binary_metrics
 from medflow.runs import read_metrics
 
+from tests.helpers import assert_report_reads_well
+
 pytestmark = pytest.mark.slow
 
 
@@ -53,7 +55,7 @@ def _flow_runs_tagged(tag: str) -> list:
         return client.read_flow_runs(flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=[tag])))
 
 
-def test_pipeline_end_to_end_then_rerun_reuses_everything(tiny, prefect_harness):
+def test_pipeline_end_to_end_then_rerun_reuses_everything(tiny, prefect_harness, tmp_path):
     first = pipeline(str(tiny))
     run = first["run_dir"]
     for name in ("report.html", "model.keras", "predictions.csv", "metrics.json", "provenance.json", "split.csv",
@@ -95,6 +97,7 @@ def test_pipeline_end_to_end_then_rerun_reuses_everything(tiny, prefect_harness)
     model = keras.models.load_model(f"{run}/model.keras", compile=False)
     assert model.output_shape == (None, 1)
 
+    assert_report_reads_well(Path(run) / "report.html", tmp_path / "report.png")  # in a browser, at 1280 px
     html = open(f"{run}/report.html").read()
     assert f"<td>{metrics['test']['accuracy']:.3f}</td>" in html
     # subgroup tables from the catalog's non-identifying attributes, counts adding up to the test split

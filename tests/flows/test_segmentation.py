@@ -22,7 +22,7 @@ from storage.ingest import IngestOptions
 from storage.store import Store
 from medflow.kinds.segmentation import predict_native
 from medflow.preprocessing import preprocess_series, steps_key
-from tests.helpers import ingest_serial
+from tests.helpers import assert_report_reads_well, ingest_serial
 
 pytestmark = pytest.mark.slow
 
@@ -41,7 +41,7 @@ def seg_run(tmp_path_factory, prefect_harness):
     return root, pipeline(str(path))
 
 
-def test_segmentation_pipeline_scores_and_reports(seg_run):
+def test_segmentation_pipeline_scores_and_reports(seg_run, tmp_path):
     root, result = seg_run
     run = Path(result["run_dir"])
     store = Store(root / "store.zarr")
@@ -71,6 +71,7 @@ def test_segmentation_pipeline_scores_and_reports(seg_run):
         dice.append(2 * (rule & truth).sum() / (rule.sum() + truth.sum()))
     assert baseline["dice"] == pytest.approx(np.mean(dice))
     assert (run / "seg_examples.npz").exists()
+    assert_report_reads_well(run / "report.html", tmp_path / "report.png")  # in a browser, at 1280 px
     html = (run / "report.html").read_text()
     for fragment in ("Segmentation overlays", "Per-case results", "HD95 (mm)", "Dice", 'id="baseline"',
                      "HD95, MONAI (mm)", "surface elements weighted by their area", "image diagonal"):

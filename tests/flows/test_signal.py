@@ -15,6 +15,8 @@ from flows.pipeline import pipeline
 from medflow.cli import ECG_DEMO_SPEC
 from medflow.synth_ecg import synthesize_ecg
 
+from tests.helpers import assert_report_reads_well
+
 pytestmark = pytest.mark.slow
 
 
@@ -42,6 +44,7 @@ def test_ecg_rhythms_through_the_whole_lifecycle(tmp_path, prefect_harness):
         traces, heats = data["traces"], data["heats"]
     assert traces.shape[1:] == (1000, 4) and heats.shape == traces.shape[:2]  # 10 s at 100 Hz, 4 leads kept
     assert np.all((heats >= 0) & (heats <= 1)) and heats.max() == pytest.approx(1.0)
+    assert_report_reads_well(run / "report.html", tmp_path / "report.png", classes=["normal", "afib", "bbb"])
     html = (run / "report.html").read_text()
     assert "integrated gradients" in html and 'alt="Traces with attribution"' in html and "Grad-CAM" not in html
 

@@ -21,6 +21,8 @@ from medflow.synth_xray import synthesize_xray
 from medflow.splitting import _is_number
 from medflow.tables import read_csv
 
+from tests.helpers import assert_report_reads_well
+
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -39,7 +41,7 @@ def xray_run(tmp_path_factory, prefect_harness):
     return cohort, pipeline(str(path))
 
 
-def test_three_class_pipeline_reports_per_class_metrics_and_the_baseline(xray_run):
+def test_three_class_pipeline_reports_per_class_metrics_and_the_baseline(xray_run, tmp_path):
     cohort, result = xray_run
     run = Path(result["run_dir"])
     metrics = json.loads((run / "metrics.json").read_text())
@@ -64,6 +66,8 @@ def test_three_class_pipeline_reports_per_class_metrics_and_the_baseline(xray_ru
 
     summary = json.loads((run / "summary.json").read_text())
     assert [r["class"] for r in summary["tables"]["per-class"]["rows"]] == ["normal", "pneumonia", "effusion"]
+    assert_report_reads_well(run / "report.html", tmp_path / "report.png",
+                             classes=["normal", "pneumonia", "effusion"])
     html = (run / "report.html").read_text()
     assert 'id="per-class"' in html and 'id="baseline"' in html and "ROC AUC, macro average" in html
     for canary in cohort.canaries:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from medflow.intervals import wilson_mean
+
 from medflow.froc import FP_RATES, baseline_candidates, cpm, froc_curve, froc_summary, match, sensitivity_at
 from medflow.kinds.detection import to_model_grid, to_source_grid
 from medflow.preprocessing import apply_steps, shape_trace
@@ -51,7 +53,9 @@ def test_froc_summary_bootstraps_by_patient():
     lo, hi = out["cpm_ci"]
     assert lo <= out["cpm"] <= hi and lo < hi
     assert out["n_lesions"] == 4 and out["n_scans"] == 4
-    assert "cpm_ci" not in froc_summary(SCANS, n_boot=200, patients=["a"] * 4)  # one patient: no interval
+    one = froc_summary(SCANS, n_boot=200, patients=["a"] * 4)  # one patient: no bootstrap, Wilson over the lesions
+    assert one["cpm_ci"] == pytest.approx(list(wilson_mean(one["cpm"], 4))) and one["cpm_ci"][0] < one["cpm_ci"][1]
+    assert one["ci_method"].startswith("Wilson")
 
 
 def test_no_lesion_gives_no_sensitivity():
