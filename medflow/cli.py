@@ -72,7 +72,7 @@ augment: {{flip: [x], shift: 3, intensity_jitter: 0.05}}
 model: {{task: classification, arch: cnn3d, params: {{filters: [8, 16, 32, 64]}}}}
 train: {{epochs: {epochs}, batch_size: 8, optimizer: adam, learning_rate: 0.002, early_stopping: 8, reduce_lr: 4,
         class_weight: balanced, seed: {seed}, deterministic: true}}
-evaluate: {{metrics: [auc, accuracy, precision, recall, specificity, f1], bootstrap: 1000, threshold: youden}}
+evaluate: {{metrics: [auc, accuracy, precision, recall, specificity, f1], bootstrap: 1000, threshold: youden_median}}
 run: {{retries: 2, dask: {{n_workers: 2, threads_per_worker: 1}}}}
 """
 

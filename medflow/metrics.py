@@ -11,7 +11,8 @@ from sklearn.metrics import confusion_matrix, f1_score, precision_recall_fscore_
 def choose_threshold(y_true, score, method: str | float = "youden") -> float:
     """Decision threshold from validation data.
 
-    ``youden`` maximises sensitivity + specificity - 1; ``f1`` maximises F1; a number is used
+    ``youden`` maximises sensitivity + specificity - 1; ``youden_median`` is the median of that over
+    bootstrap resamples of the cases (``stable_threshold``); ``f1`` maximises F1; a number is used
     as it is. With a single class present, 0.5.
 
     >>> choose_threshold([0, 0, 1, 1], [0.1, 0.3, 0.6, 0.9])
@@ -26,11 +27,80 @@ def choose_threshold(y_true, score, method: str | float = "youden") -> float:
         fpr, tpr, thr = roc_curve(y, s)
         best = int(np.argmax(tpr - fpr))
         return float(min(thr[best], 1.0))
+    if method == "youden_median":
+        return stable_threshold(y, s)["threshold"]
     if method == "f1":
         candidates = np.unique(s)
         scores = [f1_score(y, s >= t, zero_division=0) for t in candidates]
         return float(candidates[int(np.argmax(scores))])
-    raise ValueError(f"Received threshold method {method!r}, expected 'youden', 'f1' or a number.")
+    raise ValueError(f"Received threshold method {method!r}, expected 'youden', 'youden_median', 'f1' or a number.")
+
+
+THRESHOLD_RESAMPLES = 500
+
+
+def stable_threshold(y_true, score, groups=None, *, n: int = THRESHOLD_RESAMPLES, seed: int = 0) -> dict:
+    """Youden's threshold made robust to the few validation cases that decide a single maximum: the median of
+    Youden's threshold over ``n`` bootstrap resamples of the validation cases (of their ``groups``, the patients,
+    when given). Returns ``threshold`` (the median), ``range`` (2.5th and 97.5th percentiles of the resampled
+    thresholds: how much one validation set can move it) and ``single`` (Youden's threshold on all cases).
+
+    >>> rng = np.random.default_rng(0)
+    >>> y = np.repeat([0, 1], 30); s = np.clip(rng.normal(0.35 + 0.3 * y, 0.15), 0, 1)
+    >>> t = stable_threshold(y, s, n=200)
+    >>> t["range"][0] <= t["threshold"] <= t["range"][1]
+    True
+    """
+    y, s = np.asarray(y_true).astype(int), np.asarray(score, dtype=float)
+    single = choose_threshold(y, s, "youden")
+    groups = np.asarray(groups) if groups is not None else np.arange(len(y))
+    members = [np.flatnonzero(groups == g) for g in dict.fromkeys(groups.tolist())]
+    rng = np.random.default_rng(seed)
+    draws = []
+    for _ in range(n if len(np.unique(y)) == 2 else 0):
+        idx = np.concatenate([members[i] for i in rng.integers(0, len(members), len(members))])
+        if 0 < y[idx].sum() < len(idx):
+            draws.append(choose_threshold(y[idx], s[idx], "youden"))
+    if len(draws) < 20:
+        return {"threshold": single, "range": None, "single": single, "resamples": len(draws)}
+    return {"threshold": float(np.median(draws)), "range": [float(v) for v in np.percentile(draws, [2.5, 97.5])],
+            "single": single, "resamples": len(draws)}
+
+
+# clinically named operating points: the threshold that reaches the target on validation, then the test figures
+OPERATING_TARGETS = (("sensitivity", 0.90), ("specificity", 0.90))
+
+
+def operating_points(val_y, val_score, test_y, test_score, targets=OPERATING_TARGETS) -> list[dict]:
+    """For each ``(metric, target)``: the threshold at which the validation cases reach ``target`` (the highest
+    threshold with sensitivity at least the target, or the lowest with specificity at least the target), and the
+    test sensitivity and specificity there with Wilson intervals.
+
+    >>> y = np.array([0, 0, 0, 0, 1, 1, 1, 1]); s = np.array([.1, .2, .3, .6, .4, .7, .8, .9])
+    >>> [round(p["threshold"], 2) for p in operating_points(y, s, y, s, (("sensitivity", 1.0), ("specificity", 1.0)))]
+    [0.4, 0.7]
+    """
+    from medflow.intervals import wilson
+
+    vy, vs = np.asarray(val_y).astype(int), np.asarray(val_score, dtype=float)
+    ty, ts = np.asarray(test_y).astype(int), np.asarray(test_score, dtype=float)
+    out = []
+    if len(np.unique(vy)) < 2:
+        return out
+    candidates = np.unique(vs)
+    for metric, target in targets:
+        if metric == "sensitivity":
+            ok = [t for t in candidates if (vs[vy == 1] >= t).mean() >= target]
+            thr = float(max(ok))
+        else:
+            ok = [t for t in candidates if (vs[vy == 0] < t).mean() >= target]
+            thr = float(min(ok)) if ok else float(candidates.max() + 1e-9)
+        tp, pos = int((ts[ty == 1] >= thr).sum()), int((ty == 1).sum())
+        tn, neg = int((ts[ty == 0] < thr).sum()), int((ty == 0).sum())
+        out.append({"name": f"{metric} {target:.2f} on validation", "threshold": thr,
+                    "sensitivity": tp / pos if pos else float("nan"), "sensitivity_ci": list(wilson(tp, pos)),
+                    "specificity": tn / neg if neg else float("nan"), "specificity_ci": list(wilson(tn, neg))})
+    return out
 
 
 def binary_metrics(y_true, score, threshold: float) -> dict:
@@ -167,6 +237,8 @@ def multiclass_bound_interval(name: str, value: float, y, pred, n_classes: int, 
     y, pred = np.asarray(y).astype(int), np.asarray(pred).astype(int)
     if name == "accuracy":
         return wilson(int((y == pred).sum()), len(y), level)
+    if name == "auc_micro":  # one pooled one-vs-rest problem: each case once positive, K - 1 times negative
+        return newcombe_auc(value, len(y), len(y) * (n_classes - 1), level)
     bounds = []
     for k in range(n_classes):
         pos, hit = y == k, pred == k

@@ -617,9 +617,11 @@ class EvaluateSpec(_Model):
         "the task kind's (auc, accuracy, precision, recall, specificity, f1 for classification, as macro averages "
         "with more than two classes; dice, iou, hd95, assd, volume_error for segmentation).")
     bootstrap: Annotated[int, at_most(100_000, "each resample scores the test split again; 10,000 already gives stable intervals")] = Field(1000, ge=0, description="Bootstrap resamples for confidence intervals (0: none).")
-    threshold: Literal["youden", "f1"] | float = Field(
-        "youden", description="How the decision threshold is chosen on the validation split, or a fixed value."
-    )
+    threshold: Literal["youden_median", "youden", "f1"] | float = Field(
+        "youden_median", description="How the decision threshold is chosen on the validation split: "
+        "`youden_median`, the median of Youden's threshold over 500 bootstrap resamples of the validation patients "
+        "(a single maximum on a few patients is luck; the report gives the resampled range); `youden`, that single "
+        "maximum; `f1`, the best F1; or a fixed value.")
     calibrate: Literal["none", "platt", "temperature"] = Field(
         "none", description="Classification: recalibrate scores with a map fitted on the validation split (`platt`: "
         "logistic regression on the logit, two classes; `temperature`: one temperature on the logits, any number "

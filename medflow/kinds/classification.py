@@ -285,7 +285,10 @@ class Classification(TaskKind):
                                                          "each fold model on its held-out fold and on the test split"}
         if len(classes) == 2:
             s, thr = test["score"].to_numpy(), evaluation["threshold"]
-            context.update({"threshold": thr, "confusion": m["confusion"]})
+            context.update({"threshold": thr, "confusion": m["confusion"],
+                            "threshold_method": evaluation.get("threshold_method"),
+                            "threshold_stability": evaluation.get("threshold_stability"),
+                            "operating_points": evaluation.get("operating_points") or []})
             two = len(np.unique(y)) == 2
             base = evaluation.get("baseline")
             base = {"name": base["name"], "auc": base["auc"], "scores": test["baseline_score"].to_numpy()} \
@@ -464,15 +467,20 @@ def _with_interval(baseline: dict | None) -> dict | None:
 def _binary_evaluation(df: pd.DataFrame, *, threshold_method, metric_names: list[str], bootstrap: int,
                        seed: int) -> dict:
     """Threshold from the validation rows; metrics and bootstrap intervals on the test rows."""
-    from medflow.metrics import binary_intervals, binary_metrics, choose_threshold
+    from medflow.metrics import binary_intervals, binary_metrics, choose_threshold, operating_points, stable_threshold
 
     val, test = df[df["split"] == "val"], df[df["split"] == "test"]
-    thr = choose_threshold(val["label"], val["score"], threshold_method)
+    stability = stable_threshold(val["label"], val["score"], val["patient_key"], seed=seed)
+    thr = stability["threshold"] if threshold_method == "youden_median" else \
+        choose_threshold(val["label"], val["score"], threshold_method)
     ci, method = binary_intervals(test["label"], test["score"], thr, test["patient_key"], metrics=metric_names,
                                   n=bootstrap, seed=seed)
     return {
         "threshold": thr,
         "threshold_method": threshold_method,
+        # how far a resample of the validation patients moves Youden's threshold (whatever the method)
+        "threshold_stability": stability,
+        "operating_points": operating_points(val["label"], val["score"], test["label"], test["score"]),
         "val": binary_metrics(val["label"], val["score"], thr),
         "test": binary_metrics(test["label"], test["score"], thr),
         "ci": ci,
