@@ -915,7 +915,13 @@ def load_spec(path: str | Path, *, check_paths: bool = True, overrides: dict[str
         if not isinstance(data, dict):
             raise SpecError(f"a spec is a YAML mapping; received {type(data).__name__}")
         data = apply_overrides(data, overrides)
-    spec = parse_spec(data, base_dir=path.resolve().parent, check_paths=check_paths)
+    try:
+        spec = parse_spec(data, base_dir=path.resolve().parent, check_paths=check_paths)
+    except SpecError as exc:
+        hint = _making_hint(text, exc.problems, path.resolve().parent)
+        if hint:
+            raise SpecError(f"{exc.args[0]}\n  {hint}", [*exc.problems, hint]) from None
+        raise
     for field, value in (("data.source", spec.data.source), ("data.store", spec.data.store),
                          ("data.runs", spec.data.runs),
                          ("data.labels.path", spec.data.labels.path if spec.data.labels else None),
@@ -924,6 +930,21 @@ def load_spec(path: str | Path, *, check_paths: bool = True, overrides: dict[str
         if value:
             check_allowed(value, field)
     return spec
+
+
+def _making_hint(text: str, problems: list[str], folder: Path) -> str | None:
+    """For a missing source or label file: how the spec's own header says to make its data (the examples carry
+    "Make the data with: medflow synth ..."), else how to point the spec at data or make a synthetic cohort."""
+    import re
+
+    if not any(p.startswith(("data.source: folder not found", "data.labels.path: file not found")) for p in problems):
+        return None
+    made = re.search(r"^#.*?[Mm]ake the data with:?\s*(.+)$", text, re.M)
+    if made:
+        return (f"data: the spec's header says how to make its data: `{made.group(1).strip()}` (its paths are "
+                f"relative to {str(folder)!r})")
+    return (f"data: point data.source (and data.labels.path) at your files (relative to {str(folder)!r}), or make a "
+            "synthetic cohort to try medflow: `medflow synth DIR` (CT), with `--kind xray` or `--kind ecg`")
 
 
 def json_schema() -> dict:

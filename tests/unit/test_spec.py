@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import yaml
@@ -430,3 +431,26 @@ def test_validate_finds_labels_that_match_no_file_of_the_source_and_caches_no_id
     assert result.exit_code == 0, result.output
     cached = "".join(p.read_text() for p in (cache / "keys").iterdir())
     assert uid not in cached and "study" not in cached and "ct.dcm" not in cached  # salted hashes only
+
+
+def test_a_missing_cohort_is_refused_with_how_to_make_it():
+    """examples/nodules.yaml on a fresh clone: its cohort is made by the command in its header."""
+    from medflow.errors import SpecError
+
+    examples = Path(__file__).parents[2] / "examples"
+    if (examples / "cohort").exists():
+        pytest.skip("examples/cohort was made in this checkout")
+    with pytest.raises(SpecError) as info:
+        load_spec(examples / "nodules.yaml")
+    hint = info.value.problems[-1]
+    assert hint.startswith("data: the spec's header says how to make its data: `medflow synth examples/cohort")
+
+
+def test_a_missing_source_without_a_recipe_says_how_to_point_at_data(tmp_path):
+    from medflow.errors import SpecError
+
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(_spec()))
+    with pytest.raises(SpecError) as info:
+        load_spec(path)
+    assert "medflow synth DIR" in info.value.problems[-1] and str(tmp_path) in info.value.problems[-1]
