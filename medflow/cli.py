@@ -996,6 +996,22 @@ def worker(
     os.execv(str(prefect), args)
 
 
+def command():
+    """The click command of ``app`` with named placeholders in its help: ``--port PORT`` rather than Typer's
+    ``<int>``, nothing after a flag (``--help``, ``--masks``), the choices of an Enum option as they are."""
+    import typer.main
+    from typer.core import TyperOption
+
+    root = typer.main.get_command(app)
+    context = type(root.context_class(root))  # Typer's own click (it vendors one)
+    for cmd in [root, *getattr(root, "commands", {}).values()]:
+        for param in cmd.get_params(context(cmd, info_name=cmd.name)):
+            choice = getattr(getattr(param, "type_descriptor", None), "is_choice", False)
+            if isinstance(param, TyperOption) and param.metavar is None and not choice:
+                param.metavar = "" if param.is_flag else param.name.upper()
+    return root
+
+
 def main() -> None:
     import os
 
@@ -1005,7 +1021,7 @@ def main() -> None:
 
         faulthandler.enable(file=open(fault, "w"), all_threads=False)  # noqa: SIM115 - open until exit
     try:
-        app()
+        command()()
     finally:
         # The interpreter's last garbage collection walks every object TensorFlow, Prefect and Dask
         # made: seconds of a short run, after the work is done. Frozen objects are skipped by it;

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -454,3 +455,19 @@ def test_a_missing_source_without_a_recipe_says_how_to_point_at_data(tmp_path):
     with pytest.raises(SpecError) as info:
         load_spec(path)
     assert "medflow synth DIR" in info.value.problems[-1] and str(tmp_path) in info.value.problems[-1]
+
+
+def test_help_names_its_placeholders():
+    """Not Typer's `<int>`, `<list[Path]>` or `<bool>` after a flag: `--port PORT`, choices as they are."""
+    import subprocess
+    import sys
+
+    medflow = Path(sys.executable).parent / "medflow"
+    env = {"COLUMNS": "200", "PATH": "/usr/bin:/bin"}
+    server = subprocess.run([str(medflow), "server", "--help"], capture_output=True, text=True, env=env).stdout
+    synth = subprocess.run([str(medflow), "synth", "--help"], capture_output=True, text=True, env=env).stdout
+    assert "--port" in server and "PORT" in server and "REPORTS_ROOT" in server
+    for text in (server, synth):
+        options = [line for line in text.splitlines() if line.lstrip("│ ").startswith("--")]
+        assert len(options) >= 4 and not [o for o in options if re.search(r"<(int|bool|str|path|list\[Path\])>", o)]
+    assert "<dicom|png>" in synth  # an Enum's choices stay listed
