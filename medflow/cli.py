@@ -72,7 +72,8 @@ augment: {{flip: [x], shift: 3, intensity_jitter: 0.05}}
 model: {{task: classification, arch: cnn3d, params: {{filters: [8, 16, 32, 64]}}}}
 train: {{epochs: {epochs}, batch_size: 8, optimizer: adam, learning_rate: 0.002, early_stopping: 8, reduce_lr: 4,
         class_weight: balanced, seed: {seed}, deterministic: true}}
-evaluate: {{metrics: [auc, accuracy, precision, recall, specificity, f1], bootstrap: 1000, threshold: youden_median}}
+evaluate: {{metrics: [auc, accuracy, precision, recall, specificity, f1], bootstrap: 1000, threshold: youden_median,
+           baselines: [radiomics]}}
 run: {{retries: 2, dask: {{n_workers: 2, threads_per_worker: 1}}}}
 """
 
@@ -139,7 +140,8 @@ augment: {{shift: 4, zoom: 0.05, contrast: 0.1, intensity_jitter: 0.05}}
 model: {{task: classification, arch: resnet2d, params: {{filters: [16, 32, 64, 128], blocks: 1}}}}
 train: {{epochs: {epochs}, batch_size: 32, optimizer: adam, learning_rate: 0.001, early_stopping: 8, reduce_lr: 3,
         class_weight: balanced, seed: {seed}}}
-evaluate: {{metrics: [auc, accuracy, precision, recall, specificity, f1], bootstrap: 1000}}
+evaluate: {{metrics: [auc, accuracy, precision, recall, specificity, f1], bootstrap: 1000,
+           baselines: [radiomics, hog]}}
 run: {{retries: 2, dask: {{n_workers: 2, threads_per_worker: 1}}}}
 """
 
@@ -184,7 +186,8 @@ augment: {{intensity_jitter: 0.05}}
 model: {{task: signal, arch: cnn_gru, params: {{filters: [32, 64, 64], units: 48}}}}
 train: {{epochs: {epochs}, batch_size: 32, optimizer: adam, learning_rate: 0.002, early_stopping: 8, reduce_lr: 3,
         class_weight: balanced, seed: {seed}}}
-evaluate: {{metrics: [auc, accuracy, precision, recall, specificity, f1], bootstrap: 1000}}
+evaluate: {{metrics: [auc, accuracy, precision, recall, specificity, f1], bootstrap: 1000,
+           baselines: [ecg_features]}}
 run: {{retries: 2, dask: {{n_workers: 2, threads_per_worker: 1}}}}
 """
 

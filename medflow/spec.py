@@ -622,6 +622,13 @@ class EvaluateSpec(_Model):
         "`youden_median`, the median of Youden's threshold over 500 bootstrap resamples of the validation patients "
         "(a single maximum on a few patients is luck; the report gives the resampled range); `youden`, that single "
         "maximum; `f1`, the best F1; or a fixed value.")
+    baselines: list[Literal["radiomics", "hog", "ecg_features"]] = Field(
+        default_factory=list, description="Strong classical baselines scored beside the kind's simple one, each fitted "
+        "outside the test split with its settings chosen by cross-validation grouped by patient, and compared with "
+        "the model on the same test cases (paired difference and its interval): `radiomics` (images and volumes: "
+        "first-order, GLCM texture and blob features, random forest), `hog` (2D images: HOG, logistic "
+        "regression), `ecg_features` (waveforms: heart rate, RR irregularity, QRS width, P-wave energy, logistic "
+        "regression).")
     calibrate: Literal["none", "platt", "temperature"] = Field(
         "none", description="Classification: recalibrate scores with a map fitted on the validation split (`platt`: "
         "logistic regression on the logit, two classes; `temperature`: one temperature on the logits, any number "

@@ -28,6 +28,8 @@ class TaskKind:
     multi_worker: ClassVar[bool] = False
     #: whether the kind prepares images or volumes (then the waveform steps do not apply)
     takes_images: ClassVar[bool] = True
+    #: the strong classical baselines (``evaluate.baselines``, ``medflow.strong_baselines``) the kind can score
+    strong_baselines: ClassVar[tuple[str, ...]] = ()
 
     # ---------------------------------------------------------------- spec
     def check_spec(self, spec) -> list[str]:
@@ -44,6 +46,11 @@ class TaskKind:
             if used:
                 problems.append(f"preprocess: {', '.join(used)} are waveform steps; {self.name} prepares images "
                                 f"(received: {', '.join(name for name, _ in spec.steps())})")
+        unknown = [b for b in spec.evaluate.baselines if b not in self.strong_baselines]
+        if unknown:
+            problems.append(f"evaluate.baselines: {unknown} do not apply to {self.name}; it scores "
+                            + (", ".join(self.strong_baselines) or "its own declared baseline only")
+                            + f" (received: {spec.evaluate.baselines})")
         if spec.train.distribute == "multi_worker" and not self.multi_worker:
             problems.append(f"train.distribute: multi_worker is not available for {self.name} yet; use mirrored "
                             "(several devices of one machine) or none (received: multi_worker)")

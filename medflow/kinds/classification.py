@@ -93,10 +93,16 @@ class Classification(TaskKind):
     name = "classification"
     metrics = METRICS
     template = "classification.html.j2"
+    strong_baselines = ("radiomics", "hog")
     multi_worker = True
 
     def check_spec(self, spec) -> list[str]:
+        from models import info
+
         problems = super().check_spec(spec)
+        if "hog" in spec.evaluate.baselines and spec.model.arch and info(spec.model.arch).ndim != 2:
+            problems.append(f"evaluate.baselines: hog describes 2D images; {spec.model.arch} takes volumes (use "
+                            "radiomics)")
         labels = spec.data.labels
         if labels is None and spec.data.format == "dicom":
             problems.append("data.labels: classification of DICOM studies needs data.labels (a CSV keyed by "
@@ -195,6 +201,7 @@ class Classification(TaskKind):
             column = np.full(len(df), np.nan)
             column[test_rows] = base_proba[:, i if len(classes) > 2 else 1]
             df["baseline_score" if len(classes) == 2 else f"baseline_p_{c}"] = column
+        result["strong_baselines"] = self._strong_baselines(spec, store, prep_key, df, scores, classes)
         result["warnings"] = classification_warnings(df, len(classes), result["val"]["auc"])
         from models.ensemble import manifest_of
 
@@ -215,6 +222,44 @@ class Classification(TaskKind):
             logger.warning("the test split lacks a class: AUC is undefined; use a larger cohort or split.test")
         return result
 
+    def _strong_baselines(self, spec, store, prep_key: str, df: pd.DataFrame, scores: np.ndarray,
+                          classes: list[str]) -> list[dict]:
+        """Each of ``evaluate.baselines`` fitted outside the test split, scored on it, and the model's paired
+        difference to it."""
+        import time
+
+        from medflow.metrics import binary_intervals, multiclass_ci, multiclass_metrics
+        from medflow.strong_baselines import DESCRIPTIONS, fit_and_score, paired_difference
+        from sklearn.metrics import roc_auc_score
+
+        out = []
+        test = (df["split"] == "test").to_numpy()
+        y, patients = df["label"].to_numpy(int), df["patient_key"].to_numpy()
+        model = np.asarray(scores, float)
+        model = np.column_stack([1 - model, model]) if model.ndim == 1 else model
+        for name in spec.evaluate.baselines:
+            t0 = time.perf_counter()
+            features = np.array([self.strong_feature(name, store, prep_key, k) for k in df["series_key"]])
+            proba = fit_and_score(name, features, y, patients, test, len(classes), spec.train.seed)
+            yt = y[test]
+            if len(classes) == 2:
+                auc = float(roc_auc_score(yt, proba[:, 1])) if len(np.unique(yt)) == 2 else float("nan")
+                ci_all, _ = binary_intervals(yt, proba[:, 1], 0.5, patients[test], metrics=["auc"],
+                                             n=spec.evaluate.bootstrap, seed=spec.train.seed)
+                ci = ci_all.get("auc")
+            else:
+                auc = multiclass_metrics(yt, proba, classes)["auc"]
+                ci = multiclass_ci(yt, proba, classes, metrics=["auc"], n=spec.evaluate.bootstrap,
+                                   seed=spec.train.seed).get("auc")
+            paired = paired_difference(yt, model[test], proba, patients[test], classes, n_boot=spec.evaluate.bootstrap,
+                                       seed=spec.train.seed)
+            out.append({"name": name, "description": DESCRIPTIONS[name], "auc": auc, "ci": ci, "features":
+                        int(features.shape[1]), "seconds": round(time.perf_counter() - t0, 1), "vs_model": paired})
+            logger.info("baseline %s (%s): test AUC %.3f; model − baseline %+.3f (95%% CI %s)", name,
+                        DESCRIPTIONS[name], auc, paired["difference"],
+                        "–".join(f"{v:+.3f}" for v in paired["ci"]) if paired.get("ci") else "none")
+        return out
+
     # the declared baseline, and the explanation of a few test cases
     @property
     def baseline_name(self) -> str:
@@ -227,6 +272,13 @@ class Classification(TaskKind):
 
         return intensity_features(store.read_prep(prep_key, key))
 
+    def strong_feature(self, name: str, store, prep_key: str, key: str) -> np.ndarray:
+        """The features of ``evaluate.baselines`` entry ``name`` for one case (``medflow.strong_baselines``)."""
+        from medflow.strong_baselines import hog_features, radiomics_features
+
+        array = np.asarray(store.read_prep(prep_key, key))[0]
+        return hog_features(array) if name == "hog" else radiomics_features(array)
+
     def explain(self, model_path: str, loader, df: pd.DataFrame, run_dir: Path) -> dict | None:
         """Heat maps of a few test cases into ``explain.npz``; returns the explanation's record
         (``models.explain.explain_isolated``), or None when there was nothing to explain."""
@@ -235,6 +287,8 @@ class Classification(TaskKind):
     def result_line(self, evaluation: dict) -> str:
         t, b = evaluation["test"], evaluation.get("baseline", {})
         base = f" · baseline AUC {b['auc']:.3f}" if b else ""
+        for strong in evaluation.get("strong_baselines") or []:
+            base += f" · {strong['name']} AUC {strong['auc']:.3f}"
         if evaluation.get("n_classes", 2) == 2:
             return (f"AUC {t['auc']:.3f} · accuracy {t['accuracy']:.3f} · sensitivity {t['recall']:.3f} · "
                     f"specificity {t['specificity']:.3f} (n={t['n']}){base}")
@@ -263,6 +317,8 @@ class Classification(TaskKind):
             "metrics": r.metrics_rows(m, evaluation.get("ci", {}), evaluation["metrics"],
                                       macro=len(classes) > 2),
             "baseline": _with_interval(evaluation.get("baseline")),
+            "strong_baselines": [{**_with_interval(b), "vs_model": {**b["vs_model"], "ci": _interval_or_none(
+                b["vs_model"].get("ci"))}} for b in evaluation.get("strong_baselines") or []],
             "model_auc": m["auc"],
             "model_auc_ci": _interval_or_none(evaluation.get("ci", {}).get("auc")),
             "ci_methods": r.interval_methods(evaluation.get("ci_method", {})),

@@ -31,6 +31,7 @@ BASELINE_LEAD = "II"
 class Signal(Classification):
     name = "signal"
     template = "signal.html.j2"
+    strong_baselines = ("ecg_features",)
     takes_images = False
 
     def check_spec(self, spec) -> list[str]:
@@ -62,6 +63,18 @@ class Signal(Classification):
         kept = _leads_after(attrs.get("steps", []), leads)
         lead = kept.index(BASELINE_LEAD) if BASELINE_LEAD in kept else 0
         return heart_rate(trace[:, lead], rate_of(attrs.get("spacing", store.catalog_entry(key)["spacing"])))
+
+    def strong_feature(self, name: str, store, prep_key: str, key: str) -> np.ndarray:
+        """``ecg_features`` of lead II (``medflow.strong_baselines``)."""
+        from medflow.signals import rate_of
+        from medflow.strong_baselines import ecg_features
+
+        trace = store.read_prep(prep_key, key)[0]
+        leads = store.catalog_entry(key).get("leads") or []
+        attrs = store.prep_attrs(prep_key, key) or {}
+        kept = _leads_after(attrs.get("steps", []), leads)
+        lead = kept.index(BASELINE_LEAD) if BASELINE_LEAD in kept else 0
+        return ecg_features(trace[:, lead], rate_of(attrs.get("spacing", store.catalog_entry(key)["spacing"])))
 
     # ------------------------------------------------------- explanation
     def explain(self, model_path: str, loader, df: pd.DataFrame, run_dir: Path) -> dict | None:

@@ -99,6 +99,9 @@ def test_pipeline_end_to_end_then_rerun_reuses_everything(tiny, prefect_harness,
 
     assert_report_reads_well(Path(run) / "report.html", tmp_path / "report.png")  # in a browser, at 1280 px
     html = open(f"{run}/report.html").read()
+    strong = {b["name"]: b for b in metrics["strong_baselines"]}  # the demo spec declares radiomics
+    assert set(strong) == {"radiomics"} and 0 <= strong["radiomics"]["auc"] <= 1 and strong["radiomics"]["features"] == 25
+    assert "difference" in strong["radiomics"]["vs_model"] and 'id="strong-baselines"' in html
     assert f"<td>{metrics['test']['accuracy']:.3f}</td>" in html
     # subgroup tables from the catalog's non-identifying attributes, counts adding up to the test split
     assert {"sg_manufacturer", "sg_thickness", "sg_sex", "sg_age"} <= set(preds.columns)

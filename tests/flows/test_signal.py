@@ -46,6 +46,9 @@ def test_ecg_rhythms_through_the_whole_lifecycle(tmp_path, prefect_harness):
     assert np.all((heats >= 0) & (heats <= 1)) and heats.max() == pytest.approx(1.0)
     assert_report_reads_well(run / "report.html", tmp_path / "report.png", classes=["normal", "afib", "bbb"])
     html = (run / "report.html").read_text()
+    strong = metrics["strong_baselines"]
+    assert [b["name"] for b in strong] == ["ecg_features"] and 0 <= strong[0]["auc"] <= 1
+    assert 'id="strong-baselines"' in html
     assert "integrated gradients" in html and 'alt="Traces with attribution"' in html and "Grad-CAM" not in html
 
     new = synthesize_ecg(tmp_path / "new", n=3, seed=9)

@@ -69,6 +69,10 @@ def test_three_class_pipeline_reports_per_class_metrics_and_the_baseline(xray_ru
     assert_report_reads_well(run / "report.html", tmp_path / "report.png",
                              classes=["normal", "pneumonia", "effusion"])
     html = (run / "report.html").read_text()
+    strong = {b["name"]: b for b in metrics["strong_baselines"]}  # radiomics and HOG, as the demo declares
+    assert set(strong) == {"radiomics", "hog"} and strong["hog"]["features"] == 1764
+    assert all(b["vs_model"]["method"].startswith("paired bootstrap") for b in strong.values())
+    assert 'id="strong-baselines"' in html
     assert 'id="per-class"' in html and 'id="baseline"' in html and "ROC AUC, macro average" in html
     for canary in cohort.canaries:
         assert canary not in html
