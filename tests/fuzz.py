@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
-from pydicom.uid import CTImageStorage, generate_uid
+from pydicom.uid import generate_uid
 
 from tests.helpers import new_instance, write_ct_series
 

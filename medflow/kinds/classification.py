@@ -228,7 +228,7 @@ class Classification(TaskKind):
         difference to it."""
         import time
 
-        from medflow.metrics import binary_intervals, multiclass_ci, multiclass_metrics
+        from medflow.metrics import binary_intervals, multiclass_metrics
         from medflow.strong_baselines import DESCRIPTIONS, fit_and_score, paired_difference
         from sklearn.metrics import roc_auc_score
 
@@ -249,8 +249,7 @@ class Classification(TaskKind):
                 ci = ci_all.get("auc")
             else:
                 auc = multiclass_metrics(yt, proba, classes)["auc"]
-                ci = multiclass_ci(yt, proba, classes, metrics=["auc"], n=spec.evaluate.bootstrap,
-                                   seed=spec.train.seed).get("auc")
+                ci = macro_auc_interval(yt, proba, classes, auc, n=spec.evaluate.bootstrap, seed=spec.train.seed)
             paired = paired_difference(yt, model[test], proba, patients[test], classes, n_boot=spec.evaluate.bootstrap,
                                        seed=spec.train.seed)
             out.append({"name": name, "description": DESCRIPTIONS[name], "auc": auc, "ci": ci, "features":
@@ -512,6 +511,18 @@ def _calibration_context(calibration: dict | None, *, binary: bool) -> dict | No
             "rows": r.calibration_rows(calibration), "plot": r.plot_reliability(curves, binary=binary)}
 
 
+def macro_auc_interval(y, proba, classes: list[str], auc: float, *, n: int, seed: int):
+    """The macro AUC's 95% interval: a percentile bootstrap over cases, or, where it cannot vary (at 1.0 or 0.0),
+    the classes' one-vs-rest Newcombe intervals averaged (``multiclass_bound_interval``)."""
+    from medflow.metrics import multiclass_bound_interval, multiclass_ci
+
+    ci = multiclass_ci(y, proba, classes, metrics=["auc"], n=n, seed=seed).get("auc")
+    if n and (auc in (0.0, 1.0) or (is_interval(ci) and ci[0] == ci[1])):
+        bound = multiclass_bound_interval("auc", auc, y, np.asarray(proba).argmax(axis=1), len(classes), proba=proba)
+        ci = list(bound) if bound is not None else ci
+    return ci
+
+
 def _interval_or_none(value):
     return value if is_interval(value) else None
 
@@ -577,7 +588,7 @@ def _baseline(df: pd.DataFrame, feature: np.ndarray, classes: list[str], *, name
               seed: int) -> dict:
     """The declared baseline fitted outside the test split, scored on test (AUC; macro one-vs-rest for K > 2)."""
     from medflow.baselines import feature_logistic
-    from medflow.metrics import binary_intervals, multiclass_ci, multiclass_metrics
+    from medflow.metrics import binary_intervals, multiclass_metrics
     from sklearn.metrics import roc_auc_score
 
     # fitted on every case outside the test split (a baseline has nothing to select on validation)
@@ -592,7 +603,7 @@ def _baseline(df: pd.DataFrame, feature: np.ndarray, classes: list[str], *, name
         ci, method = ci_all.get("auc"), how.get("auc")
     else:
         auc = multiclass_metrics(yt, proba, classes)["auc"]
-        ci = multiclass_ci(yt, proba, classes, metrics=["auc"], n=bootstrap, seed=seed).get("auc")
+        ci = macro_auc_interval(yt, proba, classes, auc, n=bootstrap, seed=seed)
         method = "case bootstrap, percentile"
     logger.info("baseline (%s): test AUC %.3f", name, auc)
     return {"name": name, "auc": auc, "ci": ci, "ci_method": method, "test_proba": proba}

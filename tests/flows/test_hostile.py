@@ -19,7 +19,7 @@ from medflow.spec import load_spec
 from storage.ingest import with_paths
 from storage.store import Store
 from tests.fuzz import DX_STORAGE, fuzz_source, unlock
-from tests.helpers import ingested_files, new_instance, quarantine, quarantine_reasons, unaccounted
+from tests.helpers import ingested_files, new_instance, quarantine_reasons, unaccounted
 
 pytestmark = pytest.mark.slow
 

@@ -15,7 +15,7 @@ import pytest
 from storage.dicom import list_source
 from storage.ingest import IngestOptions, source_index
 from storage.store import Store
-from tests.helpers import ingest_serial, ingested_files, quarantine, quarantine_reasons
+from tests.helpers import ingest_serial, ingested_files, quarantine_reasons
 
 
 def _all_bytes(root: Path):

@@ -68,3 +68,13 @@ def test_a_baseline_that_does_not_apply_is_refused(change, fragment):
 
     with pytest.raises(SpecError, match=fragment.replace("[", r"\[").replace("]", r"\]")):
         parse_spec(_override(_spec(), change), check_paths=False)
+
+
+def test_a_perfect_baseline_gets_an_interval_not_a_point():
+    """The ECG features separate the synthetic rhythms: their macro AUC of 1.000 printed 1.000 – 1.000."""
+    from medflow.kinds.classification import macro_auc_interval
+
+    y = np.repeat([0, 1, 2], 10)
+    proba = np.eye(3)[y] * 0.9 + 0.03
+    lo, hi = macro_auc_interval(y, proba, ["normal", "afib", "bbb"], 1.0, n=200, seed=0)
+    assert 0.7 < lo < 1.0 and hi == pytest.approx(1.0)
