@@ -42,9 +42,7 @@ def radiomics_features(array: np.ndarray) -> np.ndarray:
     from scipy import ndimage, stats
     from skimage.feature import graycomatrix, graycoprops
 
-    a = np.asarray(array, dtype=np.float32)
-    if a.ndim > 2 and a.shape[-1] == 1:
-        a = a[..., 0]
+    a = _squeezed(array)
     flat = a.reshape(-1).astype(np.float64)
     lo, hi = np.percentile(flat, [1, 99.9])
     span = hi - lo if hi > lo else 1.0
@@ -76,6 +74,16 @@ def radiomics_features(array: np.ndarray) -> np.ndarray:
     return np.asarray([*first, *glcm, *blobs, *region], dtype=np.float64)
 
 
+def _squeezed(array) -> np.ndarray:
+    """An image (H, W) or a volume (D, H, W) without axes of length 1 (a channel, or a 2D image's leading 1).
+
+    >>> _squeezed(np.zeros((1, 5, 6))).shape, _squeezed(np.zeros((4, 5, 6, 1))).shape
+    ((5, 6), (4, 5, 6))
+    """
+    a = np.asarray(array, dtype=np.float32)
+    return a.reshape([n for n in a.shape if n != 1]) if a.ndim > 2 else a
+
+
 def hog_features(array: np.ndarray) -> np.ndarray:
     """HOG of a 2D prepared image resized to 64 x 64 (9 orientations, 8-pixel cells, 2 x 2 blocks): 1764 values.
 
@@ -85,9 +93,9 @@ def hog_features(array: np.ndarray) -> np.ndarray:
     from skimage.feature import hog
     from skimage.transform import resize
 
-    a = np.asarray(array, dtype=np.float32)
-    if a.ndim == 3:
-        a = a[..., 0]
+    a = _squeezed(array)
+    if a.ndim != 2:
+        raise ValueError(f"hog describes 2D images; received an array of shape {np.shape(array)}")
     small = resize(a, (64, 64), anti_aliasing=True, preserve_range=True)
     return hog(small, orientations=9, pixels_per_cell=(8, 8), cells_per_block=(2, 2), feature_vector=True)
 

@@ -275,7 +275,7 @@ class Classification(TaskKind):
         """The features of ``evaluate.baselines`` entry ``name`` for one case (``medflow.strong_baselines``)."""
         from medflow.strong_baselines import hog_features, radiomics_features
 
-        array = np.asarray(store.read_prep(prep_key, key))[0]
+        array = np.asarray(store.read_prep(prep_key, key))  # a volume (D, H, W) or an image (1, H, W)
         return hog_features(array) if name == "hog" else radiomics_features(array)
 
     def explain(self, model_path: str, loader, df: pd.DataFrame, run_dir: Path) -> dict | None:
