@@ -262,6 +262,38 @@ def multiclass_bound_interval(name: str, value: float, y, pred, n_classes: int, 
     return float(lo), float(hi)
 
 
+CHANCE_EPOCHS = 3  # this many epochs in a row with the training loss at chance level earn a warning
+
+
+def chance_loss_warning(losses: list[float], n_classes: int, prior: list[float] | None = None,
+                        class_weighted: bool = True) -> str | None:
+    """A warning when the training loss sat at chance level for ``CHANCE_EPOCHS`` epochs in a row: the
+    cross-entropy of a model that gives every case the same probabilities, ln K with balanced class weights
+    (or balanced classes), the entropy of the class prior without weights. Within 1% counts as at chance.
+
+    >>> chance_loss_warning([0.75, 0.6932, 0.6931, 0.6930, 0.45], 2).split(":")[0]
+    'the training loss sat at chance level (0.693) for epochs 2–4 of 5'
+    >>> chance_loss_warning([0.70, 0.60, 0.50, 0.40], 2) is None
+    True
+    """
+    import math
+
+    p = np.asarray(prior, float) if prior is not None and not class_weighted else np.full(n_classes, 1 / n_classes)
+    chance = float(-(p[p > 0] * np.log(p[p > 0])).sum())
+    at = [abs(v - chance) <= 0.01 * chance if math.isfinite(v) else False for v in losses]
+    run, best = 0, (0, 0)
+    for i, flag in enumerate(at):
+        run = run + 1 if flag else 0
+        if run > best[1] - best[0]:
+            best = (i - run + 1, i + 1)
+    if best[1] - best[0] < CHANCE_EPOCHS:
+        return None
+    return (f"the training loss sat at chance level ({chance:.3f}) for epochs {best[0] + 1}–{best[1]} of "
+            f"{len(losses)}: the network gave every case about the same output (a learning rate too high or too "
+            "low, dead units, or labels unrelated to the images); lower the learning rate, add batch normalisation "
+            "or train longer")
+
+
 MIN_TEST_PATIENTS = 30  # below this, a test split's intervals are too wide to rank models
 MIN_SCORE_SPREAD = 0.05  # scores that span less than this barely depend on the image
 

@@ -203,6 +203,9 @@ class Classification(TaskKind):
             df["baseline_score" if len(classes) == 2 else f"baseline_p_{c}"] = column
         result["strong_baselines"] = self._strong_baselines(spec, store, prep_key, df, scores, classes)
         result["warnings"] = classification_warnings(df, len(classes), result["val"]["auc"])
+        chance = _chance_warning(spec, run_dir, df, len(classes))
+        if chance:
+            result["warnings"].append(chance)
         from models.ensemble import manifest_of
 
         manifest = manifest_of(model_path)
@@ -509,6 +512,20 @@ def _calibration_context(calibration: dict | None, *, binary: bool) -> dict | No
         curves = {"before": curves["model scores"], f"after {calibration['method']}": calibration["after"]["test"]["bins"]}
     return {"method": calibration["method"], "bins": calibration["bins"], "map": calibration.get("map"),
             "rows": r.calibration_rows(calibration), "plot": r.plot_reliability(curves, binary=binary)}
+
+
+def _chance_warning(spec, run_dir: Path, df: pd.DataFrame, n_classes: int) -> str | None:
+    """``metrics.chance_loss_warning`` on the run's training history (none for k-fold runs: each fold has its own)."""
+    from medflow.metrics import chance_loss_warning
+    from models.training import read_history
+
+    path = Path(run_dir) / "history.csv"
+    if not path.exists():
+        return None
+    losses = read_history(path).get("loss", [])
+    train = df.loc[df["split"] == "train", "label"].to_numpy(int)
+    prior = (np.bincount(train, minlength=n_classes) / max(len(train), 1)).tolist()
+    return chance_loss_warning(losses, n_classes, prior, class_weighted=spec.train.class_weight == "balanced")
 
 
 def macro_auc_interval(y, proba, classes: list[str], auc: float, *, n: int, seed: int):

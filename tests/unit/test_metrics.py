@@ -221,3 +221,23 @@ def test_operating_points_reach_their_target_on_validation():
     assert spec["threshold"] > sens["threshold"]
     lo, hi = sens["sensitivity_ci"]
     assert lo < sens["sensitivity"] < hi
+
+
+def test_a_run_whose_loss_sits_at_chance_is_warned_and_a_learning_run_is_not(tmp_path):
+    """The seed program at Adam 1e-3 sat at ln 2 for epochs 2-4 (issue 25's measurement); a run that learns
+    from the first epoch must get no such warning."""
+    import pandas as pd
+
+    from medflow.kinds.classification import _chance_warning
+    from medflow.spec import parse_spec
+    from tests.unit.test_spec import _override, _spec
+
+    df = pd.DataFrame({"split": ["train"] * 8, "label": [0, 0, 0, 0, 0, 0, 1, 1]})
+    stuck = [0.81, 0.6932, 0.6930, 0.6933, 0.6931, 0.62]
+    learning = [0.81, 0.52, 0.41, 0.33, 0.30, 0.28]
+    for losses, weight, expected in ((stuck, "balanced", "epochs 2–5 of 6"), (learning, "balanced", None),
+                                     ([0.7, 0.5624, 0.5623, 0.5625, 0.4], "none", "epochs 2–4 of 5")):
+        pd.DataFrame({"epoch": range(len(losses)), "loss": losses}).to_csv(tmp_path / "history.csv", index=False)
+        spec = parse_spec(_override(_spec(), {"train.class_weight": weight}), check_paths=False)
+        warning = _chance_warning(spec, tmp_path, df, 2)
+        assert (warning is None) if expected is None else (expected in warning), (losses, warning)
