@@ -120,11 +120,19 @@ def froc_summary(scans: list[dict], *, n_boot: int = 1000, seed: int = 0, patien
         out["cpm_ci"] = [float(lo[0]), float(hi[0])]
         out["sensitivity_ci"] = {str(r): [float(lo[j + 1]), float(hi[j + 1])] for j, r in enumerate(FP_RATES)}
         out["ci_method"] = "patient bootstrap, percentile"
-    if n_boot and curve["n_lesions"] and (not out.get("cpm_ci") or out["cpm_ci"][0] == out["cpm_ci"][1]):
+    if n_boot and curve["n_lesions"]:
         from medflow.intervals import WILSON_MEAN, wilson_mean
 
-        # one patient, or every resample alike (CPM 1.0 or 0.0): Wilson's interval over the lesions, never a point
-        out["cpm_ci"], out["ci_method"] = list(wilson_mean(out["cpm"], curve["n_lesions"])), WILSON_MEAN
+        # one patient, or every resample alike (a sensitivity of 0 or 1 at a rate, a CPM of 1.0 or 0.0): Wilson's
+        # interval over the lesions, never a point
+        if not out.get("cpm_ci") or out["cpm_ci"][0] == out["cpm_ci"][1]:
+            out["cpm_ci"], out["ci_method"] = list(wilson_mean(out["cpm"], curve["n_lesions"])), WILSON_MEAN
+            out.setdefault("ci_methods", {})["cpm"] = WILSON_MEAN
+        rate_ci = out.setdefault("sensitivity_ci", {})
+        for rate, value in out["sensitivity"].items():
+            if rate not in rate_ci or rate_ci[rate][0] == rate_ci[rate][1]:
+                rate_ci[rate] = list(wilson_mean(value, curve["n_lesions"]))
+                out.setdefault("ci_methods", {})[rate] = WILSON_MEAN
     return out
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from medflow.intervals import WILSON_MEAN
 from medflow.kinds.base import TaskKind
 from medflow.runs import write_json_atomic
 from medflow.tables import write_csv_atomic
@@ -224,6 +225,7 @@ class Detection(TaskKind):
             result[split] = _flat(summary)
             if split == "test":
                 result["ci"] = _flat_ci(summary)
+                result["ci_method"] = _flat_ci_methods(summary)
                 result["curve"] = summary["curve"]
         # the baseline's smoothing is chosen on validation, like the model's threshold
         val_cpm = {sigma: cpm(sensitivity_at(froc_curve(scans(sigma, "val")))) for sigma in BASELINE_SIGMAS_MM}
@@ -269,7 +271,9 @@ class Detection(TaskKind):
         for name in evaluation["metrics"]:
             label = "CPM (mean sensitivity at 1/8-8 FP/scan)" if name == "cpm" else \
                 f"sensitivity at {name.split('_')[1]} FP/scan"
-            rows.append({"metric": label, "value": f"{t[name]:.3f}", "ci95": _ci_text(ci.get(name)),
+            how = (evaluation.get("ci_method") or {}).get(name)
+            text = _ci_text(ci.get(name)) + (" (Wilson)" if how == WILSON_MEAN and ci.get(name) else "")
+            rows.append({"metric": label, "value": f"{t[name]:.3f}", "ci95": text,
                          "baseline": f"{b[name]:.3f}" if isinstance(b.get(name), float) else ""})
         return detection_context(evaluation, predictions, rows,
                                  ["series_key", "n_lesions", "hits", "false_positives", "best_lesion_score"],
@@ -358,6 +362,11 @@ def _flat_ci(summary: dict) -> dict:
     for rate, value in (summary.get("sensitivity_ci") or {}).items():
         out[f"sens_{float(rate):g}"] = value
     return out
+
+
+def _flat_ci_methods(summary: dict) -> dict:
+    """Which metric's interval is not the patient bootstrap (Wilson's where every resample was alike)."""
+    return {("cpm" if k == "cpm" else f"sens_{float(k):g}"): v for k, v in (summary.get("ci_methods") or {}).items()}
 
 
 def _ci_text(ci) -> str:

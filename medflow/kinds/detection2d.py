@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from medflow.boxes import AP_METRICS
+from medflow.intervals import WILSON_MEAN
 from medflow.kinds.base import TaskKind
 from medflow.kinds.detection import (NO_DETECTION, _ci_text, _trace, detection_context, to_model_grid,
                                      to_source_grid)
@@ -179,6 +180,7 @@ class Detection2D(TaskKind):
 
         result = {"task": self.name, "metrics": spec.metric_names(), "bootstrap": ev.bootstrap, "hit_rule": HIT_RULE,
                   "hit_iou": HIT_IOU, "threshold": threshold, "test": flat(summary), "ci": summary["ci"],
+                  "ci_method": summary.get("ci_method") or {},
                   "curve": summary["curve"], "val": flat(val),
                   "baseline": {"name": BASELINE, "box_size": [float(v) for v in size], **flat(base),
                                "ci": base["ci"], "curve": base["curve"],
@@ -232,7 +234,9 @@ class Detection2D(TaskKind):
     def report_context(self, spec, run_dir, predictions, evaluation) -> dict:
         t, ci, b = evaluation["test"], evaluation.get("ci") or {}, evaluation.get("baseline") or {}
         labels = {"ap50": "AP at IoU 0.5", "ap50_95": "AP at IoU 0.5:0.95 (COCO)", "ap75": "AP at IoU 0.75"}
-        rows = [{"metric": labels[name], "value": f"{t[name]:.3f}", "ci95": _ci_text(ci.get(name)),
+        how = evaluation.get("ci_method") or {}
+        rows = [{"metric": labels[name], "value": f"{t[name]:.3f}",
+                 "ci95": _ci_text(ci.get(name)) + (" (Wilson)" if how.get(name) == WILSON_MEAN and ci.get(name) else ""),
                  "baseline": f"{b[name]:.3f}" if isinstance(b.get(name), float) else ""}
                 for name in evaluation["metrics"]]
         return detection_context(evaluation, predictions, rows,

@@ -56,6 +56,21 @@ def test_froc_summary_bootstraps_by_patient():
     one = froc_summary(SCANS, n_boot=200, patients=["a"] * 4)  # one patient: no bootstrap, Wilson over the lesions
     assert one["cpm_ci"] == pytest.approx(list(wilson_mean(one["cpm"], 4))) and one["cpm_ci"][0] < one["cpm_ci"][1]
     assert one["ci_method"].startswith("Wilson")
+    # every rate's interval has width (a bootstrap's, or Wilson's where the resamples were alike)
+    for rate, (lo, hi) in out["sensitivity_ci"].items():
+        assert lo <= out["sensitivity"][rate] <= hi and lo < hi, rate
+    assert set(one["ci_methods"]) == {"cpm", *map(str, FP_RATES)}
+
+
+def test_a_sensitivity_the_same_in_every_resample_gets_wilsons_interval_not_a_point():
+    # every lesion missed at every rate (a detector that found nothing): each resample's sensitivity is 0
+    missed = [{"detections": [_det(400, 0.9)], "lesions": [_lesion(0)]} for _ in range(5)]
+    out = froc_summary(missed, n_boot=100, patients=list("abcde"))
+    assert out["sensitivity"]["1.0"] == 0.0
+    for rate in map(str, FP_RATES):
+        assert out["sensitivity_ci"][rate] == pytest.approx(list(wilson_mean(0.0, 5)))
+        assert out["ci_methods"][rate].startswith("Wilson")
+    assert out["cpm_ci"][1] > 0
 
 
 def test_no_lesion_gives_no_sensitivity():
