@@ -582,6 +582,12 @@ class TrainSpec(_Model):
     learning_rate: PositiveFloat = Field(1e-3, description="Initial learning rate.")
     early_stopping: Annotated[PositiveInt, MAX_EPOCHS] | None = Field(8, description="Patience in epochs on validation loss; null turns it off.")
     reduce_lr: Annotated[PositiveInt, MAX_EPOCHS] | None = Field(4, description="Halve the learning rate after this many epochs without improvement.")
+    val_smoothing: float = Field(
+        0.5, ge=0.0, le=0.9, description="Early stopping, the learning-rate drops and the best checkpoint follow an "
+        "exponential moving average of the validation loss (`val_loss_smooth` = s·previous + (1 − s)·val_loss), "
+        "so that one noisy epoch neither stops training nor picks the model; 0 follows the raw validation loss.")
+    min_epochs: Annotated[int, MAX_EPOCHS] = Field(
+        0, ge=0, description="Epochs always trained before early stopping may end training.")
     class_weight: Literal["balanced", "none"] = Field(
         "balanced", description="`balanced` weights classes by inverse frequency (class imbalance).")
     seed: int = Field(0, description="Seed of weights, data order and augmentation.")

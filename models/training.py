@@ -334,7 +334,41 @@ class TrainingInterrupted(RuntimeError):
     """Raised by the fault hook (``MEDFLOW_FAULT_AFTER_EPOCH``) to simulate a crash."""
 
 
-def _atomic_checkpoint(keras, path: Path, *, best_only: bool):
+SMOOTH_KEY = "val_loss_smooth"
+
+
+def smooth_losses(losses, smoothing: float) -> list[float]:
+    """The exponential moving average that early stopping and the best checkpoint follow.
+
+    >>> smooth_losses([1.0, 0.5, 2.0, 0.4], 0.5)
+    [1.0, 0.75, 1.375, 0.8875]
+    """
+    out: list[float] = []
+    for v in losses:
+        out.append(float(v) if not out else smoothing * out[-1] + (1.0 - smoothing) * float(v))
+    return out
+
+
+def _smoother(keras, smoothing: float):
+    """Adds ``val_loss_smooth`` to each epoch's logs (first in the callback list, so that the checkpoint, early
+    stopping, the learning-rate drops and ``history.csv`` all see it)."""
+
+    class Smoother(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.value: float | None = None
+
+        def on_epoch_end(self, epoch, logs=None):
+            if logs is None or "val_loss" not in logs:
+                return
+            v = float(logs["val_loss"])
+            self.value = v if self.value is None else smoothing * self.value + (1.0 - smoothing) * v
+            logs[SMOOTH_KEY] = self.value
+
+    return Smoother()
+
+
+def _atomic_checkpoint(keras, path: Path, *, best_only: bool, monitor: str = "val_loss"):
     """Saves the model (with its optimizer state) after every epoch, or when validation loss improves,
     through ``save_model_atomic``: a kill during the write leaves the previous checkpoint whole.
 
@@ -348,7 +382,7 @@ def _atomic_checkpoint(keras, path: Path, *, best_only: bool):
             self.best = float("inf")
 
         def on_epoch_end(self, epoch, logs=None):
-            loss = float((logs or {}).get("val_loss", float("nan")))
+            loss = float((logs or {}).get(monitor, float("nan")))
             if best_only:
                 if not loss < self.best:
                     return
@@ -368,7 +402,8 @@ def _epoch_setter(keras, dataset):
     return EpochSetter()
 
 
-def _resume_callback(keras, state_path: Path, early: object | None, plateau: object | None):
+def _resume_callback(keras, state_path: Path, early: object | None, plateau: object | None,
+                     smoother: object | None = None, checkpoint: object | None = None):
     """Persists what resuming needs beyond the model file, and restores it at train begin.
 
     ``checkpoints/last.keras`` (model and optimizer state, written by an atomic checkpoint
@@ -392,6 +427,10 @@ def _resume_callback(keras, state_path: Path, early: object | None, plateau: obj
             if plateau is not None and "reduce_lr" in state:
                 rl = state["reduce_lr"]
                 plateau.wait, plateau.best, plateau.cooldown_counter = rl["wait"], rl["best"], rl["cooldown"]
+            if smoother is not None and state.get("val_loss_smooth") is not None:
+                smoother.value = float(state["val_loss_smooth"])
+            if checkpoint is not None and "best_checkpoint" in state:
+                checkpoint.best = float(state["best_checkpoint"])
 
         def on_epoch_end(self, epoch, logs=None):
             state = {"epoch": epoch + 1}
@@ -401,6 +440,10 @@ def _resume_callback(keras, state_path: Path, early: object | None, plateau: obj
             if plateau is not None:
                 state["reduce_lr"] = {"wait": int(plateau.wait), "best": float(plateau.best),
                                       "cooldown": int(plateau.cooldown_counter)}
+            if smoother is not None:
+                state["val_loss_smooth"] = smoother.value
+            if checkpoint is not None:
+                state["best_checkpoint"] = float(checkpoint.best)
             write_text_atomic(state_path, json.dumps(state))
             if fault_after and epoch + 1 == fault_after:
                 raise TrainingInterrupted(f"fault hook {FAULT_ENV}={fault_after}: stopping after epoch {epoch + 1}")
@@ -598,22 +641,29 @@ def fit_model(
             if on_epoch:
                 on_epoch(epoch + 1, epochs, logs)
 
-    early = plateau = None
+    early = plateau = smoother = None
+    smoothing = float(train.get("val_smoothing") or 0.0)
+    monitor = SMOOTH_KEY if smoothing > 0 else "val_loss"
+    if smoothing > 0:
+        smoother = _smoother(keras, smoothing)
     if train.get("early_stopping"):
-        early = keras.callbacks.EarlyStopping(monitor="val_loss", patience=int(train["early_stopping"]),
-                                              restore_best_weights=True)
+        early = keras.callbacks.EarlyStopping(monitor=monitor, patience=int(train["early_stopping"]),
+                                              restore_best_weights=True, mode="min",
+                                              start_from_epoch=int(train.get("min_epochs") or 0))
     if train.get("reduce_lr"):
-        plateau = keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.5,
+        plateau = keras.callbacks.ReduceLROnPlateau(monitor=monitor, mode="min", factor=0.5,
                                                     patience=int(train["reduce_lr"]), min_lr=1e-5)
+    best_checkpoint = _atomic_checkpoint(keras, ckpt / "best.keras", best_only=True, monitor=monitor)
     callbacks = [
         *epoch_hooks,
-        _atomic_checkpoint(keras, ckpt / "best.keras", best_only=True),
+        *([smoother] if smoother is not None else []),
+        best_checkpoint,
         *_tensorboard(keras, run_dir),
         keras.callbacks.CSVLogger(str(run_dir / "history.csv"), append=True),
         Progress(),
         *(cb for cb in (early, plateau) if cb is not None),
         _atomic_checkpoint(keras, ckpt / "last.keras", best_only=False),
-        _resume_callback(keras, state_path, early, plateau),  # after last.keras: state.json commits the epoch
+        _resume_callback(keras, state_path, early, plateau, smoother, best_checkpoint),  # after last.keras: state.json commits the epoch
     ]
     with scope():
         hist = model.fit(train_ds, validation_data=val_ds, epochs=epochs, initial_epoch=initial_epoch, verbose=0,
@@ -621,7 +671,7 @@ def fit_model(
                          shuffle=keras_shuffles)
     history = read_history(run_dir / "history.csv")
     model_path = save_model_atomic(model, run_dir / "model.keras")
-    val_loss = history.get("val_loss", [])
+    val_loss = history.get(monitor, history.get("val_loss", []))
     result = {
         "model": str(model_path),
         "history": history,
@@ -629,6 +679,7 @@ def fit_model(
         "epochs_trained": len(hist.history.get("loss", [])),
         "resumed_from_epoch": initial_epoch,
         "best_epoch": int(np.argmin(val_loss)) + 1 if val_loss else None,
+        "selected_by": monitor if val_loss else None,
         "device": device,
         "hardware": hardware_facts(),
         "seconds": time.perf_counter() - started["t"],

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from models.training import FAULT_ENV, TrainingInterrupted, read_history, train_classifier
+from models.training import FAULT_ENV, TrainingInterrupted, read_history, smooth_losses, train_classifier
 
 pytestmark = [pytest.mark.slow, pytest.mark.tensorflow]
 
@@ -27,14 +27,14 @@ def _blobs(n=24, seed=0):
     return data, np.array(labels)
 
 
-def _train(run_dir, data, labels, epochs=8, deterministic=False):
+def _train(run_dir, data, labels, epochs=8, deterministic=False, smoothing=0.5):
     keys = sorted(data, key=lambda k: int(k[1:]))
     return train_classifier(
         loader=data.__getitem__, train_keys=keys[:16], train_labels=labels[:16], val_keys=keys[16:],
         val_labels=labels[16:], input_shape=(8, 16, 16, 1), arch="cnn3d", params={"filters": [4, 8]},
         train={"seed": 0, "optimizer": "adam", "learning_rate": 0.01, "batch_size": 4, "epochs": epochs,
                "early_stopping": None, "reduce_lr": 3, "class_weight": "balanced", "mixed_precision": False,
-               "deterministic": deterministic},
+               "deterministic": deterministic, "val_smoothing": smoothing},
         augment={}, run_dir=run_dir,
     )
 
@@ -56,6 +56,11 @@ def test_interrupted_training_resumes_from_last_epoch(tmp_path, monkeypatch):
     assert resumed["epochs_run"] == 8
     history = read_history(tmp_path / "cut" / "history.csv")
     assert len(history["loss"]) == 8
+    # the smoothed validation loss runs on across the cut (restarting it at epoch 4 would give that epoch's raw loss)
+    assert history["val_loss_smooth"] == pytest.approx(smooth_losses(history["val_loss"], 0.5))
+    assert history["val_loss_smooth"][3] != pytest.approx(history["val_loss"][3])
+    assert resumed["selected_by"] == "val_loss_smooth"
+    assert resumed["best_epoch"] == int(np.argmin(history["val_loss_smooth"])) + 1
     # same quality as the uninterrupted run (the data order differs after the restart)
     assert resumed["history"]["val_loss"][-1] == pytest.approx(whole["history"]["val_loss"][-1], abs=0.15)
     assert resumed["history"]["val_auc"][-1] >= whole["history"]["val_auc"][-1] - 0.1
