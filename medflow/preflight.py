@@ -134,12 +134,14 @@ def key_scan(source: str, attribute: str, keys: set[str]) -> tuple[int, bool]:
 
     from storage.dicom import list_source
 
+    cache_file: Path | None = None
+    cache: dict = {}
     try:
         cache_file = _cache_folder() / f"{hashlib.sha256(str(Path(source).resolve()).encode()).hexdigest()[:24]}.json"
         cache = json.loads(cache_file.read_text())
     except (OSError, ValueError):
-        cache = {}
-    if not isinstance(cache.get("files"), dict) or cache.get("attribute") != attribute:
+        pass  # no cache yet, a damaged one, or no cache folder (cache_file stays None: nothing is written)
+    if not isinstance(cache, dict) or not isinstance(cache.get("files"), dict) or cache.get("attribute") != attribute:
         cache = {"salt": secrets.token_hex(16), "attribute": attribute, "files": {}}
     salt = cache["salt"]
 
@@ -167,12 +169,12 @@ def key_scan(source: str, attribute: str, keys: set[str]) -> tuple[int, bool]:
         if value in wanted:
             matched = True
             break
-    if changed:
+    if changed and cache_file is not None:
         from medflow.runs import write_text_atomic
 
         try:
             write_text_atomic(cache_file, json.dumps(cache), mode=0o600)
-        except (OSError, NameError):
+        except OSError:
             pass  # a read-only cache: the next check reads the files again
     return read, matched
 

@@ -118,6 +118,18 @@ SIGNAL_OPS = {
 SIGNAL_STEPS = tuple(SIGNAL_OPS)
 
 
+def r_peaks(trace: np.ndarray, rate: float, *, prominence: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The lead centred on its median and turned R-up, and its R peaks: above half the 99.5th percentile, at
+    least 250 ms apart, and (when ``prominence`` is given) at least that fraction of the 99.5th percentile of
+    the absolute signal above their surroundings."""
+    x = np.asarray(trace, dtype=np.float64)
+    x = x - np.median(x)
+    x = x if abs(x.max()) >= abs(x.min()) else -x  # R peaks up
+    extra = {"prominence": prominence * np.percentile(np.abs(x), 99.5)} if prominence is not None else {}
+    peaks, _ = sps.find_peaks(x, height=0.5 * np.percentile(x, 99.5), distance=max(1, int(0.25 * rate)), **extra)
+    return x, peaks
+
+
 def heart_rate(trace: np.ndarray, rate: float) -> float:
     """Mean heart rate (beats per minute) from R peaks of one lead (the baseline's one feature).
 
@@ -125,13 +137,10 @@ def heart_rate(trace: np.ndarray, rate: float) -> float:
     >>> round(heart_rate(np.exp(-0.5 * ((t[:, None] % 1.0 - 0.5) / 0.01) ** 2)[:, 0], 500.0))
     60
     """
-    x = np.asarray(trace, dtype=np.float64)
-    x = x - np.median(x)
-    x = x if abs(x.max()) >= abs(x.min()) else -x  # R peaks up
-    peaks, _ = sps.find_peaks(x, height=0.5 * np.percentile(x, 99.5), distance=max(1, int(0.25 * rate)))
+    _, peaks = r_peaks(trace, rate)
     if len(peaks) < 2:
         return 0.0
     return float(60.0 * rate / np.median(np.diff(peaks)))
 
 
-__all__ = ["SIGNAL_OPS", "SIGNAL_STEPS", "heart_rate", "rate_of"]
+__all__ = ["SIGNAL_OPS", "SIGNAL_STEPS", "heart_rate", "r_peaks", "rate_of"]

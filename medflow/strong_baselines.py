@@ -112,11 +112,9 @@ def ecg_features(trace: np.ndarray, rate: float) -> np.ndarray:
     """
     import scipy.signal as sps
 
-    x = np.asarray(trace, dtype=np.float64)
-    x = x - np.median(x)
-    x = x if abs(x.max()) >= abs(x.min()) else -x
-    peaks, props = sps.find_peaks(x, height=0.5 * np.percentile(x, 99.5), distance=max(1, int(0.25 * rate)),
-                                  prominence=0.3 * np.percentile(np.abs(x), 99.5))
+    from medflow.signals import r_peaks
+
+    x, peaks = r_peaks(trace, rate, prominence=0.3)
     if len(peaks) < 3:
         return np.array([0.0, 0.0, 0.0, 0.0])
     rr = np.diff(peaks) / rate

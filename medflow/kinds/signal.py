@@ -28,6 +28,19 @@ IMAGE_ONLY_STEPS = ("resample", "lung_mask", "window", "resize", "crop_pad", "re
 BASELINE_LEAD = "II"
 
 
+def _baseline_lead(store, prep_key: str, key: str) -> tuple[np.ndarray, float]:
+    """Lead II of a prepared record (the first kept lead where II was not kept) and its sampling rate in Hz:
+    what the baselines read."""
+    from medflow.signals import rate_of
+
+    trace = store.read_prep(prep_key, key)[0]
+    entry = store.catalog_entry(key)
+    attrs = store.prep_attrs(prep_key, key) or {}
+    kept = _leads_after(attrs.get("steps", []), entry.get("leads") or [])
+    lead = kept.index(BASELINE_LEAD) if BASELINE_LEAD in kept else 0
+    return trace[:, lead], rate_of(attrs.get("spacing", entry["spacing"]))
+
+
 class Signal(Classification):
     name = "signal"
     template = "signal.html.j2"
@@ -55,26 +68,15 @@ class Signal(Classification):
         return f"logistic regression on the mean heart rate (R peaks of lead {BASELINE_LEAD})"
 
     def baseline_feature(self, store, prep_key: str, key: str) -> float:
-        from medflow.signals import heart_rate, rate_of
+        from medflow.signals import heart_rate
 
-        trace = store.read_prep(prep_key, key)[0]
-        leads = store.catalog_entry(key).get("leads") or []
-        attrs = store.prep_attrs(prep_key, key) or {}
-        kept = _leads_after(attrs.get("steps", []), leads)
-        lead = kept.index(BASELINE_LEAD) if BASELINE_LEAD in kept else 0
-        return heart_rate(trace[:, lead], rate_of(attrs.get("spacing", store.catalog_entry(key)["spacing"])))
+        return heart_rate(*_baseline_lead(store, prep_key, key))
 
     def strong_feature(self, name: str, store, prep_key: str, key: str) -> np.ndarray:
         """``ecg_features`` of lead II (``medflow.strong_baselines``)."""
-        from medflow.signals import rate_of
         from medflow.strong_baselines import ecg_features
 
-        trace = store.read_prep(prep_key, key)[0]
-        leads = store.catalog_entry(key).get("leads") or []
-        attrs = store.prep_attrs(prep_key, key) or {}
-        kept = _leads_after(attrs.get("steps", []), leads)
-        lead = kept.index(BASELINE_LEAD) if BASELINE_LEAD in kept else 0
-        return ecg_features(trace[:, lead], rate_of(attrs.get("spacing", store.catalog_entry(key)["spacing"])))
+        return ecg_features(*_baseline_lead(store, prep_key, key))
 
     # ------------------------------------------------------- explanation
     def explain(self, model_path: str, loader, df: pd.DataFrame, run_dir: Path) -> dict | None:
