@@ -294,6 +294,27 @@ def chance_loss_warning(losses: list[float], n_classes: int, prior: list[float] 
             "or train longer")
 
 
+DEAD_UNITS = 0.5  # a hidden Dense layer with more than this share of units never active earns a warning
+
+
+def dead_units_warning(activity: dict[str, dict]) -> str | None:
+    """A warning when most units of a hidden Dense layer never fired on the validation cases
+    (``models.training.dense_activity``): the layer's capacity is lost, often to a learning rate too high.
+
+    >>> dead_units_warning({"dense": {"units": 512, "never_active": 332}}).split(";")[0]
+    "332 of the 512 units of the dense layer 'dense' never fired on a validation case (65%)"
+    >>> dead_units_warning({"dense": {"units": 512, "never_active": 30}}) is None
+    True
+    """
+    dead = [(name, a) for name, a in activity.items() if a["units"] and a["never_active"] / a["units"] > DEAD_UNITS]
+    if not dead:
+        return None
+    parts = [f"{a['never_active']} of the {a['units']} units of the dense layer {name!r} never fired on a validation "
+             f"case ({a['never_active'] / a['units']:.0%})" for name, a in dead]
+    return ("; ".join(parts) + "; dead ReLU units carry nothing: lower the learning rate or add batch "
+            "normalisation before the layer")
+
+
 MIN_TEST_PATIENTS = 30  # below this, a test split's intervals are too wide to rank models
 MIN_SCORE_SPREAD = 0.05  # scores that span less than this barely depend on the image
 

@@ -86,7 +86,7 @@ def params_of(name: str) -> set[str] | None:
     that takes ``**kwargs`` with no ``forwards``).
 
     >>> sorted(params_of("seed_cnn"))
-    ['dense', 'dropout', 'filters']
+    ['batch_norm', 'dense', 'dropout', 'filters']
     >>> {"filters", "norm", "head"} <= params_of("centernet3d")
     True
     """

@@ -23,7 +23,7 @@ def classifier_head(x, n_classes: int, *, name: str = "score"):
 
 def build_seed_cnn(input_shape: tuple[int, int, int] = (150, 150, 1), *, n_classes: int = 2,
                    filters: tuple[int, ...] | list[int] = (32, 64, 128), dense: int = 512,
-                   dropout: float = 0.5) -> keras.Sequential:
+                   dropout: float = 0.5, batch_norm: bool = False) -> keras.Sequential:
     """The classic Keras ``Sequential`` pneumonia classifier, layer for layer.
 
     Conv2D 32, 64, 128 (3x3, ReLU) each followed by 2x2 max pooling, Flatten, Dense 512 (ReLU),
@@ -35,14 +35,26 @@ def build_seed_cnn(input_shape: tuple[int, int, int] = (150, 150, 1), *, n_class
         filters: channels of the three convolutions.
         dense: units of the hidden dense layer.
         dropout: dropout rate before the output.
+        batch_norm: not in the program: batch normalisation between each convolution (and the dense layer) and
+            its ReLU, which keeps the ReLUs alive at the program's learning rate (``examples/xray_seed_tuned.yaml``).
     """
     model = keras.Sequential(name="seed_cnn")
     model.add(keras.Input(shape=tuple(input_shape)))
     for f in filters:
-        model.add(layers.Conv2D(int(f), (3, 3), activation="relu"))
+        if batch_norm:
+            model.add(layers.Conv2D(int(f), (3, 3), use_bias=False))
+            model.add(layers.BatchNormalization())
+            model.add(layers.Activation("relu"))
+        else:
+            model.add(layers.Conv2D(int(f), (3, 3), activation="relu"))
         model.add(layers.MaxPooling2D((2, 2)))
     model.add(layers.Flatten())
-    model.add(layers.Dense(int(dense), activation="relu"))
+    if batch_norm:
+        model.add(layers.Dense(int(dense), use_bias=False))
+        model.add(layers.BatchNormalization())
+        model.add(layers.Activation("relu"))
+    else:
+        model.add(layers.Dense(int(dense), activation="relu"))
     model.add(layers.Dropout(dropout))
     if n_classes == 2:
         model.add(layers.Dense(1, activation="sigmoid", dtype="float32", name="score"))

@@ -788,6 +788,28 @@ def deterministic_ops() -> None:
     logger.info("deterministic ops on (%s)", backend)
 
 
+def dense_activity(model_path: str | Path, loader: Callable[[str], np.ndarray], keys: list[str], *,
+                   batch_size: int = 8) -> dict[str, dict]:
+    """For each hidden ``Dense`` layer with a ReLU of the saved model: how many of its units never gave a
+    positive output on ``keys`` (dead units), e.g. ``{"dense": {"units": 512, "never_active": 332}}``."""
+    keras = _keras()
+    model = keras.models.load_model(model_path, compile=False)
+    relu = keras.activations.get("relu")
+    hidden = [layer for layer in model.layers[:-1]
+              if isinstance(layer, keras.layers.Dense) and getattr(layer, "activation", None) is relu]
+    if not hidden or not keys:
+        return {}
+    probe = keras.Model(model.inputs, [layer.output for layer in hidden])
+    ds = make_dataset(loader, keys, None, batch_size=batch_size, input_shape=tuple(model.input_shape[1:]))
+    active = [np.zeros(int(layer.units), bool) for layer in hidden]
+    for i in range(len(ds)):
+        batch = ds[i]
+        outs = probe(batch[0] if isinstance(batch, tuple) else batch, training=False)
+        for j, out in enumerate(outs if isinstance(outs, (list, tuple)) else [outs]):
+            active[j] |= np.asarray(out).reshape(-1, active[j].size).max(axis=0) > 0
+    return {layer.name: {"units": int(a.size), "never_active": int((~a).sum())} for layer, a in zip(hidden, active)}
+
+
 def predict(model_path: str | Path, loader: Callable[[str], np.ndarray], keys: list[str], *, batch_size: int = 8
             ) -> np.ndarray:
     """Scores of the saved classifier for ``keys``: (N,) positive-class scores for a sigmoid output,

@@ -209,6 +209,10 @@ class Classification(TaskKind):
         from models.ensemble import manifest_of
 
         manifest = manifest_of(model_path)
+        if manifest is None:
+            dead = _dead_units_warning(model_path, loader, df, spec.train.batch_size)
+            if dead:
+                result["warnings"].append(dead)
         if manifest:
             result["folds"] = _fold_metrics(manifest, Path(model_path).parent, loader, df, classes,
                                             batch_size=spec.train.batch_size, calibrator=calibration["map"])
@@ -526,6 +530,15 @@ def _chance_warning(spec, run_dir: Path, df: pd.DataFrame, n_classes: int) -> st
     train = df.loc[df["split"] == "train", "label"].to_numpy(int)
     prior = (np.bincount(train, minlength=n_classes) / max(len(train), 1)).tolist()
     return chance_loss_warning(losses, n_classes, prior, class_weighted=spec.train.class_weight == "balanced")
+
+
+def _dead_units_warning(model_path, loader, df: pd.DataFrame, batch_size: int) -> str | None:
+    """``metrics.dead_units_warning`` on the validation cases (the test cases are not looked at)."""
+    from medflow.metrics import dead_units_warning
+    from models.training import dense_activity
+
+    keys = df.loc[df["split"] == "val", "series_key"].tolist()
+    return dead_units_warning(dense_activity(model_path, loader, keys, batch_size=batch_size))
 
 
 def macro_auc_interval(y, proba, classes: list[str], auc: float, *, n: int, seed: int):

@@ -178,3 +178,28 @@ def test_initial_weights_do_not_depend_on_other_threads_drawing_from_random():
         stop.set()
         noise.join()
     assert all(np.array_equal(a, b) for a, b in zip(quiet, busy))
+
+
+def test_dead_dense_units_are_counted_on_the_given_cases_and_warned_of(tmp_path):
+    import keras
+
+    from medflow.metrics import dead_units_warning
+    from models.training import dense_activity, save_model_atomic
+
+    inputs = keras.Input((4, 4, 1))
+    x = keras.layers.Flatten()(inputs)
+    hidden = keras.layers.Dense(10, activation="relu", name="hidden")
+    x = hidden(x)
+    model = keras.Model(inputs, keras.layers.Dense(1, activation="sigmoid")(x))
+    kernel, bias = hidden.get_weights()
+    bias[:7] = -100.0  # 7 of 10 units can never fire on inputs in [0, 1]
+    hidden.set_weights([np.zeros_like(kernel) + 0.1, bias])
+    path = save_model_atomic(model, tmp_path / "m.keras")
+    data = {f"k{i}": np.random.default_rng(i).random((1, 4, 4), dtype=np.float32) for i in range(5)}
+    activity = dense_activity(path, data.__getitem__, list(data), batch_size=2)
+    assert activity == {"hidden": {"units": 10, "never_active": 7}}
+    assert "7 of the 10 units" in dead_units_warning(activity)
+    bias[:7] = 0.0
+    hidden.set_weights([np.zeros_like(kernel) + 0.1, bias])
+    path = save_model_atomic(model, tmp_path / "m2.keras")
+    assert dense_activity(path, data.__getitem__, list(data), batch_size=2)["hidden"]["never_active"] == 0
