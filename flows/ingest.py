@@ -34,7 +34,7 @@ def ingest_flow(spec: PipelineSpec | str) -> dict:
 
     ``spec`` is a spec or the path of a spec file. Holds the store's writer lock throughout.
     """
-    spec = as_spec(spec)
+    spec = as_spec(spec, ingest_only=True)
     with Store(spec.data.store).writer_lock(purpose="ingest"):
         if spec.data.format == "images":
             result = ingest_images_task.with_options(retries=spec.run.retries)(

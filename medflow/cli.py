@@ -403,7 +403,7 @@ def ingest(spec: Annotated[Path, typer.Argument(metavar="SPEC", help="Pipeline s
     from medflow.spec import load_spec
 
     try:
-        s = load_spec(spec)
+        s = load_spec(spec, ingest_only=True)  # ingest needs no labels: they are joined at the run's split
     except SpecError as exc:
         _fail_spec(exc)
     if store_problems(s):

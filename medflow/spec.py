@@ -27,6 +27,7 @@ from pydantic import (
     PositiveInt,
     Tag,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -164,10 +165,10 @@ class MarksSpec(_Model):
 class DataSpec(_Model):
     source: str = Field(description="Folder of DICOM files (any layout, any file names), a DICOMweb server "
                         "(dicomweb://host:port/path, dicomweb+https://host/path), or with format: images a folder "
-                        "of PNG/JPEG images.")
+                        "of PNG/JPEG/BMP/TIFF images.")
     format: Literal["dicom", "images"] = Field(
-        "dicom", description="`dicom`: DICOM files or a DICOMweb server; `images`: PNG/JPEG files, in one "
-        "subfolder per class (the flow_from_directory layout) or listed in data.labels with key: path.")
+        "dicom", description="`dicom`: DICOM files or a DICOMweb server; `images`: PNG, JPEG, BMP or single-page "
+        "TIFF files, in one subfolder per class (the flow_from_directory layout) or listed in data.labels with key: path.")
     labels: LabelsSpec | None = Field(None, description="Labels for classification (images in class folders need "
                                       "none: the folder names are the classes).")
     masks: MasksSpec | None = Field(None, description="Masks for segmentation (DICOM SEG or NIfTI).")
@@ -693,9 +694,11 @@ class PipelineSpec(_Model):
     schedule: ScheduleSpec | None = None
 
     @model_validator(mode="after")
-    def _task_inputs(self) -> PipelineSpec:
+    def _task_inputs(self, info: ValidationInfo) -> PipelineSpec:
         from medflow import kinds
 
+        if (info.context or {}).get("ingest_only"):
+            return self  # `medflow ingest` reads data and ingest only: labels and the model are for later
         problems = kinds.get(self.model.task).check_spec(self)
         if problems:
             raise ValueError("\n".join(problems))  # one ``field: problem`` per line (see format_errors)
@@ -783,8 +786,10 @@ def _resolve(path: str | None, base: Path) -> str | None:
     return str(p if p.is_absolute() else (base / p).resolve())
 
 
-def parse_spec(data: Any, *, base_dir: str | Path = ".", check_paths: bool = True) -> PipelineSpec:
-    """Validate a spec mapping; resolve relative paths against ``base_dir``.
+def parse_spec(data: Any, *, base_dir: str | Path = ".", check_paths: bool = True, ingest_only: bool = False
+               ) -> PipelineSpec:
+    """Validate a spec mapping; resolve relative paths against ``base_dir``. ``ingest_only``: the checks of
+    what ingest reads (data, ingest), not the task kind's (labels, model, preprocessing).
 
     Raises:
         SpecError: listing every problem with its field path, the value and what is allowed.
@@ -792,7 +797,7 @@ def parse_spec(data: Any, *, base_dir: str | Path = ".", check_paths: bool = Tru
     if not isinstance(data, dict):
         raise SpecError(f"a spec is a YAML mapping; received {type(data).__name__}")
     try:
-        spec = PipelineSpec.model_validate(data)
+        spec = PipelineSpec.model_validate(data, context={"ingest_only": ingest_only})
     except ValidationError as exc:
         problems = format_errors(exc)
         raise SpecError("invalid spec:\n  " + "\n  ".join(problems), problems) from exc
@@ -903,8 +908,8 @@ def apply_overrides(data: dict, overrides: dict[str, Any] | None) -> dict:
     return out
 
 
-def load_spec(path: str | Path, *, check_paths: bool = True, overrides: dict[str, Any] | None = None
-              ) -> PipelineSpec:
+def load_spec(path: str | Path, *, check_paths: bool = True, overrides: dict[str, Any] | None = None,
+              ingest_only: bool = False) -> PipelineSpec:
     """Read and validate a YAML spec file (with ``overrides``: dotted fields set first, see ``apply_overrides``).
 
     Under ``medflow serve`` (``medflow.access``), the file and every path it names must lie in
@@ -929,7 +934,7 @@ def load_spec(path: str | Path, *, check_paths: bool = True, overrides: dict[str
             raise SpecError(f"a spec is a YAML mapping; received {type(data).__name__}")
         data = apply_overrides(data, overrides)
     try:
-        spec = parse_spec(data, base_dir=path.resolve().parent, check_paths=check_paths)
+        spec = parse_spec(data, base_dir=path.resolve().parent, check_paths=check_paths, ingest_only=ingest_only)
     except SpecError as exc:
         hint = _making_hint(text, exc.problems, path.resolve().parent)
         if hint:
@@ -965,6 +970,6 @@ def json_schema() -> dict:
     return PipelineSpec.model_json_schema()
 
 
-def as_spec(spec: PipelineSpec | str | Path) -> PipelineSpec:
-    """A validated spec from a spec or a path to one."""
-    return spec if isinstance(spec, PipelineSpec) else load_spec(spec)
+def as_spec(spec: PipelineSpec | str | Path, *, ingest_only: bool = False) -> PipelineSpec:
+    """A validated spec from a spec or a path to one (``ingest_only``: see ``parse_spec``)."""
+    return spec if isinstance(spec, PipelineSpec) else load_spec(spec, ingest_only=ingest_only)

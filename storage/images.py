@@ -187,33 +187,63 @@ def list_csv(root: str | Path, table: str | Path, *, path_column: str, label_col
 OUTSIDE_ROOTS = "outside the folders allowed for runs started through the API (medflow serve --allow)"
 
 
-def read_image(path: str | Path, *, color: str = "quarantine") -> np.ndarray:
-    """A grayscale image as uint8 or uint16 (H, W), with Pillow.
+MAX_IMAGE_PIXELS = 100_000_000  # beyond this a header is taken for a decompression bomb, not read
 
-    RGB images whose channels are equal (grayscale saved as colour) are taken as grayscale;
-    other colour images are converted to luminance with ``color="grayscale"``, else refused.
+
+def read_image(path: str | Path, *, color: str = "quarantine") -> tuple[np.ndarray, list[str]]:
+    """A grayscale image as uint8 or uint16 (H, W), with Pillow, and notes on what was changed.
+
+    Turned upright by its EXIF orientation (``ImageOps.exif_transpose``). RGB images whose channels
+    are equal (grayscale saved as colour) are taken as grayscale; other colour images are converted
+    to luminance with ``color="grayscale"``, else refused. An alpha channel is dropped, with a note.
+    Errors never name the file (its name may carry a patient's name): the caller knows which it was.
 
     Raises:
-        ValueError: unreadable or truncated file, or a colour image under ``color="quarantine"``.
+        ValueError: unreadable or truncated file, a multi-page file, a header of more than
+            ``MAX_IMAGE_PIXELS`` pixels, or a colour image under ``color="quarantine"``.
     """
-    from PIL import Image, UnidentifiedImageError
+    import warnings
 
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    notes: list[str] = []
     try:
-        with Image.open(path) as im:
-            im.load()
-            mode = im.mode
-            if mode in ("L", "I;16", "I;16B", "I;16L", "I", "1"):
-                arr = np.asarray(im)
-            else:
-                rgb = np.asarray(im.convert("RGB"))
-                if np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 1], rgb[..., 2]):
-                    arr = rgb[..., 0]
-                elif color == "grayscale":
-                    arr = np.asarray(im.convert("L"))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as opened:
+                width, height = opened.size
+                if width * height > MAX_IMAGE_PIXELS:
+                    raise ValueError(f"image header declares {width}x{height} pixels, more than "
+                                     f"{MAX_IMAGE_PIXELS:,} (a decompression bomb, or not a radiograph); not read")
+                pages = getattr(opened, "n_frames", 1)
+                if pages > 1:
+                    raise ValueError(f"a multi-page image ({pages} pages): one image per file is expected")
+                opened.load()
+                im = ImageOps.exif_transpose(opened)
+                if im is not opened and opened.getexif().get(0x0112, 1) != 1:
+                    notes.append(f"turned upright by its EXIF orientation {opened.getexif().get(0x0112)}")
+                mode = im.mode
+                if "A" in mode or (mode == "P" and "transparency" in im.info):
+                    notes.append(f"alpha channel dropped (mode {mode})")
+                if mode in ("L", "I;16", "I;16B", "I;16L", "I", "1"):
+                    arr = np.asarray(im)
+                elif mode == "LA":
+                    arr = np.asarray(im.getchannel("L"))
                 else:
-                    raise ValueError(f"colour image ({mode}); set ingest.color: grayscale to convert it")
-    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
-        raise ValueError(f"unreadable image: {type(exc).__name__}: {exc}") from exc
+                    rgb = np.asarray(im.convert("RGB"))
+                    if np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 1], rgb[..., 2]):
+                        arr = rgb[..., 0]
+                    elif color == "grayscale":
+                        arr = np.asarray(im.convert("RGB").convert("L"))
+                        notes.append(f"colour ({mode}) converted to luminance")
+                    else:
+                        raise ValueError(f"colour image ({mode}); set ingest.color: grayscale to convert it")
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ValueError(f"image larger than Pillow reads safely ({type(exc).__name__}); not read") from None
+    except UnidentifiedImageError:
+        raise ValueError("unreadable image: not an image file Pillow can identify") from None
+    except (OSError, SyntaxError, EOFError) as exc:
+        raise ValueError(f"unreadable image: {type(exc).__name__}: {_without_path(str(exc), path)}") from None
     if arr.dtype == bool:
         arr = arr.astype(np.uint8) * 255
     if arr.dtype.kind == "i":
@@ -222,7 +252,20 @@ def read_image(path: str | Path, *, color: str = "quarantine") -> np.ndarray:
         arr = arr.astype(np.uint16)
     if arr.ndim != 2 or min(arr.shape) < 2:
         raise ValueError(f"image of shape {arr.shape}, expected a 2D grayscale image")
-    return np.ascontiguousarray(arr)
+    return np.ascontiguousarray(arr), notes
+
+
+def _without_path(message: str, path: str | Path) -> str:
+    """``message`` with the file's path and name taken out (Pillow puts them in some of its errors).
+
+    >>> _without_path("cannot read '/data/Doe_John/x.png': broken", "/data/Doe_John/x.png")
+    'cannot read <file>: broken'
+    """
+    full = str(path)
+    for text in sorted({full, os.path.abspath(full), os.path.basename(full)}, key=len, reverse=True):
+        if text:
+            message = message.replace(f"'{text}'", "<file>").replace(text, "<file>")
+    return message
 
 
 def content_digest(path: str | Path) -> str:
@@ -270,18 +313,27 @@ def ingest_images(store_root: str, source: str, items: list[ImageItem], *, color
                 out["unchanged"] += 1
                 out["keys"].append((key, item.label, item.relpath))
                 continue
-            pixels = read_image(path, color=color)
+            pixels, notes = read_image(path, color=color)
         except (OSError, ValueError) as exc:
-            out["quarantine"].append({"path": item.relpath, "stage": "ingest", "reason": str(exc)})
+            out["quarantine"].append({"path": item.relpath, "stage": "ingest",
+                                      "reason": _without_path(str(exc), path)})
+            continue
+        except Exception as exc:  # noqa: BLE001 - a decoder's own failure: this file is quarantined, the rest goes on
+            out["quarantine"].append({"path": item.relpath, "stage": "ingest",
+                                      "reason": f"unreadable image: {type(exc).__name__}"})
             continue
         entry = {
             "patient_key": key, "study_key": key, "accession_key": "", "modality": "OT", "kind": "image",
-            "shape": [1, *pixels.shape], "dtype": str(pixels.dtype), "n_files": 1, "n_frames": 1, "digest": digest,
+            "shape": [1, *pixels.shape], "dtype": str(pixels.dtype), "n_files": 1, "n_frames": 1,
+            "digest": pseudo.digest([digest]),  # keyed: the plain SHA-256 would confirm a file is in the store
             "spacing": [1.0, 1.0, 1.0], "origin": [0.0, 0.0, 0.0],
             "direction": [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]], "spacing_deviation": 0.0,
             "spacing_source": "unknown", "rescaled": False, "acquisition": {}, "label": item.label,
             "source_format": Path(item.relpath).suffix.lower().lstrip("."),
         }
+        if notes:
+            entry["notes"] = notes
+            out["noted"] = out.get("noted", 0) + 1
         store.write_series(key, pixels[None], entry)
         out["ingested"] += 1
         out["keys"].append((key, item.label, item.relpath))

@@ -190,7 +190,8 @@ def read_sr(path: str | Path) -> dict:
         sr = hd.sr.srread(path)
         groups = sr.content.get_planar_roi_measurement_groups() + sr.content.get_volumetric_roi_measurement_groups()
     except Exception as exc:  # highdicom raises many types on reports that are not TID 1500
-        raise MarksError(f"DICOM SR is not a TID 1500 measurement report: {type(exc).__name__}: {exc}") from exc
+        # the error's text may quote the dataset (highdicom prints it, UIDs and all): only its type is kept
+        raise MarksError(f"DICOM SR is not a TID 1500 measurement report (highdicom: {type(exc).__name__})") from exc
     marks = []
     for group in groups:
         roi = getattr(group, "roi", None)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import time
 
 from prefect import task
@@ -226,7 +228,8 @@ def ingest_images_task(source: str, store_root: str, listing: dict | None, color
         note_work("ingest", done["n"], len(items), "images")
 
     with dask_client(**cluster_options(dask, store)) as client:
-        results = run_all(client, ingest_images, [(store_root, source, c) for c in chunks], on_result=on_result) \
+        reader = functools.partial(ingest_images, color=color)  # ingest.color reaches the workers
+        results = run_all(client, reader, [(store_root, source, c) for c in chunks], on_result=on_result) \
             if chunks else []
     for res in results:
         quarantine += res["quarantine"]
@@ -239,9 +242,13 @@ def ingest_images_task(source: str, store_root: str, listing: dict | None, color
     store.write_quarantine(quarantine)
     summary = {"files": len(items) + sum(1 for r in quarantine if r["stage"] == "scan"),
                "ingested": sum(r["ingested"] for r in results), "unchanged": sum(r["unchanged"] for r in results),
-               "quarantined_files": len(quarantine), "withdrawn": len(withdraw) + len(gone)}
+               "quarantined_files": len(quarantine), "withdrawn": len(withdraw) + len(gone),
+               "noted": sum(r.get("noted", 0) for r in results)}
     log.info("images: %(ingested)d ingested, %(unchanged)d unchanged, %(quarantined_files)d quarantined, "
              "%(withdrawn)d withdrawn", summary)
+    if summary["noted"]:
+        log.info("images: %d stored with a change noted in the catalog (EXIF orientation applied, alpha channel "
+                 "dropped, colour converted): `notes` of their catalog entries", summary["noted"])
     return summary
 
 

@@ -74,14 +74,14 @@ def test_the_same_image_in_two_classes_is_withdrawn_and_quarantined(tmp_path):
 
 def test_read_image_modes(tmp_path):
     gray16 = (np.arange(100, dtype=np.uint16).reshape(10, 10) * 600)
-    assert read_image(_png(tmp_path / "g16.png", gray16)).dtype == np.uint16
+    assert read_image(_png(tmp_path / "g16.png", gray16))[0].dtype == np.uint16
     rgb_gray = np.repeat(np.arange(100, dtype=np.uint8).reshape(10, 10, 1), 3, axis=2)
-    assert np.array_equal(read_image(_png(tmp_path / "rgbgray.png", rgb_gray)), rgb_gray[..., 0])
+    assert np.array_equal(read_image(_png(tmp_path / "rgbgray.png", rgb_gray))[0], rgb_gray[..., 0])
     colour = rgb_gray.copy()
     colour[..., 0] = 255
     with pytest.raises(ValueError, match="colour image"):
         read_image(_png(tmp_path / "colour.png", colour))
-    assert read_image(tmp_path / "colour.png", color="grayscale").shape == (10, 10)
+    assert read_image(tmp_path / "colour.png", color="grayscale")[0].shape == (10, 10)
 
 
 def test_images_listed_in_a_csv(tmp_path):

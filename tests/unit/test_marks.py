@@ -169,5 +169,11 @@ def test_a_real_sr_that_is_not_a_measurement_report_is_quarantined_with_the_reas
     out = ingest_serial(tmp_path / "src", tmp_path / "s.zarr", IngestOptions(marks="sr"))
     reason = {r["path"]: r["reason"] for r in quarantine(out)}["report.dcm"]
     assert "not a TID 1500 measurement report" in reason
+    # one short line, without the dataset's dump or any of its UIDs
+    import pydicom
+
+    sr = pydicom.dcmread(get_testdata_file("test-SR.dcm"))
+    assert len(reason) < 120 and "\n" not in reason
+    assert not any(str(uid) in reason for uid in (sr.SOPInstanceUID, sr.StudyInstanceUID, sr.SeriesInstanceUID))
     (entry,) = out["store"].catalog().values()
     assert entry["marks"] == []  # the series is in, without lesions
