@@ -15,6 +15,7 @@ from storage.store import Store
 from medflow.dask_runtime import flow_cluster
 from tasks.ingest import (
     ingest_images_task,
+    volume_options,
     ingest_options,
     ingest_series_task,
     pull_dicomweb_task,
@@ -36,10 +37,10 @@ def ingest_flow(spec: PipelineSpec | str) -> dict:
     """
     spec = as_spec(spec, ingest_only=True)
     with Store(spec.data.store).writer_lock(purpose="ingest"):
-        if spec.data.format == "images":
+        if spec.data.format != "dicom":  # files of images or volumes, in class folders or listed in a CSV
             result = ingest_images_task.with_options(retries=spec.run.retries)(
                 spec.data.source, spec.data.store, images_listing(spec), spec.ingest.color,
-                spec.run.dask.model_dump())
+                spec.run.dask.model_dump(), volume_options(spec))
             return {**result, "quarantine_paths": _paths_file(spec)}
         if not is_dicomweb(spec.data.source):
             return {**_ingest_folder(spec, spec.data.source, merge=False), "quarantine_paths": _paths_file(spec)}

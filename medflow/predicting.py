@@ -175,7 +175,7 @@ def write_outputs(rows: list[dict], output: Path, run: TrainedRun, quarantine: l
     from medflow import kinds
 
     # with no row, still the header: a reader finds the columns and predictions.json says why
-    columns = ["file"] if run.spec.data.format == "images" else ["StudyInstanceUID", "SeriesInstanceUID"]
+    columns = ["StudyInstanceUID", "SeriesInstanceUID"] if run.spec.data.format == "dicom" else ["file"]
     columns += [c for c in kinds.get(run.spec.model.task).predict_table_columns() if c != "note"]
     write_csv_atomic(output / "predictions.csv", pd.DataFrame(rows) if rows else pd.DataFrame(columns=columns))
     summary = {"run_id": run.run_id, "pipeline": run.spec.name, "task": run.spec.model.task,

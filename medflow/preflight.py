@@ -46,7 +46,8 @@ def _source_problems(spec: PipelineSpec) -> list[str]:
         return [f"data.source: {exc}"]
     except Exception:  # noqa: BLE001 - e.g. refused by the confinement: the run reports it
         return []
-    what = "images in one subfolder per class" if spec.data.format == "images" else "DICOM files (any layout)"
+    what = {"dicom": "DICOM files (any layout)", "images": "images in one subfolder per class"}.get(
+        spec.data.format, f"{spec.data.format} volume files in one subfolder per class")
     if not files and not problems:
         return [f"data.source: the folder {spec.data.source!r} holds no files; point it at the folder that holds "
                 f"the {what}"]

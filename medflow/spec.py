@@ -166,9 +166,11 @@ class DataSpec(_Model):
     source: str = Field(description="Folder of DICOM files (any layout, any file names), a DICOMweb server "
                         "(dicomweb://host:port/path, dicomweb+https://host/path), or with format: images a folder "
                         "of PNG/JPEG/BMP/TIFF images.")
-    format: Literal["dicom", "images"] = Field(
+    format: Literal["dicom", "images", "nifti", "nrrd", "mha", "volumes"] = Field(
         "dicom", description="`dicom`: DICOM files or a DICOMweb server; `images`: PNG, JPEG, BMP or single-page "
-        "TIFF files, in one subfolder per class (the flow_from_directory layout) or listed in data.labels with key: path.")
+        "TIFF files; `nifti` (.nii, .nii.gz), `nrrd` (.nrrd, .nhdr), `mha` (.mha, .mhd) or `volumes` (any of "
+        "the three, told by the suffix): volume files placed in LPS (NIfTI read with nibabel, NRRD and "
+        "MetaImage with SimpleITK); image and volume files go in one subfolder per class (the flow_from_directory layout) or listed in data.labels with key: path.")
     labels: LabelsSpec | None = Field(None, description="Labels for classification (images in class folders need "
                                       "none: the folder names are the classes).")
     masks: MasksSpec | None = Field(None, description="Masks for segmentation (DICOM SEG or NIfTI).")
@@ -234,6 +236,9 @@ class IngestSpec(_Model):
         "ImagerPixelSpacing is impossible (zero, negative, not a number); recorded in the catalog's "
         "spacing_source. Null: such images are quarantined. Volumes with an impossible geometry are always "
         "quarantined.")
+    time_point: Annotated[int, at_most(100_000, "more volumes than any 4D file holds")] | None = Field(
+        None, ge=0, description="Volume files with a 4th axis (time points, or the Decathlon's MR sequences): the "
+        "index of the volume to take; null quarantines 4D files.")
     qc: QCSpec = QCSpec()
 
 

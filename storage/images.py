@@ -61,12 +61,14 @@ def _identity(path: str) -> tuple[int, int]:
     return st.st_dev, st.st_ino
 
 
-def list_class_folders(root: str | Path) -> tuple[list[ImageItem], list[dict]]:
-    """Images in ``root/<class>/...`` and quarantine rows for what cannot be used.
+def list_class_folders(root: str | Path, *, suffixes: tuple[str, ...] = IMAGE_SUFFIXES, what: str = "image",
+                       companions: tuple[str, ...] = ()) -> tuple[list[ImageItem], list[dict]]:
+    """Images (files with one of ``suffixes``) in ``root/<class>/...`` and quarantine rows for what cannot be used.
 
     Files directly in ``root``, files that are not images by their suffix, entries that are not
     regular files (FIFOs, sockets, devices: never opened) and class folders without an image are
-    reported with the reason.
+    reported with the reason. Files with a suffix of ``companions`` (the detached data of a MetaImage
+    or NRRD header) are passed over without a row.
     """
     from medflow.access import check_allowed, is_inside, restricted
     from storage.dicom import OUTSIDE
@@ -84,7 +86,7 @@ def list_class_folders(root: str | Path) -> tuple[list[ImageItem], list[dict]]:
             continue
         if not entry.is_dir():
             why = _not_usable(entry.path, confined)
-            quarantine.append({"path": entry.name, "stage": "scan", "reason": why or "not in a class folder (images "
+            quarantine.append({"path": entry.name, "stage": "scan", "reason": why or f"not in a class folder ({what}s "
                                "go in one subfolder per class)"})
             continue
         found = 0
@@ -108,20 +110,27 @@ def list_class_folders(root: str | Path) -> tuple[list[ImageItem], list[dict]]:
                     continue
                 full = os.path.join(dirpath, name)
                 rel = os.path.relpath(full, root)
+                if companions and name.lower().endswith(companions):
+                    continue
                 why = _not_usable(full, confined)
-                if why is None and not name.lower().endswith(IMAGE_SUFFIXES):
-                    why = "not an image file (expected " + ", ".join(IMAGE_SUFFIXES) + ")"
+                if why is None and not name.lower().endswith(suffixes):
+                    why = f"not {_article(what)} {what} file (expected " + ", ".join(suffixes) + ")"
                 if why:
                     quarantine.append({"path": rel, "stage": "scan", "reason": why})
                     continue
                 items.append(ImageItem(rel, entry.name))
                 found += 1
         if not found:
-            quarantine.append({"path": entry.name + "/", "stage": "scan", "reason": "empty class folder (no image)"})
+            quarantine.append({"path": entry.name + "/", "stage": "scan", "reason": f"empty class folder (no {what})"})
     return items, quarantine
 
 
-def list_unlabelled(root: str | Path) -> tuple[list[ImageItem], list[dict]]:
+def _article(word: str) -> str:
+    return "an" if word[:1] in "aeiou" else "a"
+
+
+def list_unlabelled(root: str | Path, *, suffixes: tuple[str, ...] = IMAGE_SUFFIXES, what: str = "image",
+                    companions: tuple[str, ...] = ()) -> tuple[list[ImageItem], list[dict]]:
     """Every image file under ``root`` (any layout: new cases have no class) and quarantine rows for the other
     entries (not an image by its suffix, special files, links out of the allowed folders), each with its reason."""
     from medflow.access import check_allowed, restricted
@@ -132,9 +141,11 @@ def list_unlabelled(root: str | Path) -> tuple[list[ImageItem], list[dict]]:
     problems: list[tuple[str, str]] = []
     items, quarantine = [], []
     for rel, _, _ in list_source(root, problems):
+        if companions and rel.lower().endswith(companions):
+            continue
         why = _not_usable(os.path.join(root, rel), confined)
-        if why is None and not rel.lower().endswith(IMAGE_SUFFIXES):
-            why = "not an image file (expected " + ", ".join(IMAGE_SUFFIXES) + ")"
+        if why is None and not rel.lower().endswith(suffixes):
+            why = f"not {_article(what)} {what} file (expected " + ", ".join(suffixes) + ")"
         if why:
             quarantine.append({"path": rel, "stage": "scan", "reason": why})
         else:

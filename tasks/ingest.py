@@ -47,6 +47,17 @@ def masks_table(spec) -> dict | None:
             "path_column": masks.path_column}
 
 
+def volume_options(spec) -> dict | None:
+    """What a volume-file source reads (``data.format`` nifti, nrrd, mha or volumes), or None for images."""
+    from storage.volumes import SUFFIXES, VOLUME_SUFFIXES
+
+    fmt = spec.data.format
+    if fmt in ("dicom", "images"):
+        return None
+    return {"suffixes": list(VOLUME_SUFFIXES if fmt == "volumes" else SUFFIXES[fmt]),
+            "time_point": spec.ingest.time_point}
+
+
 def images_listing(spec) -> dict | None:
     """How an image-folder source lists its images: None for class folders, else the labels CSV."""
     lab = spec.data.labels
@@ -207,28 +218,40 @@ def pull_dicomweb_task(source: str, store_root: str, staging: str) -> dict:
 
 
 @task(name="ingest_images", retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=retry_transient)
-def ingest_images_task(source: str, store_root: str, listing: dict | None, color: str, dask: dict) -> dict:
-    """Ingest a folder of PNG/JPEG images (class folders, or the CSV in ``listing``) on Dask; write the
-    quarantine table; withdraw images no longer in the source."""
+def ingest_images_task(source: str, store_root: str, listing: dict | None, color: str, dask: dict,
+                       volumes: dict | None = None) -> dict:
+    """Ingest a folder of image files (PNG/JPEG/BMP/TIFF; with ``volumes``, NIfTI/NRRD/MetaImage files of the
+    formats ``volumes["suffixes"]``) in class folders, or the CSV in ``listing``, on Dask; write the quarantine
+    table; withdraw files no longer in the source."""
     from storage.images import ingest_images, list_class_folders, list_csv, resolve_duplicates
     from storage.ingest import chunk_files
+    from storage.volumes import ingest_volumes
 
     log = get_run_logger()
     store = Store(store_root)
-    items, quarantine = list_csv(source, **listing) if listing else list_class_folders(source)
-    log.info("images: %d image(s) in %d class(es); %d file(s) not usable at listing", len(items),
+    what, kind = ("volume", "volume") if volumes else ("image", "image")
+    if listing:
+        items, quarantine = list_csv(source, **listing)
+    elif volumes:
+        items, quarantine = list_class_folders(source, suffixes=tuple(volumes["suffixes"]), what=what,
+                                               companions=(".raw", ".zraw", ".img"))
+    else:
+        items, quarantine = list_class_folders(source)
+    log.info("%ss: %d file(s) in %d class(es); %d file(s) not usable at listing", what, len(items),
              len({i.label for i in items}), len(quarantine))
-    progress = create_progress_artifact(0.0, key="ingest-progress", description=f"images ingested of {len(items)}")
-    chunks = chunk_files(items, 16) if items else []
+    progress = create_progress_artifact(0.0, key="ingest-progress", description=f"{what}s ingested of {len(items)}")
+    chunks = chunk_files(items, 4 if volumes else 16) if items else []
     done = {"n": 0}
 
     def on_result(i, total, res):
         done["n"] += res["ingested"] + res["unchanged"] + len(res["quarantine"])
         update_progress_artifact(progress, 100.0 * i / total)
-        note_work("ingest", done["n"], len(items), "images")
+        note_work("ingest", done["n"], len(items), f"{what}s")
 
     with dask_client(**cluster_options(dask, store)) as client:
-        reader = functools.partial(ingest_images, color=color)  # ingest.color reaches the workers
+        # the options reach the workers with the function
+        reader = functools.partial(ingest_volumes, time_point=volumes.get("time_point")) if volumes else \
+            functools.partial(ingest_images, color=color)
         results = run_all(client, reader, [(store_root, source, c) for c in chunks], on_result=on_result) \
             if chunks else []
     for res in results:
@@ -236,7 +259,7 @@ def ingest_images_task(source: str, store_root: str, listing: dict | None, color
     withdraw, rows = resolve_duplicates(results)
     quarantine += rows
     present = {key for res in results for key, _, _ in res["keys"]} - set(withdraw)
-    gone = [k for k, e in store.catalog().items() if e.get("kind") == "image" and k not in present]
+    gone = [k for k, e in store.catalog().items() if e.get("kind") == kind and k not in present]
     for key in withdraw + gone:
         store.withdraw_series(key)
     store.write_quarantine(quarantine)
@@ -244,7 +267,7 @@ def ingest_images_task(source: str, store_root: str, listing: dict | None, color
                "ingested": sum(r["ingested"] for r in results), "unchanged": sum(r["unchanged"] for r in results),
                "quarantined_files": len(quarantine), "withdrawn": len(withdraw) + len(gone),
                "noted": sum(r.get("noted", 0) for r in results)}
-    log.info("images: %(ingested)d ingested, %(unchanged)d unchanged, %(quarantined_files)d quarantined, "
+    log.info(f"{what}s: %(ingested)d ingested, %(unchanged)d unchanged, %(quarantined_files)d quarantined, "
              "%(withdrawn)d withdrawn", summary)
     if summary["noted"]:
         log.info("images: %d stored with a change noted in the catalog (EXIF orientation applied, alpha channel "

@@ -19,11 +19,19 @@ def read_studies_task(run, source: str, scratch: str) -> tuple[list[dict], dict[
     """New studies into a scratch store with the run's ingest settings; returns the files not used and, for a
     run on PNG/JPEG images, the file of each stored image (None for DICOM)."""
     log = get_run_logger()
-    if run.spec.data.format == "images":
+    if run.spec.data.format != "dicom":
         from storage.images import ingest_images, list_unlabelled
+        from storage.volumes import ingest_volumes
+        from tasks.ingest import volume_options
 
-        items, quarantine = list_unlabelled(source)
-        result = ingest_images(scratch, source, items, color=run.spec.ingest.color)
+        volumes = volume_options(run.spec)
+        if volumes:
+            items, quarantine = list_unlabelled(source, suffixes=tuple(volumes["suffixes"]), what="volume",
+                                                companions=(".raw", ".zraw", ".img"))
+            result = ingest_volumes(scratch, source, items, time_point=volumes["time_point"])
+        else:
+            items, quarantine = list_unlabelled(source)
+            result = ingest_images(scratch, source, items, color=run.spec.ingest.color)
         quarantine += result["quarantine"]
         files = {}
         for key, _, rel in result["keys"]:

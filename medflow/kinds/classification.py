@@ -65,8 +65,8 @@ def shape_problems(spec) -> list[str]:
     ndim = info(spec.model.arch).ndim
     names = [name for name, _ in spec.steps()]
     modalities = set(spec.ingest.modalities or [])
-    volumes = spec.data.format == "dicom" and modalities and modalities <= VOLUME_MODALITIES \
-        and "axial_slice" not in names
+    volumes = ((spec.data.format == "dicom" and modalities and modalities <= VOLUME_MODALITIES)
+               or spec.data.format in ("nifti", "nrrd", "mha", "volumes")) and "axial_slice" not in names
     planar = spec.data.format == "images" or "axial_slice" in names or (
         spec.data.format == "dicom" and modalities and modalities <= PLANAR_MODALITIES)
     arch = spec.model.arch
@@ -107,8 +107,9 @@ class Classification(TaskKind):
         if labels is None and spec.data.format == "dicom":
             problems.append("data.labels: classification of DICOM studies needs data.labels (a CSV keyed by "
                             f"{', '.join(DICOM_KEYS)})")
-        if labels is not None and labels.key == "path" and spec.data.format != "images":
-            problems.append("data.labels.key: `path` lists image files; it needs data.format: images")
+        if labels is not None and labels.key == "path" and spec.data.format == "dicom":
+            problems.append("data.labels.key: `path` lists image or volume files; it needs data.format: images, "
+                            "nifti, nrrd, mha or volumes")
         return problems
 
     def preflight(self, spec) -> list[str]:

@@ -122,3 +122,55 @@ def test_ingest_of_a_dicom_spec_needs_no_labels(tmp_path, prefect_harness):
     with pytest.raises(SpecError, match="data.labels"):
         load_spec(path)  # a run needs them
     assert ingest_flow(str(path))["ingested"] == cohort.n_patients  # ingest does not
+
+
+def _nifti_cohort(root: Path, n: int = 12) -> None:
+    """``n`` NIfTI volumes per class (a bright ball or none, in noise), in class folders, with patient-like names."""
+    import nibabel as nib
+
+    rng = np.random.default_rng(5)
+    zz, yy, xx = np.mgrid[:16, :16, :16]
+    for label in ("none", "ball"):
+        (root / label).mkdir(parents=True)
+        for i in range(n):
+            vol = rng.normal(0, 20, (16, 16, 16))
+            if label == "ball":
+                c = rng.integers(5, 11, 3)
+                vol += 300 * (((zz - c[0]) ** 2 + (yy - c[1]) ** 2 + (xx - c[2]) ** 2) <= 9)
+            nib.save(nib.Nifti1Image(vol.astype(np.int16), np.diag([1.2, 1.2, 2.0, 1.0])),
+                     root / label / f"{PATIENT_FILE}_{label}_{i}.nii.gz")
+
+
+def test_a_pipeline_on_nifti_class_folders_and_predict_on_new_files(tmp_path, prefect_harness):
+    from flows.pipeline import pipeline
+    from flows.predict import predict_flow
+
+    _nifti_cohort(tmp_path / PATIENT_FOLDER)
+    spec = {"name": "nifti-classes",
+            "data": {"source": str(tmp_path / PATIENT_FOLDER), "format": "nifti", "store": str(tmp_path / "s.zarr"),
+                     "split": {"val": 0.25, "test": 0.25}},
+            "preprocess": [{"zscore": {}}, {"crop_pad": {"shape": [16, 16, 16]}}],
+            "model": {"task": "classification", "arch": "cnn3d", "params": {"filters": [4, 8]}},
+            "train": {"epochs": 2, "batch_size": 4}, "evaluate": {"bootstrap": 20},
+            "run": {"dask": {"n_workers": 1, "threads_per_worker": 1}}}
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    result = pipeline(str(path))
+    assert result["ingest"]["ingested"] == 24
+    run = Path(result["run_dir"])
+    metrics = __import__("json").loads((run / "metrics.json").read_text())
+    assert metrics["classes"] == ["ball", "none"] and 0 <= metrics["test"]["auc"] <= 1
+    entry = next(iter(Store(tmp_path / "s.zarr").catalog().values()))
+    assert entry["kind"] == "volume" and entry["spacing"] == pytest.approx([2.0, 1.2, 1.2])
+
+    new = tmp_path / "new"
+    new.mkdir()
+    for f in sorted((tmp_path / PATIENT_FOLDER / "ball").glob("*.nii.gz"))[:2]:
+        (new / f.name).write_bytes(f.read_bytes())
+    (new / "notes.txt").write_text("not a volume")
+    out = predict_flow(result["run_dir"], str(new), str(tmp_path / "out"))
+    assert out["series"] == 2
+    import pandas as pd
+
+    rows = pd.read_csv(tmp_path / "out" / "predictions.csv")
+    assert sorted(rows["file"]) == sorted(f.name for f in new.glob("*.nii.gz"))
