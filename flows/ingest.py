@@ -40,7 +40,7 @@ def ingest_flow(spec: PipelineSpec | str) -> dict:
         if spec.data.format != "dicom":  # files of images or volumes, in class folders or listed in a CSV
             result = ingest_images_task.with_options(retries=spec.run.retries)(
                 spec.data.source, spec.data.store, images_listing(spec), spec.ingest.color,
-                spec.run.dask.model_dump(), volume_options(spec))
+                spec.run.dask.model_dump(), volume_options(spec), spec.data.layout)
             return {**result, "quarantine_paths": _paths_file(spec)}
         if not is_dicomweb(spec.data.source):
             return {**_ingest_folder(spec, spec.data.source, merge=False), "quarantine_paths": _paths_file(spec)}

@@ -49,7 +49,7 @@ def pipeline(spec: str, overrides: dict[str, Any] | None = None, tags: list[str]
     log = get_run_logger()
     pipeline_spec = load_spec(spec, overrides=overrides)
     with open_run(pipeline_spec.runs_dir, pipeline_spec.digest()) as run_dir:
-        write_text_atomic(run_dir / "spec.yaml", yaml.safe_dump(pipeline_spec.model_dump(mode="json"), sort_keys=False))
+        write_text_atomic(run_dir / "spec.yaml", yaml.safe_dump(pipeline_spec.model_dump(mode="json", by_alias=True), sort_keys=False))
         log.info("run %s of %s", run_dir.name, pipeline_spec.name)
         note_progress(run_dir=run_dir, flow_run_id=flow_run.get_id())
         tags = run_tags(pipeline_spec, run_dir) + [str(t)[:100] for t in (tags or [])][:20]

@@ -597,7 +597,7 @@ def _synth_ecg(out: Path, n: int, seed: int):
 
 
 def _synth_xray(out: Path, images: int, seed: int, fmt: str, classes: list[str] | None = None,
-                marks: bool = False):
+                marks: bool = False, split_folders: bool = False):
     from rich.progress import Progress
 
     from medflow.synth_xray import synthesize_xray
@@ -606,6 +606,7 @@ def _synth_xray(out: Path, images: int, seed: int, fmt: str, classes: list[str] 
         bar = progress.add_task(f"synthesising {images} chest X-rays", total=images)
         extra = {"classes": classes} if classes else {}
         cohort = synthesize_xray(out, images=images, seed=seed, fmt=fmt, **extra, marks=marks,
+                                 split_folders=split_folders,
                                  progress=lambda done, total: progress.update(bar, completed=done))
     counts = ", ".join(f"{k} {v}" for k, v in cohort.counts.items())
     console.print(f"wrote {cohort.n_images} {fmt.upper()} chest X-rays ({counts}) to {cohort.images_dir}; labels in "
@@ -630,6 +631,9 @@ def synth(
                                                 "folder per class).")] = ImageFormat.dicom,
     classes: Annotated[str | None, typer.Option(help="xray: comma-separated subset of normal,pneumonia,effusion "
                                                 "(default: all three).")] = None,
+    split_folders: Annotated[bool, typer.Option(help="xray with --format png: train/, val/ and test/ folders of "
+                                                "class folders (the Keras programs' layout; data.layout: "
+                                                "folders).")] = False,
 ) -> None:
     """Write a synthetic cohort as real DICOM files (or PNG class folders), with labels.csv."""
     kind, format = kind.value, format.value  # noqa: A001
@@ -638,7 +642,8 @@ def synth(
             err.print(f"[bold red]--format must be dicom or png[/] (received {format!r})")
             raise typer.Exit(2)
         try:
-            _synth_xray(out, patients, seed, format, classes.split(",") if classes else None, marks=marks)
+            _synth_xray(out, patients, seed, format, classes.split(",") if classes else None, marks=marks,
+                        split_folders=split_folders)
         except ValueError as exc:
             err.print(f"[bold red]{exc}[/]")
             raise typer.Exit(2) from None

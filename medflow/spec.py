@@ -96,6 +96,15 @@ class LabelsSpec(_Model):
 class SplitSpec(_Model):
     """Patient-level train/validation/test split."""
 
+    model_config = ConfigDict(extra="forbid", frozen=True, str_max_length=MAX_STRING, populate_by_name=True)
+
+    from_: Literal["random", "layout", "column"] = Field(
+        "random", alias="from", description="Where the split comes from: `random` (by patient, with `val`, `test`, "
+        "`stratify`, `seed`), `layout` (the train/val/test folders of `data.layout: folders`), or `column` (a "
+        "column of the labels CSV, named by `column`, holding train, val or test per row). A predefined split "
+        "without validation cases takes `val` of the training patients for it; the report says where the split "
+        "came from.")
+    column: str = Field("split", description="With `from: column`: the labels CSV's column of splits.")
     val: float = Field(0.15, gt=0, lt=1, description="Fraction of patients for validation.")
     test: float = Field(0.15, gt=0, lt=1, description="Fraction of patients for testing.")
     by: Literal["patient"] = Field("patient", description="Grouping unit: no patient is in two splits.")
@@ -109,6 +118,8 @@ class SplitSpec(_Model):
 
     @model_validator(mode="after")
     def _fractions(self) -> SplitSpec:
+        if self.from_ != "random":
+            return self
         if self.val + self.test >= 0.9:
             raise ValueError(
                 f"split.val + split.test must leave at least 10% for training; received val={self.val}, test={self.test}"
@@ -170,7 +181,13 @@ class DataSpec(_Model):
         "dicom", description="`dicom`: DICOM files or a DICOMweb server; `images`: PNG, JPEG, BMP or single-page "
         "TIFF files; `nifti` (.nii, .nii.gz), `nrrd` (.nrrd, .nhdr), `mha` (.mha, .mhd) or `volumes` (any of "
         "the three, told by the suffix): volume files placed in LPS (NIfTI read with nibabel, NRRD and "
-        "MetaImage with SimpleITK); image and volume files go in one subfolder per class (the flow_from_directory layout) or listed in data.labels with key: path.")
+        "MetaImage with SimpleITK); image and volume files go in one subfolder per class (the "
+        "flow_from_directory layout), or in train/, val/ and test/ folders of class folders (`layout: folders`), "
+        "or are listed in data.labels with key: path.")
+    layout: Literal["folders"] | None = Field(
+        None, description="`folders`: image or volume files in `train/`, `val/` and `test/` folders (also "
+        "`training`, `validation`, `testing`), each with one subfolder per class, as the Keras programs keep them; "
+        "with `split.from: layout` their split is kept. null: one subfolder per class.")
     labels: LabelsSpec | None = Field(None, description="Labels for classification (images in class folders need "
                                       "none: the folder names are the classes).")
     masks: MasksSpec | None = Field(None, description="Masks for segmentation (DICOM SEG or NIfTI).")
@@ -180,6 +197,23 @@ class DataSpec(_Model):
                        "file:///path); created if missing.")
     runs: str | None = Field(None, description="Folder of run outputs (default: `runs` beside the store).")
     split: SplitSpec = SplitSpec()
+
+    @model_validator(mode="after")
+    def _split_source(self) -> DataSpec:
+        problems = []
+        if self.layout == "folders" and self.format == "dicom":
+            problems.append("data.layout: folders holds image or volume files; set data.format (images, nifti, "
+                            "nrrd, mha or volumes)")
+        if self.layout == "folders" and self.labels is not None and self.labels.key == "path":
+            problems.append("data.layout: folders takes the classes from the folder names; drop data.labels")
+        if self.split.from_ == "layout" and self.layout != "folders":
+            problems.append("data.split.from: layout needs data.layout: folders (train/, val/, test/ folders)")
+        if self.split.from_ == "column" and self.labels is None:
+            problems.append(f"data.split.from: column reads the column {self.split.column!r} of the labels CSV; "
+                            "give data.labels")
+        if problems:
+            raise ValueError("\n".join(problems))
+        return self
 
     @field_validator("store")
     @classmethod
@@ -757,7 +791,8 @@ def format_errors(exc: ValidationError) -> list[str]:
             close = difflib.get_close_matches(str(next(iter(value))), STEP_NAMES, n=1, cutoff=0.6)
             msg = f"unknown step {next(iter(value))!r}" + (f"; did you mean {close[0]!r}?" if close else "") + \
                 f"; a step is one of: {', '.join(STEP_NAMES)}"
-        if not loc and re.match(r"^[a-z_.]+: ", msg):  # a task kind's problems, each line with its field
+        if re.match(r"^[a-z_.]+: ", msg) and (not loc or msg.startswith(loc + ".")):
+            # a model's own checks (a task kind's, the data section's), each line with its full field path
             lines.extend(msg.splitlines())
             continue
         lines.append(f"{loc or '<spec>'}: {msg} (received: {shown})")

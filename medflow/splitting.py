@@ -27,8 +27,15 @@ def label_text(value) -> str:
     return str(value).strip()
 
 
+def split_name(value) -> str | None:
+    """``storage.images.split_name``: train, val or test from a folder name or a CSV value."""
+    from storage.images import split_name as name
+
+    return name(value)
+
+
 def join_labels(catalog: dict[str, dict], labels: pd.DataFrame, *, key: str, key_column: str, label_column: str,
-                pseudo: Pseudonymizer) -> pd.DataFrame:
+                pseudo: Pseudonymizer, split_column: str | None = None) -> pd.DataFrame:
     """One row per labelled series: ``series_key, patient_key, study_key, label_name``.
 
     The CSV's identifiers are turned into pseudonyms with the store's secret and matched
@@ -38,7 +45,7 @@ def join_labels(catalog: dict[str, dict], labels: pd.DataFrame, *, key: str, key
     Raises:
         LabelError: a missing column.
     """
-    for col in (key_column, label_column):
+    for col in (key_column, label_column, *([split_column] if split_column else [])):
         if col not in labels.columns:
             raise LabelError(f"labels CSV has no column {col!r}; its columns are {list(labels.columns)}")
     given = labels[labels[label_column].notna() & (labels[label_column].astype(str).str.strip() != "")]
@@ -46,14 +53,18 @@ def join_labels(catalog: dict[str, dict], labels: pd.DataFrame, *, key: str, key
         logger.warning("labels: %d row(s) with an empty %r left out", len(labels) - len(given), label_column)
     kind = {"StudyInstanceUID": "study", "PatientID": "patient", "AccessionNumber": "accession"}[key]
     hashed = {pseudo.key(str(v), kind=kind): label_text(lab) for v, lab in zip(given[key_column], given[label_column])}
+    splits = {pseudo.key(str(v), kind=kind): split_name(s)
+              for v, s in zip(given[key_column], given[split_column])} if split_column else {}
     field = _KEY_FIELD[key]
     rows = []
     for series_key, entry in sorted(catalog.items()):
         lab = hashed.get(entry.get(field, ""))
         if lab is not None:
             rows.append({"series_key": series_key, "patient_key": entry["patient_key"],
-                         "study_key": entry["study_key"], "label_name": lab})
-    df = pd.DataFrame(rows, columns=["series_key", "patient_key", "study_key", "label_name"])
+                         "study_key": entry["study_key"], "label_name": lab,
+                         **({"given_split": splits.get(entry.get(field, ""))} if split_column else {})})
+    df = pd.DataFrame(rows, columns=["series_key", "patient_key", "study_key", "label_name",
+                                     *(["given_split"] if split_column else [])])
     logger.info("labels: %d of %d series labelled", len(df), len(catalog))
     return df
 
@@ -61,8 +72,9 @@ def join_labels(catalog: dict[str, dict], labels: pd.DataFrame, *, key: str, key
 def catalog_labels(catalog: dict[str, dict]) -> pd.DataFrame:
     """One row per series whose catalog entry carries its class (images from class folders or a CSV)."""
     rows = [{"series_key": k, "patient_key": e["patient_key"], "study_key": e["study_key"],
-             "label_name": label_text(e["label"])} for k, e in sorted(catalog.items()) if e.get("label") is not None]
-    return pd.DataFrame(rows, columns=["series_key", "patient_key", "study_key", "label_name"])
+             "label_name": label_text(e["label"]), "given_split": e.get("split")}
+            for k, e in sorted(catalog.items()) if e.get("label") is not None]
+    return pd.DataFrame(rows, columns=["series_key", "patient_key", "study_key", "label_name", "given_split"])
 
 
 def class_order(names, classes: list[str] | None = None) -> list[str]:
@@ -150,6 +162,47 @@ def patient_split(df: pd.DataFrame, *, val: float, test: float, stratify: bool =
     train_k, val_k = train_test_split(rest_k, test_size=n_val, random_state=seed + 1, stratify=strat)
     which = {**{k: "train" for k in train_k}, **{k: "val" for k in val_k}, **{k: "test" for k in test_k}}
     return df["patient_key"].map(which).rename("split")
+
+
+def predefined_split(df: pd.DataFrame, *, val: float, stratify: bool = True, seed: int = 0,
+                     order: pd.Series | None = None, where: str = "the layout") -> tuple[pd.Series, str]:
+    """The split the data came with (``df["given_split"]``: train, val or test per row) and a line saying so.
+    Without validation rows, ``val`` of the training patients (stratified, seeded) become them.
+
+    >>> df = pd.DataFrame({"patient_key": list("abcdefgh"), "label": [0, 1] * 4,
+    ...                    "given_split": ["train"] * 6 + ["test"] * 2})
+    >>> s, note = predefined_split(df, val=0.34, seed=0)
+    >>> sorted(s.value_counts().to_dict().items()), note
+    ([('test', 2), ('train', 4), ('val', 2)], 'from the layout: train 6, test 2 patients; 2 of the training patients taken for validation (split.val 0.34)')
+
+    Raises:
+        LabelError: rows without a split, a patient in two splits, or no training or test rows.
+    """
+    given = df["given_split"].fillna("").astype(str)
+    missing = int((~given.isin(["train", "val", "test"])).sum())
+    if missing:
+        raise LabelError(f"{missing} labelled case(s) have no train, val or test in {where}; give every case a split, "
+                         "or use split.from: random")
+    crossing = df.assign(s=given).groupby("patient_key")["s"].nunique()
+    if (crossing > 1).any():
+        raise LabelError(f"{int((crossing > 1).sum())} patient(s) have cases in two splits of {where}: a leak; put "
+                         "each patient's cases in one split")
+    for needed in ("train", "test"):
+        if not (given == needed).any():
+            raise LabelError(f"{where} has no {needed} cases; a predefined split needs train and test (val is "
+                             "optional)")
+    per = {s: int(df.loc[given == s, "patient_key"].nunique()) for s in ("train", "val", "test") if (given == s).any()}
+    note = f"from {where}: " + ", ".join(f"{s} {n}" for s, n in per.items()) + " patients"
+    split = given.rename("split").copy()
+    if "val" not in per:
+        train = df[given == "train"]
+        carved = patient_split(train, val=val, test=val, stratify=stratify, seed=seed,
+                               order=order[given == "train"] if order is not None else None)
+        # patient_split also sets a test part aside: within the layout's train rows only val is taken
+        split.loc[train.index] = carved.where(carved == "val", "train")
+        n_val = int(train.loc[carved == "val", "patient_key"].nunique())
+        note += f"; {n_val} of the training patients taken for validation (split.val {val:g})"
+    return split, note
 
 
 def patient_folds(df: pd.DataFrame, split: pd.Series, *, k: int, seed: int = 0, stratify: bool = True,

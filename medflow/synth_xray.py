@@ -207,7 +207,7 @@ def _dicom(rng: np.random.Generator, pixels: np.ndarray, *, bits: int, monochrom
 
 def synthesize_xray(out: str | Path, *, images: int = 600, seed: int = 0, fmt: str = "dicom",
                     classes: tuple[str, ...] | list[str] = CLASSES, marks: bool = False,
-                    progress: Callable[[int, int], None] | None = None) -> XrayCohort:
+                    split_folders: bool = False, progress: Callable[[int, int], None] | None = None) -> XrayCohort:
     """Write a 3-class chest X-ray cohort to ``out/images`` and ``out/labels.csv``.
 
     Args:
@@ -219,10 +219,14 @@ def synthesize_xray(out: str | Path, *, images: int = 600, seed: int = 0, fmt: s
         classes: the classes to draw, a subset of ``CLASSES`` (e.g. normal and pneumonia for a binary task).
         marks: also write ``out/boxes.csv``, a box per pneumonia consolidation (``SOPInstanceUID, x0, y0,
             x1, y1`` in pixels; DICOM only), for detection.
+        split_folders: PNG only: ``images/{train,val,test}/<class>/`` (65/15/20 % of the images, drawn
+            with the seed), the layout of the Keras chest X-ray programs, for ``data.layout: folders``.
         progress: called with (done, total) after each image.
     """
     if fmt not in ("dicom", "png"):
         raise ValueError(f"Received fmt={fmt!r}, expected 'dicom' or 'png'.")
+    if split_folders and fmt != "png":
+        raise ValueError("Received split_folders=True with fmt='dicom': split folders hold PNG class folders.")
     if marks and fmt != "dicom":
         raise ValueError("Received marks=True with fmt='png': boxes name their image by SOPInstanceUID (DICOM only).")
     unknown = [c for c in classes if c not in CLASSES]
@@ -234,6 +238,7 @@ def synthesize_xray(out: str | Path, *, images: int = 600, seed: int = 0, fmt: s
     rng = np.random.default_rng(seed)
     findings = [classes[i % len(classes)] for i in range(images)]
     rng.shuffle(findings)
+    splits = np.random.default_rng([seed, 1]).choice(["train", "val", "test"], size=images, p=[0.65, 0.15, 0.20])
     rows, canaries, box_rows = [], [], []
     for i, finding in enumerate(findings):
         size = SIZES[int(rng.integers(len(SIZES)))]
@@ -243,11 +248,12 @@ def synthesize_xray(out: str | Path, *, images: int = 600, seed: int = 0, fmt: s
         if fmt == "png":
             from PIL import Image
 
-            folder = images_dir / finding
-            folder.mkdir(exist_ok=True)
+            folder = images_dir / splits[i] / finding if split_folders else images_dir / finding
+            folder.mkdir(parents=True, exist_ok=True)
             path = folder / f"img{i:05d}.png"
             Image.fromarray((pixels >> (bits - 8)).astype(np.uint8)).save(path)
-            rows.append({"path": str(path.relative_to(images_dir)), "finding": finding})
+            rows.append({"path": str(path.relative_to(images_dir)), "finding": finding,
+                         **({"split": str(splits[i])} if split_folders else {})})
         else:
             modality = "DX" if rng.random() < 0.6 else "CR"
             ds = _dicom(rng, pixels, bits=bits, monochrome1=bool(rng.random() < 0.4), modality=modality,

@@ -29,10 +29,47 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 @dataclass(frozen=True)
 class ImageItem:
-    """One image to ingest: its path relative to the source and its class."""
+    """One image to ingest: its path relative to the source, its class and, from a layout or a CSV column,
+    its split (``train``, ``val``, ``test``; empty: the run splits)."""
 
     relpath: str
     label: str
+    split: str = ""
+
+
+SPLIT_NAMES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
+               "test": "test", "testing": "test"}
+
+
+def split_name(value) -> str | None:
+    """The split a folder name or a CSV value names, or None.
+
+    >>> split_name("Training"), split_name(" val "), split_name("holdout")
+    ('train', 'val', None)
+    """
+    return SPLIT_NAMES.get(str(value).strip().lower()) if isinstance(value, str) else None
+
+
+def list_split_folders(root: str | Path, **kwargs) -> tuple[list[ImageItem], list[dict]]:
+    """Files in ``root/<split>/<class>/...`` (``data.layout: folders``): ``list_class_folders`` of each split
+    folder, each item carrying its split; anything else at the top is quarantined with the reason."""
+    from medflow.access import check_allowed
+
+    check_allowed(root, "data.source")
+    items, quarantine = [], []
+    for entry in sorted(os.scandir(root), key=lambda e: e.name):
+        if entry.name.startswith("."):
+            continue
+        split = split_name(entry.name) if entry.is_dir(follow_symlinks=False) else None
+        if split is None:
+            quarantine.append({"path": entry.name + ("/" if entry.is_dir() else ""), "stage": "scan",
+                               "reason": "not a split folder (data.layout: folders holds train/, val/ and test/, "
+                               "each with one subfolder per class)"})
+            continue
+        found, rows = list_class_folders(entry.path, **kwargs)
+        items += [ImageItem(f"{entry.name}/{i.relpath}", i.label, split) for i in found]
+        quarantine += [{**r, "path": f"{entry.name}/{r['path']}"} for r in rows]
+    return items, quarantine
 
 
 def _not_usable(path: str, confined: bool) -> str | None:
@@ -154,8 +191,8 @@ def list_unlabelled(root: str | Path, *, suffixes: tuple[str, ...] = IMAGE_SUFFI
     return items, quarantine
 
 
-def list_csv(root: str | Path, table: str | Path, *, path_column: str, label_column: str
-             ) -> tuple[list[ImageItem], list[dict]]:
+def list_csv(root: str | Path, table: str | Path, *, path_column: str, label_column: str,
+             split_column: str | None = None) -> tuple[list[ImageItem], list[dict]]:
     """Images listed in a CSV (paths relative to ``root``) with their labels.
 
     An entry must name a file inside ``root``: an absolute path or one that leads out of it (``..``, a
@@ -171,11 +208,12 @@ def list_csv(root: str | Path, table: str | Path, *, path_column: str, label_col
     confined = restricted()
     real_root = Path(root).resolve()
     df = pd.read_csv(table, dtype=str)
-    for col in (path_column, label_column):
+    for col in (path_column, label_column, *([split_column] if split_column else [])):
         if col not in df.columns:
             raise ValueError(f"labels CSV {str(table)!r} has no column {col!r}; its columns are {list(df.columns)}")
     items, quarantine = [], []
-    for rel, label in zip(df[path_column], df[label_column]):
+    splits = df[split_column] if split_column else [""] * len(df)
+    for rel, label, given in zip(df[path_column], df[label_column], splits):
         if not isinstance(rel, str) or not rel.strip():
             continue
         full = Path(root) / rel
@@ -190,8 +228,11 @@ def list_csv(root: str | Path, table: str | Path, *, path_column: str, label_col
             quarantine.append({"path": rel, "stage": "scan", "reason": why})
         elif not isinstance(label, str) or not label.strip():
             quarantine.append({"path": rel, "stage": "scan", "reason": "no label in the labels CSV"})
+        elif split_column and split_name(given) is None:
+            quarantine.append({"path": rel, "stage": "scan", "reason": f"the labels CSV's {split_column!r} is not "
+                               "train, val or test for this row"})
         else:
-            items.append(ImageItem(rel, label_text(label)))
+            items.append(ImageItem(rel, label_text(label), split_name(given) if split_column else ""))
     return items, quarantine
 
 
@@ -320,9 +361,10 @@ def ingest_images(store_root: str, source: str, items: list[ImageItem], *, color
                 raise ValueError(OUTSIDE_ROOTS)
             digest = content_digest(path)
             key = image_key(pseudo, digest)
-            if key in catalog and catalog[key].get("label") == item.label:
+            if key in catalog and catalog[key].get("label") == item.label and \
+                    catalog[key].get("split", "") == item.split:
                 out["unchanged"] += 1
-                out["keys"].append((key, item.label, item.relpath))
+                out["keys"].append((key, item.label, item.relpath, item.split))
                 continue
             pixels, notes = read_image(path, color=color)
         except (OSError, ValueError) as exc:
@@ -342,33 +384,41 @@ def ingest_images(store_root: str, source: str, items: list[ImageItem], *, color
             "spacing_source": "unknown", "rescaled": False, "acquisition": {}, "label": item.label,
             "source_format": Path(item.relpath).suffix.lower().lstrip("."),
         }
+        if item.split:
+            entry["split"] = item.split
         if notes:
             entry["notes"] = notes
             out["noted"] = out.get("noted", 0) + 1
         store.write_series(key, pixels[None], entry)
         out["ingested"] += 1
-        out["keys"].append((key, item.label, item.relpath))
+        out["keys"].append((key, item.label, item.relpath, item.split))
     return out
 
 
 def resolve_duplicates(results: list[dict]) -> tuple[list[str], list[dict]]:
     """Keys to withdraw and quarantine rows for images that were found more than once.
 
-    The same content under two classes cannot be trusted: it is withdrawn and every copy is
-    quarantined. The same content twice in one class keeps one copy.
+    The same content under two classes cannot be trusted, nor the same content in two splits (a
+    leak: a test image the model trained on): it is withdrawn and every copy is quarantined. The
+    same content twice in one class and split keeps one copy.
     """
-    seen: dict[str, list[tuple[str, str]]] = {}
+    seen: dict[str, list[tuple[str, str, str]]] = {}
     for res in results:
-        for key, label, rel in res["keys"]:
-            seen.setdefault(key, []).append((label, rel))
+        for key, label, rel, *split in res["keys"]:
+            seen.setdefault(key, []).append((label, rel, split[0] if split else ""))
     withdraw, rows = [], []
     for key, copies in seen.items():
-        labels = {label for label, _ in copies}
+        labels = {label for label, _, _ in copies}
+        splits = {split for _, _, split in copies}
         if len(labels) > 1:
             withdraw.append(key)
             rows += [{"path": rel, "stage": "ingest", "reason": f"the same image is in {len(labels)} classes "
-                      f"({', '.join(sorted(labels))})"} for _, rel in copies]
+                      f"({', '.join(sorted(labels))})"} for _, rel, _ in copies]
+        elif len(splits) > 1:
+            withdraw.append(key)
+            rows += [{"path": rel, "stage": "ingest", "reason": f"the same file is in {len(splits)} splits "
+                      f"({', '.join(sorted(splits))}): a leak between them"} for _, rel, _ in copies]
         elif len(copies) > 1:
             rows += [{"path": rel, "stage": "ingest", "reason": "duplicate of another image in the same class "
-                      "(stored once)"} for _, rel in copies[1:]]
+                      "(stored once)"} for _, rel, _ in copies[1:]]
     return withdraw, rows

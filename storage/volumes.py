@@ -188,9 +188,10 @@ def ingest_volumes(store_root: str, source: str, items: list[ImageItem], *, time
                 raise ValueError(OUTSIDE_ROOTS)
             digest = _volume_digest(path)
             key = volume_key(pseudo, f"{digest}:{time_point}")
-            if key in catalog and catalog[key].get("label") == item.label:
+            if key in catalog and catalog[key].get("label") == item.label and \
+                    catalog[key].get("split", "") == item.split:
                 out["unchanged"] += 1
-                out["keys"].append((key, item.label, item.relpath))
+                out["keys"].append((key, item.label, item.relpath, item.split))
                 continue
             array, geometry = read_volume(path, time_point=time_point)
         except (OSError, ValueError, InvalidSeriesError) as exc:
@@ -207,9 +208,11 @@ def ingest_volumes(store_root: str, source: str, items: list[ImageItem], *, time
         }
         if time_point is not None:
             entry["time_point"] = int(time_point)
+        if item.split:
+            entry["split"] = item.split
         store.write_series(key, volume, entry)
         out["ingested"] += 1
-        out["keys"].append((key, item.label, item.relpath))
+        out["keys"].append((key, item.label, item.relpath, item.split))
     return out
 
 

@@ -63,7 +63,8 @@ def images_listing(spec) -> dict | None:
     lab = spec.data.labels
     if lab is None or lab.key != "path":
         return None
-    return {"table": lab.path, "path_column": lab.key_column_name, "label_column": lab.label_column}
+    return {"table": lab.path, "path_column": lab.key_column_name, "label_column": lab.label_column,
+            "split_column": spec.data.split.column if spec.data.split.from_ == "column" else None}
 
 
 @task(name="scan_source", retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=retry_transient)
@@ -219,24 +220,27 @@ def pull_dicomweb_task(source: str, store_root: str, staging: str) -> dict:
 
 @task(name="ingest_images", retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=retry_transient)
 def ingest_images_task(source: str, store_root: str, listing: dict | None, color: str, dask: dict,
-                       volumes: dict | None = None) -> dict:
+                       volumes: dict | None = None, layout: str | None = None) -> dict:
     """Ingest a folder of image files (PNG/JPEG/BMP/TIFF; with ``volumes``, NIfTI/NRRD/MetaImage files of the
     formats ``volumes["suffixes"]``) in class folders, or the CSV in ``listing``, on Dask; write the quarantine
     table; withdraw files no longer in the source."""
-    from storage.images import ingest_images, list_class_folders, list_csv, resolve_duplicates
+    from storage.images import ingest_images, list_class_folders, list_csv, list_split_folders, resolve_duplicates
     from storage.ingest import chunk_files
     from storage.volumes import ingest_volumes
 
     log = get_run_logger()
     store = Store(store_root)
     what, kind = ("volume", "volume") if volumes else ("image", "image")
+    folders = {"suffixes": tuple(volumes["suffixes"]), "what": what, "companions": (".raw", ".zraw", ".img")} \
+        if volumes else {}
     if listing:
         items, quarantine = list_csv(source, **listing)
-    elif volumes:
-        items, quarantine = list_class_folders(source, suffixes=tuple(volumes["suffixes"]), what=what,
-                                               companions=(".raw", ".zraw", ".img"))
+    elif layout == "folders":
+        items, quarantine = list_split_folders(source, **folders)
+        log.info("%ss: the layout's splits: %s", what, ", ".join(
+            f"{s} {sum(i.split == s for i in items)}" for s in ("train", "val", "test")))
     else:
-        items, quarantine = list_class_folders(source)
+        items, quarantine = list_class_folders(source, **folders)
     log.info("%ss: %d file(s) in %d class(es); %d file(s) not usable at listing", what, len(items),
              len({i.label for i in items}), len(quarantine))
     progress = create_progress_artifact(0.0, key="ingest-progress", description=f"{what}s ingested of {len(items)}")
@@ -258,7 +262,7 @@ def ingest_images_task(source: str, store_root: str, listing: dict | None, color
         quarantine += res["quarantine"]
     withdraw, rows = resolve_duplicates(results)
     quarantine += rows
-    present = {key for res in results for key, _, _ in res["keys"]} - set(withdraw)
+    present = {key for res in results for key, *_ in res["keys"]} - set(withdraw)
     gone = [k for k, e in store.catalog().items() if e.get("kind") == kind and k not in present]
     for key in withdraw + gone:
         store.withdraw_series(key)

@@ -34,7 +34,7 @@ def read_studies_task(run, source: str, scratch: str) -> tuple[list[dict], dict[
             result = ingest_images(scratch, source, items, color=run.spec.ingest.color)
         quarantine += result["quarantine"]
         files = {}
-        for key, _, rel in result["keys"]:
+        for key, _, rel, *_ in result["keys"]:
             files.setdefault(key, rel)  # the same image twice is predicted once, under its first file
         log.info("predict: %d image(s) read, %d file(s) not used", len(files), len(quarantine))
         return quarantine, files

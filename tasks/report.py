@@ -65,7 +65,8 @@ def render_report_task(spec, run_dir: str, prep_key: str, stage_seconds: dict[st
         "flow_run_id": flow_run_id,
         "stage_seconds": stage_seconds,
         "packages": package_versions(),
-        "training": {k: training[k] for k in ("epochs_run", "best_epoch", "device", "seconds", "params")},
+        "training": {k: training.get(k) for k in ("epochs_run", "best_epoch", "selected_by", "device", "seconds",
+                                                  "params")},
         # the machine that trained: a model's numbers hold for one CPU kind and device at most
         "hardware": training.get("hardware"),
         "finished_at": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
@@ -76,7 +77,8 @@ def render_report_task(spec, run_dir: str, prep_key: str, stage_seconds: dict[st
     context = build_context(
         kind=kind, section=kind.report_context(spec, run_dir, preds, evaluation), name=spec.name,
         run_id=run_dir.name, cohort={"series": len(catalog), "labelled": len(preds),
-                                     "patients": int(preds["patient_key"].nunique())},
+                                     "patients": int(preds["patient_key"].nunique()),
+                                     "split": _split_note(run_dir)},
         split_counts=counts, quarantine=quarantine, history=training["history"], provenance=provenance,
         qc=qc_summary(catalog, quarantine),
     )
@@ -112,3 +114,10 @@ def publish_artifacts(run_dir: str) -> list[str]:
     link, description = report_link(summary["report"])
     create_link_artifact(link, link_text="report.html", key=f"{key}-report-file", description=description)
     return [f"{key}-{suffix}" for suffix in ("report", "metrics", "cohort", "quarantine", "qc", "report-file")]
+
+
+def _split_note(run_dir: Path) -> str | None:
+    """Where the run's split came from (``split.json`` of the split stage), for the report."""
+    path = Path(run_dir) / "split.json"
+    return json.loads(path.read_text()).get("note") if path.exists() else None
+

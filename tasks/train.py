@@ -12,7 +12,8 @@ from prefect.logging import get_run_logger
 
 from medflow import kinds
 from medflow.runs import note_work, write_json_atomic
-from medflow.splitting import patient_folds, patient_split
+from medflow.errors import LabelError
+from medflow.splitting import patient_folds, patient_split, predefined_split
 from medflow.subgroups import subgroup_columns
 from storage.store import Store
 from medflow.tables import read_csv, write_csv_atomic
@@ -29,7 +30,20 @@ def split_cohort_task(spec, run_dir: str) -> str:
     df = pd.concat([df.reset_index(drop=True),
                     subgroup_columns(store.catalog(), df["series_key"])], axis=1)  # for the report's subgroup tables
     order = split_order(store, df, log)
-    df["split"] = patient_split(df, val=sp.val, test=sp.test, stratify=sp.stratify, seed=sp.seed, order=order)
+    if sp.from_ == "random":
+        df["split"] = patient_split(df, val=sp.val, test=sp.test, stratify=sp.stratify, seed=sp.seed, order=order)
+        note = (f"random by patient (split.val {sp.val:g}, split.test {sp.test:g}, seed {sp.seed}"
+                f"{', stratified' if sp.stratify else ''})")
+    else:
+        if "given_split" not in df.columns:
+            raise LabelError(f"split.from: {sp.from_}: the cohort carries no split (ingest again after setting it)")
+        where = "the layout's train/val/test folders" if sp.from_ == "layout" else \
+            f"the labels CSV's column {sp.column!r}"
+        df["split"], note = predefined_split(df, val=sp.val, stratify=sp.stratify, seed=sp.seed, order=order,
+                                             where=where)
+    log.info("split: %s", note)
+    write_json_atomic(Path(run_dir) / "split.json", {"source": sp.from_, "note": note})
+    df = df.drop(columns=["given_split"], errors="ignore")
     if sp.folds:  # the same test split; every other patient is validated once, out of fold
         df["fold"] = patient_folds(df, df["split"], k=sp.folds, seed=sp.seed, stratify=sp.stratify, order=order)
         df.loc[df["split"] != "test", "split"] = "val"

@@ -124,7 +124,8 @@ class Classification(TaskKind):
         if lab is not None and lab.key in DICOM_KEYS:
             table = pd.read_csv(lab.path, dtype=str, keep_default_na=True)
             df = join_labels(catalog, table, key=lab.key, key_column=lab.key_column_name,
-                             label_column=lab.label_column, pseudo=store.pseudonymizer())
+                             label_column=lab.label_column, pseudo=store.pseudonymizer(),
+                             split_column=spec.data.split.column if spec.data.split.from_ == "column" else None)
             if df.empty:
                 raise ValueError(f"no series in the store matches a row of {lab.path} by {lab.key}; check "
                                  "data.labels.key")

@@ -174,3 +174,42 @@ def test_a_pipeline_on_nifti_class_folders_and_predict_on_new_files(tmp_path, pr
 
     rows = pd.read_csv(tmp_path / "out" / "predictions.csv")
     assert sorted(rows["file"]) == sorted(f.name for f in new.glob("*.nii.gz"))
+
+
+def test_the_seed_program_on_its_train_val_test_folders_keeps_their_split(tmp_path, prefect_harness):
+    import json
+
+    from flows.pipeline import pipeline
+    from medflow.synth_xray import synthesize_xray
+    from medflow.tables import read_csv
+
+    cohort = synthesize_xray(tmp_path / "xray-png", images=40, seed=4, fmt="png", classes=["normal", "pneumonia"],
+                             split_folders=True)
+    images = cohort.images_dir
+    given = {p: p.relative_to(images).parts[0] for p in images.rglob("*.png")}
+    leak = next(p for p, s in given.items() if s == "train")  # the same file in test too: a leak
+    (images / "test" / leak.parent.name / "copy_of_a_train_image.png").write_bytes(leak.read_bytes())
+    (images / "notes.txt").write_text("not a split folder")
+    spec = yaml.safe_load((Path(__file__).parents[2] / "examples" / "xray_seed.yaml").read_text())
+    spec["data"].update(source=str(images), store=str(tmp_path / "store.zarr"))
+    spec["train"]["epochs"] = 1
+    spec["evaluate"].update(bootstrap=20, baselines=[])
+    spec["run"]["dask"]["n_workers"] = 1
+    path = tmp_path / "xray_seed.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    result = pipeline(str(path))
+    run = Path(result["run_dir"])
+    store = Store(tmp_path / "store.zarr")
+    pseudo, catalog = store.pseudonymizer(), store.catalog()
+    by_digest = {e["digest"]: k for k, e in catalog.items()}
+    folder_of = {by_digest[pseudo.digest([hashlib.sha256(p.read_bytes()).hexdigest()])]: s
+                 for p, s in given.items() if p != leak}
+    split = read_csv(run / "split.csv").set_index("series_key")["split"].to_dict()
+    assert split == folder_of  # every image in the split of its folder; the leaked one in neither
+    assert len(split) == len(given) - 1
+    reasons = [r["reason"] for r in store.quarantine()]
+    assert sum("in 2 splits (test, train): a leak" in r for r in reasons) == 2
+    assert any("not a split folder" in r for r in reasons)
+    note = json.loads((run / "split.json").read_text())
+    assert note["source"] == "layout" and note["note"].startswith("from the layout's train/val/test folders")
+    assert "The split: from the layout" in (run / "report.html").read_text()

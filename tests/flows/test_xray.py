@@ -119,6 +119,8 @@ def test_the_classic_program_as_a_spec_on_png_class_folders(tmp_path, prefect_ha
     (images / "effusion").mkdir()  # an empty class folder
     Image.fromarray(np.zeros((8, 8), np.uint8)).save(images / "stray.png")
     spec = yaml.safe_load((ROOT / "examples" / "xray_seed.yaml").read_text())
+    del spec["data"]["layout"]  # one folder per class here (the layout of train/val/test: test_image_folders.py)
+    spec["data"]["split"] = {"val": 0.15, "test": 0.2, "seed": 0}
     spec["train"]["epochs"] = 1
     spec["evaluate"]["bootstrap"] = 20
     path = tmp_path / "xray_seed.yaml"

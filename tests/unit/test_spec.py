@@ -313,6 +313,9 @@ def _steps(data, steps):
      "resnet2d is a 2D model and ingest.modalities (CT)"),
     (lambda d: _steps(d, lambda s: s[:3]), "preprocess", "cnn3d takes arrays of one shape; add a crop_pad"),
     (lambda d: _override(d, {"data.source": "empty"}), "data.source", "holds no files"),
+    (lambda d: _override(d, {"data.split.from": "layout"}), "data.split.from",
+     "layout needs data.layout: folders"),
+    (lambda d: _override(d, {"data.layout": "folders"}), "data.layout", "holds image or volume files"),
 ])
 def test_validate_refuses_at_once_what_used_to_fail_minutes_into_a_run(tmp_path, change, field, fragment):
     """Each in one line with its field, exit status 2, before anything runs."""

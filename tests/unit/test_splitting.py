@@ -6,7 +6,8 @@ import pandas as pd
 import pytest
 
 from storage.deid import Pseudonymizer
-from medflow.splitting import class_order, join_labels, patient_folds, patient_split
+from medflow.errors import LabelError
+from medflow.splitting import class_order, join_labels, patient_folds, patient_split, predefined_split
 from tasks.train import fold_cases
 
 
@@ -112,3 +113,31 @@ def test_the_seed_alone_fixes_the_split_whatever_the_store_secret(tmp_path, smal
     assert pseudonyms[0].isdisjoint(pseudonyms[1])  # the secrets differ
     assert len(by_study[0]) >= 6 and set(by_study[0].values()) == {"train", "val", "test"}
     assert by_study[0] == by_study[1]  # by pseudonym, the two splits agree only by chance
+
+
+def test_a_split_column_of_the_labels_csv_is_carried_by_pseudonym_and_kept():
+    pseudo = Pseudonymizer(b"k" * 32)
+    catalog = {f"s{i}": {"patient_key": f"p{i}", "study_key": pseudo.study_key(f"1.{i}"), "accession_key": ""}
+               for i in range(8)}
+    labels = pd.DataFrame({"StudyInstanceUID": [f"1.{i}" for i in range(8)], "y": [0, 1] * 4,
+                           "fold": ["Training", "train", "VAL", "val", "test", "Test", "train", "train"]})
+    df = join_labels(catalog, labels, key="StudyInstanceUID", key_column="StudyInstanceUID", label_column="y",
+                     pseudo=pseudo, split_column="fold")
+    df["label"] = df["label_name"].astype(int)
+    split, note = predefined_split(df, val=0.2, where="the labels CSV's column 'fold'")
+    assert split.tolist() == ["train", "train", "val", "val", "test", "test", "train", "train"]
+    assert note == "from the labels CSV's column 'fold': train 4, val 2, test 2 patients"
+    with pytest.raises(LabelError, match="no column 'split'"):
+        join_labels(catalog, labels, key="StudyInstanceUID", key_column="StudyInstanceUID", label_column="y",
+                    pseudo=pseudo, split_column="split")
+
+
+@pytest.mark.parametrize(("given", "patients", "message"), [
+    (["train", "train", "test", "holdout"], list("abcd"), "1 labelled case"),
+    (["train", "test", "test", "train"], list("aabc"), "1 patient.s. have cases in two splits"),
+    (["train", "val", "val", "train"], list("abcd"), "has no test cases"),
+])
+def test_a_predefined_split_that_cannot_be_kept_is_refused(given, patients, message):
+    df = pd.DataFrame({"patient_key": patients, "label": [0, 1, 0, 1], "given_split": given})
+    with pytest.raises(LabelError, match=message):
+        predefined_split(df, val=0.2)
