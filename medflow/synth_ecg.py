@@ -68,43 +68,69 @@ def _uid(seed: int, *parts) -> str:
     return "2.25." + str(int(digest[:30], 16))
 
 
-def beat_times(kind: str, rng: np.random.Generator, seconds: float = SECONDS) -> tuple[np.ndarray, float]:
-    """R-peak times (s) and the mean heart rate of one trace."""
-    if kind == "afib":
+def beat_times(kind: str, rng: np.random.Generator, seconds: float = SECONDS, *, regular: bool = False,
+               ectopics: int = 0) -> tuple[np.ndarray, float]:
+    """R-peak times (s) and the mean heart rate of one trace: irregularly irregular for ``afib`` unless
+    ``regular`` (flutter with a fixed conduction ratio), else sinus with ``ectopics`` premature beats."""
+    if kind == "afib" and not regular:
         hr = rng.uniform(62, 115)
         rr = 60.0 / hr * rng.lognormal(0.0, 0.2, size=64)  # irregularly irregular
     else:
-        hr = rng.uniform(52, 102)
+        hr = rng.uniform(60, 110) if kind == "afib" else rng.uniform(52, 102)
         rr = 60.0 / hr * (1 + 0.03 * np.sin(np.arange(64) * rng.uniform(0.2, 0.5)) + rng.normal(0, 0.012, 64))
+        for i in rng.choice(np.arange(2, 9), size=ectopics, replace=False):
+            early = rng.uniform(0.55, 0.75)  # a premature beat, then a compensatory pause
+            rr[i], rr[i + 1] = rr[i] * early, rr[i + 1] * (2 - early)
     times = rng.uniform(0.15, 0.6) + np.concatenate([[0.0], np.cumsum(rr)])
     return times[times < seconds - 0.3], hr
 
 
 def ecg_trace(kind: str, rng: np.random.Generator, *, rate: float = RATE, seconds: float = SECONDS,
               mains: float | None = None) -> np.ndarray:
-    """One 12-lead trace (samples, 12) in mV."""
+    """One 12-lead trace (samples, 12) in mV.
+
+    What makes the classes hard for a few textbook numbers of one lead (RR irregularity, QRS width and
+    P-wave energy of lead II), while the twelve traces still tell them apart: half the ``afib`` traces are
+    flutter-like (a regular ventricular response with sawtooth flutter waves, so RR is regular and the
+    P-wave window is not empty); 40% of ``normal`` traces have one or two premature beats (irregular RR),
+    a third a P wave too small to see in lead II (present in the other leads) and a quarter a
+    non-specific QRS widening without R'; half the ``bbb`` traces are incomplete blocks (a QRS only a
+    little wider, the R' in V1-V2 smaller).
+    """
     n = int(rate * seconds)
     t = np.arange(n) / rate
     waves = _WAVES * rng.uniform(0.7, 1.3) * rng.uniform(0.85, 1.15, size=(12, 1))
     widths = _WIDTHS.copy()
     extra = []  # (time offset, width, per-lead amplitude)
+    flutter = kind == "afib" and rng.random() < 0.5
+    ectopics = int(rng.choice([1, 2])) if kind == "normal" and rng.random() < 0.4 else 0
     if kind == "afib":
         waves[:, 0] = 0.0  # no P waves
+    if kind == "normal" and rng.random() < 0.33:
+        waves[[1, 2, 5], 0] *= 0.15  # P waves all but flat in the inferior leads, seen in the others
+    if kind == "normal" and rng.random() < 0.25:
+        widths[1:4] *= rng.uniform(1.4, 1.9)  # a non-specific intraventricular delay: wide, without R'
     if kind == "bbb":  # right bundle branch block: a wide QRS, R' in V1-V2, slurred S in I, V5, V6
-        widths[1:4] *= rng.uniform(2.0, 2.6)
+        incomplete = rng.random() < 0.5
+        widths[1:4] *= rng.uniform(1.4, 1.7) if incomplete else rng.uniform(2.0, 2.6)
         r_prime = np.zeros(12)
-        r_prime[[6, 7]] = rng.uniform(0.5, 0.9, 2)
+        r_prime[[6, 7]] = rng.uniform(0.3, 0.5, 2) if incomplete else rng.uniform(0.5, 0.9, 2)
         slurred = np.zeros(12)
         slurred[[0, 10, 11]] = -rng.uniform(0.25, 0.4, 3)
         extra = [(0.075, 0.02, r_prime), (0.07, 0.03, slurred)]
     out = np.zeros((n, 12))
-    r_times, _ = beat_times(kind, rng, seconds)
+    r_times, _ = beat_times(kind, rng, seconds, regular=flutter, ectopics=ectopics)
     for r in r_times:
         for w in range(5):
             out += np.exp(-0.5 * ((t[:, None] - r - _TIMES[w]) / widths[w]) ** 2) * waves[:, w][None, :]
         for offset, width, amp in extra:
             out += np.exp(-0.5 * ((t[:, None] - r - offset) / width) ** 2) * amp[None, :]
-    if kind == "afib":  # fibrillatory waves, strongest in V1 and the inferior leads
+    if flutter:  # sawtooth flutter waves near 300/min, strongest in II, III, aVF and V1
+        f = rng.uniform(4.5, 5.5)
+        phase = (f * t + rng.uniform(0, 1)) % 1.0
+        saw = rng.uniform(0.08, 0.16) * (2 * np.abs(2 * phase - 1) - 1)
+        out += saw[:, None] * np.array([0.3, 1, 0.9, -0.6, 0.2, 0.9, 0.8, 0.5, 0.3, 0.2, 0.2, 0.2])[None, :]
+    elif kind == "afib":  # fibrillatory waves, strongest in V1 and the inferior leads
         f = rng.uniform(5, 8)
         fib = 0.05 * np.sin(2 * np.pi * f * t + rng.uniform(0, 6)) + 0.03 * np.sin(2 * np.pi * 1.7 * f * t)
         out += fib[:, None] * np.array([0.4, 1, 0.8, -0.6, 0.3, 0.9, 1.2, 0.8, 0.5, 0.4, 0.3, 0.3])[None, :]

@@ -14,6 +14,7 @@ import hashlib
 import logging
 import os
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -348,48 +349,63 @@ def ingest_images(store_root: str, source: str, items: list[ImageItem], *, color
     Images already stored with the same content and class are skipped. The same image under
     two classes is quarantined (both copies); the same image twice in one class is stored once.
     """
+    def read(path: Path) -> tuple[np.ndarray, dict, list[str]]:
+        pixels, notes = read_image(path, color=color)
+        return pixels[None], {
+            "modality": "OT", "spacing": [1.0, 1.0, 1.0], "origin": [0.0, 0.0, 0.0],
+            "direction": [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]], "spacing_source": "unknown",
+            "source_format": path.suffix.lower().lstrip(".")}, notes
+
+    return ingest_files(store_root, source, items, kind="image", digest_of=content_digest,
+                        key_of=image_key, read=read)
+
+
+def ingest_files(store_root: str, source: str, items: list[ImageItem], *, kind: str,
+                 digest_of: Callable[[Path], str], key_of: Callable[[Pseudonymizer, str], str],
+                 read: Callable[[Path], tuple[np.ndarray, dict, list[str]]]) -> dict:
+    """Write image or volume files to the store, each a series keyed by a pseudonym of its content
+    (``key_of(pseudo, digest_of(path))``): ``read(path)`` gives the (Z, Y, X) array, its geometry and
+    format fields, and notes of what was changed. A file already stored with the same content, class
+    and split is skipped; one that cannot be read is a quarantine row whose reason never names it."""
+    from medflow.access import is_inside
+
     store = Store(store_root)
     pseudo = store.pseudonymizer()
     catalog = store.catalog()
     out = {"ingested": 0, "unchanged": 0, "quarantine": [], "keys": []}
-    from medflow.access import is_inside
-
     for item in items:
         path = Path(source) / item.relpath
         try:
             if not is_inside(path):  # checked where it is opened: a link swapped in since the listing
                 raise ValueError(OUTSIDE_ROOTS)
-            digest = content_digest(path)
-            key = image_key(pseudo, digest)
+            digest = digest_of(path)
+            key = key_of(pseudo, digest)
             if key in catalog and catalog[key].get("label") == item.label and \
                     catalog[key].get("split", "") == item.split:
                 out["unchanged"] += 1
                 out["keys"].append((key, item.label, item.relpath, item.split))
                 continue
-            pixels, notes = read_image(path, color=color)
+            array, fields, notes = read(path)
         except (OSError, ValueError) as exc:
             out["quarantine"].append({"path": item.relpath, "stage": "ingest",
                                       "reason": _without_path(str(exc), path)})
             continue
         except Exception as exc:  # noqa: BLE001 - a decoder's own failure: this file is quarantined, the rest goes on
             out["quarantine"].append({"path": item.relpath, "stage": "ingest",
-                                      "reason": f"unreadable image: {type(exc).__name__}"})
+                                      "reason": f"unreadable {kind}: {type(exc).__name__}"})
             continue
         entry = {
-            "patient_key": key, "study_key": key, "accession_key": "", "modality": "OT", "kind": "image",
-            "shape": [1, *pixels.shape], "dtype": str(pixels.dtype), "n_files": 1, "n_frames": 1,
+            "patient_key": key, "study_key": key, "accession_key": "", "kind": kind,
+            "shape": list(array.shape), "dtype": str(array.dtype), "n_files": 1, "n_frames": int(array.shape[0]),
             "digest": pseudo.digest([digest]),  # keyed: the plain SHA-256 would confirm a file is in the store
-            "spacing": [1.0, 1.0, 1.0], "origin": [0.0, 0.0, 0.0],
-            "direction": [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]], "spacing_deviation": 0.0,
-            "spacing_source": "unknown", "rescaled": False, "acquisition": {}, "label": item.label,
-            "source_format": Path(item.relpath).suffix.lower().lstrip("."),
+            "spacing_deviation": 0.0, "rescaled": False, "acquisition": {}, "label": item.label, **fields,
         }
         if item.split:
             entry["split"] = item.split
         if notes:
             entry["notes"] = notes
             out["noted"] = out.get("noted", 0) + 1
-        store.write_series(key, pixels[None], entry)
+        store.write_series(key, array, entry)
         out["ingested"] += 1
         out["keys"].append((key, item.label, item.relpath, item.split))
     return out

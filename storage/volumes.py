@@ -24,8 +24,7 @@ import numpy as np
 
 from storage.dicom import cast_volume, check_spacing, volume_dtype
 from storage.errors import InvalidSeriesError
-from storage.images import OUTSIDE_ROOTS, ImageItem, _without_path, content_digest
-from storage.store import Store
+from storage.images import OUTSIDE_ROOTS, ImageItem, content_digest, ingest_files
 
 logger = logging.getLogger(__name__)
 
@@ -175,45 +174,17 @@ def ingest_volumes(store_root: str, source: str, items: list[ImageItem], *, time
                    modality: str = "OT") -> dict:
     """Write ``items`` (volume files) to the store (a Dask worker entry point); returns counts and quarantine
     rows, as ``storage.images.ingest_images`` does for images."""
-    from medflow.access import is_inside
-
-    store = Store(store_root)
-    pseudo = store.pseudonymizer()
-    catalog = store.catalog()
-    out = {"ingested": 0, "unchanged": 0, "quarantine": [], "keys": []}
-    for item in items:
-        path = Path(source) / item.relpath
-        try:
-            if not is_inside(path):
-                raise ValueError(OUTSIDE_ROOTS)
-            digest = _volume_digest(path)
-            key = volume_key(pseudo, f"{digest}:{time_point}")
-            if key in catalog and catalog[key].get("label") == item.label and \
-                    catalog[key].get("split", "") == item.split:
-                out["unchanged"] += 1
-                out["keys"].append((key, item.label, item.relpath, item.split))
-                continue
-            array, geometry = read_volume(path, time_point=time_point)
-        except (OSError, ValueError, InvalidSeriesError) as exc:
-            out["quarantine"].append({"path": item.relpath, "stage": "ingest", "reason": _without_path(str(exc), path)})
-            continue
-        dtype = volume_dtype(modality, [array])
-        volume = cast_volume(array, dtype)
-        entry = {
-            "patient_key": key, "study_key": key, "accession_key": "", "modality": modality, "kind": "volume",
-            "shape": list(volume.shape), "dtype": str(volume.dtype), "n_files": 1, "n_frames": int(volume.shape[0]),
-            "digest": pseudo.digest([digest, str(time_point)]), **geometry, "spacing_deviation": 0.0,
-            "spacing_source": "volume file header", "rescaled": False, "acquisition": {}, "label": item.label,
-            "source_format": volume_format(item.relpath),
-        }
+    def read(path: Path) -> tuple[np.ndarray, dict, list[str]]:
+        array, geometry = read_volume(path, time_point=time_point)
+        volume = cast_volume(array, volume_dtype(modality, [array]))
+        fields = {"modality": modality, **geometry, "spacing_source": "volume file header",
+                  "source_format": volume_format(path.name)}
         if time_point is not None:
-            entry["time_point"] = int(time_point)
-        if item.split:
-            entry["split"] = item.split
-        store.write_series(key, volume, entry)
-        out["ingested"] += 1
-        out["keys"].append((key, item.label, item.relpath, item.split))
-    return out
+            fields["time_point"] = int(time_point)
+        return volume, fields, []
+
+    return ingest_files(store_root, source, items, kind="volume", digest_of=_volume_digest,
+                        key_of=lambda pseudo, digest: volume_key(pseudo, f"{digest}:{time_point}"), read=read)
 
 
 def _volume_digest(path: Path) -> str:
