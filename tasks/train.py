@@ -36,7 +36,9 @@ def split_cohort_task(spec, run_dir: str) -> str:
                 f"{', stratified' if sp.stratify else ''})")
     else:
         if "given_split" not in df.columns:
-            raise LabelError(f"split.from: {sp.from_}: the cohort carries no split (ingest again after setting it)")
+            raise LabelError(f"data.split.from: {sp.from_}: the {spec.model.task} cohort carries no predefined split "
+                             "(classification reads it from the layout's folders or the labels CSV; ingest again "
+                             "after setting data.layout)")
         where = "the layout's train/val/test folders" if sp.from_ == "layout" else \
             f"the labels CSV's column {sp.column!r}"
         df["split"], note = predefined_split(df, val=sp.val, stratify=sp.stratify, seed=sp.seed, order=order,

@@ -323,6 +323,16 @@ def _baseline(store, cases: pd.DataFrame, per_case: pd.DataFrame, *, seed: int, 
     out = {"name": SEGMENTATION_BASELINE, "threshold": threshold, "n": len(rows), "dice": float(dice.mean()),
            "dice_ci": unit_mean_ci(dice, n=n_boot, seed=seed)[0], "hd95": float(np.mean([r["hd95"] for r in rows])),
            "missed": int(sum(r["missed"] for r in rows))}
-    logger.info("baseline (%s at %.0f): test Dice %.3f, HD95 %.1f mm", SEGMENTATION_BASELINE, threshold, out["dice"],
-                out["hd95"])
+    from medflow.compare import _paired_dice
+
+    model = per_case.set_index("series_key").loc[test, "dice"].to_numpy(float)
+    try:  # the model's Dice minus the baseline's on the same cases: a paired bootstrap, Wilcoxon's p-value
+        paired = _paired_dice(pd.DataFrame({"dice_a": model, "dice_b": dice}), n_boot=max(n_boot, 200), seed=seed)
+        out["difference"] = {k: paired[k] for k in ("difference", "ci", "p_value", "method")}
+    except ValueError as exc:
+        out["difference"] = {"difference": float("nan"), "ci": None, "p_value": float("nan"), "method": str(exc)}
+    d = out["difference"]
+    logger.info("baseline (%s at %.0f): test Dice %.3f, HD95 %.1f mm; model − baseline %+.3f (95%% CI %s)",
+                SEGMENTATION_BASELINE, threshold, out["dice"], out["hd95"], d["difference"],
+                f"{d['ci'][0]:+.3f} to {d['ci'][1]:+.3f}" if d.get("ci") else "none")
     return out

@@ -70,6 +70,12 @@ def test_segmentation_pipeline_scores_and_reports(seg_run, tmp_path):
         rule = threshold_component(image, tuple(catalog[key]["spacing"]), baseline["threshold"])
         dice.append(2 * (rule & truth).sum() / (rule.sum() + truth.sum()))
     assert baseline["dice"] == pytest.approx(np.mean(dice))
+    # the paired difference is the mean of the per-case differences on those cases
+    by_case = test.set_index("series_key")["dice"]
+    expected = np.mean([by_case[k] - d for k, d in zip(test["series_key"], dice)])
+    assert baseline["difference"]["difference"] == pytest.approx(expected)
+    lo, hi = baseline["difference"]["ci"]
+    assert lo <= expected <= hi
     assert (run / "seg_examples.npz").exists()
     assert_report_reads_well(run / "report.html", tmp_path / "report.png")  # in a browser, at 1280 px
     html = (run / "report.html").read_text()
