@@ -247,7 +247,10 @@ class Detection(TaskKind):
         result["missed"] = missed
         write_csv_atomic(run_dir / "predictions.csv", per_case)
         write_csv_atomic(run_dir / "detections.csv", pd.DataFrame(det_rows))
-        write_json_atomic(run_dir / "test_outcomes.json", froc_outcomes(model_scans["test"]))
+        outcomes = froc_outcomes(model_scans["test"])
+        write_json_atomic(run_dir / "test_outcomes.json", outcomes)
+        result["baseline"]["difference"] = baseline_difference(outcomes, froc_outcomes(b), n_boot=ev.bootstrap,
+                                                               seed=spec.train.seed)
         _save_examples(run_dir, per_case, slices, model_scans["test"], store, steps, prep_key)
         write_json_atomic(run_dir / "metrics.json", result)
         t = result["test"]
@@ -371,6 +374,18 @@ def _flat_ci_methods(summary: dict) -> dict:
 
 def _ci_text(ci) -> str:
     return f"{ci[0]:.3f} – {ci[1]:.3f}" if ci and all(v == v for v in ci) else "no interval"
+
+
+def baseline_difference(model: dict, baseline: dict, *, n_boot: int, seed: int) -> dict:
+    """The model's headline metric (CPM; AP50 for boxes) minus the baseline's on the same test scans: one paired
+    bootstrap over patients (``medflow.compare``'s), its 95% interval and two-sided p-value."""
+    from medflow.compare import _paired_detection
+
+    try:
+        r = _paired_detection(model, baseline, n_boot=max(int(n_boot), 200), seed=seed)
+    except ValueError as exc:
+        return {"difference": float("nan"), "ci": None, "p_value": float("nan"), "method": str(exc)}
+    return {"difference": r["difference"], "ci": r["ci"], "p_value": r["p_value"], "method": r["method"]}
 
 
 def froc_outcomes(scans: list[dict]) -> dict:

@@ -20,8 +20,8 @@ import pandas as pd
 from medflow.boxes import AP_METRICS
 from medflow.intervals import WILSON_MEAN
 from medflow.kinds.base import TaskKind
-from medflow.kinds.detection import (NO_DETECTION, _ci_text, _trace, detection_context, to_model_grid,
-                                     to_source_grid)
+from medflow.kinds.detection import (NO_DETECTION, _ci_text, _trace, baseline_difference, detection_context,
+                                     to_model_grid, to_source_grid)
 from medflow.runs import write_json_atomic
 from medflow.tables import write_csv_atomic
 
@@ -211,10 +211,17 @@ class Detection2D(TaskKind):
         write_csv_atomic(run_dir / "predictions.csv", per_case)
         write_csv_atomic(run_dir / "detections.csv", pd.DataFrame(det_rows))
         # what `medflow compare` pairs two runs by: each test image's truth and the model's scored boxes
-        write_json_atomic(run_dir / "test_outcomes.json", {"kind": "boxes", "cases": [
-            {"series_key": i["series_key"], "patient": i["patient"], "truth": [[float(v) for v in b] for b in i["truth"]],
-             "detections": [{"box": [float(v) for v in d["box"]], "score": float(d["score"])} for d in i["detections"]]}
-            for i in images("model", "test")]})
+        def outcomes(source: str) -> dict:
+            return {"kind": "boxes", "cases": [
+                {"series_key": i["series_key"], "patient": i["patient"],
+                 "truth": [[float(v) for v in b] for b in i["truth"]],
+                 "detections": [{"box": [float(v) for v in d["box"]], "score": float(d["score"])}
+                                for d in i["detections"]]} for i in images(source, "test")]}
+
+        model_outcomes = outcomes("model")
+        write_json_atomic(run_dir / "test_outcomes.json", model_outcomes)
+        result["baseline"]["difference"] = baseline_difference(model_outcomes, outcomes("baseline"),
+                                                               n_boot=ev.bootstrap, seed=spec.train.seed)
         _save_examples(run_dir, per_case, images_of, found, store, steps, threshold)
         write_json_atomic(run_dir / "metrics.json", result)
         t, o = result["test"], result["operating"]

@@ -73,6 +73,9 @@ def test_detection_pipeline_scores_froc_against_the_baseline(det_run, tmp_path):
     assert t["n_lesions"] == int(cases.loc[cases["split"] == "test", "n_lesions"].sum()) > 0
     assert 0.0 <= metrics["operating"]["sensitivity"] <= 1.0
     assert metrics["baseline"]["sigma_mm"] in (2.0, 4.0, 6.0)
+    paired = metrics["baseline"]["difference"]  # the model minus the baseline on the same scans, paired
+    assert paired["difference"] == pytest.approx(t["cpm"] - metrics["baseline"]["cpm"])
+    assert paired["ci"][0] <= paired["difference"] <= paired["ci"][1] and 0 <= paired["p_value"] <= 1
     from medflow.compare import list_runs
 
     listed = list_runs(run.parent).set_index("run").loc[run.name]

@@ -87,6 +87,9 @@ def test_box_pipeline_scores_ap_against_the_baseline(box_run, tmp_path):
         again = coco_ap(images)
         for name in ("ap50", "ap50_95", "ap75"):
             assert again[name] == pytest.approx(summary[name], abs=2e-3), (source, name)  # boxes rounded to 0.01 px
+    paired = metrics["baseline"]["difference"]  # the model minus the baseline on the same images, paired
+    assert paired["difference"] == pytest.approx(metrics["test"]["ap50"] - metrics["baseline"]["ap50"])
+    assert paired["ci"][0] <= paired["difference"] <= paired["ci"][1] and 0 <= paired["p_value"] <= 1
     assert 0.0 <= metrics["operating"]["recall"] <= 1.0
     from medflow.compare import list_runs
 
