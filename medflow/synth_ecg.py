@@ -9,8 +9,10 @@ Three rhythm classes that need the trace's shape in time to tell apart, not one 
 - ``bbb``: right bundle branch block, sinus rhythm with a wide QRS (an R' in V1-V2, a slurred
   S in I, V5, V6).
 
-Heart rates overlap between the classes (so mean heart rate is a weak baseline), and every
-trace gets baseline wander, mains hum (50 or 60 Hz), muscle noise and a per-patient amplitude.
+Heart rates overlap between the classes (so mean heart rate is a weak baseline), flutter-like AF,
+premature beats, flat inferior P waves, wide normal QRS and incomplete blocks make the textbook
+numbers of one lead overlap too (``ecg_trace``), and every trace gets baseline wander, mains hum
+(50 or 60 Hz), muscle noise and a per-patient amplitude.
 Beats are sums of Gaussians per lead (a McSharry-style template); 10 s at 500 Hz.
 """
 
