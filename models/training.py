@@ -799,7 +799,8 @@ def dense_activity(model_path: str | Path, loader: Callable[[str], np.ndarray], 
               if isinstance(layer, keras.layers.Dense) and getattr(layer, "activation", None) is relu]
     if not hidden or not keys:
         return {}
-    probe = keras.Model(model.inputs, [layer.output for layer in hidden])
+    inputs = model.inputs[0] if len(model.inputs) == 1 else model.inputs  # one tensor in, as the batches come
+    probe = keras.Model(inputs, [layer.output for layer in hidden])
     ds = make_dataset(loader, keys, None, batch_size=batch_size, input_shape=tuple(model.input_shape[1:]))
     active = [np.zeros(int(layer.units), bool) for layer in hidden]
     for i in range(len(ds)):
