@@ -138,7 +138,9 @@ def test_a_thousand_fuzzed_inputs_of_every_kind_each_leave_a_record(tmp_path, py
     # PNG/JPEG class folders
     images = fuzz_images(tmp_path / "images", n=300, seed=3)
     xray = yaml.safe_load((Path(__file__).parents[2] / "examples" / "xray_seed.yaml").read_text())
-    xray["data"].update({"source": str(tmp_path / "images"), "store": str(tmp_path / "images.zarr")})
+    xray["data"].update({"source": str(tmp_path / "images"), "store": str(tmp_path / "images.zarr"),
+                         "split": {"val": 0.15, "test": 0.2}})
+    del xray["data"]["layout"]  # one folder per class
     (tmp_path / "images.yaml").write_text(yaml.safe_dump(xray))
     ingest_flow(load_spec(tmp_path / "images.yaml"))
     image_store = Store(tmp_path / "images.zarr")
