@@ -112,6 +112,8 @@ def note_progress(**fields) -> None:
         return
     target = Path(path)
     known = json.loads(target.read_text()) if target.exists() else {}
+    if fields.get("work") == "" and known.get("work"):
+        fields["last_work"] = known["work"]  # the counts a stage ended with, for a display that polled too late
     write_text_atomic(target, json.dumps({**known, **{k: str(v) for k, v in fields.items()}}))
 
 

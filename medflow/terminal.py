@@ -39,13 +39,14 @@ class WorkColumn(ProgressColumn):
         return Text(" · ".join(parts), style="progress.data.speed")
 
 
-def read_work(progress_file: Path) -> tuple[str | None, dict | None]:
-    """The stage and the counts of the work under way, as the child last recorded them."""
+def read_work(progress_file: Path, field: str = "work") -> tuple[str | None, dict | None]:
+    """The stage and the counts of the work under way (``field="last_work"``: of the work the last stage ended
+    with), as the child last recorded them."""
     try:
         known = json.loads(progress_file.read_text())
     except (OSError, ValueError):
         return None, None
-    work = known.get("work")
+    work = known.get(field)
     try:
         work = json.loads(work) if work else None
     except ValueError:
@@ -91,6 +92,10 @@ def run_with_display(cmd: list[str], env: dict, progress_file: Path, console: Co
                         show(work["label"], work.get("total"), work.get("unit", ""))
                     progress.update(bar, completed=int(work.get("done", 0)))
                 elif stage and shown != f"stage {stage}":
+                    _, last = read_work(progress_file, "last_work")
+                    if last and last.get("label") == shown:  # the counts it ended with, if the poll missed them
+                        progress.update(bar, completed=int(last.get("done", 0)))
+                        progress.refresh()
                     show(f"stage {stage}", None, "")
                 time.sleep(REFRESH_S)
         except KeyboardInterrupt:  # the child got the same interrupt from the terminal

@@ -94,6 +94,7 @@ def train_model_task(spec, run_dir: str, prep_key: str, split_csv: str) -> dict:
                                  description=f"epoch {epoch}/{total}, val_loss {logs.get('val_loss', float('nan')):.4f}")
 
     cases = read_csv(split_csv, dtype={"label_name": str})
+    note_work("train", 0, epochs, "epochs")  # the bar from the start of the first epoch, not its end
     result = kinds.get(spec.model.task).train(spec, Store(spec.data.store), prep_key, cases, Path(run_dir), on_epoch)
     log.info("trained %d epochs in %.1f s on %s; best epoch %s", result["epochs_run"], result["seconds"],
              result["device"], result["best_epoch"])
@@ -126,6 +127,7 @@ def train_fold_task(spec, run_dir: str, prep_key: str, split_csv: str, fold: int
                                  f"{epoch}/{total}, val_loss {logs.get('val_loss', float('nan')):.4f}")
 
     cases = fold_cases(read_csv(split_csv, dtype={"label_name": str}), fold)
+    note_work(f"train fold {fold + 1}/{folds}", 0, spec.train.epochs, "epochs")
     fold_dir = Path(run_dir) / "folds" / str(fold)
     fold_dir.mkdir(parents=True, exist_ok=True)
     result = kinds.get(spec.model.task).train(spec, Store(spec.data.store), prep_key, cases, fold_dir, on_epoch)
