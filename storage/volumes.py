@@ -30,6 +30,7 @@ logger = logging.getLogger(__name__)
 
 SUFFIXES = {"nifti": (".nii", ".nii.gz"), "nrrd": (".nrrd", ".nhdr"), "mha": (".mha", ".mhd")}
 VOLUME_SUFFIXES = tuple(s for group in SUFFIXES.values() for s in group)
+COMPANIONS = (".raw", ".zraw", ".img")  # detached data of .mhd/.nhdr headers: listed with their header, not alone
 MAX_VOXELS = 1_000_000_000  # a header declaring more is refused before its pixels are read
 ORTHOGONAL_TOLERANCE = 1e-3
 

@@ -226,12 +226,12 @@ def ingest_images_task(source: str, store_root: str, listing: dict | None, color
     table; withdraw files no longer in the source."""
     from storage.images import ingest_images, list_class_folders, list_csv, list_split_folders, resolve_duplicates
     from storage.ingest import chunk_files
-    from storage.volumes import ingest_volumes
+    from storage.volumes import COMPANIONS, ingest_volumes
 
     log = get_run_logger()
     store = Store(store_root)
     what, kind = ("volume", "volume") if volumes else ("image", "image")
-    folders = {"suffixes": tuple(volumes["suffixes"]), "what": what, "companions": (".raw", ".zraw", ".img")} \
+    folders = {"suffixes": tuple(volumes["suffixes"]), "what": what, "companions": COMPANIONS} \
         if volumes else {}
     if listing:
         items, quarantine = list_csv(source, **listing)

@@ -21,13 +21,13 @@ def read_studies_task(run, source: str, scratch: str) -> tuple[list[dict], dict[
     log = get_run_logger()
     if run.spec.data.format != "dicom":
         from storage.images import ingest_images, list_unlabelled
-        from storage.volumes import ingest_volumes
+        from storage.volumes import COMPANIONS, ingest_volumes
         from tasks.ingest import volume_options
 
         volumes = volume_options(run.spec)
         if volumes:
             items, quarantine = list_unlabelled(source, suffixes=tuple(volumes["suffixes"]), what="volume",
-                                                companions=(".raw", ".zraw", ".img"))
+                                                companions=COMPANIONS)
             result = ingest_volumes(scratch, source, items, time_point=volumes["time_point"])
         else:
             items, quarantine = list_unlabelled(source)
